@@ -1,0 +1,44 @@
+"""wsq: a WebSocket task queue whose tasks can carry streaming data."""
+
+from wsq.client.client import Client
+from wsq.client.events import Event
+from wsq.client.queue import Queue, TaskList, Worker
+from wsq.client.streams import Stream
+from wsq.client.task import Task
+from wsq.exceptions import (
+    ConnectionLost,
+    InvalidArgument,
+    InvalidState,
+    ProtocolError,
+    ServerError,
+    StaleRun,
+    TaskNotFound,
+    TooLarge,
+    UploadFailed,
+    WsqError,
+)
+from wsq.server.app import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "ConnectionLost",
+    "Event",
+    "InvalidArgument",
+    "InvalidState",
+    "ProtocolError",
+    "Queue",
+    "Server",
+    "ServerError",
+    "StaleRun",
+    "Stream",
+    "Task",
+    "TaskList",
+    "TaskNotFound",
+    "TooLarge",
+    "UploadFailed",
+    "Worker",
+    "WsqError",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from wsq.cli import main
+
+main()

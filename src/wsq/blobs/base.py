@@ -1,0 +1,96 @@
+"""The blob store interface: where stream bytes live (docs/architecture.md).
+
+Shaped like abstract-blob-store: a blob is written once through a :class:`BlobWriter`,
+becomes visible and durable on :meth:`BlobWriter.commit`, is read as chunks from any offset,
+and is deleted by key. Keys are made by the store, never by a client, and every method
+that takes a key rejects one the store could not have made (:func:`check_key`), so no key
+can name a path outside the store.
+
+Backends: :mod:`wsq.blobs.memory` (tests) and :mod:`wsq.blobs.files` (the embedded default).
+One contract suite (``tests/contract/test_blob_store.py``) runs against every backend.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable
+
+from wsq.exceptions import InvalidArgument
+
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it has the form :func:`new_key` makes, else raise InvalidArgument."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise InvalidArgument(f"Not a blob key: {key!r}")
+    return key
+
+
+class BlobNotFound(KeyError):
+    """No committed blob has that key."""
+
+
+class BlobWriter(ABC):
+    """One blob being written. Call :meth:`write` any number of times, then exactly one of
+    :meth:`commit` and :meth:`abort`."""
+
+    key: str
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append ``data``. Off the event loop for stores that do I/O."""
+
+    @abstractmethod
+    async def commit(self) -> int:
+        """Make the blob durable and visible under :attr:`key`; return its size in bytes."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Discard everything written. Idempotent; harmless after commit fails."""
+
+
+class BlobReader(ABC):
+    """Sequential reads of one committed blob."""
+
+    size: int
+
+    @abstractmethod
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at the end."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the reader. Idempotent."""
+
+
+class BlobStore(ABC):
+    @abstractmethod
+    async def open(self) -> None:
+        """Prepare the store (create folders, drop leftovers of uncommitted writes)."""
+
+    @abstractmethod
+    async def create(self) -> BlobWriter:
+        """Start a new blob under a fresh key."""
+
+    @abstractmethod
+    async def reader(self, key: str, offset: int = 0) -> BlobReader:
+        """Read the committed blob ``key`` from ``offset``; raise :class:`BlobNotFound`."""
+
+    @abstractmethod
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Delete these blobs; keys that do not exist are ignored."""
+
+    @abstractmethod
+    def keys(self) -> AsyncIterator[str]:
+        """Every committed key (for the orphan sweep)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release resources. Idempotent."""

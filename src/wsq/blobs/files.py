@@ -1,0 +1,400 @@
+"""The embedded blob store: one file per blob under a root folder.
+
+Layout::
+
+    root/tmp/<key>            being written; open() deletes whatever is left here
+    root/<key[:2]>/<key>      committed (256 fan-out folders, so 1M blobs make ~4k per folder)
+
+A blob is durable once :meth:`FileBlobWriter.commit` returns: the file is fsynced, renamed into
+its fan-out folder, and that folder is fsynced (and the root, the first time this store uses a
+fan-out folder). A kill -9 or power loss before that leaves at most a file in ``tmp``.
+
+Threads: every blocking call (open, write, read, fsync, rename, unlink, scandir) runs in a
+ThreadPoolExecutor owned by the store, not in asyncio's default executor. fsync can stall for
+hundreds of milliseconds on a busy disk; a dedicated pool keeps such stalls from starving
+``getaddrinfo`` and other users of ``asyncio.to_thread``, bounds the disk concurrency
+(``max_workers``), and lets :meth:`FileBlobStore.close` wait for I/O still in flight.
+
+Writers buffer up to :data:`WRITE_BUFFER` bytes and readers read ahead :data:`READ_AHEAD`
+bytes, so a stream of small chunks costs one thread hop per ~1 MiB, and a writer or reader
+never holds more than that plus the caller's own chunk.
+
+Calls on one writer or reader run in order in the pool even when their coroutine is cancelled
+(the blocking call is shielded and still finishes), so a close never races a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wsq.blobs.base import BlobNotFound, BlobReader, BlobStore, BlobWriter, check_key, new_key
+from wsq.blobs.memory import check_offset, check_read_size
+
+T = TypeVar("T")
+
+WRITE_BUFFER = 1 << 20
+"""A writer hands its buffer to a thread once it holds this many bytes."""
+
+READ_AHEAD = 1 << 20
+"""A reader reads at least this many bytes per thread hop."""
+
+_FANOUT = re.compile(r"^[0-9a-f]{2}$")
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+_OPEN, _BROKEN, _COMMITTED, _ABORTED = "open", "broken", "committed", "aborted"
+
+
+class _Lane:
+    """Runs the blocking calls on one file in the pool, each after the previous one ended."""
+
+    def __init__(self, executor: concurrent.futures.Executor) -> None:
+        self._executor = executor
+        self._last: concurrent.futures.Future[Any] | None = None
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a thread once earlier calls finished. If the caller is cancelled
+        the call still runs to its end, so later calls (a close) never overlap it."""
+        future = self._executor.submit(_after, self._last, fn, *args)
+        self._last = future
+        result = await asyncio.shield(asyncio.wrap_future(future))
+        if self._last is future:
+            self._last = None  # it ended; do not keep its result (a read's bytes) alive
+        return result
+
+
+def _after(previous: concurrent.futures.Future[Any] | None, fn: Callable[..., T], *args: Any) -> T:
+    if previous is not None:
+        concurrent.futures.wait([previous])
+    return fn(*args)
+
+
+class FileBlobWriter(BlobWriter):
+    """Writes ``root/tmp/<key>``; :meth:`commit` moves it into place.
+
+    Call :meth:`write` sequentially (await each call), then :meth:`commit` or :meth:`abort`.
+    If a call fails or is cancelled the writer is broken: :meth:`write` and :meth:`commit` raise
+    RuntimeError and only :meth:`abort` is left, which the caller must then call.
+    """
+
+    def __init__(self, store: FileBlobStore, key: str, file: io.FileIO) -> None:
+        self.key = key
+        self._store = store
+        self._file = file
+        self._lane = _Lane(store._executor)
+        self._buffer = bytearray()
+        self._size = 0
+        self._state = _OPEN
+        self._commit_tried = False
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``: buffered, and written in a thread once the buffer is full.
+
+        Raise OSError (disk full...) or RuntimeError if the writer is not open.
+        """
+        self._check_open()
+        self._size += len(data)
+        if len(self._buffer) + len(data) < WRITE_BUFFER:
+            self._buffer += data
+            return
+        buffer, self._buffer = self._buffer, bytearray()
+        await self._run(_write_all, self._file, buffer, data)
+
+    async def commit(self) -> int:
+        """Write the rest, fsync, move into place, fsync the folder; return the size.
+
+        The blob is durable once this returns. On an error, call :meth:`abort`.
+        """
+        self._check_open()
+        self._commit_tried = True
+        buffer, self._buffer = self._buffer, bytearray()
+        paths = self._store._paths(self.key)
+        await self._run(_commit_file, self._file, buffer, self._store, *paths)
+        self._state = _COMMITTED
+        return self._size
+
+    async def abort(self) -> None:
+        """Close and delete the file. Idempotent; does nothing after a successful commit.
+        Also deletes the committed file if :meth:`commit` failed or was cancelled after the
+        rename, since its caller never learned of it."""
+        if self._state in (_COMMITTED, _ABORTED):
+            return
+        self._state = _ABORTED
+        self._buffer = bytearray()
+        tmp, final = self._store._paths(self.key)
+        paths = (tmp, final) if self._commit_tried else (tmp,)
+        await self._lane.run(_discard_file, self._file, *paths)
+
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            await self._lane.run(fn, *args)
+        except BaseException:
+            self._state = _BROKEN
+            raise
+
+    def _check_open(self) -> None:
+        if self._state != _OPEN:
+            raise RuntimeError(f"Blob writer {self.key} is {self._state}")
+
+
+def _write_all(file: io.FileIO, *chunks: bytes | bytearray) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[file.write(view) :]
+
+
+def _commit_file(
+    file: io.FileIO, rest: bytearray, store: FileBlobStore, tmp: Path, final: Path
+) -> None:
+    with file:
+        _write_all(file, rest)
+        os.fsync(file.fileno())
+    store._ensure_fanout(final.parent)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _discard_file(file: io.FileIO, *paths: Path) -> None:
+    file.close()
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBlobReader(BlobReader):
+    """Reads one committed file with ``pread`` from a position kept here, so a cancelled
+    :meth:`read` loses nothing: the next call reads the same bytes again."""
+
+    def __init__(self, store: FileBlobStore, file: io.FileIO, size: int, offset: int) -> None:
+        self.size = size
+        self._file = file
+        self._lane = _Lane(store._executor)
+        self._next = offset  # file offset of the first byte not yet in the buffer
+        self._buffer = b""
+        self._taken = 0  # bytes of the buffer already returned
+        self._closed = False
+
+    async def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, fewer only at the end, ``b""`` at the end. Holds at most
+        ``n + READ_AHEAD`` bytes. Raise InvalidArgument if ``n < 1``, RuntimeError after
+        :meth:`close`, OSError on a read error."""
+        check_read_size(n)
+        if self._closed:
+            raise RuntimeError("Blob reader is closed")
+        if len(self._buffer) - self._taken < n and self._next < self.size:
+            await self._fill(n)
+        chunk = self._buffer[self._taken : self._taken + n]
+        self._taken += len(chunk)
+        return chunk
+
+    async def _fill(self, n: int) -> None:
+        rest = self._buffer[self._taken :]
+        want = max(n - len(rest), READ_AHEAD)
+        data = await self._lane.run(_pread_all, self._file, want, self._next)
+        self._next += len(data)
+        self._buffer, self._taken = rest + data, 0
+
+    async def close(self) -> None:
+        """Close the file (in a thread, after any read in flight). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._buffer = b""
+            await self._lane.run(self._file.close)
+
+
+def _pread_all(file: io.FileIO, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes from ``offset``: fewer only at the end of the file."""
+    parts: list[bytes] = []
+    while n > 0:
+        part = os.pread(file.fileno(), n, offset)
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+        offset += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _open_reader(path: Path, offset: int) -> tuple[io.FileIO, int]:
+    file = io.FileIO(path, "r")
+    try:
+        size = os.fstat(file.fileno()).st_size
+        check_offset(offset, size)
+    except BaseException:
+        file.close()
+        raise
+    return file, size
+
+
+class FileBlobStore(BlobStore):
+    """Blobs as files under ``root``. Call :meth:`open` once, before any other method and
+    while no writer of this root exists (it deletes unfinished writes). Call :meth:`close`
+    after every writer and reader is done; it waits for I/O in flight.
+
+    ``max_workers`` bounds the threads doing disk I/O for this store.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_workers: int = 8) -> None:
+        self.root = Path(root)
+        self._tmp = self.root / "tmp"
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="wsq-blobs"
+        )
+        # Fan-out folders known to be durable in root (created, then root fsynced).
+        self._durable_fanouts: set[str] = set()
+
+    async def open(self) -> None:
+        """Create ``root`` (durably) and ``root/tmp``; delete everything in ``tmp``."""
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        _make_dirs_durably(self.root)
+        self._tmp.mkdir(exist_ok=True)
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                _remove_leftover(Path(entry.path))
+
+    async def create(self) -> FileBlobWriter:
+        """Start a blob under a fresh key (creates ``tmp/<key>``). Raise OSError."""
+        key = new_key()
+        path = self._tmp / key
+        file = await self._run_owning(_create_tmp, path, cleanup=_discard_orphan)
+        return FileBlobWriter(self, key, file)
+
+    async def reader(self, key: str, offset: int = 0) -> FileBlobReader:
+        """Read ``key`` from ``offset``. The caller must close the reader.
+
+        Raise InvalidArgument for a malformed key or an offset outside ``0..size``,
+        BlobNotFound if no committed blob has that key, OSError on other errors.
+        """
+        path = self._paths(check_key(key))[1]
+        try:
+            file, size = await self._run_owning(_open_reader, path, offset, cleanup=_close_first)
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        return FileBlobReader(self, file, size, offset)
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Unlink these blobs; missing ones are ignored. Every key is checked first, so a
+        malformed one raises InvalidArgument before anything is deleted. Not fsynced: a
+        deletion lost in a power cut leaves an orphan for the sweep."""
+        paths = [self._paths(check_key(key))[1] for key in keys]
+        if paths:
+            await self._run(_unlink_all, paths)
+
+    async def keys(self) -> AsyncIterator[str]:
+        """Every committed key, one fan-out folder (one thread hop) at a time. Files whose
+        names are not keys, or that sit in the wrong folder, are skipped."""
+        for fanout in await self._run(_list_fanouts, self.root):
+            for key in await self._run(_list_keys, fanout):
+                yield key
+
+    async def close(self) -> None:
+        """Wait for I/O in flight and stop the threads. Idempotent."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        """``(tmp, committed)`` paths of a checked key."""
+        return self._tmp / key, self.root / key[:2] / key
+
+    def _ensure_fanout(self, folder: Path) -> None:
+        """In a thread: create ``folder`` if needed and make its entry in root durable."""
+        if folder.name in self._durable_fanouts:
+            return
+        folder.mkdir(exist_ok=True)
+        _fsync_dir(self.root)
+        self._durable_fanouts.add(folder.name)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _run_owning(
+        self, fn: Callable[..., T], *args: object, cleanup: Callable[[T], object]
+    ) -> T:
+        """Run ``fn``, which returns something to release; if the caller is cancelled first,
+        ``cleanup`` releases it once it arrives."""
+        future = self._executor.submit(fn, *args)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda done: _release(done, cleanup))
+            raise
+
+
+def _release(done: concurrent.futures.Future[T], cleanup: Callable[[T], object]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        with contextlib.suppress(OSError):
+            cleanup(done.result())
+
+
+def _create_tmp(path: Path) -> io.FileIO:
+    return io.FileIO(path, "x")
+
+
+def _discard_orphan(file: io.FileIO) -> None:
+    file.close()
+    os.unlink(file.name)
+
+
+def _close_first(opened: tuple[io.FileIO, int]) -> None:
+    opened[0].close()
+
+
+def _make_dirs_durably(path: Path) -> None:
+    """``mkdir -p path``, then fsync the parent of every folder it created."""
+    missing = [path, *path.parents]
+    missing = missing[: next(i for i, p in enumerate(missing) if p.exists())]
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):
+        _fsync_dir(folder.parent)
+
+
+def _remove_leftover(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove_leftover(child)
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _list_fanouts(root: Path) -> list[Path]:
+    with os.scandir(root) as entries:
+        return sorted(
+            Path(e.path)
+            for e in entries
+            if _FANOUT.match(e.name) and e.is_dir(follow_symlinks=False)
+        )
+
+
+def _list_keys(folder: Path) -> list[str]:
+    try:
+        with os.scandir(folder) as entries:
+            return [
+                e.name
+                for e in entries
+                if _KEY.match(e.name)
+                and e.name.startswith(folder.name)
+                and e.is_file(follow_symlinks=False)
+            ]
+    except FileNotFoundError:
+        return []

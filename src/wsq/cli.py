@@ -1,0 +1,117 @@
+"""The ``wsq`` command: ``wsq server`` runs a server, ``wsq demo`` runs one with a demo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import click
+
+from wsq import __version__
+from wsq.server.app import Server
+from wsq.server.logs import configure
+
+_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _server_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "--host",
+            default="127.0.0.1",
+            envvar="WSQ_HOST",
+            show_default=True,
+            help="Interface to listen on.",
+        ),
+        click.option(
+            "--port",
+            type=int,
+            default=4242,
+            envvar=["WSQ_PORT", "PORT"],
+            show_default=True,
+            help="Port to listen on (0 picks a free one).",
+        ),
+        click.option(
+            "--data-dir",
+            default="./wsq-data",
+            envvar="WSQ_DATA_DIR",
+            show_default=True,
+            help="Where the SQLite database and blobs live.",
+        ),
+        click.option(
+            "--heartbeat-interval",
+            type=float,
+            default=5.0,
+            envvar="WSQ_HEARTBEAT_INTERVAL",
+            show_default=True,
+            help="Seconds between pings; 3 missed pongs drop a connection.",
+        ),
+        click.option(
+            "--worker-timeout",
+            type=float,
+            default=1.0,
+            envvar="WSQ_WORKER_TIMEOUT",
+            show_default=True,
+            help="Seconds a worker has to acknowledge an offered task.",
+        ),
+        click.option(
+            "--log-level", type=_LEVELS, default="info", envvar="WSQ_LOG_LEVEL", show_default=True
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            envvar="WSQ_LOG_FORMAT",
+            show_default=True,
+            help="json: one JSON object per line.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsq")
+def main() -> None:
+    """wsq: a WebSocket task queue with streaming task data."""
+
+
+@main.command()
+@_server_options
+def server(log_level: str, log_format: str, **settings: Any) -> None:
+    """Run a wsq server (SQLite + files under --data-dir; no other service needed)."""
+    configure(log_level, log_format)
+    asyncio.run(_serve(Server(**settings)))
+
+
+@main.command()
+@_server_options
+@click.option("--once", is_flag=True, help="Exit after the demo instead of serving on.")
+def demo(log_level: str, log_format: str, once: bool, **settings: Any) -> None:
+    """Run a server with a demo beside it: a producer streams files to a worker that
+    reports progress. The server keeps running afterwards (Ctrl-C stops it)."""
+    from wsq.demo import run_demo
+
+    configure(log_level, log_format)
+    asyncio.run(_serve(Server(**settings), demo=run_demo, once=once))
+
+
+async def _serve(server: Server, demo: Any = None, once: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        if demo is not None:
+            demo_task = asyncio.create_task(demo(server.url), name="wsq-demo")
+            if once:
+                demo_task.add_done_callback(lambda _: stop.set())
+        await stop.wait()
+        if demo is not None:
+            demo_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await demo_task

@@ -1,0 +1,1 @@
+"""The asyncio Python client: producers, workers and observers."""

@@ -1,0 +1,551 @@
+"""The asyncio client: one WebSocket to the server, kept alive and reconnected.
+
+Requests carry ids and may be many in flight; outgoing messages produced in one turn of
+the event loop leave as one frame (docs/protocol.md §2). While disconnected, requests
+wait and are sent once the connection is back; requests in flight when it dropped are
+sent again (the server makes them idempotent, §4.3), except the ``add`` of a task whose
+streams were being uploaded, which raises :class:`wsq.ConnectionLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
+
+from wsq import protocol
+from wsq.client.events import SERVER_EVENTS, Emitter, Event, Handler
+from wsq.client.queue import Queue, Worker
+from wsq.client.streams import Downloading, Uploader, extract
+from wsq.client.task import Task
+from wsq.exceptions import ConnectionLost, ProtocolError, WsqError, error_from_wire
+
+logger = logging.getLogger("wsq.client")
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_EVENTS_MAX = 65536
+
+
+def default_backoff(tries: int) -> float:
+    """The seed's default, in seconds: ``min((tries * 10) ** 2 ms, 60 s)``."""
+    return min((tries * 10) ** 2, 60_000) / 1000
+
+
+@dataclass(slots=True)
+class _Request:
+    message: dict[str, Any]
+    future: asyncio.Future[Any]
+    resend: bool
+    sent_on: int = 0
+
+
+@dataclass(slots=True)
+class _Limits:
+    window: int = protocol.WINDOW
+    chunk: int = protocol.CHUNK
+    inline: int = protocol.INLINE_MAX
+    heartbeat: float = 5.0
+
+
+class Client(Emitter):
+    """A connection to a wsq server at ``address`` (``ws://host:port``).
+
+    ``backoff(tries)`` returns the seconds to wait before reconnect attempt ``tries``.
+    Events: ``'connect'``, ``'disconnect'``, ``'error'`` and every server event name;
+    handlers may be sync or async. Task events call ``handler(task, *extra)``.
+    """
+
+    def __init__(self, address: str, backoff: Callable[[int], float] | None = None) -> None:
+        super().__init__()
+        self.address = address
+        self.backoff = backoff or default_backoff
+        self._ws: ClientConnection | None = None
+        self._generation = 0
+        self._ids = itertools.count(1)
+        self._stream_ids = itertools.count(1)
+        self._requests: dict[int, _Request] = {}
+        self._queues: dict[str, Queue] = {}
+        self._workers: dict[str, Worker] = {}
+        self._subscriptions: dict[str | None, int] = {}
+        self._watched: dict[str, weakref.WeakSet[Task]] = {}
+        self._event_queues: set[asyncio.Queue[Event | None]] = set()
+        self._downloads: dict[int, Downloading] = {}
+        self._uploads: dict[int, Uploader] = {}
+        self._out: deque[tuple[bool, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._limits = _Limits()
+        self._connected: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- connection ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    async def connect(self) -> None:
+        """Connect, retrying with :attr:`backoff` until the server answers."""
+        if self._closed:
+            raise WsqError("This client is closed.")
+        self._ensure_running()
+        await self._wait_connected()
+
+    async def close(self) -> None:
+        """Disconnect for good. Running worker handlers are cancelled unreported (the
+        server times them out); use ``await worker.stop()`` first to let them finish."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers.values():
+            worker.cancel()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        self._fail_requests(lambda r: True, WsqError("The client was closed."))
+        for queue in self._event_queues:
+            queue.put_nowait(None)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _wait_connected(self) -> None:
+        if self._ws is not None:
+            return
+        self._ensure_running()
+        assert self._connected is not None
+        await self._connected.wait()
+        if self._closed:
+            raise WsqError("This client is closed.")
+
+    async def _run(self) -> None:
+        tries = 0
+        while not self._closed:
+            try:
+                ws, welcome = await self._open()
+            except (OSError, TimeoutError, WebSocketException, WsqError) as exc:
+                if isinstance(exc, InvalidURI):
+                    self.emit("error", exc)
+                    raise
+                tries += 1
+                if self.listens("error"):
+                    self.emit("error", exc)
+                await asyncio.sleep(self.backoff(tries))
+                continue
+            tries = 0
+            await self._session(ws, welcome)
+
+    async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
+        ws = await connect(
+            self.address,
+            max_size=None,
+            compression=None,
+            ping_interval=None,
+            open_timeout=10,
+            user_agent_header=f"wsq-python/{_version()}",
+        )
+        try:
+            hello = {"op": "hello", "protocol": protocol.PROTOCOL_VERSION, "client": "wsq-python"}
+            await ws.send(_encoder.encode(hello), text=True)
+            welcome = _decoder.decode(await asyncio.wait_for(ws.recv(), 10))
+            if welcome.get("op") != "welcome":
+                raise ProtocolError(welcome.get("message", "The server refused the hello."))
+            return ws, welcome
+        except BaseException:
+            await ws.close()
+            raise
+
+    async def _session(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+        limits = welcome.get("limits", {})
+        self._limits = _Limits(
+            window=limits.get("window", protocol.WINDOW),
+            chunk=limits.get("chunk", protocol.CHUNK),
+            inline=limits.get("inline", protocol.INLINE_MAX),
+            heartbeat=welcome.get("heartbeat", 5.0),
+        )
+        self._ws = ws
+        self._out.clear()
+        self._generation += 1
+        self._restore()
+        assert self._connected is not None
+        self._connected.set()
+        self.emit("connect")
+        helpers = [
+            asyncio.create_task(self._heartbeat(ws), name="wsq-heartbeat"),
+            asyncio.create_task(self._write_loop(ws), name="wsq-client-writer"),
+        ]
+        try:
+            await self._read(ws)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            self._ws = None
+            self._connected.clear()
+            self._out.clear()
+            self._connection_lost()
+            with contextlib.suppress(Exception):
+                await ws.close()
+            if not self._closed:
+                self.emit("disconnect")
+
+    def _restore(self) -> None:
+        """After (re)connecting: listeners, workers, then requests that were waiting."""
+        for queue in self._subscriptions:
+            self._send({"op": "subscribe", "id": next(self._ids), "queue": queue})
+        for worker in self._workers.values():
+            if not worker.stopped:
+                self._send({**worker.register_message(), "id": next(self._ids)})
+        for request in sorted(self._requests.values(), key=lambda r: r.message["id"]):
+            request.sent_on = self._generation
+            self._send(request.message)
+
+    def _connection_lost(self) -> None:
+        lost = ConnectionLost("The connection to the server was lost.")
+        self._fail_requests(lambda r: not r.resend, lost)
+        for download in self._downloads.values():
+            download.fail(lost)
+        self._downloads.clear()
+        for upload in self._uploads.values():
+            upload.connection_lost()
+        self._uploads.clear()
+
+    def _fail_requests(self, which: Callable[[_Request], bool], error: WsqError) -> None:
+        for request_id, request in list(self._requests.items()):
+            if which(request):
+                del self._requests[request_id]
+                if not request.future.done():
+                    request.future.set_exception(error)
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        """Ping every heartbeat interval; no pong for three intervals means the server is
+        gone, so drop the connection and reconnect (§9)."""
+        interval = self._limits.heartbeat
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                pong = await ws.ping()
+                try:
+                    await asyncio.wait_for(pong, interval * 3)
+                except TimeoutError:
+                    logger.warning("no pong from %s; reconnecting", self.address)
+                    ws.transport.abort()
+                    return
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> None:
+        """Queue a text message; messages queued while a frame is being written leave
+        together in the next one. Dropped while disconnected (requests are kept and sent
+        again by :meth:`_restore`)."""
+        if self._ws is not None:
+            self._out.append((True, _encoder.encode(message)))
+            self._wake.set()
+
+    def _send_chunk(self, stream: int, payload: bytes) -> None:
+        if self._ws is not None:
+            self._out.append((False, protocol.pack_chunk(stream, payload)))
+            self._wake.set()
+
+    async def _write_loop(self, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                while not self._out:
+                    self._wake.clear()
+                    await self._wake.wait()
+                if self._out[0][0]:
+                    parts = []
+                    while self._out and self._out[0][0]:
+                        parts.append(self._out.popleft()[1])
+                    await ws.send(protocol.join_frame(parts), text=True)
+                else:
+                    await ws.send(self._out.popleft()[1], text=False)
+
+    async def _request(self, message: dict[str, Any], *, resend: bool = True) -> Any:
+        """Send a request and return its result; raise the error it got."""
+        await self._wait_connected()
+        request_id = next(self._ids)
+        message["id"] = request_id
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = _Request(message, future, resend, self._generation)
+        self._send(message)
+        return await future
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _read(self, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:
+                try:
+                    self._receive_frame(frame)
+                except Exception as exc:  # a bad frame must not end the session
+                    logger.exception("could not handle a frame from the server")
+                    self.emit("error", exc)
+
+    def _receive_frame(self, frame: str | bytes) -> None:
+        if isinstance(frame, str):
+            decoded = _decoder.decode(frame)
+            for message in decoded if isinstance(decoded, list) else [decoded]:
+                self._receive(message)
+        else:
+            self._receive_chunk(frame)
+
+    def _receive(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        handler = self._receivers.get(op or "")
+        if handler is None:
+            logger.warning("unknown message from server: %r", op)
+            return
+        handler(self, message)
+
+    def _on_result(self, message: dict[str, Any]) -> None:
+        request = self._requests.pop(message["id"], None)
+        if request is not None and not request.future.done():
+            request.future.set_result(message.get("result"))
+
+    def _on_error(self, message: dict[str, Any]) -> None:
+        error = error_from_wire(message.get("code", "error"), message.get("message", ""))
+        request = self._requests.pop(message.get("id") or 0, None)
+        if request is not None:
+            if not request.future.done():
+                request.future.set_exception(error)
+        else:
+            logger.warning("error from server: %s", error)
+            self.emit("error", error)
+
+    def _on_event(self, message: dict[str, Any]) -> None:
+        name, args = message["event"], message.get("args", [])
+        event = Event(name, args)
+        for events in self._event_queues:
+            if events.qsize() < _EVENTS_MAX:
+                events.put_nowait(event)
+        self._dispatch_event(name, args)
+
+    def _on_offer(self, message: dict[str, Any]) -> None:
+        worker = self._workers.get(message["worker"])
+        if worker is None:
+            logger.warning("offer for unknown worker %s", message["worker"])
+            return
+        worker.offer(message["tasks"])
+
+    def _on_abort(self, message: dict[str, Any]) -> None:
+        worker = self._workers.get(message["worker"])
+        if worker is not None:
+            worker.abort(message["task"], message["run"], message.get("reason", ""))
+
+    def _on_credit(self, message: dict[str, Any]) -> None:
+        upload = self._uploads.get(message["stream"])
+        if upload is not None:
+            upload.grant(message["bytes"])
+
+    def _on_end(self, message: dict[str, Any]) -> None:
+        download = self._downloads.pop(message["stream"], None)
+        if download is not None:
+            download.end()
+
+    def _on_stream_error(self, message: dict[str, Any]) -> None:
+        stream = message["stream"]
+        download = self._downloads.pop(stream, None)
+        if download is not None:
+            download.fail_from_wire(message.get("code", "error"), message.get("message", ""))
+        upload = self._uploads.get(stream)
+        if upload is not None:
+            logger.warning("upload %s failed on the server: %s", stream, message.get("message"))
+
+    def _receive_chunk(self, frame: bytes) -> None:
+        stream, payload = protocol.unpack_chunk(frame)
+        download = self._downloads.get(stream)
+        if download is not None:
+            download.receive(bytes(payload))
+
+    _receivers: dict[str, Callable[[Client, dict[str, Any]], None]] = {
+        "result": _on_result,
+        "error": _on_error,
+        "event": _on_event,
+        "offer": _on_offer,
+        "abort": _on_abort,
+        "credit": _on_credit,
+        "end": _on_end,
+        "stream_error": _on_stream_error,
+    }
+
+    # -- events ----------------------------------------------------------------------------
+
+    def on(self, event: str, handler: Handler) -> Handler:
+        """Listen to ``event``: 'connect', 'disconnect', 'error' or a server event name."""
+        if event in SERVER_EVENTS:
+            self._subscribe(None)
+        return super().on(event, handler)
+
+    def events(self) -> AsyncIterator[Event]:
+        """Every server event as it arrives, until the client closes."""
+        self._subscribe(None)
+        events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._event_queues.add(events)
+        return self._iterate_events(events)
+
+    async def _iterate_events(self, events: asyncio.Queue[Event | None]) -> AsyncIterator[Event]:
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            self._event_queues.discard(events)
+
+    def _subscribe(self, queue: str | None) -> None:
+        if queue in self._subscriptions:
+            return
+        self._subscriptions[queue] = 1
+        self._send({"op": "subscribe", "id": next(self._ids), "queue": queue})
+
+    def _watch_task(self, task: Task) -> None:
+        self._subscribe(task.queue)
+        self._watched.setdefault(task.id, weakref.WeakSet()).add(task)
+
+    def _dispatch_event(self, name: str, args: list[Any]) -> None:
+        first = args[0] if args else {}
+        queue_name = first.get("queue") if isinstance(first, dict) else None
+        queue = self._queues.get(queue_name) if queue_name else None
+        if name.startswith("task ") and isinstance(first, dict):
+            self._dispatch_task_event(name, first, args[1:], queue)
+            return
+        extra = [Task(self, a) if isinstance(a, dict) and "state" in a else a for a in args[1:]]
+        self.emit(name, first, *extra)
+        if queue is not None and (self.listens(name) or queue.listens(name)):
+            queue.emit(name, first, *extra)
+
+    def _dispatch_task_event(
+        self, name: str, info: dict[str, Any], extra: list[Any], queue: Queue | None
+    ) -> None:
+        if self.listens(name) or (queue is not None and queue.listens(name)):
+            task = Task(self, info)
+            self.emit(name, task, *extra)
+            if queue is not None:
+                queue.emit(name, task, *extra)
+        for watched in list(self._watched.get(info["id"], ())):
+            watched.update(info)
+            watched.emit(name[5:], watched, *extra)
+
+    # -- queues, workers, adds, downloads --------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        """The queue called ``name`` (made on the server when first used)."""
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = Queue(self, name)
+        return queue
+
+    async def list_queues(self) -> list[Queue]:
+        """Queues the server holds tasks or workers for."""
+        answer = await self._request({"op": "queues"})
+        return [self.queue(name) for name in answer["queues"]]
+
+    def _ensure_running(self) -> None:
+        """Start connecting in the background if nobody called :meth:`connect` yet."""
+        if self._runner is None and not self._closed:
+            self._connected = asyncio.Event()
+            self._runner = asyncio.create_task(self._run(), name="wsq-client")
+
+    def _start_worker(self, worker: Worker) -> None:
+        self._workers[worker.id] = worker
+        self._ensure_running()
+        if self._ws is not None:
+            self._send({**worker.register_message(), "id": next(self._ids)})
+
+    async def _stop_worker(self, worker: Worker) -> None:
+        try:
+            await self._request({"op": "stop", "worker": worker.id})
+        finally:
+            self._workers.pop(worker.id, None)
+
+    async def _add(
+        self, queue: str, data: Any, options: dict[str, Any], task_id: str
+    ) -> dict[str, Any]:
+        plain, found = extract(data)
+        message: dict[str, Any] = {"op": "add", "queue": queue, "options": options, "task": task_id}
+        message["data"] = msgspec.Raw(_encoder.encode(plain))
+        if not found:
+            result: dict[str, Any] = await self._request(message)
+            return result
+        await self._wait_connected()
+        message["streams"] = await self._upload_all(found)
+        uploads = any("upload" in s for s in message["streams"])
+        result = await self._request(message, resend=not uploads)
+        return result
+
+    async def _upload_all(self, found: list[tuple[list[Any], Any]]) -> list[dict[str, Any]]:
+        streams: list[dict[str, Any]] = []
+        uploaders: list[tuple[Uploader, Any]] = []
+        for path, value in found:
+            small = _small_bytes(value, self._limits.inline)
+            if small is not None:
+                streams.append({"path": path, "inline": small})
+                continue
+            uploader = Uploader(
+                self, next(self._stream_ids), self._limits.window, self._limits.chunk
+            )
+            self._uploads[uploader.stream] = uploader
+            uploaders.append((uploader, value))
+            streams.append({"path": path, "upload": uploader.stream})
+        results = await asyncio.gather(*(u.send(v) for u, v in uploaders), return_exceptions=True)
+        for uploader, _ in uploaders:
+            self._uploads.pop(uploader.stream, None)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            # No task will hold any of these streams: let the server drop them all now.
+            for uploader, _ in uploaders:
+                uploader.abort(errors[0])
+            raise errors[0]
+        return streams
+
+    async def _download(self, task_id: str, index: int) -> AsyncIterator[bytes]:
+        await self._wait_connected()
+        stream = next(self._stream_ids)
+        window = self._limits.window
+        state = Downloading(stream, window)
+        self._downloads[stream] = state
+        self._send({"op": "download", "stream": stream, "task": task_id, "index": index})
+        consumed = 0
+        finished = False
+        try:
+            while (chunk := await state.next()) is not None:
+                consumed += len(chunk)
+                if consumed >= window // 2:
+                    self._send({"op": "credit", "stream": stream, "bytes": consumed})
+                    consumed = 0
+                yield chunk
+            finished = True
+        finally:
+            if not finished and self._downloads.pop(stream, None) is not None:
+                self._send({"op": "cancel", "stream": stream})
+
+
+def _small_bytes(value: Any, limit: int) -> bytes | None:
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return data if len(data) <= limit else None
+    return None
+
+
+def _version() -> str:
+    from wsq import __version__
+
+    return __version__

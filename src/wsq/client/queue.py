@@ -1,0 +1,210 @@
+"""A queue as the client sees it, and the workers that process it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from wsq.client.events import Emitter, Handler, logger
+from wsq.client.task import Task
+from wsq.exceptions import WsqError
+
+if TYPE_CHECKING:
+    from wsq.client.client import Client
+
+TaskHandler = Callable[[Task], Awaitable[Any] | Any]
+_PAGE = 1000
+
+
+class TaskList(list[Task]):
+    """A list of tasks; :attr:`cursor` continues the listing (``None`` at the end)."""
+
+    cursor: str | None = None
+
+
+class Queue(Emitter):
+    """A named queue. Made by :meth:`Client.queue`; exists on the server once it holds a
+    task or a worker."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        super().__init__()
+        self._client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<wsq.Queue {self.name!r}>"
+
+    def on(self, event: str, handler: Handler) -> Handler:
+        """Like :meth:`Client.on`, for this queue's events only."""
+        self._client._subscribe(self.name)
+        return super().on(event, handler)
+
+    async def add(
+        self,
+        data: Any,
+        timeout: float = 60.0,
+        retries: int = 0,
+        autoremove: bool = False,
+        *,
+        id: str | None = None,
+    ) -> Task:
+        """Add a task; returns once it and all its streams are durable on the server.
+
+        Streams in ``data`` (bytes, binary files, async iterables of bytes, wsq.Stream) are
+        uploaded first; if one raises, that error propagates and no task is created.
+        ``id`` (letters, digits, ``_.:-``, at most 64) makes the add idempotent.
+        """
+        options = {"timeout": float(timeout), "retries": int(retries), "autoremove": autoremove}
+        info = await self._client._add(self.name, data, options, id or uuid.uuid4().hex)
+        return Task(self._client, info)
+
+    def process(self, handler: TaskHandler, concurrency: int = 1) -> Worker:
+        """Run ``handler(task)`` for each task of this queue, at most ``concurrency`` at
+        once. Returning is success; raising is failure (``task.error = str(exc)``)."""
+        worker = Worker(self._client, self.name, handler, concurrency)
+        self._client._start_worker(worker)
+        return worker
+
+    async def all(self, limit: int | None = None, cursor: str | None = None) -> TaskList:
+        return await self._list(None, limit, cursor)
+
+    async def waiting(self, limit: int | None = None, cursor: str | None = None) -> TaskList:
+        return await self._list("waiting", limit, cursor)
+
+    async def active(self, limit: int | None = None, cursor: str | None = None) -> TaskList:
+        return await self._list("active", limit, cursor)
+
+    async def completed(self, limit: int | None = None, cursor: str | None = None) -> TaskList:
+        return await self._list("completed", limit, cursor)
+
+    async def failed(self, limit: int | None = None, cursor: str | None = None) -> TaskList:
+        return await self._list("failed", limit, cursor)
+
+    async def _list(self, state: str | None, limit: int | None, cursor: str | None) -> TaskList:
+        """One page of ``limit`` tasks after ``cursor``, or every task when ``limit`` is None."""
+        out = TaskList()
+        while True:
+            page = _PAGE if limit is None else min(limit - len(out), 10000)
+            message: dict[str, Any] = {"op": "list", "queue": self.name, "limit": page}
+            if state is not None:
+                message["state"] = state
+            if cursor is not None:
+                message["cursor"] = cursor
+            answer = await self._client._request(message)
+            out.extend(Task(self._client, info) for info in answer["tasks"])
+            cursor = answer["cursor"]
+            if cursor is None or (limit is not None and len(out) >= limit):
+                out.cursor = cursor
+                return out
+
+
+class Worker:
+    """Runs a handler for the tasks the server offers to it. Made by :meth:`Queue.process`."""
+
+    def __init__(self, client: Client, queue: str, handler: TaskHandler, concurrency: int) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._client = client
+        self.id = uuid.uuid4().hex
+        self.queue = queue
+        self.concurrency = concurrency
+        self._handler = handler
+        self._running: dict[str, tuple[Task, asyncio.Task[None]]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.stopped = False
+
+    def __repr__(self) -> str:
+        return f"<wsq.Worker {self.id} queue={self.queue!r} concurrency={self.concurrency}>"
+
+    def register_message(self) -> dict[str, Any]:
+        return {
+            "op": "work",
+            "queue": self.queue,
+            "concurrency": self.concurrency,
+            "worker": self.id,
+        }
+
+    async def stop(self) -> None:
+        """Take no more tasks, and return when the running ones have finished."""
+        if not self.stopped:
+            self.stopped = True
+            with contextlib.suppress(WsqError):
+                await self._client._stop_worker(self)
+        await self._idle.wait()
+
+    def cancel(self) -> None:
+        """Stop at once: cancel running handlers without reporting (they time out)."""
+        self.stopped = True
+        for _, runner in self._running.values():
+            runner.cancel()
+
+    def offer(self, tasks: list[dict[str, Any]]) -> None:
+        """Tasks offered by the server: acknowledge them in one message, then run each."""
+        from wsq.client.streams import resolve
+
+        self._client._send({"op": "ack", "runs": [[t["task"]["id"], t["run"]] for t in tasks]})
+        for item in tasks:
+            task = Task(self._client, item["task"])
+            task.run = item["run"]
+            unreadable = None
+            try:
+                task.data = resolve(self._client, task.id, item["data"], item["streams"])
+            except Exception as exc:
+                unreadable = f"Could not read the task data: {exc!r}"
+            runner = asyncio.create_task(
+                self._execute(task, unreadable), name=f"wsq-task-{task.id}"
+            )
+            self._running[task.id] = (task, runner)
+            self._idle.clear()
+
+    def abort(self, task_id: str, run: int, reason: str) -> None:
+        """The server ended this run (timeout, removal): cancel the handler."""
+        entry = self._running.get(task_id)
+        if entry is None or entry[0].run != run:
+            return
+        task, runner = entry
+        task.aborted = True
+        task.error = reason
+        task.emit("abort", task, reason)
+        runner.cancel()
+
+    async def _execute(self, task: Task, unreadable: str | None = None) -> None:
+        try:
+            error = unreadable or await self._call(task)
+            if task.aborted:
+                return
+            if error is None:
+                await self._report({"op": "complete", "task": task.id, "run": task.run})
+            else:
+                message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
+                await self._report(message)
+        finally:
+            self._running.pop(task.id, None)
+            if not self._running:
+                self._idle.set()
+
+    async def _call(self, task: Task) -> str | None:
+        """Run the handler; ``None`` on success, else the error text."""
+        try:
+            result = self._handler(task)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            if task.aborted:
+                return None
+            raise
+        except Exception as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def _report(self, message: dict[str, Any]) -> None:
+        try:
+            await self._client._request(message)
+        except WsqError as exc:
+            logger.warning("report on task %s refused: %s", message["task"], exc)
+            self._client.emit("error", exc)

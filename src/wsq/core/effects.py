@@ -1,0 +1,66 @@
+"""What the queue core asks its caller to do. The core never does I/O; the server applies
+these in order (docs/architecture.md, "Applying effects")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wsq.core.task import Task
+from wsq.storage.base import Op
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Submit ``op`` to the state store. Every send that follows it in the same list, or in
+    a later one, must wait until it is durable."""
+
+    op: Op
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Read the first ``limit`` waiting tasks of ``queue`` through the store's ordered pipe
+    and hand them to :meth:`Core.loaded`."""
+
+    queue: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Send these runs (snapshots of active tasks) to ``worker`` on ``connection``."""
+
+    connection: str
+    worker: str
+    tasks: tuple[Task, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Tell ``worker`` on ``connection`` to stop run ``run`` of ``task``."""
+
+    connection: str
+    worker: str
+    task: str
+    run: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Send event ``event`` with JSON-ready ``args`` to the listeners of ``queue``."""
+
+    event: str
+    queue: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteBlobs:
+    """Delete these blobs, once the writes before this effect are durable."""
+
+    keys: tuple[str, ...]
+
+
+Effect = Write | Load | Offer | Abort | Emit | DeleteBlobs

@@ -1,0 +1,472 @@
+"""The queue core: every scheduling decision wsq makes, with no I/O and no clock.
+
+Callers pass ``now`` (seconds) into each method and get back a list of
+:mod:`effects <wsq.core.effects>` to apply in order. The core keeps in memory only what it
+must: connected workers, active runs, and a bounded *window* of the oldest waiting tasks
+of each queue; the rest of the backlog stays in the state store and is paged in with
+:class:`~wsq.core.effects.Load` as the window drains (docs/architecture.md, "The window").
+
+Contract with the caller:
+
+* A new task is inserted into the store first; :meth:`Core.add` is called after that
+  insert is durable, with a ``seq`` taken from :meth:`Core.allocate_seq` before it.
+* Timers: after every call, re-arm a wake-up at :meth:`Core.next_deadline` and call
+  :meth:`Core.tick` then.
+* Worker reports name a ``run``; one that does not match the task's current run raises
+  :class:`~wsq.exceptions.StaleRun`, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
+from wsq.core.task import State, Task, check_transition
+from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
+from wsq.storage.base import Delete, Recovery, SetProgress, Update
+
+
+@dataclass(slots=True)
+class _Worker:
+    id: str
+    queue: str
+    connection: str
+    concurrency: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "queue": self.queue, "concurrency": self.concurrency}
+
+
+@dataclass(slots=True)
+class _Run:
+    task: Task
+    acked: bool
+    deadline: float | None
+
+
+@dataclass(slots=True)
+class _Queue:
+    name: str
+    window: list[Task] = field(default_factory=list)
+    workers: dict[str, _Worker] = field(default_factory=dict)
+    # The store may hold waiting tasks of this queue that are not in the window.
+    spilled: bool = False
+    loading: bool = False
+    refused_during_load: bool = False
+    left_during_load: set[str] = field(default_factory=set)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.window or self.workers or self.spilled or self.loading)
+
+
+class Core:
+    """The scheduler. See the module docstring for the calling contract."""
+
+    def __init__(self, *, worker_timeout: float = 1.0, window: int = 1000) -> None:
+        self.worker_timeout = worker_timeout
+        self.window_size = window
+        self.low_water = max(1, window // 4)
+        self._next_seq = 1
+        self._queues: dict[str, _Queue] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._runs: dict[str, _Run] = {}
+        self._by_worker: dict[str, set[str]] = {}
+        self._waiting: dict[str, Task] = {}
+        self._deadlines: list[tuple[float, str, int]] = []
+        self._adding: set[int] = set()
+
+    # -- start-up and intake ---------------------------------------------------------------
+
+    def recover(self, recovery: Recovery, now: float) -> list[Effect]:
+        """Adopt what the store holds: active tasks get fresh timers, queues with waiting
+        tasks are marked as spilled so their windows fill from the store."""
+        self._next_seq = max(self._next_seq, recovery.next_seq)
+        for task in recovery.active:
+            run = _Run(task, acked=True, deadline=None)
+            self._runs[task.id] = run
+            self._by_worker.setdefault(task.worker or "", set()).add(task.id)
+            self._arm(run, now)
+        effects: list[Effect] = []
+        for name in recovery.waiting_queues:
+            queue = self._queue(name)
+            queue.spilled = True
+            effects += self._refill(queue)
+        return effects
+
+    def allocate_seq(self) -> int:
+        seq = self._allocate()
+        self._adding.add(seq)
+        return seq
+
+    def _allocate(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def abandon_seq(self, seq: int) -> None:
+        """The insert that ``seq`` was allocated for did not happen."""
+        self._adding.discard(seq)
+
+    def add(self, task: Task, now: float) -> list[Effect]:
+        """A new waiting task whose insert is durable."""
+        self._adding.discard(task.seq)
+        snapshot = task.to_json()
+        effects: list[Effect] = [
+            Emit("task added", task.queue, (snapshot,)),
+            Emit("task queued", task.queue, (snapshot,)),
+        ]
+        queue = self._queue(task.queue)
+        self._place(queue, task)
+        return effects + self._dispatch(queue, now)
+
+    def loaded(self, name: str, tasks: list[Task], limit: int, now: float) -> list[Effect]:
+        """The result of a :class:`Load` of ``limit`` tasks for queue ``name``."""
+        queue = self._queue(name)
+        queue.loading = False
+        room = self.window_size - len(queue.window)
+        fresh = [t for t in tasks if self._is_new(queue, t)]
+        for task in fresh[:room]:
+            self._insert(queue, task)
+        exhausted = len(tasks) < limit and len(fresh) <= room
+        if exhausted and not queue.refused_during_load:
+            queue.spilled = False
+        queue.refused_during_load = False
+        queue.left_during_load.clear()
+        return self._dispatch(queue, now)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def add_worker(
+        self, connection: str, worker_id: str, queue_name: str, concurrency: int, now: float
+    ) -> list[Effect]:
+        """Register a worker; its runs still active from an earlier connection count
+        against ``concurrency``."""
+        if worker_id in self._workers:
+            raise InvalidArgument(f"Worker id {worker_id} is already connected.")
+        worker = _Worker(worker_id, queue_name, connection, concurrency)
+        self._workers[worker_id] = worker
+        queue = self._queue(queue_name)
+        queue.workers[worker_id] = worker
+        effects: list[Effect] = [Emit("worker added", queue_name, (worker.to_json(),))]
+        return effects + self._dispatch(queue, now)
+
+    def remove_worker(self, worker_id: str) -> list[Effect]:
+        """Stop offering to a worker (it stopped, or its connection dropped). Its active
+        runs go on until they end or time out; a later report is still accepted."""
+        worker = self._workers.pop(worker_id, None)
+        if worker is None:
+            return []
+        queue = self._queues[worker.queue]
+        del queue.workers[worker_id]
+        self._forget_if_idle(queue)
+        return [Emit("worker removed", worker.queue, (worker.to_json(),))]
+
+    def workers_of(self, connection: str) -> list[str]:
+        return [w.id for w in self._workers.values() if w.connection == connection]
+
+    def queue_names(self) -> list[str]:
+        """Queues the core holds anything for (workers, waiting or active tasks)."""
+        return list(self._queues)
+
+    def worker_json(self, worker_id: str) -> dict[str, Any] | None:
+        worker = self._workers.get(worker_id)
+        return worker.to_json() if worker else None
+
+    # -- worker reports --------------------------------------------------------------------
+
+    def ack(self, task_id: str, run: int, now: float) -> list[Effect]:
+        """The worker took run ``run`` of the task: start its timeout."""
+        current = self._run_of(task_id, run)
+        return self._start(current, now)
+
+    def progress(self, task_id: str, run: int, value: float, now: float) -> list[Effect]:
+        current = self._run_of(task_id, run)
+        effects = self._start(current, now)
+        task = current.task
+        task.progress = value
+        task.updated = now
+        self._arm(current, now)
+        effects.append(Write(SetProgress(task.id, value, now)))
+        effects.append(Emit("task progress", task.queue, (task.to_json(), value)))
+        return effects
+
+    def touch(self, task_id: str, run: int, now: float) -> list[Effect]:
+        current = self._run_of(task_id, run)
+        effects = self._start(current, now)
+        self._arm(current, now)
+        return effects
+
+    def complete(self, task_id: str, run: int, now: float) -> list[Effect]:
+        current = self._run_of(task_id, run)
+        effects = self._start(current, now)
+        task = self._end(current, State.COMPLETED, now)
+        effects.append(Write(Update(replace(task), expected=State.ACTIVE)))
+        effects.append(Emit("task completed", task.queue, (task.to_json(),)))
+        if task.options.autoremove:
+            effects += self._delete(task)
+        return effects + self._dispatch(self._queue(task.queue), now)
+
+    def fail(self, task_id: str, run: int, error: str, now: float) -> list[Effect]:
+        current = self._run_of(task_id, run)
+        effects = self._start(current, now)
+        return effects + self._fail(current, error, now)
+
+    # -- requests about any task -----------------------------------------------------------
+
+    def lookup(self, task_id: str) -> Task | None:
+        """The task if the core holds it (active, or waiting in a window)."""
+        current = self._runs.get(task_id)
+        return current.task if current else self._waiting.get(task_id)
+
+    def remove(self, task_id: str, stored: Task | None, now: float) -> list[Effect]:
+        """Delete a task in any state; ``stored`` is the store's copy for tasks the core
+        does not hold. An active run is aborted first."""
+        current = self._runs.get(task_id)
+        if current is not None:
+            effects = self._abort(current, "Removed.")
+            detached = self._detach(current)
+            effects += self._delete(detached)
+            return effects + self._dispatch(self._queue(detached.queue), now)
+        task = self._waiting.get(task_id) or stored
+        if task is None:
+            return []
+        self._unplace(task)
+        return self._delete(task)
+
+    def retry(self, task: Task, now: float) -> list[Effect]:
+        """Move a failed task (the store's copy) back to waiting, failure count reset."""
+        held = self.lookup(task.id)
+        if held is not None:
+            raise InvalidState(f"Task {task.id} is {held.state.value}; only failed tasks retry.")
+        check_transition(task.id, task.state, State.WAITING)
+        task.retries = 0
+        task.error = None
+        task.progress = 0.0
+        return self._requeue(task, State.FAILED, now)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` should next be called, or ``None`` if nothing is timed."""
+        while self._deadlines and not self._is_live(self._deadlines[0]):
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def tick(self, now: float) -> list[Effect]:
+        """Fail every run whose deadline has passed: unacknowledged offers with the
+        worker's "didn't respond", started runs with "Timed out."."""
+        expired: list[tuple[float, str, int]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            expired.append(heapq.heappop(self._deadlines))
+        # Runs started by this tick's own failures wait for the next tick.
+        effects: list[Effect] = []
+        for entry in expired:
+            if not self._is_live(entry):
+                continue
+            current = self._runs[entry[1]]
+            if current.acked:
+                reason = "Timed out."
+            else:
+                reason = f"Worker {current.task.worker} didn't respond."
+            effects += self._abort(current, reason)
+            effects += self._fail(current, reason, now)
+        return effects
+
+    # -- internals: runs -------------------------------------------------------------------
+
+    def _run_of(self, task_id: str, run: int) -> _Run:
+        current = self._runs.get(task_id)
+        if current is None or current.task.run != run:
+            raise StaleRun(f"Run {run} of task {task_id} is not active.")
+        return current
+
+    def _start(self, current: _Run, now: float) -> list[Effect]:
+        if current.acked:
+            return []
+        current.acked = True
+        self._arm(current, now)
+        task = current.task
+        snapshot = task.to_json()
+        worker = self.worker_json(task.worker or "") or {
+            "id": task.worker,
+            "queue": task.queue,
+            "concurrency": None,
+        }
+        return [
+            Emit("task started", task.queue, (snapshot,)),
+            Emit("worker started", task.queue, (worker, snapshot)),
+        ]
+
+    def _arm(self, current: _Run, now: float) -> None:
+        timeout = self.worker_timeout if not current.acked else current.task.options.timeout
+        current.deadline = None if timeout < 0 else now + timeout
+        if current.deadline is not None:
+            entry = (current.deadline, current.task.id, current.task.run)
+            heapq.heappush(self._deadlines, entry)
+
+    def _is_live(self, entry: tuple[float, str, int]) -> bool:
+        deadline, task_id, run = entry
+        current = self._runs.get(task_id)
+        return current is not None and current.task.run == run and current.deadline == deadline
+
+    def _end(self, current: _Run, state: State, now: float) -> Task:
+        task = self._detach(current)
+        check_transition(task.id, task.state, state)
+        task.state = state
+        task.updated = now
+        return task
+
+    def _detach(self, current: _Run) -> Task:
+        task = current.task
+        del self._runs[task.id]
+        owned = self._by_worker.get(task.worker or "")
+        if owned is not None:
+            owned.discard(task.id)
+            if not owned:
+                del self._by_worker[task.worker or ""]
+        return task
+
+    def _abort(self, current: _Run, reason: str) -> list[Effect]:
+        task = current.task
+        worker = self._workers.get(task.worker or "")
+        if worker is None:
+            return []
+        return [Abort(worker.connection, worker.id, task.id, task.run, reason)]
+
+    def _fail(self, current: _Run, error: str, now: float) -> list[Effect]:
+        task = self._end(current, State.FAILED, now)
+        task.retries += 1
+        task.error = error
+        limit = task.options.retries
+        will_retry = limit == -1 or task.retries <= limit
+        failed = Emit("task failed", task.queue, (task.to_json(), will_retry))
+        if will_retry:
+            return self._requeue(task, State.ACTIVE, now, announce=[failed])
+        effects: list[Effect] = [Write(Update(replace(task), expected=State.ACTIVE)), failed]
+        return effects + self._dispatch(self._queue(task.queue), now)
+
+    def _requeue(
+        self, task: Task, expected: State, now: float, announce: list[Effect] | None = None
+    ) -> list[Effect]:
+        task.state = State.WAITING
+        task.seq = self._allocate()
+        task.worker = None
+        task.updated = now
+        effects: list[Effect] = [
+            Write(Update(replace(task), expected=expected)),
+            *(announce or []),
+            Emit("task queued", task.queue, (task.to_json(),)),
+        ]
+        queue = self._queue(task.queue)
+        self._place(queue, task)
+        return effects + self._dispatch(queue, now)
+
+    def _delete(self, task: Task) -> list[Effect]:
+        effects: list[Effect] = [Write(Delete(task.id))]
+        if task.blobs:
+            effects.append(DeleteBlobs(tuple(task.blobs)))
+        effects.append(Emit("task deleted", task.queue, (task.to_json(),)))
+        return effects
+
+    # -- internals: the window -------------------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = _Queue(name)
+        return queue
+
+    def _forget_if_idle(self, queue: _Queue) -> None:
+        if queue.idle:
+            del self._queues[queue.name]
+
+    def _is_new(self, queue: _Queue, task: Task) -> bool:
+        return not (
+            task.seq in self._adding
+            or task.id in self._waiting
+            or task.id in self._runs
+            or task.id in queue.left_during_load
+        )
+
+    def _place(self, queue: _Queue, task: Task) -> None:
+        if queue.spilled or queue.loading or len(queue.window) >= self.window_size:
+            queue.spilled = True
+            queue.refused_during_load |= queue.loading
+            return
+        if task.id not in self._waiting:
+            self._insert(queue, task)
+
+    def _insert(self, queue: _Queue, task: Task) -> None:
+        self._waiting[task.id] = task
+        if not queue.window or queue.window[-1].seq < task.seq:
+            queue.window.append(task)
+        else:
+            bisect.insort(queue.window, task, key=lambda t: t.seq)
+
+    def _unplace(self, task: Task) -> None:
+        queue = self._queues.get(task.queue)
+        if queue is not None and queue.loading:
+            queue.left_during_load.add(task.id)
+        if self._waiting.pop(task.id, None) is None:
+            return
+        assert queue is not None
+        queue.window.remove(task)
+
+    def _take(self, queue: _Queue, count: int) -> list[Task]:
+        taken, queue.window = queue.window[:count], queue.window[count:]
+        for task in taken:
+            del self._waiting[task.id]
+            if queue.loading:
+                queue.left_during_load.add(task.id)
+        return taken
+
+    def _refill(self, queue: _Queue) -> list[Effect]:
+        if queue.spilled and not queue.loading and len(queue.window) <= self.low_water:
+            queue.loading = True
+            queue.refused_during_load = False
+            return [Load(queue.name, self.window_size)]
+        return []
+
+    def _free_slots(self, worker: _Worker) -> int:
+        return worker.concurrency - len(self._by_worker.get(worker.id, ()))
+
+    def _dispatch(self, queue: _Queue, now: float) -> list[Effect]:
+        """Offer waiting tasks to workers with free slots, round robin, each worker's share
+        in one offer."""
+        effects: list[Effect] = []
+        for worker in list(queue.workers.values()):
+            if not queue.window:
+                break
+            free = self._free_slots(worker)
+            if free <= 0:
+                continue
+            tasks = self._take(queue, free)
+            effects += self._offer(worker, tasks, now)
+            # Round robin: the worker just served goes to the back.
+            queue.workers[worker.id] = queue.workers.pop(worker.id)
+        effects += self._refill(queue)
+        self._forget_if_idle(queue)
+        return effects
+
+    def _offer(self, worker: _Worker, tasks: Iterable[Task], now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        snapshots: list[Task] = []
+        for task in tasks:
+            task.state = State.ACTIVE
+            task.run += 1
+            task.worker = worker.id
+            task.updated = now
+            current = _Run(task, acked=False, deadline=None)
+            self._runs[task.id] = current
+            self._by_worker.setdefault(worker.id, set()).add(task.id)
+            self._arm(current, now)
+            snapshot = replace(task)
+            snapshots.append(snapshot)
+            effects.append(Write(Update(snapshot, expected=State.WAITING)))
+        effects.append(Offer(worker.connection, worker.id, tuple(snapshots)))
+        return effects

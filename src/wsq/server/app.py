@@ -1,0 +1,365 @@
+"""The wsq server: a thin asyncio shell around :class:`wsq.core.engine.Core`.
+
+It owns the state store, the blob store, the WebSocket listener and the timer, and it
+applies the core's effects. The one rule that makes ``kill -9`` safe: nothing the core
+decides is sent to anyone before the store writes it was decided with are durable
+(:meth:`Server.later`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from wsq import protocol
+from wsq.blobs.base import BlobStore
+from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
+from wsq.core.engine import Core
+from wsq.server.connection import Connection
+from wsq.server.logs import log
+from wsq.server.streams import stream_json
+from wsq.storage.base import LoadWaiting, Op, StateStore
+
+_LOG_LEVELS = {"task progress": logging.DEBUG}
+
+
+class Server:
+    """A wsq server. ``async with Server(...) as server:`` or :meth:`start` / :meth:`close`.
+
+    Times are seconds. ``port=0`` picks a free port; :attr:`url` tells which. By default
+    state lives in SQLite at ``data_dir/wsq.db`` and blobs under ``data_dir/blobs``; pass
+    ``state_store`` / ``blob_store`` to use other backends.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] = "./wsq-data",
+        host: str = "127.0.0.1",
+        port: int = 4242,
+        heartbeat_interval: float = 5.0,
+        worker_timeout: float = 1.0,
+        *,
+        state_store: StateStore | None = None,
+        blob_store: BlobStore | None = None,
+        window: int = 1000,
+        max_message_size: int = protocol.MAX_MESSAGE,
+        max_outgoing: int = 64 << 20,
+    ) -> None:
+        if worker_timeout <= 0 or heartbeat_interval <= 0:
+            raise ValueError("worker_timeout and heartbeat_interval must be positive seconds")
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.heartbeat_interval = heartbeat_interval
+        self.worker_timeout = worker_timeout
+        self.max_message_size = max_message_size
+        self.max_outgoing = max_outgoing
+        self.store = state_store or _default_state_store(self.data_dir)
+        self.blobs = blob_store or _default_blob_store(self.data_dir)
+        self.core = Core(worker_timeout=worker_timeout, window=window)
+        self.subscribers: dict[str | None, set[Connection]] = {}
+        self.connections: dict[str, Connection] = {}
+        self.fresh_blobs: set[str] = set()
+        self._ids = itertools.count(1)
+        self._barrier: asyncio.Future[list[Any]] | None = None
+        self._pending: deque[tuple[asyncio.Future[list[Any]] | None, Callable[[], None]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._listener: WsServer | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self.url = ""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the stores, recover, and start listening."""
+        recovery = await self.store.open()
+        await self.blobs.open()
+        self.apply(self.core.recover(recovery, time.time()))
+        self._listener = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            max_size=self.max_message_size * 4 + protocol.CHUNK,
+            ping_interval=self.heartbeat_interval,
+            ping_timeout=self.heartbeat_interval * 3,
+            compression=None,
+            process_request=self._http,
+            server_header=f"wsq/{_version()}",
+        )
+        sock = next(iter(self._listener.sockets))
+        host, port = sock.getsockname()[:2]
+        self.port = port
+        self.url = f"ws://{_url_host(host)}:{port}"
+        self.spawn(self._sweep_orphans(), "wsq-sweep")
+        log(
+            logging.INFO,
+            "listening",
+            f"wsq server listening on {self.url}",
+            data=str(self.data_dir),
+        )
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, and flush the stores. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._listener is not None:
+            self._listener.close(close_connections=True)
+            await self._listener.wait_closed()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._barrier is not None:
+            with contextlib.suppress(Exception):
+                await self._barrier
+        await self.store.close()
+        await self.blobs.close()
+        log(logging.INFO, "stopped", "wsq server stopped")
+
+    async def serve_forever(self) -> None:
+        assert self._listener is not None, "call start() first"
+        await self._listener.serve_forever()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; it is cancelled on close."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def next_id(self) -> str:
+        return f"c{next(self._ids)}"
+
+    # -- applying the core's effects -------------------------------------------------------
+
+    def submit(self, ops: Sequence[Op]) -> asyncio.Future[list[Any]]:
+        """Send ``ops`` to the store; later sends wait for them (see :meth:`later`)."""
+        future = self.store.submit(ops)
+        self._barrier = future
+        future.add_done_callback(self._flush)
+        return future
+
+    def later(self, send: Callable[[], None]) -> None:
+        """Run ``send`` once every store write submitted so far is durable, in order."""
+        barrier = self._barrier
+        if not self._pending and (barrier is None or barrier.done()):
+            send()
+        else:
+            self._pending.append((barrier, send))
+
+    def _flush(self, future: asyncio.Future[list[Any]]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log(logging.ERROR, "store failed", f"State store write failed: {future.exception()}")
+        while self._pending:
+            barrier, send = self._pending[0]
+            if barrier is not None and not barrier.done():
+                return
+            self._pending.popleft()
+            send()
+
+    def apply(self, effects: list[Effect]) -> None:
+        """Apply the core's effects in order, then re-arm the timer."""
+        ops: list[Op] = []
+        loads: list[tuple[int, Load]] = []
+        for effect in effects:
+            if isinstance(effect, Write):
+                ops.append(effect.op)
+            elif isinstance(effect, Load):
+                loads.append((len(ops), effect))
+                ops.append(LoadWaiting(effect.queue, effect.limit))
+        if ops:
+            future = self.submit(ops)
+            if loads:
+                future.add_done_callback(lambda f: self._loaded(f, loads))
+        for effect in effects:
+            self._apply_one(effect)
+        self._rearm()
+
+    def _apply_one(self, effect: Effect) -> None:
+        if isinstance(effect, Emit):
+            self._log_event(effect)
+            self.later(lambda: self._broadcast(effect))
+        elif isinstance(effect, Offer):
+            self.later(lambda: self._send_offer(effect))
+        elif isinstance(effect, Abort):
+            message = protocol.encode(
+                {
+                    "op": "abort",
+                    "worker": effect.worker,
+                    "task": effect.task,
+                    "run": effect.run,
+                    "reason": effect.reason,
+                }
+            )
+            self.later(lambda: self._send_to(effect.connection, message))
+        elif isinstance(effect, DeleteBlobs):
+            self.later(lambda: self._delete_blobs(effect.keys))
+
+    def _loaded(self, future: asyncio.Future[list[Any]], loads: list[tuple[int, Load]]) -> None:
+        if future.cancelled() or future.exception() is not None or self._closing:
+            return
+        results = future.result()
+        for index, load in loads:
+            self.apply(self.core.loaded(load.queue, results[index], load.limit, time.time()))
+
+    def _send_to(self, connection_id: str, message: bytes) -> None:
+        connection = self.connections.get(connection_id)
+        if connection is not None:
+            connection.send_text(message)
+
+    def _send_offer(self, offer: Offer) -> None:
+        connection = self.connections.get(offer.connection)
+        if connection is None:
+            return  # The ack timeout fails these runs.
+        tasks = [
+            {
+                "task": task.to_json(),
+                "run": task.run,
+                "data": msgspec.Raw(task.data),
+                "streams": [stream_json(ref) for ref in task.streams],
+            }
+            for task in offer.tasks
+        ]
+        connection.send_text(
+            protocol.encode({"op": "offer", "worker": offer.worker, "tasks": tasks})
+        )
+
+    def _broadcast(self, emit: Emit) -> None:
+        everyone = self.subscribers.get(None, set())
+        this_queue = self.subscribers.get(emit.queue, set())
+        targets = everyone | this_queue if this_queue else everyone
+        if not targets:
+            return
+        message = protocol.encode({"op": "event", "event": emit.event, "args": list(emit.args)})
+        for connection in targets:
+            connection.send_text(message)
+
+    def _log_event(self, emit: Emit) -> None:
+        level = _LOG_LEVELS.get(emit.event, logging.INFO)
+        first = emit.args[0] if emit.args else {}
+        if emit.event.startswith("worker"):
+            fields: dict[str, Any] = {"worker": first.get("id"), "queue": emit.queue}
+            if len(emit.args) > 1:
+                fields["task"] = emit.args[1].get("id")
+        else:
+            fields = {"task": first.get("id"), "queue": emit.queue}
+            if emit.event == "task failed":
+                fields["error"] = first.get("error")
+                fields["will_retry"] = emit.args[1]
+        log(level, emit.event, **fields)
+
+    def _delete_blobs(self, keys: Sequence[str]) -> None:
+        self.spawn(self.blobs.delete(keys), "wsq-delete-blobs")
+
+    # -- timer -----------------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and not self._closing:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - time.time())
+            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.apply(self.core.tick(time.time()))
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        connection = Connection(self, websocket, self.next_id())
+        self.connections[connection.id] = connection
+        try:
+            await connection.run()
+        finally:
+            del self.connections[connection.id]
+            await connection.cleanup()
+
+    def subscribe(self, connection: Connection, queue: str | None) -> None:
+        self.subscribers.setdefault(queue, set()).add(connection)
+
+    def unsubscribe(self, connection: Connection, queue: str | None) -> None:
+        subscribers = self.subscribers.get(queue)
+        if subscribers is not None:
+            subscribers.discard(connection)
+            if not subscribers:
+                del self.subscribers[queue]
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        if request.path == "/health":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
+
+    async def _sweep_orphans(self) -> None:
+        """Delete blobs no task references, left by a crash between upload and insert."""
+        referenced = await self.store.blob_keys()
+        listing = self.blobs.keys()
+        orphans = [k async for k in listing if k not in referenced and k not in self.fresh_blobs]
+        if orphans:
+            # Keys made since the listing began may have been claimed meanwhile.
+            referenced = await self.store.blob_keys()
+            orphans = [k for k in orphans if k not in referenced and k not in self.fresh_blobs]
+            await self.blobs.delete(orphans)
+            log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
+
+
+def _default_state_store(data_dir: Path) -> StateStore:
+    from wsq.storage.sqlite import SqliteStateStore
+
+    return SqliteStateStore(data_dir / "wsq.db")
+
+
+def _default_blob_store(data_dir: Path) -> BlobStore:
+    from wsq.blobs.files import FileBlobStore
+
+    return FileBlobStore(data_dir / "blobs")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _version() -> str:
+    from wsq import __version__
+
+    return __version__

@@ -1,0 +1,619 @@
+"""One client connection: decode its messages, route them, answer, and send in batches.
+
+The read loop never waits on the store or the blob store: requests that need either run
+as their own tasks, and answers that depend on a write go out only after it is durable
+(:meth:`Server.later`). Outgoing messages queue here and leave in batches, several text
+messages per frame (docs/protocol.md §2); a client that lets more than ``max_outgoing``
+bytes pile up is disconnected rather than allowed to grow the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from wsq import protocol as p
+from wsq.blobs.base import BlobReader
+from wsq.core.task import Options, State, StreamRef, Task
+from wsq.exceptions import (
+    InvalidArgument,
+    ProtocolError,
+    TaskNotFound,
+    WsqError,
+)
+from wsq.server.logs import log
+from wsq.server.streams import Download, InlineReader, Upload, stream_json
+from wsq.storage.base import Insert
+
+if TYPE_CHECKING:
+    from wsq.server.app import Server
+
+HELLO_TIMEOUT = 10.0
+_FRAME_BYTES = 1 << 20
+
+
+class Connection:
+    def __init__(self, server: Server, websocket: ServerConnection, connection_id: str) -> None:
+        self.server = server
+        self.ws = websocket
+        self.id = connection_id
+        self._out: deque[tuple[bool, bytes]] = deque()
+        self._out_bytes = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._uploads: dict[int, Upload] = {}
+        self._downloads: dict[int, Download] = {}
+        self._unclaimed: set[str] = set()
+        self._subscriptions: set[str | None] = set()
+        self._requests: set[asyncio.Task[Any]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            p.Hello: self._on_hello,
+            p.Add: self._on_add,
+            p.ListTasks: self._on_list,
+            p.Queues: self._on_queues,
+            p.Get: self._on_get,
+            p.Remove: self._on_remove,
+            p.Retry: self._on_retry,
+            p.Subscribe: self._on_subscribe,
+            p.Unsubscribe: self._on_unsubscribe,
+            p.Work: self._on_work,
+            p.StopWork: self._on_stop,
+            p.Ack: self._on_ack,
+            p.Progress: self._on_progress,
+            p.Touch: self._on_touch,
+            p.Complete: self._on_complete,
+            p.Fail: self._on_fail,
+            p.Upload: self._on_upload,
+            p.UploadEnd: self._on_upload_end,
+            p.UploadAbort: self._on_upload_abort,
+            p.Download: self._on_download,
+            p.Credit: self._on_credit,
+            p.Cancel: self._on_cancel,
+        }
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Greet, then read until the connection ends (§4.1)."""
+        if not await self._greet():
+            return
+        self._writer = asyncio.create_task(self._write_loop(), name=f"wsq-writer-{self.id}")
+        try:
+            async for frame in self.ws:
+                if isinstance(frame, str):
+                    self._receive_text(frame)
+                else:
+                    self._receive_binary(frame)
+        except ConnectionClosed:
+            pass
+
+    async def cleanup(self) -> None:
+        """Undo everything this connection held: workers, subscriptions, streams."""
+        self._closing = True
+        for request in list(self._requests):
+            request.cancel()
+        await asyncio.gather(*self._requests, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        for worker_id in self.server.core.workers_of(self.id):
+            self.server.apply(self.server.core.remove_worker(worker_id))
+        for queue in list(self._subscriptions):
+            self.server.unsubscribe(self, queue)
+        for upload in self._uploads.values():
+            await upload.close()
+        for download in self._downloads.values():
+            await download.close()
+        if self._unclaimed:
+            await self.server.blobs.delete(self._unclaimed)
+        log(logging.INFO, "disconnect", connection=self.id)
+
+    async def _greet(self) -> bool:
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), HELLO_TIMEOUT)
+        except (TimeoutError, ConnectionClosed):
+            return False
+        try:
+            hello = p.decode_one(frame)
+        except p.BadMessage as exc:
+            return await self._refuse("bad_message", f"Expected hello: {exc}", exc.request_id)
+        if not isinstance(hello, p.Hello):
+            request_id = getattr(hello, "id", None)
+            return await self._refuse("bad_message", "The first message must be hello.", request_id)
+        if hello.protocol != p.PROTOCOL_VERSION:
+            message = f"Protocol {hello.protocol} is not supported; this server speaks 1."
+            return await self._refuse("unsupported_protocol", message)
+        welcome = p.welcome(self.id, f"wsq/{_version()}", self.server.heartbeat_interval)
+        await self.ws.send(welcome, text=True)
+        log(
+            logging.INFO,
+            "connect",
+            f"connection from {_peer(self.ws)} ({hello.client or 'unknown client'})",
+            connection=self.id,
+        )
+        return True
+
+    async def _refuse(self, code: str, message: str, request_id: int | None = None) -> bool:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(p.error(request_id, code, message), text=True)
+            await self.ws.close(1002, message[:120])
+        return False
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    def send_text(self, message: bytes) -> None:
+        self._enqueue(True, message)
+
+    def send_binary(self, frame: bytes) -> None:
+        self._enqueue(False, frame)
+
+    def _enqueue(self, text: bool, data: bytes) -> None:
+        if self._closing:
+            return
+        self._out.append((text, data))
+        self._out_bytes += len(data)
+        self._wake.set()
+        if self._out_bytes > self.server.max_outgoing:
+            self._closing = True
+            log(
+                logging.WARNING,
+                "slow consumer",
+                "dropping a client that does not read",
+                connection=self.id,
+            )
+            self.server.spawn(self.ws.close(1008, "Slow consumer"), f"wsq-drop-{self.id}")
+
+    async def _write_loop(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                while not self._out:
+                    self._wake.clear()
+                    await self._wake.wait()
+                text, data = self._out[0]
+                if text:
+                    frame = self._take_text()
+                else:
+                    self._out.popleft()
+                    self._out_bytes -= len(data)
+                    frame = data
+                await self.ws.send(frame, text=text)
+
+    def _take_text(self) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while self._out and self._out[0][0] and size < _FRAME_BYTES:
+            data = self._out.popleft()[1]
+            parts.append(data)
+            size += len(data)
+        self._out_bytes -= size
+        return p.join_frame(parts)
+
+    def answer(self, request_id: int | None, value: Any = None) -> None:
+        """Answer once every write made so far is durable."""
+        if request_id is not None:
+            message = p.result(request_id, value)
+            self.server.later(lambda: self.send_text(message))
+
+    def answer_now(self, request_id: int | None, value: Any = None) -> None:
+        if request_id is not None:
+            self.send_text(p.result(request_id, value))
+
+    def send_error(self, request_id: int | None, exc: WsqError) -> None:
+        self.send_text(p.error(request_id, exc.code, str(exc)))
+
+    # -- incoming --------------------------------------------------------------------------
+
+    def _receive_text(self, frame: str) -> None:
+        size = len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
+        if size > self.server.max_message_size:
+            found = p.probe_id(frame)
+            limit = self.server.max_message_size
+            text = f"Message of {size} bytes exceeds the limit of {limit}; use a stream."
+            self.send_text(p.error(found, "too_large", text))
+            return
+        try:
+            messages = p.decode_frame(frame)
+        except Exception as exc:  # the decoder must never take the connection down
+            log(logging.ERROR, "internal error", f"decoding a frame: {exc!r}", connection=self.id)
+            self.send_text(p.error(None, "internal", "Internal server error."))
+            return
+        for message in messages:
+            if isinstance(message, p.BadMessage):
+                self.send_text(p.error(message.request_id, "bad_message", str(message)))
+            else:
+                self._dispatch(message)
+
+    def _dispatch(self, message: Any) -> None:
+        request_id = getattr(message, "id", None)
+        try:
+            self._handlers[type(message)](message)
+        except WsqError as exc:
+            self.send_error(request_id, exc)
+        except Exception as exc:
+            log(
+                logging.ERROR,
+                "internal error",
+                f"{type(message).__name__}: {exc!r}",
+                connection=self.id,
+            )
+            self.send_text(p.error(request_id, "internal", "Internal server error."))
+
+    def _receive_binary(self, frame: bytes) -> None:
+        try:
+            stream, payload = p.unpack_chunk(frame)
+        except ValueError as exc:
+            self.send_error(None, ProtocolError(str(exc)))
+            return
+        upload = self._uploads.get(stream)
+        if upload is None:
+            return  # §8.2: chunks for a stream that is not open are discarded.
+        try:
+            upload.receive(payload)
+        except ProtocolError as exc:
+            self.send_error(None, exc)
+
+    def _spawn(self, request_id: int | None, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a request that must wait on I/O; its result (or error) is the answer."""
+
+        async def run() -> None:
+            try:
+                value = await coro
+                if value is not _NO_ANSWER:
+                    self.answer_now(request_id, value)
+            except WsqError as exc:
+                self.send_error(request_id, exc)
+            except Exception as exc:
+                log(logging.ERROR, "internal error", repr(exc), connection=self.id)
+                self.send_text(p.error(request_id, "internal", "Internal server error."))
+
+        task = asyncio.create_task(run(), name=f"wsq-request-{self.id}-{request_id}")
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    # -- handlers: tasks -------------------------------------------------------------------
+
+    def _on_hello(self, message: p.Hello) -> None:
+        raise ProtocolError("Already greeted: hello is only the first message.")
+
+    def _on_add(self, message: p.Add) -> None:
+        options = _options(message.options)
+        _check_stream_paths(message)
+        uploads = [s.upload for s in message.streams if s.upload is not None]
+        if len(set(uploads)) != len(uploads):
+            raise InvalidArgument("An upload can hold only one stream of the data.")
+        missing = [stream for stream in uploads if stream not in self._uploads]
+        if missing:
+            raise InvalidArgument(f"Stream {missing[0]} is not an open upload.")
+        pending = [self._uploads.pop(stream) for stream in uploads]
+        if pending:
+            self._spawn(message.id, self._add_after_uploads(message, options, pending))
+        else:
+            self._insert(message, options, {})
+
+    async def _add_after_uploads(
+        self, message: p.Add, options: Options, pending: list[Upload]
+    ) -> Any:
+        results = await asyncio.gather(*(u.done for u in pending), return_exceptions=True)
+        done = {u.stream: r for u, r in zip(pending, results, strict=True)}
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self.server.blobs.delete([r[0] for r in results if isinstance(r, tuple)])
+            self._unclaimed.difference_update(r[0] for r in results if isinstance(r, tuple))
+            raise failed[0]
+        self._insert(message, options, done)  # type: ignore[arg-type]
+        return _NO_ANSWER
+
+    def _insert(
+        self, message: p.Add, options: Options, uploads: dict[int, tuple[str, int]]
+    ) -> None:
+        now = time.time()
+        refs = tuple(_stream_ref(s, uploads) for s in message.streams)
+        task = Task(
+            id=message.task or uuid.uuid4().hex,
+            queue=message.queue,
+            state=State.WAITING,
+            seq=self.server.core.allocate_seq(),
+            data=bytes(message.data),
+            streams=refs,
+            options=options,
+            created=now,
+            updated=now,
+        )
+        keys = set(task.blobs)
+        self._unclaimed -= keys
+        future = self.server.submit([Insert(task)])
+        future.add_done_callback(lambda f: self._inserted(f, message.id, task, keys))
+
+    def _inserted(
+        self, future: asyncio.Future[list[Any]], request_id: int, task: Task, keys: set[str]
+    ) -> None:
+        error = None if future.cancelled() else future.exception()
+        failed = future.cancelled() or error is not None
+        if failed or not future.result()[0]:
+            self.server.core.abandon_seq(task.seq)
+            self.server.spawn(self.server.blobs.delete(keys), "wsq-delete-blobs")
+            if failed:
+                self.send_text(
+                    p.error(request_id, "internal", f"Could not store the task: {error}")
+                )
+            else:
+                self._spawn(request_id, self._existing(task))
+            return
+        self.server.apply(self.server.core.add(task, time.time()))
+        self.answer(request_id, task.to_json())
+
+    async def _existing(self, task: Task) -> Any:
+        """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
+        stored = self.server.core.lookup(task.id) or await self.server.store.get(task.id)
+        if stored is None or stored.queue != task.queue:
+            raise InvalidArgument(f"Task id {task.id} is already in use.")
+        return stored.to_json()
+
+    def _on_list(self, message: p.ListTasks) -> None:
+        self._spawn(message.id, self._list(message))
+
+    async def _list(self, message: p.ListTasks) -> Any:
+        after = int(message.cursor) if message.cursor is not None else None
+        state = State(message.state) if message.state else None
+        tasks = await self.server.store.list(
+            queue=message.queue, state=state, limit=message.limit, after=after
+        )
+        cursor = str(tasks[-1].seq) if len(tasks) == message.limit else None
+        return {"tasks": [self._fresh(t).to_json() for t in tasks], "cursor": cursor}
+
+    def _fresh(self, task: Task) -> Task:
+        """The core's copy of a task when it holds one (its progress may be newer)."""
+        held = self.server.core.lookup(task.id)
+        return held if held is not None and held.state == task.state else task
+
+    def _on_queues(self, message: p.Queues) -> None:
+        self._spawn(message.id, self._queues())
+
+    async def _queues(self) -> Any:
+        names = set(await self.server.store.queues())
+        names.update(self.server.core.queue_names())
+        return {"queues": sorted(names)}
+
+    async def _find(self, task_id: str) -> Task:
+        task = self.server.core.lookup(task_id) or await self.server.store.get(task_id)
+        if task is None:
+            raise TaskNotFound(f"No task with id {task_id}.")
+        return task
+
+    def _on_get(self, message: p.Get) -> None:
+        self._spawn(message.id, self._get(message.task))
+
+    async def _get(self, task_id: str) -> Any:
+        task = await self._find(task_id)
+        return {
+            "task": task.to_json(),
+            "data": msgspec.Raw(task.data),
+            "streams": [stream_json(ref) for ref in task.streams],
+        }
+
+    def _on_remove(self, message: p.Remove) -> None:
+        self._spawn(message.id, self._remove(message.task))
+
+    async def _remove(self, task_id: str) -> Any:
+        held = self.server.core.lookup(task_id)
+        stored = None if held else await self.server.store.get(task_id)
+        if held is None and stored is None:
+            raise TaskNotFound(f"No task with id {task_id}.")
+        self.server.apply(self.server.core.remove(task_id, stored, time.time()))
+        await self._durable()
+        return None
+
+    def _on_retry(self, message: p.Retry) -> None:
+        self._spawn(message.id, self._retry(message.task))
+
+    async def _retry(self, task_id: str) -> Any:
+        task = await self._find(task_id)
+        self.server.apply(self.server.core.retry(task, time.time()))
+        await self._durable()
+        return task.to_json()
+
+    async def _durable(self) -> None:
+        """Wait until every write made so far is durable (and sent in order before us)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def release() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.server.later(release)
+        await done
+
+    # -- handlers: listeners and workers ---------------------------------------------------
+
+    def _on_subscribe(self, message: p.Subscribe) -> None:
+        self._subscriptions.add(message.queue)
+        self.server.subscribe(self, message.queue)
+        self.answer_now(message.id)
+
+    def _on_unsubscribe(self, message: p.Unsubscribe) -> None:
+        self._subscriptions.discard(message.queue)
+        self.server.unsubscribe(self, message.queue)
+        self.answer_now(message.id)
+
+    def _on_work(self, message: p.Work) -> None:
+        worker_id = message.worker or uuid.uuid4().hex
+        core = self.server.core
+        effects = core.add_worker(
+            self.id, worker_id, message.queue, message.concurrency, time.time()
+        )
+        self.answer(message.id, {"worker": worker_id})
+        self.server.apply(effects)
+
+    def _on_stop(self, message: p.StopWork) -> None:
+        if message.worker not in self.server.core.workers_of(self.id):
+            raise InvalidArgument(f"Worker {message.worker} is not registered on this connection.")
+        self.server.apply(self.server.core.remove_worker(message.worker))
+        self.answer(message.id)
+
+    def _on_ack(self, message: p.Ack) -> None:
+        now = time.time()
+        core = self.server.core
+        for ref in message.runs:
+            with contextlib.suppress(WsqError):
+                self.server.apply(core.ack(ref.task, ref.run, now))
+        self.answer(message.id)
+
+    def _on_progress(self, message: p.Progress) -> None:
+        core = self.server.core
+        self.server.apply(core.progress(message.task, message.run, message.progress, time.time()))
+        self.answer(message.id)
+
+    def _on_touch(self, message: p.Touch) -> None:
+        self.server.apply(self.server.core.touch(message.task, message.run, time.time()))
+        self.answer(message.id)
+
+    def _on_complete(self, message: p.Complete) -> None:
+        self.server.apply(self.server.core.complete(message.task, message.run, time.time()))
+        self.answer(message.id)
+
+    def _on_fail(self, message: p.Fail) -> None:
+        core = self.server.core
+        self.server.apply(core.fail(message.task, message.run, message.error, time.time()))
+        self.answer(message.id)
+
+    # -- handlers: streams (§8) ------------------------------------------------------------
+
+    def _on_upload(self, message: p.Upload) -> None:
+        if message.stream in self._uploads or message.stream in self._downloads:
+            raise InvalidArgument(f"Stream {message.stream} is already open.")
+        upload = Upload(message.stream, self.server.blobs, p.WINDOW, self.send_text)
+        upload.done.add_done_callback(self._uploaded)
+        self._uploads[message.stream] = upload
+
+    def _uploaded(self, future: asyncio.Future[tuple[str, int]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            key = future.result()[0]
+            self._unclaimed.add(key)
+            self.server.fresh_blobs.add(key)
+
+    def _on_upload_end(self, message: p.UploadEnd) -> None:
+        upload = self._uploads.get(message.stream)
+        if upload is None:
+            raise InvalidArgument(f"Stream {message.stream} is not an open upload.")
+        upload.end()
+
+    def _on_upload_abort(self, message: p.UploadAbort) -> None:
+        upload = self._uploads.pop(message.stream, None)
+        if upload is None:
+            return
+        upload.abort(message.error or "Aborted by the client.")
+        upload.done.add_done_callback(self._discard_upload)
+
+    def _discard_upload(self, future: asyncio.Future[tuple[str, int]]) -> None:
+        """An upload the client gave up on after it was stored: no task will claim it."""
+        if not future.cancelled() and future.exception() is None:
+            key = future.result()[0]
+            self._unclaimed.discard(key)
+            self.server.spawn(self.server.blobs.delete([key]), "wsq-delete-blobs")
+
+    def _on_download(self, message: p.Download) -> None:
+        if message.stream in self._downloads or message.stream in self._uploads:
+            raise InvalidArgument(f"Stream {message.stream} is already open.")
+
+        async def source() -> BlobReader:
+            task = await self._find(message.task)
+            if message.index >= len(task.streams):
+                raise InvalidArgument(f"Task {task.id} has no stream {message.index}.")
+            ref = task.streams[message.index]
+            if message.offset > ref.size:
+                raise InvalidArgument(f"Offset {message.offset} is past the end ({ref.size}).")
+            if ref.inline is not None:
+                return InlineReader(ref.inline, message.offset)
+            assert ref.blob is not None
+            return await self.server.blobs.reader(ref.blob, message.offset)
+
+        download = Download(
+            message.stream, source, p.WINDOW, p.CHUNK, self.send_text, self.send_binary
+        )
+        self._downloads[message.stream] = download
+        download.finished.add_done_callback(lambda _: self._downloads.pop(message.stream, None))
+
+    def _on_credit(self, message: p.Credit) -> None:
+        download = self._downloads.get(message.stream)
+        if download is not None:
+            download.grant(message.bytes)
+
+    def _on_cancel(self, message: p.Cancel) -> None:
+        download = self._downloads.pop(message.stream, None)
+        if download is not None:
+            self.server.spawn(download.close(), f"wsq-cancel-{self.id}")
+
+
+class _NoAnswer:
+    """Returned by a spawned request that answers by itself."""
+
+
+_NO_ANSWER = _NoAnswer()
+
+
+def _options(options: p.OptionsIn) -> Options:
+    timeout = options.timeout
+    if not math.isfinite(timeout) or (timeout < 0 and timeout != -1):
+        raise InvalidArgument(f"timeout must be -1 or a number of seconds >= 0, not {timeout}.")
+    return Options(timeout=timeout, retries=options.retries, autoremove=options.autoremove)
+
+
+def _check_stream_paths(message: p.Add) -> None:
+    if not message.streams:
+        return
+    try:
+        data = msgspec.json.decode(message.data)
+    except RecursionError:
+        raise InvalidArgument("Task data nested too deeply.") from None
+    paths = [tuple(stream.path) for stream in message.streams]
+    prefixes = {path[:n] for path in paths for n in range(len(path))}
+    if len(set(paths)) != len(paths):
+        raise InvalidArgument("Two streams have the same path.")
+    for stream, path in zip(message.streams, paths, strict=True):
+        if (stream.upload is None) == (stream.inline is None):
+            raise InvalidArgument("A stream has exactly one of upload and inline.")
+        if path in prefixes:
+            raise InvalidArgument(f"Stream path {list(path)} holds another stream inside it.")
+        if not _resolves(data, path):
+            raise InvalidArgument(f"Stream path {list(path)} does not name a value in the data.")
+
+
+def _resolves(data: Any, path: tuple[Any, ...]) -> bool:
+    for key in path:
+        in_dict = isinstance(key, str) and isinstance(data, dict) and key in data
+        in_list = isinstance(key, int) and isinstance(data, list) and key < len(data)
+        if not (in_dict or in_list):
+            return False
+        data = data[key]
+    return True
+
+
+def _stream_ref(stream: p.StreamIn, uploads: dict[int, tuple[str, int]]) -> StreamRef:
+    if stream.inline is not None:
+        return StreamRef(tuple(stream.path), len(stream.inline), inline=stream.inline)
+    assert stream.upload is not None
+    key, size = uploads[stream.upload]
+    return StreamRef(tuple(stream.path), size, blob=key)
+
+
+def _peer(websocket: ServerConnection) -> str:
+    address = websocket.remote_address
+    return f"{address[0]}:{address[1]}" if address else "unknown"
+
+
+def _version() -> str:
+    from wsq import __version__
+
+    return __version__

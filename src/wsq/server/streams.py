@@ -1,0 +1,188 @@
+"""Stream transfers on one connection: uploads into the blob store and downloads out of it,
+each with credit-based flow control (docs/protocol.md §8).
+
+An upload never holds more than the announced window in memory: the client may only send
+bytes it has credit for, and credit comes back as chunks reach the blob store. A download
+only reads from the blob store what the client has granted credit for. Neither ever blocks
+the connection's read loop, so one slow stream cannot stall the rest of its traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from wsq import protocol
+from wsq.blobs.base import BlobReader, BlobStore, BlobWriter
+from wsq.core.task import StreamRef
+from wsq.exceptions import ProtocolError, UploadFailed
+
+SendText = Callable[[bytes], None]
+SendBinary = Callable[[bytes], None]
+
+
+class Upload:
+    """One stream the client is sending. :attr:`done` resolves to ``(key, size)`` once the
+    blob is durable, or raises :class:`UploadFailed`."""
+
+    def __init__(self, stream: int, blobs: BlobStore, window: int, send: SendText) -> None:
+        self.stream = stream
+        self._blobs = blobs
+        self._window = window
+        self._send = send
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._ended = False
+        self._failed: str | None = None
+        self._wake = asyncio.Event()
+        self.done: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        # The caller that awaits ``done`` reports failures; don't warn if none does.
+        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._task = asyncio.create_task(self._pump(), name=f"wsq-upload-{stream}")
+
+    def receive(self, payload: memoryview) -> None:
+        """A chunk arrived. Raise ProtocolError if it exceeds the credit granted."""
+        if self._ended or self._failed:
+            return
+        self._buffered += len(payload)
+        if self._buffered > self._window:
+            self.abort("Upload exceeded its flow-control window.")
+            raise ProtocolError(f"Stream {self.stream} sent more than its credit.")
+        self._chunks.append(bytes(payload))
+        self._wake.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._wake.set()
+
+    def abort(self, reason: str) -> None:
+        if self._failed is None and not self.done.done():
+            self._failed = reason
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Stop, discarding the blob unless it was committed."""
+        self.abort("Connection closed.")
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+    async def _pump(self) -> None:
+        writer: BlobWriter | None = None
+        try:
+            writer = await self._blobs.create()
+            size = await self._copy(writer)
+            self.done.set_result((writer.key, size))
+        except Exception as exc:
+            if writer is not None:
+                await writer.abort()
+            reason = self._failed or f"Could not store stream {self.stream}: {exc}"
+            self.done.set_exception(UploadFailed(reason))
+
+    async def _copy(self, writer: BlobWriter) -> int:
+        while True:
+            while not self._chunks and not self._ended and not self._failed:
+                self._wake.clear()
+                await self._wake.wait()
+            if self._failed:
+                raise UploadFailed(self._failed)
+            if not self._chunks:
+                return await writer.commit()
+            chunk = self._chunks.popleft()
+            await writer.write(chunk)
+            self._buffered -= len(chunk)
+            self._send(
+                protocol.encode({"op": "credit", "stream": self.stream, "bytes": len(chunk)})
+            )
+
+
+class Download:
+    """One stream the server is sending; runs until the end, an error, or cancel."""
+
+    def __init__(
+        self,
+        stream: int,
+        source: Callable[[], Any],
+        window: int,
+        chunk: int,
+        send_text: SendText,
+        send_binary: SendBinary,
+    ) -> None:
+        self.stream = stream
+        self._credit = window
+        self._chunk = chunk
+        self._send_text = send_text
+        self._send_binary = send_binary
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(source), name=f"wsq-download-{stream}")
+        self.finished: asyncio.Future[None] = self._task
+
+    def grant(self, count: int) -> None:
+        self._credit += count
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+    async def _run(self, source: Callable[[], Any]) -> None:
+        try:
+            reader: BlobReader = await source()
+        except Exception as exc:
+            code = getattr(exc, "code", "not_found")
+            self._send_error(code, str(exc) or "Stream not found.")
+            return
+        try:
+            total = await self._copy(reader)
+        except Exception as exc:
+            self._send_error("internal", f"Reading stream failed: {exc}")
+            return
+        finally:
+            await reader.close()
+        self._send_text(protocol.encode({"op": "end", "stream": self.stream, "size": total}))
+
+    async def _copy(self, reader: BlobReader) -> int:
+        total = 0
+        while True:
+            while self._credit <= 0:
+                self._wake.clear()
+                await self._wake.wait()
+            data = await reader.read(min(self._chunk, self._credit))
+            if not data:
+                return total
+            self._credit -= len(data)
+            total += len(data)
+            self._send_binary(protocol.pack_chunk(self.stream, data))
+
+    def _send_error(self, code: str, message: str) -> None:
+        self._send_text(
+            protocol.encode(
+                {"op": "stream_error", "stream": self.stream, "code": code, "message": message}
+            )
+        )
+
+
+class InlineReader(BlobReader):
+    """A :class:`BlobReader` over bytes kept inline in the task record."""
+
+    def __init__(self, data: bytes, offset: int) -> None:
+        self._view = memoryview(data)[offset:]
+        self.size = len(data)
+
+    async def read(self, n: int) -> bytes:
+        part, self._view = self._view[:n], self._view[n:]
+        return bytes(part)
+
+    async def close(self) -> None:
+        self._view = memoryview(b"")
+
+
+def stream_json(ref: StreamRef) -> dict[str, Any]:
+    """A stream as workers and readers see it: where, how big, and inline bytes if any."""
+    out: dict[str, Any] = {"path": list(ref.path), "size": ref.size}
+    if ref.inline is not None:
+        out["inline"] = ref.inline
+    return out

@@ -1,0 +1,121 @@
+"""The state store interface: where tasks live (docs/architecture.md).
+
+The queue core decides; a state store remembers. Writes go through :meth:`StateStore.submit`,
+one ordered pipe whose batches are group-committed: the returned future resolves only once
+every op in it is durable (committed and synced), and ops submitted later never become
+visible before ops submitted earlier. :class:`LoadWaiting` travels the same pipe so that it
+sees every write submitted before it. Reads that need no ordering (:meth:`get`,
+:meth:`list`, :meth:`queues`) see committed data and run off the event loop.
+
+Backends: :mod:`wsq.storage.memory` (tests, ephemeral servers) and
+:mod:`wsq.storage.sqlite` (the embedded default). One contract suite
+(``tests/contract/test_state_store.py``) runs against every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsq.core.task import State, Task
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """Insert a new task (and record its blobs). Result: ``True``, or ``False`` if a task
+    with that id already exists (nothing is written then)."""
+
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """Overwrite the task's mutable fields (state, seq, progress, retries, error, run,
+    worker, updated) if its stored state is ``expected``. Result: whether it applied."""
+
+    task: Task
+    expected: State
+
+
+@dataclass(frozen=True, slots=True)
+class SetProgress:
+    """Set ``progress`` and ``updated`` of an active task. Result: whether it applied."""
+
+    task_id: str
+    progress: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete the task and its blob records. Result: whether a task was deleted."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadWaiting:
+    """Read the first ``limit`` waiting tasks of ``queue`` in ``seq`` order, as of this
+    point in the pipe. Result: ``list[Task]``."""
+
+    queue: str
+    limit: int
+
+
+Op = Insert | Update | SetProgress | Delete | LoadWaiting
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What the server needs from the store to start: the next free ``seq``, every active
+    task, and the names of queues that hold waiting tasks."""
+
+    next_seq: int = 1
+    active: list[Task] = field(default_factory=list)
+    waiting_queues: list[str] = field(default_factory=list)
+
+
+class StateStore(ABC):
+    """A durable home for tasks. Methods are called from the event loop only."""
+
+    @abstractmethod
+    async def open(self) -> Recovery:
+        """Open (creating or migrating as needed) and return what a starting server needs."""
+
+    @abstractmethod
+    def submit(self, ops: Sequence[Op]) -> asyncio.Future[list[Any]]:
+        """Queue ``ops`` for the next group commit and return a future of their results,
+        one per op in order. The future resolves after the commit is durable; it raises
+        if the commit failed (then none of the batch's ops applied)."""
+
+    @abstractmethod
+    async def get(self, task_id: str) -> Task | None:
+        """The committed task with this id, or ``None``."""
+
+    @abstractmethod
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        state: State | None = None,
+        limit: int = 1000,
+        after: int | None = None,
+    ) -> builtins.list[Task]:
+        """Committed tasks in ``seq`` order, filtered by ``queue`` and ``state`` when given,
+        starting after ``seq == after`` (a cursor), at most ``limit`` of them."""
+
+    @abstractmethod
+    async def queues(self) -> builtins.list[str]:
+        """Names of queues that hold at least one task, sorted."""
+
+    @abstractmethod
+    async def blob_keys(self) -> set[str]:
+        """Every blob key that a stored task references (for the orphan sweep)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish pending commits and release resources. Idempotent."""

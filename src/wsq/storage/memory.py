@@ -1,0 +1,242 @@
+"""An in-memory :class:`~wsq.storage.base.StateStore`, for tests and ephemeral servers.
+
+It keeps the SQLite backend's semantics (the contract suite runs against both), minus
+durability: ops apply at :meth:`MemoryStateStore.submit` time, in call order, and the
+returned future resolves on the next turn of the event loop. The data lives as long as
+the object, so :meth:`~MemoryStateStore.close` followed by
+:meth:`~MemoryStateStore.open` recovers what was stored, like a restart would.
+
+Tasks are copied on the way in and on the way out, so a caller mutating a :class:`Task`
+it passed or received never changes what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import builtins
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from wsq.core.task import State, Task
+from wsq.exceptions import ServerError
+from wsq.storage.base import (
+    Delete,
+    Insert,
+    LoadWaiting,
+    Op,
+    Recovery,
+    SetProgress,
+    StateStore,
+    Update,
+)
+
+# (seq, id): the sort key of the ordered indexes. The id breaks ties between equal seqs.
+_Key = tuple[int, str]
+
+
+def _key(task: Task) -> _Key:
+    return (task.seq, task.id)
+
+
+def _seq(key: _Key) -> int:
+    return key[0]
+
+
+def _copy(task: Task) -> Task:
+    return dataclasses.replace(task)
+
+
+def _settle(future: asyncio.Future[builtins.list[Any]], outcome: Any) -> None:
+    if future.done():  # cancelled by the caller: nobody is waiting for the outcome
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class MemoryStateStore(StateStore):
+    """A :class:`StateStore` held in dicts and sorted lists. Not thread-safe: call it from
+    the event loop only, like every store.
+
+    :meth:`submit` before :meth:`open` or after :meth:`close` returns a future failed with
+    :class:`~wsq.exceptions.ServerError`; so do the reads.
+    """
+
+    def __init__(self) -> None:
+        self._open = False
+        self._tasks: dict[str, Task] = {}
+        self._order: builtins.list[_Key] = []  # every task, by seq
+        self._waiting: dict[str, builtins.list[_Key]] = {}  # waiting tasks per queue, by seq
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> Recovery:
+        """Start accepting calls; return what is stored, as a restart would find it.
+        Raises ServerError if already open."""
+        if self._open:
+            raise ServerError("The state store is already open.")
+        self._open = True
+        active = sorted((t for t in self._tasks.values() if t.state == State.ACTIVE), key=_key)
+        return Recovery(
+            next_seq=max((t.seq for t in self._tasks.values()), default=0) + 1,
+            active=[_copy(t) for t in active],
+            waiting_queues=sorted(q for q, keys in self._waiting.items() if keys),
+        )
+
+    async def close(self) -> None:
+        """Stop accepting calls. The data stays for a later :meth:`open`. Idempotent."""
+        self._open = False
+
+    # -- the ordered pipe ------------------------------------------------------------------
+
+    def submit(self, ops: Sequence[Op]) -> asyncio.Future[builtins.list[Any]]:
+        """Apply ``ops`` now, all or none, and return a future of their results that
+        resolves on the next loop turn. Must be called with the event loop running."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[builtins.list[Any]] = loop.create_future()
+        outcome: builtins.list[Any] | BaseException
+        if not self._open:
+            outcome = ServerError("The state store is closed.")
+        else:
+            outcome = self._apply_all(ops)
+        loop.call_soon(_settle, future, outcome)
+        return future
+
+    def _apply_all(self, ops: Sequence[Op]) -> builtins.list[Any] | Exception:
+        """Results of ``ops``, or the exception that stopped them (then undo them all)."""
+        journal: builtins.list[tuple[str, Task | None]] = []
+        try:
+            return [self._apply(op, journal) for op in ops]
+        except Exception as exc:
+            for task_id, previous in reversed(journal):
+                self._restore(task_id, previous)
+            return exc
+
+    def _apply(self, op: Op, journal: builtins.list[tuple[str, Task | None]]) -> Any:
+        if isinstance(op, LoadWaiting):
+            return self._load_waiting(op.queue, op.limit)
+        if isinstance(op, Insert):
+            if op.task.id in self._tasks:
+                return False
+            journal.append((op.task.id, None))
+            self._put(_copy(op.task))
+            return True
+        if isinstance(op, Update | SetProgress | Delete):
+            return self._change(op, journal)
+        raise TypeError(f"Not a state store op: {op!r}")
+
+    def _change(
+        self, op: Update | SetProgress | Delete, journal: builtins.list[tuple[str, Task | None]]
+    ) -> bool:
+        """Apply an op to an existing task; ``False`` if there is none in the right state."""
+        task_id = op.task.id if isinstance(op, Update) else op.task_id
+        stored = self._tasks.get(task_id)
+        if stored is None:
+            return False
+        if isinstance(op, Update) and stored.state != op.expected:
+            return False
+        if isinstance(op, SetProgress) and stored.state != State.ACTIVE:
+            return False
+        journal.append((task_id, stored))
+        self._remove(task_id)
+        if isinstance(op, Update):
+            self._put(_updated(stored, op.task))
+        elif isinstance(op, SetProgress):
+            self._put(dataclasses.replace(stored, progress=op.progress, updated=op.updated))
+        return True
+
+    def _load_waiting(self, queue: str, limit: int) -> builtins.list[Task]:
+        keys = self._waiting.get(queue, [])[: max(limit, 0)]
+        return [_copy(self._tasks[task_id]) for _, task_id in keys]
+
+    # -- indexes ---------------------------------------------------------------------------
+
+    def _put(self, task: Task) -> None:
+        """Store ``task``, whose id must be free, and index it."""
+        self._tasks[task.id] = task
+        bisect.insort(self._order, _key(task))
+        if task.state == State.WAITING:
+            bisect.insort(self._waiting.setdefault(task.queue, []), _key(task))
+
+    def _remove(self, task_id: str) -> None:
+        """Drop the stored task ``task_id``, which must exist, and its index entries."""
+        task = self._tasks.pop(task_id)
+        _discard(self._order, _key(task))
+        if task.state == State.WAITING:
+            keys = self._waiting[task.queue]
+            _discard(keys, _key(task))
+            if not keys:
+                del self._waiting[task.queue]
+
+    def _restore(self, task_id: str, previous: Task | None) -> None:
+        if task_id in self._tasks:
+            self._remove(task_id)
+        if previous is not None:
+            self._put(previous)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise ServerError("The state store is closed.")
+
+    async def get(self, task_id: str) -> Task | None:
+        """A copy of the stored task ``task_id``, or ``None``. Raises ServerError if closed."""
+        self._check_open()
+        task = self._tasks.get(task_id)
+        return None if task is None else _copy(task)
+
+    async def queues(self) -> builtins.list[str]:
+        """Sorted names of queues holding at least one task. Raises ServerError if closed."""
+        self._check_open()
+        return sorted({t.queue for t in self._tasks.values()})
+
+    async def blob_keys(self) -> set[str]:
+        """Every blob key a stored task references. Raises ServerError if closed."""
+        self._check_open()
+        return {key for task in self._tasks.values() for key in task.blobs}
+
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        state: State | None = None,
+        limit: int = 1000,
+        after: int | None = None,
+    ) -> builtins.list[Task]:
+        """Copies of stored tasks in ``seq`` order, filtered by ``queue`` and ``state``,
+        with ``seq > after`` when given, at most ``limit``. Raises ServerError if closed."""
+        self._check_open()
+        start = 0 if after is None else bisect.bisect_right(self._order, after, key=_seq)
+        found: builtins.list[Task] = []
+        for _, task_id in itertools.islice(self._order, start, None):
+            if len(found) >= limit:
+                break
+            task = self._tasks[task_id]
+            if (queue is None or task.queue == queue) and (state is None or task.state == state):
+                found.append(_copy(task))
+        return found
+
+
+def _updated(stored: Task, new: Task) -> Task:
+    """``stored`` with the fields an :class:`Update` overwrites taken from ``new``."""
+    return dataclasses.replace(
+        stored,
+        state=new.state,
+        seq=new.seq,
+        progress=new.progress,
+        retries=new.retries,
+        error=new.error,
+        run=new.run,
+        worker=new.worker,
+        updated=new.updated,
+    )
+
+
+def _discard(keys: builtins.list[_Key], key: _Key) -> None:
+    """Remove ``key`` from the sorted list ``keys``, where it must be."""
+    del keys[bisect.bisect_left(keys, key)]

@@ -1,0 +1,70 @@
+"""Shared fixtures: real servers on loopback port 0, real clients, and one time factor.
+
+``WSQ_TEST_TIME_FACTOR`` (default 1) scales every time budget in the tests, for slow
+machines; no test asserts on speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wsq
+
+TIME_FACTOR = float(os.environ.get("WSQ_TEST_TIME_FACTOR", "1"))
+
+
+def budget(seconds: float) -> float:
+    """A time budget for waiting on something that should happen, scaled."""
+    return seconds * TIME_FACTOR
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + budget(timeout)
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {budget(timeout)} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "wsq-data"
+
+
+@pytest.fixture
+async def server(data_dir: Path) -> AsyncIterator[wsq.Server]:
+    async with wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=1.0) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(server: wsq.Server) -> AsyncIterator[wsq.Client]:
+    async with wsq.Client(server.url, backoff=lambda tries: 0.05) as c:
+        yield c
+
+
+@pytest.fixture
+async def make_client(server: wsq.Server) -> AsyncIterator[Callable[..., Awaitable[wsq.Client]]]:
+    clients: list[wsq.Client] = []
+
+    async def make(url: str | None = None) -> wsq.Client:
+        c = wsq.Client(url or server.url, backoff=lambda tries: 0.05)
+        await c.connect()
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        await c.close()

@@ -1,0 +1,604 @@
+"""The state store contract (wsq.storage.base), run against every backend.
+
+The SQLite-only tests at the end check what the memory backend cannot have: persistence
+in the file, group commit, crash safety (kill -9 in a child process) and the file's
+directory being created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import sqlite3
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wsq
+from wsq.core.task import Options, State, StreamRef, Task
+from wsq.exceptions import ServerError
+from wsq.storage.base import (
+    Delete,
+    Insert,
+    LoadWaiting,
+    Op,
+    SetProgress,
+    StateStore,
+    Update,
+)
+from wsq.storage.memory import MemoryStateStore
+from wsq.storage.sqlite import SqliteStateStore
+
+SRC = Path(wsq.__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    backend: StateStore = (
+        MemoryStateStore() if request.param == "memory" else SqliteStateStore(tmp_path / "s.db")
+    )
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
+    backend = SqliteStateStore(tmp_path / "s.db")
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+def make(
+    task_id: str,
+    seq: int,
+    *,
+    queue: str = "q",
+    state: State = State.WAITING,
+    **fields: Any,
+) -> Task:
+    return Task(id=task_id, queue=queue, state=state, seq=seq, data=b'{"n": %d}' % seq, **fields)
+
+
+def full_task() -> Task:
+    """A task with every field away from its default."""
+    return Task(
+        id="full",
+        queue="images",
+        state=State.ACTIVE,
+        seq=7,
+        data=b'{"a": [1, {"b": null}], "s": "\xc3\xa9"}',
+        streams=(
+            StreamRef(path=("a", 1, "b"), size=3, inline=b"\x00\xff\n"),
+            StreamRef(path=("0", 0), size=0, inline=b""),
+            StreamRef(path=(), size=1 << 40, blob="0" * 32),
+        ),
+        options=Options(timeout=-1.0, retries=-1, autoremove=True),
+        progress=0.5,
+        retries=2,
+        error="boom\nwith a second line",
+        run=3,
+        worker="worker-1",
+        created=1700000000.25,
+        updated=1700000001.5,
+    )
+
+
+async def insert(store: StateStore, *tasks: Task) -> None:
+    assert await store.submit([Insert(t) for t in tasks]) == [True] * len(tasks)
+
+
+async def reopen(store: StateStore) -> Any:
+    await store.close()
+    return await store.open()
+
+
+# -- insert and get ------------------------------------------------------------------------
+
+
+async def test_insert_get_round_trips_every_field(store: StateStore) -> None:
+    full = full_task()
+    bare = make("bare", 8, error=None, worker=None)
+    await insert(store, full, bare)
+
+    got = await store.get("full")
+    assert got == full
+    assert got is not None
+    assert [type(item) for item in got.streams[0].path] == [str, int, str]
+    assert [type(item) for item in got.streams[1].path] == [str, int]
+    assert got.streams[0].inline == b"\x00\xff\n"
+    assert got.streams[1].inline == b""
+    assert isinstance(got.state, State)
+    assert await store.get("bare") == bare
+
+
+async def test_get_missing_is_none(store: StateStore) -> None:
+    assert await store.get("nope") is None
+
+
+async def test_stored_tasks_are_copies(store: StateStore) -> None:
+    task = make("a", 1)
+    future = store.submit([Insert(task)])
+    task.progress = 0.9  # after submit, before the commit: must not leak in
+    await future
+    got = await store.get("a")
+    assert got is not None and got.progress == 0.0
+    got.state = State.FAILED
+    [loaded] = (await store.submit([LoadWaiting("q", 10)]))[0]
+    loaded.seq = 99
+    assert await store.get("a") == make("a", 1)
+
+
+async def test_duplicate_insert_returns_false_and_writes_nothing(store: StateStore) -> None:
+    first = make("a", 1, streams=(StreamRef(path=("x",), size=1, blob="1" * 32),))
+    await insert(store, first)
+    other = make("a", 2, queue="other", streams=(StreamRef(path=("y",), size=1, blob="2" * 32),))
+    assert await store.submit([Insert(other)]) == [False]
+    assert await store.get("a") == first
+    assert await store.blob_keys() == {"1" * 32}
+    assert await store.queues() == ["q"]
+
+
+# -- update, progress, delete --------------------------------------------------------------
+
+
+async def test_update_applies_only_from_the_expected_state(store: StateStore) -> None:
+    task = make("a", 1, created=10.0)
+    await insert(store, task)
+    active = replace(task, state=State.ACTIVE, run=1, worker="w", updated=11.0)
+    assert await store.submit([Update(active, expected=State.ACTIVE)]) == [False]
+    assert await store.get("a") == task
+    assert await store.submit([Update(active, expected=State.WAITING)]) == [True]
+    assert await store.get("a") == active
+
+
+async def test_update_overwrites_only_the_mutable_fields(store: StateStore) -> None:
+    task = full_task()
+    await insert(store, task)
+    changed = replace(
+        make("full", 20, queue="elsewhere", created=1.0),
+        state=State.WAITING,
+        options=Options(),
+        progress=0.0,
+        retries=3,
+        error=None,
+        run=3,
+        worker=None,
+        updated=1700000002.0,
+    )
+    assert await store.submit([Update(changed, expected=State.ACTIVE)]) == [True]
+    mutable = ("state", "seq", "progress", "retries", "error", "run", "worker", "updated")
+    expected = replace(task, **{name: getattr(changed, name) for name in mutable})
+    assert await store.get("full") == expected
+
+
+async def test_update_of_a_missing_task_is_false(store: StateStore) -> None:
+    assert await store.submit([Update(make("a", 1), expected=State.WAITING)]) == [False]
+    assert await store.get("a") is None
+
+
+async def test_set_progress_applies_to_active_tasks_only(store: StateStore) -> None:
+    await insert(store, make("w", 1), make("a", 2, state=State.ACTIVE))
+    results = await store.submit(
+        [SetProgress("a", 0.25, 5.0), SetProgress("w", 0.5, 6.0), SetProgress("x", 1.0, 7.0)]
+    )
+    assert results == [True, False, False]
+    got = await store.get("a")
+    assert got is not None and (got.progress, got.updated) == (0.25, 5.0)
+    assert await store.get("w") == make("w", 1)
+
+
+async def test_delete_removes_the_task_and_its_blob_keys(store: StateStore) -> None:
+    streams = (
+        StreamRef(path=("a",), size=1, blob="a" * 32),
+        StreamRef(path=("b",), size=1, blob="b" * 32),
+        StreamRef(path=("c",), size=1, inline=b"c"),
+    )
+    keep = (StreamRef(path=("k",), size=1, blob="c" * 32),)
+    await insert(store, make("a", 1, streams=streams), make("b", 2, streams=keep))
+    assert await store.blob_keys() == {"a" * 32, "b" * 32, "c" * 32}
+    assert await store.submit([Delete("a")]) == [True]
+    assert await store.get("a") is None
+    assert await store.blob_keys() == {"c" * 32}
+    assert await store.submit([Delete("a")]) == [False]
+
+
+# -- LoadWaiting -----------------------------------------------------------------------------
+
+
+async def test_load_waiting_returns_the_first_waiting_tasks_by_seq(store: StateStore) -> None:
+    seqs = [5, 2, 9, 1, 7, 3]
+    await insert(store, *(make(f"t{s}", s) for s in seqs))
+    await insert(
+        store,
+        make("other-queue", 0, queue="other"),
+        make("active", 4, state=State.ACTIVE),
+        make("done", 6, state=State.COMPLETED),
+        make("failed", 8, state=State.FAILED),
+    )
+    [first] = await store.submit([LoadWaiting("q", 3)])
+    assert [t.id for t in first] == ["t1", "t2", "t3"]
+    assert first[0] == make("t1", 1)
+    [every, none, missing] = await store.submit(
+        [LoadWaiting("q", 10**30), LoadWaiting("q", 0), LoadWaiting("nope", 10)]
+    )
+    assert [t.seq for t in every] == [1, 2, 3, 5, 7, 9]
+    assert none == [] and missing == []
+
+
+async def test_load_waiting_sees_writes_submitted_before_it(store: StateStore) -> None:
+    await insert(store, make("a", 1), make("b", 2))
+    # Neither future is awaited before the next submit: the order of calls decides.
+    first = store.submit(
+        [Insert(make("c", 3)), Update(make("a", 1, state=State.ACTIVE), State.WAITING)]
+    )
+    second = store.submit([Insert(make("d", 0)), LoadWaiting("q", 10)])
+    third = store.submit([LoadWaiting("q", 10)])
+    assert await first == [True, True]
+    assert [t.id for t in (await second)[1]] == ["d", "b", "c"]
+    assert [t.id for t in (await third)[0]] == ["d", "b", "c"]
+
+
+# -- list, queues, blob keys ------------------------------------------------------------------
+
+
+async def listing_fixture(store: StateStore) -> list[Task]:
+    tasks = [
+        make("a1", 1, queue="a"),
+        make("b2", 2, queue="b", state=State.ACTIVE),
+        make("a3", 3, queue="a", state=State.COMPLETED),
+        make("b4", 4, queue="b"),
+        make("a5", 5, queue="a"),
+        make("a6", 6, queue="a", state=State.FAILED),
+        make("b7", 7, queue="b"),
+    ]
+    await insert(store, *reversed(tasks))
+    return tasks
+
+
+async def test_list_orders_by_seq_and_filters(store: StateStore) -> None:
+    tasks = await listing_fixture(store)
+    assert await store.list() == tasks
+
+    def ids(found: list[Task]) -> list[str]:
+        return [t.id for t in found]
+
+    assert ids(await store.list(queue="a")) == ["a1", "a3", "a5", "a6"]
+    assert ids(await store.list(state=State.WAITING)) == ["a1", "b4", "a5", "b7"]
+    assert ids(await store.list(queue="b", state=State.WAITING)) == ["b4", "b7"]
+    assert ids(await store.list(queue="b", state=State.COMPLETED)) == []
+    assert ids(await store.list(queue="nope")) == []
+    assert ids(await store.list(limit=2)) == ["a1", "b2"]
+    assert ids(await store.list(limit=0)) == []
+    assert ids(await store.list(after=5)) == ["a6", "b7"]
+    assert ids(await store.list(queue="a", after=1, limit=2)) == ["a3", "a5"]
+    # Any int is a valid cursor or limit, even one beyond SQLite's 64-bit integers.
+    assert ids(await store.list(after=2**63 - 1)) == []
+    assert ids(await store.list(after=10**30)) == []
+    assert ids(await store.list(after=-(10**30), limit=10**30)) == ids(tasks)
+    assert ids(await store.list(queue="a", after=-(10**30), limit=10**30)) == [
+        "a1",
+        "a3",
+        "a5",
+        "a6",
+    ]
+
+
+async def test_list_pages_with_a_cursor(store: StateStore) -> None:
+    tasks = await listing_fixture(store)
+    for queue in (None, "a"):
+        seen: list[Task] = []
+        after: int | None = None
+        while page := await store.list(queue=queue, limit=2, after=after):
+            assert len(page) <= 2
+            seen += page
+            after = page[-1].seq
+        assert seen == [t for t in tasks if queue is None or t.queue == queue]
+
+
+async def test_queues_are_the_sorted_names_of_queues_with_tasks(store: StateStore) -> None:
+    assert await store.queues() == []
+    await insert(
+        store,
+        make("1", 1, queue="zeta"),
+        make("2", 2, queue="alpha", state=State.COMPLETED),
+        make("3", 3, queue="mu"),
+        make("4", 4, queue="zeta"),
+    )
+    assert await store.queues() == ["alpha", "mu", "zeta"]
+    await store.submit([Delete("3")])
+    assert await store.queues() == ["alpha", "zeta"]
+
+
+async def test_blob_keys_are_those_stored_tasks_reference(store: StateStore) -> None:
+    assert await store.blob_keys() == set()
+    await insert(
+        store,
+        make("a", 1, streams=(StreamRef(path=(0,), size=5, blob="a" * 32),)),
+        make("b", 2, streams=(StreamRef(path=(0,), size=5, inline=b"hello"),)),
+        make("c", 3, state=State.COMPLETED, streams=(StreamRef(("x",), 1, blob="c" * 32),)),
+    )
+    assert await store.blob_keys() == {"a" * 32, "c" * 32}
+
+
+# -- ordering and failures ----------------------------------------------------------------
+
+
+async def test_ops_in_one_submit_apply_in_order(store: StateStore) -> None:
+    task = make("a", 1)
+    active = replace(task, state=State.ACTIVE, run=1, worker="w")
+    done = replace(active, state=State.COMPLETED, progress=1.0)
+    ops: list[Op] = [
+        Insert(task),
+        Update(active, State.WAITING),
+        SetProgress("a", 0.5, 2.0),
+        Update(done, State.ACTIVE),
+        SetProgress("a", 0.7, 3.0),  # completed now: refused
+        LoadWaiting("q", 10),
+        Delete("a"),
+        Insert(task),
+    ]
+    assert await store.submit(ops) == [True, True, True, True, False, [], True, True]
+    assert await store.get("a") == task
+
+
+async def test_concurrent_submits_apply_and_resolve_in_call_order(store: StateStore) -> None:
+    resolved: list[int] = []
+    futures = []
+    for i in range(200):
+        task = make(f"t{i % 10}", i)
+        op: Op = Insert(task) if i < 10 else Update(task, State.WAITING)
+        future = store.submit([op])
+        future.add_done_callback(functools.partial(lambda i, _: resolved.append(i), i))
+        futures.append(future)
+    assert await asyncio.gather(*futures) == [[True]] * 200
+    assert resolved == list(range(200))
+    assert [t.seq for t in await store.list()] == list(range(190, 200))
+
+
+class Bogus:
+    """Not an op: makes a submit fail in the middle, in every backend."""
+
+
+async def test_a_failing_submit_writes_nothing_and_the_others_go_on(store: StateStore) -> None:
+    await insert(store, make("a", 1))
+    before = store.submit([Insert(make("b", 2))])
+    failing = store.submit(
+        [Insert(make("c", 3)), Delete("a"), Bogus()]  # type: ignore[list-item]
+    )
+    after = store.submit([Insert(make("d", 4)), LoadWaiting("q", 10)])
+    assert await before == [True]
+    with pytest.raises(TypeError):
+        await failing
+    inserted, loaded = await after
+    assert inserted is True
+    assert [t.id for t in loaded] == ["a", "b", "d"]
+    assert [t.id for t in await store.list()] == ["a", "b", "d"]
+    assert await store.submit([Insert(make("c", 3))]) == [True]
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_recovery_of_an_empty_store(store: StateStore) -> None:
+    recovery = await reopen(store)
+    assert (recovery.next_seq, recovery.active, recovery.waiting_queues) == (1, [], [])
+
+
+async def test_recovery_after_close_and_open(store: StateStore) -> None:
+    active = [make("act2", 12, queue="b", state=State.ACTIVE, worker="w", run=1)]
+    active.insert(0, replace(full_task(), id="act1", seq=3))
+    await insert(
+        store,
+        make("w1", 41, queue="waits"),
+        make("w2", 5, queue="also-waits"),
+        make("done", 42, queue="done", state=State.COMPLETED),
+        make("failed", 2, queue="b", state=State.FAILED),
+        *active,
+    )
+    recovery = await reopen(store)
+    assert recovery.next_seq == 43
+    assert recovery.active == active
+    assert recovery.waiting_queues == ["also-waits", "waits"]
+    assert await store.get("w1") == make("w1", 41, queue="waits")
+
+
+async def test_a_closed_store_refuses_calls(store: StateStore) -> None:
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(ServerError):
+        await store.submit([Insert(make("a", 1))])
+    with pytest.raises(ServerError):
+        await store.get("a")
+    with pytest.raises(ServerError):
+        await store.list()
+    await store.open()  # the fixture closes it again
+
+
+async def test_open_refuses_a_second_open(store: StateStore) -> None:
+    with pytest.raises(ServerError):
+        await store.open()
+
+
+async def test_close_finishes_pending_writes(store: StateStore) -> None:
+    futures = [store.submit([Insert(make(f"t{i}", i))]) for i in range(100)]
+    await store.close()
+    assert await asyncio.gather(*futures) == [[True]] * 100
+    recovery = await store.open()
+    assert recovery.next_seq == 100
+    assert len(await store.list()) == 100
+
+
+# -- SQLite only -------------------------------------------------------------------------------
+
+
+async def test_sqlite_data_persists_across_instances(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "wsq.db"  # directories are created
+    first = SqliteStateStore(path)
+    await first.open()
+    await insert(first, full_task(), make("w", 9, queue="later"))
+    await first.close()
+
+    second = SqliteStateStore(str(path))
+    recovery = await second.open()
+    try:
+        assert recovery.next_seq == 10
+        assert recovery.active == [full_task()]
+        assert recovery.waiting_queues == ["later"]
+        assert await second.get("full") == full_task()
+        assert await second.blob_keys() == {"0" * 32}
+    finally:
+        await second.close()
+
+
+async def test_sqlite_groups_concurrent_submits_into_few_commits(
+    sqlite_store: SqliteStateStore,
+) -> None:
+    submits = 2000
+    before = sqlite_store.commits
+    futures = [sqlite_store.submit([Insert(make(f"t{i}", i))]) for i in range(submits)]
+    assert await asyncio.gather(*futures) == [[True]] * submits
+    commits = sqlite_store.commits - before
+    assert 1 <= commits < submits / 5
+    assert len(await sqlite_store.list(limit=submits + 1)) == submits
+
+
+async def test_sqlite_batch_max_bounds_a_batch(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db", batch_max=3)
+    await store.open()
+    try:
+        futures = [store.submit([Insert(make(f"t{i}", i))]) for i in range(30)]
+        big = store.submit([Insert(make(f"u{i}", 100 + i)) for i in range(10)])  # not split
+        await asyncio.gather(*futures, big)
+        assert store.commits >= 11
+    finally:
+        await store.close()
+
+
+async def test_sqlite_open_of_an_unusable_path_raises(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    store = SqliteStateStore(tmp_path / "file" / "s.db")
+    with pytest.raises((ServerError, OSError)):
+        await store.open()
+    await store.close()  # never opened: nothing to do
+
+
+async def test_sqlite_a_failed_transaction_fails_its_batch_only(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout=0.01)
+    await store.open()
+    try:
+        await insert(store, make("a", 1))
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock: BEGIN in the writer fails
+            futures = [
+                store.submit([Insert(make("b", 2))]),
+                store.submit([Delete("a"), LoadWaiting("q", 10)]),
+            ]
+            for future in futures:
+                with pytest.raises(ServerError, match="locked"):
+                    await future
+            other.execute("ROLLBACK")
+        assert await store.submit([LoadWaiting("q", 10)]) == [[make("a", 1)]]
+        await insert(store, make("b", 2))
+    finally:
+        await store.close()
+
+
+async def test_sqlite_reads_do_not_see_uncommitted_writes(
+    sqlite_store: SqliteStateStore,
+) -> None:
+    # submit() returns before the commit; a read issued right after sees the state
+    # before or after that commit, never half of it.
+    future = sqlite_store.submit([Insert(make(f"t{i}", i)) for i in range(500)])
+    count = len(await sqlite_store.list(limit=1000))
+    assert count in (0, 500)
+    await future
+    assert len(await sqlite_store.list(limit=1000)) == 500
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from wsq.core.task import State, Task
+    from wsq.storage.base import Insert
+    from wsq.storage.sqlite import SqliteStateStore
+
+    async def main(path):
+        store = SqliteStateStore(path)
+        n = (await store.open()).next_seq - 1  # continue after the previous run
+        while True:
+            pending = []
+            for _ in range(25):
+                n += 1
+                task = Task(id=f"t{n}", queue="q", state=State.WAITING, seq=n, data=b"{}")
+                pending.append((task.id, store.submit([Insert(task)])))
+            for task_id, future in pending:
+                await future
+                sys.stdout.write(task_id + "\\n")
+            sys.stdout.flush()
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+async def run_child_until_killed(path: Path, acks: int) -> list[str]:
+    """Run CHILD against ``path``, SIGKILL it once it acknowledged ``acks`` inserts, and
+    return every task id it acknowledged (a line is printed after its future resolved)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    acked: list[str] = []
+    while len(acked) < acks:
+        line = await proc.stdout.readline()
+        if not line.endswith(b"\n"):
+            break
+        acked.append(line.decode().strip())
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGKILL)
+    rest, err = await proc.communicate()
+    assert len(acked) >= acks, err.decode()
+    assert proc.returncode == -signal.SIGKILL
+    # Lines printed before the kill are still in the pipe; a torn last line is not an ack.
+    acked += [line.decode() for line in rest.split(b"\n")[:-1]]
+    return acked
+
+
+async def test_sqlite_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    acked: list[str] = []
+    for _ in range(3):  # each run recovers from the previous kill, then is killed too
+        acked += await run_child_until_killed(path, acks=600)
+
+    store = SqliteStateStore(path)
+    recovery = await store.open()
+    try:
+        stored = {t.id for t in await store.list(limit=10**6)}
+    finally:
+        await store.close()
+    assert len(set(acked)) == len(acked) >= 1800
+    assert set(acked) <= stored
+    assert recovery.next_seq > max(int(task_id[1:]) for task_id in acked)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

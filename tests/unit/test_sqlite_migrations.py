@@ -1,0 +1,118 @@
+"""The SQLite store's migrations produce the schema the store's statements expect."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wsq.exceptions import ServerError
+from wsq.storage import sqlite as store
+from wsq.storage.sqlite import MIGRATIONS, TASK_COLUMNS, SqliteStateStore, migrate
+
+TASK_TABLE = [
+    # (name, declared type, not null, primary key)
+    ("id", "TEXT", 1, 1),
+    ("queue", "TEXT", 1, 0),
+    ("state", "TEXT", 1, 0),
+    ("seq", "INTEGER", 1, 0),
+    ("data", "BLOB", 1, 0),
+    ("streams", "TEXT", 0, 0),
+    ("opt_timeout", "REAL", 1, 0),
+    ("opt_retries", "INTEGER", 1, 0),
+    ("opt_autoremove", "INTEGER", 1, 0),
+    ("progress", "REAL", 1, 0),
+    ("retries", "INTEGER", 1, 0),
+    ("error", "TEXT", 0, 0),
+    ("run", "INTEGER", 1, 0),
+    ("worker", "TEXT", 0, 0),
+    ("created", "REAL", 1, 0),
+    ("updated", "REAL", 1, 0),
+]
+INDEXES = {
+    "tasks_queue_state_seq": ("tasks", ["queue", "state", "seq"]),
+    "tasks_state_seq": ("tasks", ["state", "seq"]),
+    "tasks_seq": ("tasks", ["seq"]),
+    "blobs_task": ("blobs", ["task"]),
+}
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db", isolation_level=None)) as conn:
+        yield conn
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str, int, int]]:
+    rows = conn.execute(f"PRAGMA table_info({table})").fetchall()
+    return [(name, kind, notnull, pk) for _, name, kind, notnull, _, pk in rows]
+
+
+def test_migrate_builds_the_schema(conn: sqlite3.Connection) -> None:
+    assert migrate(conn) == 0
+    assert user_version(conn) == len(MIGRATIONS)
+    tables = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    assert tables == {"tasks", "blobs"}
+    assert columns(conn, "tasks") == TASK_TABLE
+    assert [name for name, *_ in TASK_TABLE] == [c.strip() for c in TASK_COLUMNS.split(",")]
+    assert columns(conn, "blobs") == [("key", "TEXT", 1, 1), ("task", "TEXT", 1, 0)]
+    for index, (table, indexed) in INDEXES.items():
+        owner = conn.execute("SELECT tbl_name FROM sqlite_master WHERE name = ?", (index,))
+        assert owner.fetchone() == (table,)
+        assert [row[2] for row in conn.execute(f"PRAGMA index_info({index})")] == indexed
+
+
+def test_migrate_is_idempotent(conn: sqlite3.Connection) -> None:
+    migrate(conn)
+    schema = conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    assert migrate(conn) == len(MIGRATIONS)
+    assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+
+
+def test_migrate_refuses_a_newer_schema(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(ServerError):
+        migrate(conn)
+
+
+def test_a_failed_migration_leaves_the_database_untouched(
+    conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "wsq.storage.sqlite.MIGRATIONS", [*MIGRATIONS, "CREATE TABLE x (a); nonsense;"]
+    )
+    with pytest.raises(sqlite3.Error):
+        migrate(conn)
+    assert user_version(conn) == len(MIGRATIONS)
+    assert not conn.in_transaction
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'x'").fetchone() == (0,)
+
+
+def test_the_query_planner_uses_the_indexes(conn: sqlite3.Connection) -> None:
+    migrate(conn)
+
+    def plan(sql: str, *params: object) -> str:
+        return " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+    assert "tasks_queue_state_seq" in plan(store.LOAD_WAITING, "q", 10)
+    assert "tasks_state_seq" in plan(store.GET_ACTIVE_TASKS)
+    assert "SCAN tasks" not in plan(store.GET_WAITING_QUEUES).replace("SCAN names", "")
+    assert "SCAN tasks" not in plan(store.GET_NEXT_SEQ)
+
+
+async def test_opening_a_store_migrates_its_file_in_wal_mode(tmp_path: Path) -> None:
+    backend = SqliteStateStore(tmp_path / "new" / "s.db")
+    await backend.open()
+    await backend.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "new" / "s.db")) as conn:
+        assert user_version(conn) == len(MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
