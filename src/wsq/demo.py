@@ -15,6 +15,7 @@ import wsq
 FILES = 5
 FILE_SIZE = 32 << 20
 QUEUE = "demo-checksums"
+WORK_PER_MIB = 0.04
 
 
 async def generated_file(size: int, seed: int) -> AsyncIterator[bytes]:
@@ -33,6 +34,7 @@ async def checksum(task: wsq.Task) -> None:
         digest.update(chunk)
         seen += len(chunk)
         await task.update_progress(seen / stream.size)
+        await asyncio.sleep(WORK_PER_MIB)  # pretend each MiB takes some work
     click.echo(f"  worker  {task.data['name']}: sha256 {digest.hexdigest()[:16]}...")
 
 

@@ -99,7 +99,6 @@ class Client(Emitter):
         """Connect, retrying with :attr:`backoff` until the server answers."""
         if self._closed:
             raise WsqError("This client is closed.")
-        self._ensure_running()
         await self._wait_connected()
 
     async def close(self) -> None:
@@ -130,13 +129,19 @@ class Client(Emitter):
         await self.close()
 
     async def _wait_connected(self) -> None:
+        """Return once connected; raise if the client closes or cannot ever connect."""
         if self._ws is not None:
             return
         self._ensure_running()
-        assert self._connected is not None
-        await self._connected.wait()
-        if self._closed:
-            raise WsqError("This client is closed.")
+        assert self._connected is not None and self._runner is not None
+        waiter = asyncio.ensure_future(self._connected.wait())
+        await asyncio.wait({waiter, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done() and not self._closed:
+            return
+        waiter.cancel()
+        if self._runner.done() and not self._runner.cancelled() and self._runner.exception():
+            raise WsqError(f"Cannot connect to {self.address}: {self._runner.exception()}")
+        raise WsqError("This client is closed.")
 
     async def _run(self) -> None:
         tries = 0

@@ -181,6 +181,7 @@ class Worker:
             if error is None:
                 await self._report({"op": "complete", "task": task.id, "run": task.run})
             else:
+                task.error = error
                 message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
                 await self._report(message)
         finally:

@@ -1,0 +1,200 @@
+"""The rest of the Python API end to end: touch, abort on remove, stop, listeners."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import wsq
+from tests.conftest import budget, eventually
+from tests.integration.rawclient import RawClient
+
+
+async def test_touch_resets_the_timeout(client: wsq.Client) -> None:
+    queue = client.queue("touch")
+
+    async def handler(task: wsq.Task) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.15)
+            await task.touch()
+
+    await queue.add(None, timeout=0.4)
+    queue.process(handler)
+    await eventually(lambda: queue.completed())
+    assert await queue.failed() == []
+
+
+async def test_touch_outside_a_worker_is_refused(client: wsq.Client) -> None:
+    task = await client.queue("q").add(1)
+    with pytest.raises(wsq.InvalidState):
+        await task.touch()
+    with pytest.raises(wsq.InvalidState):
+        await task.update_progress(0.5)
+
+
+async def test_remove_aborts_a_running_handler(client: wsq.Client) -> None:
+    queue = client.queue("rm-active")
+    started = asyncio.Event()
+    reasons: list[str] = []
+
+    async def handler(task: wsq.Task) -> None:
+        task.on("abort", lambda t, reason: reasons.append(reason))
+        started.set()
+        await asyncio.sleep(30)
+
+    task = await queue.add(None)
+    queue.process(handler)
+    await asyncio.wait_for(started.wait(), budget(10))
+    await task.remove()
+    await eventually(lambda: reasons == ["Removed."])
+    assert await queue.all() == []
+
+
+async def test_worker_stop_waits_for_running_handlers(client: wsq.Client) -> None:
+    queue = client.queue("stop")
+    started = asyncio.Event()
+    finished = False
+
+    async def handler(task: wsq.Task) -> None:
+        nonlocal finished
+        started.set()
+        await asyncio.sleep(0.3)
+        finished = True
+
+    await queue.add(1)
+    await queue.add(2)
+    worker = queue.process(handler)
+    await asyncio.wait_for(started.wait(), budget(10))
+    await worker.stop()
+    assert finished
+    assert len(await queue.completed()) == 1
+    [waiting] = await queue.waiting()
+    assert waiting.data is None  # listings carry no data
+
+
+async def test_sync_handlers_and_listeners(client: wsq.Client) -> None:
+    queue = client.queue("sync")
+    seen: list[str] = []
+    client.on("task completed", lambda task: seen.append(f"client:{task.queue}"))
+    queue.on("task completed", lambda task: seen.append("queue"))
+
+    async def async_listener(task: wsq.Task) -> None:
+        seen.append("async")
+
+    queue.on("task completed", async_listener)
+    await queue.add(1)
+    queue.process(lambda task: None)
+    await eventually(lambda: len(seen) == 3)
+    assert sorted(seen) == ["async", "client:sync", "queue"]
+
+
+async def test_task_listeners_see_each_step(client: wsq.Client) -> None:
+    queue = client.queue("steps")
+    task = await queue.add(1, retries=1)
+    steps: list[Any] = []
+    for name in ("queued", "started", "progress", "failed", "completed"):
+        task.on(name, lambda t, *extra, name=name: steps.append((name, *extra)))
+    attempts = 0
+
+    async def handler(t: wsq.Task) -> None:
+        nonlocal attempts
+        attempts += 1
+        await t.update_progress(0.5)
+        if attempts == 1:
+            raise RuntimeError("first try")
+
+    queue.process(handler)
+    await eventually(lambda: ("completed",) in steps)
+    assert steps == [
+        ("started",),
+        ("progress", 0.5),
+        ("failed", True),
+        ("queued",),
+        ("started",),
+        ("progress", 0.5),
+        ("completed",),
+    ]
+    assert task.state == "completed"
+    assert task.retries == 1
+
+
+async def test_worker_events_carry_the_worker(client: wsq.Client) -> None:
+    events: list[tuple[str, Any]] = []
+    for name in ("worker added", "worker removed"):
+        client.on(name, lambda worker, name=name: events.append((name, worker)))
+    worker = client.queue("w").process(lambda t: None, concurrency=4)
+    await eventually(lambda: len(events) == 1)
+    await worker.stop()
+    await eventually(lambda: len(events) == 2)
+    expected = {"id": worker.id, "queue": "w", "concurrency": 4}
+    assert events == [("worker added", expected), ("worker removed", expected)]
+
+
+async def test_connect_and_disconnect_events(server: wsq.Server) -> None:
+    c = wsq.Client(server.url, backoff=lambda tries: 0.05)
+    seen: list[str] = []
+    c.on("connect", lambda: seen.append("connect"))
+    c.on("disconnect", lambda: seen.append("disconnect"))
+    await c.connect()
+    assert c.connected
+    for connection in list(server.connections.values()):
+        await connection.ws.close()
+    await eventually(lambda: seen == ["connect", "disconnect", "connect"])
+    await c.close()
+    assert not c.connected
+
+
+async def test_connect_to_a_bad_address_raises() -> None:
+    c = wsq.Client("http://127.0.0.1:1")
+    with pytest.raises(wsq.WsqError):
+        await asyncio.wait_for(c.connect(), budget(5))
+    await c.close()
+
+
+async def test_offers_batch_tasks_and_answers_batch_frames(client: wsq.Client) -> None:
+    """Five waiting tasks reach a worker with five free slots in one offer."""
+    queue = client.queue("batch")
+    for n in range(5):
+        await queue.add(n)
+    async with RawClient(client.address) as raw:
+        await raw.request({"op": "work", "queue": "batch", "concurrency": 5, "worker": "wb"})
+        offer = await raw.expect("offer")
+        assert [t["data"] for t in offer["tasks"]] == [0, 1, 2, 3, 4]
+        runs = [[t["task"]["id"], t["run"]] for t in offer["tasks"]]
+        assert raw.ws is not None
+        await raw.send(
+            [{"op": "ack", "runs": runs}]
+            + [{"op": "complete", "task": t, "run": r, "id": n} for n, (t, r) in enumerate(runs)]
+        )
+        answers = [await raw.expect("result") for _ in runs]
+        assert sorted(a["id"] for a in answers) == [0, 1, 2, 3, 4]
+    assert len(await queue.completed()) == 5
+
+
+async def test_stale_report_is_refused(client: wsq.Client) -> None:
+    queue = client.queue("stale")
+    task = await queue.add(1, timeout=0.2)
+    async with RawClient(client.address) as raw:
+        await raw.request({"op": "work", "queue": "stale", "worker": "ws"})
+        offer = await raw.expect("offer")
+        run = offer["tasks"][0]["run"]
+        await raw.send({"op": "ack", "runs": [[task.id, run]]})
+        abort = await raw.expect("abort")
+        assert abort["reason"] == "Timed out."
+        answer = await raw.request({"op": "complete", "task": task.id, "run": run})
+        assert answer["code"] == "stale_run"
+    [failed] = await queue.failed()
+    assert failed.error == "Timed out."
+
+
+async def test_many_queued_adds_keep_their_order(client: wsq.Client) -> None:
+    """Adds issued together (pipelined on one connection) are queued in call order."""
+    queue = client.queue("pipelined")
+    await asyncio.gather(*(queue.add(n) for n in range(200)))
+    assert [t.data for t in await queue.waiting()] == [None] * 200
+    order: list[int] = []
+    queue.process(lambda t: order.append(t.data))
+    await eventually(lambda: len(order) == 200)
+    assert order == list(range(200))
