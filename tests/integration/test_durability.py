@@ -263,3 +263,22 @@ async def test_one_gib_stream_round_trip_with_bounded_memory(data_dir: Path) -> 
         server.stop()
     assert peaks["server"] < 150 << 20, f"server peak RSS {peaks['server'] >> 20} MiB"
     assert peaks["client"] < 150 << 20, f"client RSS grew {peaks['client'] >> 20} MiB"
+
+
+async def test_orphaned_blobs_are_swept_at_start(data_dir: Path) -> None:
+    """A crash between storing an upload and inserting its task leaves an orphan blob."""
+    from wsq.blobs.files import FileBlobStore
+
+    async with wsq.Server(data_dir=data_dir, port=0) as server, fast(server.url) as c:
+        task = await c.queue("keep").add({"blob": os.urandom(1 << 20)})
+    store = FileBlobStore(data_dir / "blobs")
+    await store.open()
+    writer = await store.create()
+    await writer.write(b"orphan")
+    orphan = writer.key
+    await writer.commit()
+    await store.close()
+    async with wsq.Server(data_dir=data_dir, port=0) as server, fast(server.url) as c:
+        await eventually(lambda: not any(data_dir.rglob(orphan)))
+        data = await wsq.Task(c, {"id": task.id, "queue": "keep"}).get_data()
+        assert len(await data["blob"].read()) == 1 << 20

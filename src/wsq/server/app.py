@@ -74,7 +74,8 @@ class Server:
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
-        self.fresh_blobs: set[str] = set()
+        # Blobs stored while the start-up sweep runs; the sweep must not delete them.
+        self._fresh_blobs: set[str] | None = set()
         self._ids = itertools.count(1)
         self._barrier: asyncio.Future[list[Any]] | None = None
         self._pending: deque[tuple[asyncio.Future[list[Any]] | None, Callable[[], None]]] = deque()
@@ -332,15 +333,25 @@ class Server:
 
     async def _sweep_orphans(self) -> None:
         """Delete blobs no task references, left by a crash between upload and insert."""
-        referenced = await self.store.blob_keys()
-        listing = self.blobs.keys()
-        orphans = [k async for k in listing if k not in referenced and k not in self.fresh_blobs]
-        if orphans:
-            # Keys made since the listing began may have been claimed meanwhile.
+        try:
             referenced = await self.store.blob_keys()
-            orphans = [k for k in orphans if k not in referenced and k not in self.fresh_blobs]
-            await self.blobs.delete(orphans)
-            log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
+            fresh = self._fresh_blobs
+            assert fresh is not None
+            listing = self.blobs.keys()
+            orphans = [k async for k in listing if k not in referenced and k not in fresh]
+            if orphans:
+                # Keys made since the listing began may have been claimed meanwhile.
+                referenced = await self.store.blob_keys()
+                orphans = [k for k in orphans if k not in referenced and k not in fresh]
+                await self.blobs.delete(orphans)
+                log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
+        finally:
+            self._fresh_blobs = None
+
+    def blob_stored(self, key: str) -> None:
+        """An upload was stored; keep the start-up sweep (if still running) off it."""
+        if self._fresh_blobs is not None:
+            self._fresh_blobs.add(key)
 
 
 def _default_state_store(data_dir: Path) -> StateStore:

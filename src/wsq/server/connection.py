@@ -501,7 +501,7 @@ class Connection:
         if not future.cancelled() and future.exception() is None:
             key = future.result()[0]
             self._unclaimed.add(key)
-            self.server.fresh_blobs.add(key)
+            self.server.blob_stored(key)
 
     def _on_upload_end(self, message: p.UploadEnd) -> None:
         upload = self._uploads.get(message.stream)
