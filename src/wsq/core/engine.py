@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -78,6 +78,9 @@ class Core:
         self._by_worker: dict[str, set[str]] = {}
         self._waiting: dict[str, Task] = {}
         self._deadlines: list[tuple[float, str, int]] = []
+        # Whether anyone (a listener, the log) wants task events of a queue; the server
+        # sets this so that unobserved queues cost no snapshots.
+        self.observed: Callable[[str], bool] = lambda queue: True
         self._adding: set[int] = set()
 
     # -- start-up and intake ---------------------------------------------------------------
@@ -115,11 +118,7 @@ class Core:
     def add(self, task: Task, now: float) -> list[Effect]:
         """A new waiting task whose insert is durable."""
         self._adding.discard(task.seq)
-        snapshot = task.to_json()
-        effects: list[Effect] = [
-            Emit("task added", task.queue, (snapshot,)),
-            Emit("task queued", task.queue, (snapshot,)),
-        ]
+        effects = self._event("task added", task) + self._event("task queued", task)
         queue = self._queue(task.queue)
         self._place(queue, task)
         return effects + self._dispatch(queue, now)
@@ -192,7 +191,7 @@ class Core:
         task.updated = now
         self._arm(current, now)
         effects.append(Write(SetProgress(task.id, value, now)))
-        effects.append(Emit("task progress", task.queue, (task.to_json(), value)))
+        effects += self._event("task progress", task, value)
         return effects
 
     def touch(self, task_id: str, run: int, now: float) -> list[Effect]:
@@ -206,7 +205,7 @@ class Core:
         effects = self._start(current, now)
         task = self._end(current, State.COMPLETED, now)
         effects.append(Write(Update(replace(task), expected=State.ACTIVE)))
-        effects.append(Emit("task completed", task.queue, (task.to_json(),)))
+        effects += self._event("task completed", task)
         if task.options.autoremove:
             effects += self._delete(task)
         return effects + self._dispatch(self._queue(task.queue), now)
@@ -279,6 +278,12 @@ class Core:
 
     # -- internals: runs -------------------------------------------------------------------
 
+    def _event(self, name: str, task: Task, *extra: Any) -> list[Effect]:
+        """The event, with a snapshot of the task, if anyone observes its queue."""
+        if not self.observed(task.queue):
+            return []
+        return [Emit(name, task.queue, (task.to_json(), *extra))]
+
     def _run_of(self, task_id: str, run: int) -> _Run:
         current = self._runs.get(task_id)
         if current is None or current.task.run != run:
@@ -291,6 +296,8 @@ class Core:
         current.acked = True
         self._arm(current, now)
         task = current.task
+        if not self.observed(task.queue):
+            return []
         snapshot = task.to_json()
         worker = self.worker_json(task.worker or "") or {
             "id": task.worker,
@@ -344,10 +351,10 @@ class Core:
         task.error = error
         limit = task.options.retries
         will_retry = limit == -1 or task.retries <= limit
-        failed = Emit("task failed", task.queue, (task.to_json(), will_retry))
+        failed = self._event("task failed", task, will_retry)
         if will_retry:
-            return self._requeue(task, State.ACTIVE, now, announce=[failed])
-        effects: list[Effect] = [Write(Update(replace(task), expected=State.ACTIVE)), failed]
+            return self._requeue(task, State.ACTIVE, now, announce=failed)
+        effects: list[Effect] = [Write(Update(replace(task), expected=State.ACTIVE)), *failed]
         return effects + self._dispatch(self._queue(task.queue), now)
 
     def _requeue(
@@ -360,7 +367,7 @@ class Core:
         effects: list[Effect] = [
             Write(Update(replace(task), expected=expected)),
             *(announce or []),
-            Emit("task queued", task.queue, (task.to_json(),)),
+            *self._event("task queued", task),
         ]
         queue = self._queue(task.queue)
         self._place(queue, task)
@@ -370,7 +377,7 @@ class Core:
         effects: list[Effect] = [Write(Delete(task.id))]
         if task.blobs:
             effects.append(DeleteBlobs(tuple(task.blobs)))
-        effects.append(Emit("task deleted", task.queue, (task.to_json(),)))
+        effects += self._event("task deleted", task)
         return effects
 
     # -- internals: the window -------------------------------------------------------------

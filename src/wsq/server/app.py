@@ -30,12 +30,42 @@ from wsq import protocol
 from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
+from wsq.exceptions import ServerError
 from wsq.server.connection import Connection
-from wsq.server.logs import log
+from wsq.server.logs import log, logger
 from wsq.server.streams import stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
+
+Outcome = list[Any] | BaseException
+
+
+def _transitions_logged() -> bool:
+    return logger.isEnabledFor(logging.INFO)
+
+
+class _Batch:
+    """Ops submitted during one turn of the event loop, on their way to the store."""
+
+    __slots__ = ("callbacks", "done", "ops")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.ops: list[Op] = []
+        self.callbacks: list[tuple[int, int, Callable[[Outcome], None]]] = []
+        self.done = done
+
+    def settle(self, future: asyncio.Future[list[Any]]) -> None:
+        outcome: Outcome
+        if future.cancelled():
+            outcome = ServerError("The state store write was cancelled.")
+        else:
+            outcome = future.exception() or future.result()
+        if isinstance(outcome, BaseException):
+            log(logging.ERROR, "store failed", f"State store write failed: {outcome}")
+        for start, end, then in self.callbacks:
+            then(outcome if isinstance(outcome, BaseException) else outcome[start:end])
+        self.done.set_result(None)
 
 
 class Server:
@@ -72,13 +102,15 @@ class Server:
         self.store = state_store or _default_state_store(self.data_dir)
         self.blobs = blob_store or _default_blob_store(self.data_dir)
         self.core = Core(worker_timeout=worker_timeout, window=window)
+        self.core.observed = self._observed
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
         # Blobs stored while the start-up sweep runs; the sweep must not delete them.
         self._fresh_blobs: set[str] | None = set()
         self._ids = itertools.count(1)
-        self._barrier: asyncio.Future[list[Any]] | None = None
-        self._pending: deque[tuple[asyncio.Future[list[Any]] | None, Callable[[], None]]] = deque()
+        self._barrier: asyncio.Future[None] | None = None
+        self._batch: _Batch | None = None
+        self._pending: deque[tuple[asyncio.Future[None] | None, Callable[[], None]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._listener: WsServer | None = None
@@ -164,12 +196,28 @@ class Server:
 
     # -- applying the core's effects -------------------------------------------------------
 
-    def submit(self, ops: Sequence[Op]) -> asyncio.Future[list[Any]]:
-        """Send ``ops`` to the store; later sends wait for them (see :meth:`later`)."""
-        future = self.store.submit(ops)
-        self._barrier = future
-        future.add_done_callback(self._flush)
-        return future
+    def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> None:
+        """Send ``ops`` to the store; later sends wait for them (see :meth:`later`).
+
+        Ops submitted in one turn of the event loop travel to the store as one job.
+        ``then`` gets these ops' results (or the exception) once they are durable.
+        """
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
+            self._barrier = batch.done
+            batch.done.add_done_callback(self._flush)
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        start = len(batch.ops)
+        batch.ops.extend(ops)
+        if then is not None:
+            batch.callbacks.append((start, len(batch.ops), then))
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        assert batch is not None
+        future = self.store.submit(batch.ops)
+        future.add_done_callback(batch.settle)
 
     def later(self, send: Callable[[], None]) -> None:
         """Run ``send`` once every store write submitted so far is durable, in order."""
@@ -179,9 +227,7 @@ class Server:
         else:
             self._pending.append((barrier, send))
 
-    def _flush(self, future: asyncio.Future[list[Any]]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            log(logging.ERROR, "store failed", f"State store write failed: {future.exception()}")
+    def _flush(self, _: asyncio.Future[None]) -> None:
         while self._pending:
             barrier, send = self._pending[0]
             if barrier is not None and not barrier.done():
@@ -200,19 +246,23 @@ class Server:
                 loads.append((len(ops), effect))
                 ops.append(LoadWaiting(effect.queue, effect.limit))
         if ops:
-            future = self.submit(ops)
-            if loads:
-                future.add_done_callback(lambda f: self._loaded(f, loads))
+            self.submit(ops, (lambda outcome: self._loaded(outcome, loads)) if loads else None)
         for effect in effects:
             self._apply_one(effect)
         self._rearm()
+
+    def _observed(self, queue: str) -> bool:
+        return _transitions_logged() or None in self.subscribers or queue in self.subscribers
 
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
             self._log_event(effect)
             self.later(lambda: self._broadcast(effect))
         elif isinstance(effect, Offer):
-            self.later(lambda: self._send_offer(effect))
+            # Offers need not wait for the writes before them: the task's insert is
+            # durable already, and a crash before its "active" write only means the task
+            # is offered again after the restart (at-least-once), never lost.
+            self._send_offer(effect)
         elif isinstance(effect, Abort):
             message = protocol.encode(
                 {
@@ -227,10 +277,9 @@ class Server:
         elif isinstance(effect, DeleteBlobs):
             self.later(lambda: self._delete_blobs(effect.keys))
 
-    def _loaded(self, future: asyncio.Future[list[Any]], loads: list[tuple[int, Load]]) -> None:
-        if future.cancelled() or future.exception() is not None or self._closing:
+    def _loaded(self, results: Outcome, loads: list[tuple[int, Load]]) -> None:
+        if isinstance(results, BaseException) or self._closing:
             return
-        results = future.result()
         for index, load in loads:
             self.apply(self.core.loaded(load.queue, results[index], load.limit, time.time()))
 
@@ -268,6 +317,8 @@ class Server:
 
     def _log_event(self, emit: Emit) -> None:
         level = _LOG_LEVELS.get(emit.event, logging.INFO)
+        if not logger.isEnabledFor(level):
+            return
         first = emit.args[0] if emit.args else {}
         if emit.event.startswith("worker"):
             fields: dict[str, Any] = {"worker": first.get("id"), "queue": emit.queue}

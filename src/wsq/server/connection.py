@@ -37,7 +37,7 @@ from wsq.server.streams import Download, InlineReader, Upload, stream_json
 from wsq.storage.base import Insert
 
 if TYPE_CHECKING:
-    from wsq.server.app import Server
+    from wsq.server.app import Outcome, Server
 
 HELLO_TIMEOUT = 10.0
 _FRAME_BYTES = 1 << 20
@@ -333,21 +333,17 @@ class Connection:
         )
         keys = set(task.blobs)
         self._unclaimed -= keys
-        future = self.server.submit([Insert(task)])
-        future.add_done_callback(lambda f: self._inserted(f, message.id, task, keys))
+        self.server.submit(
+            [Insert(task)], lambda outcome: self._inserted(outcome, message.id, task, keys)
+        )
 
-    def _inserted(
-        self, future: asyncio.Future[list[Any]], request_id: int, task: Task, keys: set[str]
-    ) -> None:
-        error = None if future.cancelled() else future.exception()
-        failed = future.cancelled() or error is not None
-        if failed or not future.result()[0]:
+    def _inserted(self, outcome: Outcome, request_id: int, task: Task, keys: set[str]) -> None:
+        if isinstance(outcome, BaseException) or not outcome[0]:
             self.server.core.abandon_seq(task.seq)
             self.server.spawn(self.server.blobs.delete(keys), "wsq-delete-blobs")
-            if failed:
-                self.send_text(
-                    p.error(request_id, "internal", f"Could not store the task: {error}")
-                )
+            if isinstance(outcome, BaseException):
+                text = f"Could not store the task: {outcome}"
+                self.send_text(p.error(request_id, "internal", text))
             else:
                 self._spawn(request_id, self._existing(task))
             return

@@ -90,7 +90,8 @@ class StateStore(ABC):
     def submit(self, ops: Sequence[Op]) -> asyncio.Future[list[Any]]:
         """Queue ``ops`` for the next group commit and return a future of their results,
         one per op in order. The future resolves after the commit is durable; it raises
-        if the commit failed (then none of the batch's ops applied)."""
+        if the commit failed (then none of the batch's ops applied). The caller must not
+        change a submitted op's task afterwards (the core passes snapshots)."""
 
     @abstractmethod
     async def get(self, task_id: str) -> Task | None:

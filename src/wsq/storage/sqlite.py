@@ -320,7 +320,8 @@ def _rollback(conn: sqlite3.Connection) -> None:
 def _insert(conn: sqlite3.Connection, task: Task) -> bool:
     if conn.execute(INSERT_TASK, _task_params(task)).rowcount != 1:
         return False
-    conn.executemany(INSERT_BLOB, [(key, task.id) for key in task.blobs])
+    if task.streams:
+        conn.executemany(INSERT_BLOB, [(key, task.id) for key in task.blobs])
     return True
 
 
@@ -378,16 +379,6 @@ def _apply_job(conn: sqlite3.Connection, ops: Sequence[Op]) -> builtins.list[Any
     return results
 
 
-def _snapshot(op: Op) -> Op:
-    """``op`` with its task copied, so that later changes by the caller do not leak into a
-    write that has not run yet."""
-    if isinstance(op, Insert):
-        return Insert(dataclasses.replace(op.task))
-    if isinstance(op, Update):
-        return Update(dataclasses.replace(op.task), op.expected)
-    return op
-
-
 # -- the writer thread ----------------------------------------------------------------------
 
 _Outcome = builtins.list[Any] | BaseException
@@ -400,6 +391,25 @@ def _settle(future: asyncio.Future[builtins.list[Any]], outcome: _Outcome) -> No
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def _settle_batch(jobs: builtins.list[_Job], outcomes: builtins.list[_Outcome]) -> None:
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        _settle(job.future, outcome)
+
+
+def _settle_all(jobs: builtins.list[_Job], outcomes: builtins.list[_Outcome]) -> None:
+    """Resolve the futures of a batch in order, with one wake-up per event loop (a thread
+    wake-up per job would cost more than the job under load)."""
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[builtins.list[_Job], builtins.list[_Outcome]]]
+    by_loop = {}
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        pending = by_loop.setdefault(job.loop, ([], []))
+        pending[0].append(job)
+        pending[1].append(outcome)
+    for loop, (loop_jobs, loop_outcomes) in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle_batch, loop_jobs, loop_outcomes)
 
 
 @dataclasses.dataclass(slots=True)
@@ -523,13 +533,24 @@ class _Writer:
             _rollback(conn)
             error = _server_error(exc)
             outcomes = [error] * len(batch)
-        for job, outcome in zip(batch, outcomes, strict=True):
-            job.settle(outcome)
+        _settle_all(batch, outcomes)
 
     def _transact(
         self, conn: sqlite3.Connection, batch: builtins.list[_Job]
     ) -> builtins.list[_Outcome]:
+        """Apply the batch in one transaction and commit. The fast path runs every op with
+        no savepoints; only if an op raises is the batch redone job by job, each in its own
+        savepoint, so one caller's bad op fails only that caller."""
         conn.execute(BEGIN)
+        try:
+            fast: builtins.list[_Outcome] = [[_apply(conn, op) for op in job.ops] for job in batch]
+        except Exception:
+            _rollback(conn)
+            conn.execute(BEGIN)
+        else:
+            conn.execute(COMMIT)
+            self.commits += 1
+            return fast
         outcomes: builtins.list[_Outcome] = []
         for job in batch:
             outcomes.append(_apply_job(conn, job.ops))
@@ -661,14 +682,14 @@ class SqliteStateStore(StateStore):
 
     def submit(self, ops: Sequence[Op]) -> asyncio.Future[builtins.list[Any]]:
         """Queue ``ops`` for the next group commit; see :meth:`StateStore.submit`. Must be
-        called with the event loop running; never blocks. The ops' tasks are copied now,
-        so the caller may change them afterwards."""
+        called with the event loop running; never blocks. The caller must not change
+        the tasks of submitted ops (pass copies)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[builtins.list[Any]] = loop.create_future()
         if self._writer is None or self._closing is not None or not self._writer.accepting:
             future.set_exception(ServerError("The state store is closed."))
             return future
-        self._writer.put(_Job(tuple(_snapshot(op) for op in ops), future, loop))
+        self._writer.put(_Job(tuple(ops), future, loop))
         return future
 
     # -- reads -----------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Workloads 1 and 2 for wsq: throughput of no-op tasks, and enqueue->start latency.
+
+    python -m bench.wsq_tasks [--quick] [--json PATH] [--tasks N] [--runs R]
+
+Throughput: a producer process adds N no-op tasks (many adds in flight on its one
+connection), then one worker process (concurrency 100) drains them; a fresh server and
+data folder per run; the median of R runs. Latency: a worker process waits idle; a
+producer adds 1,000 tasks one at a time, 5 ms apart, stamping each just before ``add``;
+the handler stamps on entry (both ``time.monotonic()``, the same clock on Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import (
+    PYTHON,
+    ROOT,
+    arguments,
+    median,
+    percentile,
+    run_loop,
+    write_results,
+    wsq_server,
+)
+
+IN_FLIGHT = 1000
+CONCURRENCY = 100
+
+
+async def produce(url: str, count: int) -> dict[str, Any]:
+    import wsq
+
+    async with wsq.Client(url) as client:
+        queue = client.queue("bench")
+        limit = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(n: int) -> None:
+            async with limit:
+                await queue.add(n)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(n) for n in range(count)))
+        elapsed = time.perf_counter() - start
+    return {"enqueue_per_s": count / elapsed}
+
+
+async def drain(url: str, count: int) -> dict[str, Any]:
+    import wsq
+
+    done = 0
+    finished = asyncio.Event()
+
+    def handler(task: wsq.Task) -> None:
+        nonlocal done
+        done += 1
+        if done == count:
+            finished.set()
+
+    async with wsq.Client(url) as client:
+        start = time.perf_counter()
+        worker = client.queue("bench").process(handler, concurrency=CONCURRENCY)
+        await finished.wait()
+        elapsed = time.perf_counter() - start
+        await worker.stop()
+    return {"e2e_per_s": count / elapsed}
+
+
+async def latency_worker(url: str, count: int) -> dict[str, Any]:
+    import wsq
+
+    delays: list[float] = []
+    finished = asyncio.Event()
+
+    def handler(task: wsq.Task) -> None:
+        delays.append(time.monotonic() - task.data["t"])
+        if len(delays) == count:
+            finished.set()
+
+    async with wsq.Client(url) as client:
+        added = asyncio.Event()
+        client.on("worker added", lambda worker: added.set())
+        client.queue("latency").process(handler)
+        await added.wait()
+        print("ready", flush=True)
+        await finished.wait()
+    ms = [d * 1000 for d in delays]
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
+
+
+async def latency_producer(url: str, count: int) -> dict[str, Any]:
+    import wsq
+
+    async with wsq.Client(url) as client:
+        queue = client.queue("latency")
+        next_at = time.monotonic()
+        for n in range(count):
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            await queue.add({"n": n, "t": time.monotonic()})
+            next_at += 0.005
+    return {}
+
+
+ROLES = {
+    "produce": produce,
+    "drain": drain,
+    "latency-worker": latency_worker,
+    "latency-producer": latency_producer,
+}
+
+
+def child(role: str, url: str, count: int) -> list[str]:
+    return [PYTHON, "-m", "bench.wsq_tasks", "--role", role, "--url", url, "--count", str(count)]
+
+
+def run_child(role: str, url: str, count: int) -> dict[str, Any]:
+    done = subprocess.run(
+        child(role, url, count), capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def throughput_run(count: int) -> dict[str, Any]:
+    with wsq_server() as (url, _):
+        produced = run_child("produce", url, count)
+        drained = run_child("drain", url, count)
+    return produced | drained
+
+
+def latency_run(count: int) -> dict[str, Any]:
+    with wsq_server() as (url, _):
+        worker = subprocess.Popen(
+            child("latency-worker", url, count), stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "ready"
+        run_child("latency-producer", url, count)
+        out, _ = worker.communicate(timeout=120)
+        if worker.returncode != 0:
+            raise RuntimeError("latency worker failed")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = arguments(__doc__ or "")
+    parser.add_argument("--tasks", type=int, default=None)
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--role", choices=sorted(ROLES))
+    parser.add_argument("--url")
+    parser.add_argument("--count", type=int, default=0)
+    args = parser.parse_args()
+    if args.role:
+        print(json.dumps(run_loop(ROLES[args.role](args.url, args.count))))
+        return
+    tasks = args.tasks or (500 if args.quick else 20_000)
+    runs = args.runs or (1 if args.quick else 3)
+    latency_tasks = 50 if args.quick else 1000
+    rounds = [throughput_run(tasks) for _ in range(runs)]
+    print(f"throughput rounds: {rounds}", file=sys.stderr)
+    results = {
+        "tasks": tasks,
+        "runs": runs,
+        "enqueue_per_s": median([r["enqueue_per_s"] for r in rounds]),
+        "e2e_per_s": median([r["e2e_per_s"] for r in rounds]),
+        "latency": {"tasks": latency_tasks, **latency_run(latency_tasks)},
+    }
+    write_results(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
