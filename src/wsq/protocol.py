@@ -8,6 +8,7 @@ numbers (§) refer to docs/protocol.md, which is normative.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -216,6 +217,7 @@ ClientMessage = (
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_batch_decoder = msgspec.json.Decoder(list[ClientMessage])
 
 
 class _IdProbe(msgspec.Struct):
@@ -265,7 +267,7 @@ def decode_one(raw: bytes | str) -> ClientMessage:
         raise BadMessage(_describe(exc), probe_id(raw)) from None
 
 
-def decode_frame(frame: bytes | str) -> list[ClientMessage | BadMessage]:
+def decode_frame(frame: bytes | str) -> Sequence[ClientMessage | BadMessage]:
     """Decode a text frame: one message object, or an array of them (§2). A message that
     fails is returned as a :class:`BadMessage` in its place so the rest still apply."""
     head = frame.lstrip()[:1]
@@ -274,6 +276,13 @@ def decode_frame(frame: bytes | str) -> list[ClientMessage | BadMessage]:
             return [decode_one(frame)]
         except BadMessage as exc:
             return [exc]
+    try:  # the common case, a batch of good messages, in one pass
+        messages: list[ClientMessage] = _batch_decoder.decode(frame)
+    except _DECODE_ERRORS:
+        pass
+    else:
+        if 0 < len(messages) <= MAX_BATCH:
+            return messages
     try:
         parts = _raw_list_decoder.decode(frame)
     except _DECODE_ERRORS as exc:

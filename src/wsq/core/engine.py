@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
@@ -204,7 +204,7 @@ class Core:
         current = self._run_of(task_id, run)
         effects = self._start(current, now)
         task = self._end(current, State.COMPLETED, now)
-        effects.append(Write(Update(replace(task), expected=State.ACTIVE)))
+        effects.append(Write(Update(task.copy(), expected=State.ACTIVE)))
         effects += self._event("task completed", task)
         if task.options.autoremove:
             effects += self._delete(task)
@@ -354,7 +354,7 @@ class Core:
         failed = self._event("task failed", task, will_retry)
         if will_retry:
             return self._requeue(task, State.ACTIVE, now, announce=failed)
-        effects: list[Effect] = [Write(Update(replace(task), expected=State.ACTIVE)), *failed]
+        effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
         return effects + self._dispatch(self._queue(task.queue), now)
 
     def _requeue(
@@ -365,7 +365,7 @@ class Core:
         task.worker = None
         task.updated = now
         effects: list[Effect] = [
-            Write(Update(replace(task), expected=expected)),
+            Write(Update(task.copy(), expected=expected)),
             *(announce or []),
             *self._event("task queued", task),
         ]
@@ -472,7 +472,7 @@ class Core:
             self._runs[task.id] = current
             self._by_worker.setdefault(worker.id, set()).add(task.id)
             self._arm(current, now)
-            snapshot = replace(task)
+            snapshot = task.copy()
             snapshots.append(snapshot)
             effects.append(Write(Update(snapshot, expected=State.WAITING)))
         effects.append(Offer(worker.connection, worker.id, tuple(snapshots)))

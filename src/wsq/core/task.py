@@ -90,6 +90,25 @@ class Task:
     created: float = 0.0
     updated: float = 0.0
 
+    def copy(self) -> Task:
+        """A snapshot (much faster than ``dataclasses.replace`` on this hot path)."""
+        return Task(
+            self.id,
+            self.queue,
+            self.state,
+            self.seq,
+            self.data,
+            self.streams,
+            self.options,
+            self.progress,
+            self.retries,
+            self.error,
+            self.run,
+            self.worker,
+            self.created,
+            self.updated,
+        )
+
     @property
     def blobs(self) -> list[str]:
         return [ref.blob for ref in self.streams if ref.blob is not None]

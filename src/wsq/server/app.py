@@ -337,8 +337,12 @@ class Server:
     # -- timer -----------------------------------------------------------------------------
 
     def _rearm(self) -> None:
+        """Make sure a timer fires by the core's next deadline. A timer set for an
+        earlier moment is kept (it ticks, finds nothing due, and re-arms), since moving
+        it on every change would cost more than the spare tick."""
         deadline = self.core.next_deadline()
-        if deadline == self._timer_at:
+        armed = self._timer_at
+        if deadline == armed or (deadline is not None and armed is not None and armed < deadline):
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -134,6 +134,16 @@ UPDATE tasks
 SET state = ?, seq = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?
 WHERE id = ? AND state = ?
 """
+# The common moves touch only the columns they change, so SQLite leaves the indexes on
+# the others alone: starting or finishing a run never rewrites the (seq) index.
+START_TASK = """
+UPDATE tasks SET state = 'active', run = ?, worker = ?, updated = ?
+WHERE id = ? AND state = 'waiting'
+"""
+FINISH_TASK = """
+UPDATE tasks SET state = ?, progress = ?, retries = ?, error = ?, updated = ?
+WHERE id = ? AND state = 'active'
+"""
 SET_PROGRESS = "UPDATE tasks SET progress = ?, updated = ? WHERE id = ? AND state = 'active'"
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 DELETE_BLOBS = "DELETE FROM blobs WHERE task = ?"
@@ -204,7 +214,7 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     return (
         task.id,
         task.queue,
-        State(task.state).value,
+        task.state.value,
         task.seq,
         task.data,
         streams,
@@ -221,6 +231,15 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     )
 
 
+_STATES = {state.value: state for state in State}
+
+
+@functools.lru_cache(maxsize=256)
+def _options(timeout: float, retries: int, autoremove: int) -> Options:
+    """Options are immutable and most tasks share a few: one object per combination."""
+    return Options(timeout=timeout, retries=retries, autoremove=bool(autoremove))
+
+
 def _task_from_row(row: tuple[Any, ...]) -> Task:
     """The :class:`Task` in a row selected as :data:`TASK_COLUMNS`."""
     (id_, queue_, state, seq, data, streams, timeout, max_retries, autoremove) = row[:9]
@@ -228,11 +247,11 @@ def _task_from_row(row: tuple[Any, ...]) -> Task:
     return Task(
         id=id_,
         queue=queue_,
-        state=State(state),
+        state=_STATES[state],
         seq=seq,
         data=data,
         streams=_decode_streams(streams) if streams is not None else (),
-        options=Options(timeout=timeout, retries=max_retries, autoremove=bool(autoremove)),
+        options=_options(timeout, max_retries, autoremove),
         progress=progress,
         retries=retries,
         error=error,
@@ -327,6 +346,12 @@ def _insert(conn: sqlite3.Connection, task: Task) -> bool:
 
 def _update(conn: sqlite3.Connection, op: Update) -> bool:
     task = op.task
+    if op.expected is State.WAITING and task.state is State.ACTIVE:
+        start = (task.run, task.worker, task.updated, task.id)
+        return bool(conn.execute(START_TASK, start).rowcount == 1)
+    if op.expected is State.ACTIVE and task.state in _FINISHED:
+        finish = (task.state.value, task.progress, task.retries, task.error, task.updated, task.id)
+        return bool(conn.execute(FINISH_TASK, finish).rowcount == 1)
     params = (
         State(task.state).value,
         task.seq,
@@ -340,6 +365,9 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         State(op.expected).value,
     )
     return bool(conn.execute(UPDATE_TASK, params).rowcount == 1)
+
+
+_FINISHED = (State.COMPLETED, State.FAILED)
 
 
 def _delete(conn: sqlite3.Connection, task_id: str) -> bool:
