@@ -44,7 +44,7 @@ class BlobWriter(ABC):
     key: str
 
     @abstractmethod
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         """Append ``data``. Off the event loop for stores that do I/O."""
 
     @abstractmethod

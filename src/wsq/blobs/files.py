@@ -93,7 +93,7 @@ class FileBlobWriter(BlobWriter):
         self._state = _OPEN
         self._commit_tried = False
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         """Append ``data``: buffered, and written in a thread once the buffer is full.
 
         Raise OSError (disk full...) or RuntimeError if the writer is not open.

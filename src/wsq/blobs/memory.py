@@ -25,7 +25,7 @@ class MemoryBlobWriter(BlobWriter):
         self._chunks: list[bytes] = []
         self._state = _OPEN
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         """Append ``data``. Raise RuntimeError after commit or abort."""
         self._check_open()
         if data:

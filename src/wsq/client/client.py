@@ -266,7 +266,7 @@ class Client(Emitter):
             self._out.append((True, _encoder.encode(message)))
             self._wake.set()
 
-    def _send_chunk(self, stream: int, payload: bytes) -> None:
+    def _send_chunk(self, stream: int, payload: bytes | memoryview) -> None:
         if self._ws is not None:
             self._out.append((False, protocol.pack_chunk(stream, payload)))
             self._wake.set()
@@ -277,6 +277,9 @@ class Client(Emitter):
                 while not self._out:
                     self._wake.clear()
                     await self._wake.wait()
+                    # One more turn of the loop lets messages made by other tasks
+                    # in the meantime leave in the same frame (one syscall).
+                    await asyncio.sleep(0)
                 if self._out[0][0]:
                     parts = []
                     while self._out and self._out[0][0]:

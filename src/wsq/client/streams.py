@@ -191,12 +191,12 @@ class Uploader:
             self._client._send({"op": "upload_abort", "stream": self.stream, "error": message})
 
 
-async def _chunks(value: Any, size: int) -> AsyncIterator[bytes]:
+async def _chunks(value: Any, size: int) -> AsyncIterator[bytes | memoryview]:
     """Pieces of at most ``size`` bytes from any stream value; file reads run in a thread."""
     if isinstance(value, bytes | bytearray | memoryview):
         view = memoryview(value).cast("B")
         for start in range(0, len(view), size):
-            yield bytes(view[start : start + size])
+            yield view[start : start + size]  # pack_chunk copies it once, with the header
         return
     if hasattr(value, "__aiter__"):
         async for part in _split(value, size):
@@ -211,10 +211,13 @@ async def _chunks(value: Any, size: int) -> AsyncIterator[bytes]:
         yield bytes(part)
 
 
-async def _split(source: AsyncIterable[Any], size: int) -> AsyncIterator[bytes]:
+async def _split(source: AsyncIterable[Any], size: int) -> AsyncIterator[bytes | memoryview]:
     async for part in source:
         if not isinstance(part, bytes | bytearray | memoryview):
             raise TypeError(f"A stream yielded {type(part).__name__}, not bytes.")
+        if isinstance(part, bytes) and len(part) <= size:
+            yield part  # the common case: no slicing
+            continue
         view = memoryview(part).cast("B")
         for start in range(0, len(view), size):
-            yield bytes(view[start : start + size])
+            yield view[start : start + size]

@@ -181,6 +181,9 @@ class Connection:
                 while not self._out:
                     self._wake.clear()
                     await self._wake.wait()
+                    # One more turn of the loop lets messages made by other tasks
+                    # in the meantime leave in the same frame (one syscall).
+                    await asyncio.sleep(0)
                 text, data = self._out[0]
                 if text:
                     frame = self._take_text()

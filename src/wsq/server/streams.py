@@ -33,7 +33,7 @@ class Upload:
         self._blobs = blobs
         self._window = window
         self._send = send
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[memoryview] = deque()
         self._buffered = 0
         self._ended = False
         self._failed: str | None = None
@@ -51,7 +51,7 @@ class Upload:
         if self._buffered > self._window:
             self.abort("Upload exceeded its flow-control window.")
             raise ProtocolError(f"Stream {self.stream} sent more than its credit.")
-        self._chunks.append(bytes(payload))
+        self._chunks.append(payload)  # a view of the received frame: no copy
         self._wake.set()
 
     def end(self) -> None:
