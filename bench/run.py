@@ -85,18 +85,20 @@ def _task_rows(results: dict[str, Any]) -> str:
     tasks = results.get("tasks", {})
     peers = {k: v for k, v in results.get("peers", {}).items() if "error" not in v}
     rows = [
-        ("enqueue tasks/s", "enqueue_per_s", False, ">= 2x best peer", 2.0),
+        ("enqueue tasks/s (bulk)", "enqueue_bulk_per_s", False, ">= 2x best peer", 2.0),
+        ("enqueue tasks/s (one by one)", "enqueue_per_s", False, "", None),
         ("end-to-end tasks/s", "e2e_per_s", False, ">= 1.5x best peer", 1.5),
         ("enqueue->start p50 ms", "latency.p50_ms", True, "<= 1 ms", None),
         ("enqueue->start p99 ms", "latency.p99_ms", True, "<= 4 ms", None),
     ]
-    out = [f"{'':24} {'wsq':>10} {'best peer':>20} {'wsq/peer':>9}  target"]
+    out = [f"{'':28} {'wsq':>10} {'best peer':>20} {'wsq/peer':>9}  target"]
     for label, key, lower, target, _ in rows:
         mine = _get(tasks, key)
-        top = best(peers, key, lower)
+        # Peers report their fastest enqueue path (bulk where they have one) as enqueue_per_s.
+        top = best(peers, "enqueue_per_s" if key == "enqueue_bulk_per_s" else key, lower)
         peer = f"{fmt(top[1], 2 if lower else 0)} ({top[0]})" if top else "-"
         ratio = fmt(mine / top[1], 2) if top and mine and top[1] else "-"
-        out.append(f"{label:24} {fmt(mine, 2 if lower else 0):>10} {peer:>20} {ratio:>9}  {target}")
+        out.append(f"{label:28} {fmt(mine, 2 if lower else 0):>10} {peer:>20} {ratio:>9}  {target}")
     return "\n".join(out)
 
 

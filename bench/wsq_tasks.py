@@ -3,10 +3,13 @@
     python -m bench.wsq_tasks [--quick] [--json PATH] [--tasks N] [--runs R]
 
 Throughput: a producer process adds N no-op tasks (many adds in flight on its one
-connection), then one worker process (concurrency 100) drains them; a fresh server and
-data folder per run; the median of R runs. Latency: a worker process waits idle; a
-producer adds 1,000 tasks one at a time, 5 ms apart, stamping each just before ``add``;
-the handler stamps on entry (both ``time.monotonic()``, the same clock on Linux).
+connection), then one worker process (concurrency 100) drains them; then a producer adds
+N more with ``add_many`` in chunks of 1,000 (the bulk path, like BullMQ's ``addBulk``).
+A fresh server and data folder per run; the median of R runs.
+
+Latency: a worker process waits idle; a producer adds 1,000 tasks one at a time, 5 ms
+apart, stamping each just before ``add``; the handler stamps on entry (both
+``time.monotonic()``, the same clock on Linux).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bench.common import (
     PYTHON,
     ROOT,
     arguments,
+    cpu_seconds,
     median,
     percentile,
     run_loop,
@@ -30,6 +34,7 @@ from bench.common import (
 )
 
 IN_FLIGHT = 1000
+BULK = 1000
 CONCURRENCY = 100
 
 
@@ -48,6 +53,19 @@ async def produce(url: str, count: int) -> dict[str, Any]:
         await asyncio.gather(*(one(n) for n in range(count)))
         elapsed = time.perf_counter() - start
     return {"enqueue_per_s": count / elapsed}
+
+
+async def produce_bulk(url: str, count: int) -> dict[str, Any]:
+    """The bulk path, as BullMQ's addBulk and RQ's enqueue_many: add_many of 1,000."""
+    import wsq
+
+    async with wsq.Client(url) as client:
+        queue = client.queue("bench-bulk")
+        start = time.perf_counter()
+        for first in range(0, count, BULK):
+            await queue.add_many(range(first, min(first + BULK, count)))
+        elapsed = time.perf_counter() - start
+    return {"enqueue_bulk_per_s": count / elapsed}
 
 
 async def drain(url: str, count: int) -> dict[str, Any]:
@@ -108,6 +126,7 @@ async def latency_producer(url: str, count: int) -> dict[str, Any]:
 
 ROLES = {
     "produce": produce,
+    "produce-bulk": produce_bulk,
     "drain": drain,
     "latency-worker": latency_worker,
     "latency-producer": latency_producer,
@@ -127,10 +146,18 @@ def run_child(role: str, url: str, count: int) -> dict[str, Any]:
 
 
 def throughput_run(count: int) -> dict[str, Any]:
-    with wsq_server() as (url, _):
+    with wsq_server() as (url, server):
+        before = cpu_seconds(server.pid)
         produced = run_child("produce", url, count)
+        middle = cpu_seconds(server.pid)
         drained = run_child("drain", url, count)
-    return produced | drained
+        after = cpu_seconds(server.pid)
+        bulk = run_child("produce-bulk", url, count)
+    cpu = {
+        "server_cpu_us_per_add": (middle - before) / count * 1e6,
+        "server_cpu_us_per_task": (after - middle) / count * 1e6,
+    }
+    return produced | drained | bulk | cpu
 
 
 def latency_run(count: int) -> dict[str, Any]:
@@ -168,7 +195,12 @@ def main() -> None:
         "tasks": tasks,
         "runs": runs,
         "enqueue_per_s": median([r["enqueue_per_s"] for r in rounds]),
+        "enqueue_bulk_per_s": median([r["enqueue_bulk_per_s"] for r in rounds]),
         "e2e_per_s": median([r["e2e_per_s"] for r in rounds]),
+        "server_cpu_us_per_add": median([r["server_cpu_us_per_add"] for r in rounds]),
+        "server_cpu_us_per_task": median([r["server_cpu_us_per_task"] for r in rounds]),
+        "config": f"enqueue: pipelined add(), {IN_FLIGHT} in flight (bulk: add_many of"
+        f" {BULK}); one worker process, concurrency {CONCURRENCY}",
         "latency": {"tasks": latency_tasks, **latency_run(latency_tasks)},
     }
     write_results(args.json, results)

@@ -76,6 +76,21 @@ class Add(_Msg, tag="add"):
     task: TaskId | None = None
 
 
+class NewTask(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One task of an ``add_many``: like ``add``, with inline streams only."""
+
+    data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+    streams: Annotated[list[StreamIn], msgspec.Meta(max_length=1024)] = []
+    options: OptionsIn = msgspec.field(default_factory=OptionsIn)
+    task: TaskId | None = None
+
+
+class AddMany(_Msg, tag="add_many"):
+    id: RequestId
+    queue: QueueName
+    tasks: Annotated[list[NewTask], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
 class ListTasks(_Msg, tag="list"):
     id: RequestId
     queue: QueueName | None = None
@@ -193,6 +208,7 @@ class Cancel(_Msg, tag="cancel"):
 ClientMessage = (
     Hello
     | Add
+    | AddMany
     | ListTasks
     | Queues
     | Get

@@ -198,3 +198,58 @@ async def test_many_queued_adds_keep_their_order(client: wsq.Client) -> None:
     queue.process(lambda t: order.append(t.data))
     await eventually(lambda: len(order) == 200)
     assert order == list(range(200))
+
+
+async def test_add_many_keeps_order_and_is_one_answer_per_batch(client: wsq.Client) -> None:
+    queue = client.queue("bulk")
+    added: list[str] = []
+    queue.on("task added", lambda task: added.append(task.id))
+    tasks = await queue.add_many([{"n": n, "blob": b"x" * (n % 3)} for n in range(2500)], retries=2)
+    assert len(tasks) == 2500
+    assert all(t.options["retries"] == 2 for t in tasks)
+    waiting = await queue.waiting()
+    assert [t.id for t in waiting] == [t.id for t in tasks]
+    await eventually(lambda: len(added) == 2500)
+    order: list[int] = []
+    blobs: list[bytes] = []
+
+    async def handler(task: wsq.Task) -> None:
+        order.append(task.data["n"])
+        blobs.append(await task.data["blob"].read())
+
+    queue.process(handler, concurrency=10)
+    await eventually(lambda: len(order) == 2500)
+    assert sorted(order) == list(range(2500))
+    assert blobs.count(b"xx") == 833
+
+
+async def test_add_many_edge_cases(client: wsq.Client) -> None:
+    queue = client.queue("bulk-edges")
+    assert await queue.add_many([]) == []
+    with pytest.raises(ValueError):
+        await queue.add_many([{"big": b"x" * (1 << 20)}])
+    big = [{"text": "y" * 20_000} for _ in range(120)]  # 2.4 MB: split by size
+    assert len(await queue.add_many(big)) == 120
+    assert len(await queue.all()) == 120
+
+
+async def test_add_many_resent_creates_no_duplicates(client: wsq.Client) -> None:
+    async with RawClient(client.address) as raw:
+        message = {
+            "op": "add_many",
+            "queue": "resend",
+            "tasks": [{"data": n, "task": f"job-{n}"} for n in range(5)],
+        }
+        first = await raw.request(message)
+        again = await raw.request(message)
+        assert [t["id"] for t in first["result"]["tasks"]] == [f"job-{n}" for n in range(5)]
+        assert again["result"]["tasks"] == first["result"]["tasks"]
+        refused = await raw.request(
+            {
+                "op": "add_many",
+                "queue": "resend",
+                "tasks": [{"streams": [{"path": [], "upload": 1}]}],
+            }
+        )
+        assert refused["code"] == "invalid_argument"
+    assert len(await client.queue("resend").all()) == 5

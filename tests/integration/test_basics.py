@@ -244,4 +244,6 @@ async def test_invalid_names_and_options_are_refused(client: wsq.Client) -> None
         await client.queue("q").add(1, retries=-2)
     with pytest.raises(wsq.TaskNotFound):
         await wsq.Task(client, {"id": "nope", "queue": "q"}).get_data()
+    with pytest.raises(wsq.TooLarge):
+        await client.queue("q").add({"text": "y" * 2_000_000})
     assert client.connected

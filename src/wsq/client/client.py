@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -55,6 +56,7 @@ class _Limits:
     window: int = protocol.WINDOW
     chunk: int = protocol.CHUNK
     inline: int = protocol.INLINE_MAX
+    max_message: int = protocol.MAX_MESSAGE
     heartbeat: float = 5.0
 
 
@@ -186,6 +188,7 @@ class Client(Emitter):
             window=limits.get("window", protocol.WINDOW),
             chunk=limits.get("chunk", protocol.CHUNK),
             inline=limits.get("inline", protocol.INLINE_MAX),
+            max_message=limits.get("max_message", protocol.MAX_MESSAGE),
             heartbeat=welcome.get("heartbeat", 5.0),
         )
         self._ws = ws
@@ -281,12 +284,21 @@ class Client(Emitter):
                     # in the meantime leave in the same frame (one syscall).
                     await asyncio.sleep(0)
                 if self._out[0][0]:
-                    parts = []
-                    while self._out and self._out[0][0]:
-                        parts.append(self._out.popleft()[1])
-                    await ws.send(protocol.join_frame(parts), text=True)
+                    await ws.send(self._take_text(), text=True)
                 else:
                     await ws.send(self._out.popleft()[1], text=False)
+
+    def _take_text(self) -> bytes:
+        """Queued text messages for one frame, within the server's message limit (a
+        single larger message goes alone, and gets its own too_large answer)."""
+        parts = [self._out.popleft()[1]]
+        size = len(parts[0])
+        limit = self._limits.max_message - 2
+        while self._out and self._out[0][0] and size + len(self._out[0][1]) + 1 <= limit:
+            data = self._out.popleft()[1]
+            parts.append(data)
+            size += len(data) + 1
+        return protocol.join_frame(parts)
 
     async def _request(self, message: dict[str, Any], *, resend: bool = True) -> Any:
         """Send a request and return its result; raise the error it got."""
@@ -498,6 +510,47 @@ class Client(Emitter):
         uploads = any("upload" in s for s in message["streams"])
         result = await self._request(message, resend=not uploads)
         return result
+
+    async def _add_many(
+        self, queue: str, items: Iterable[Any], options: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Send the tasks in messages of at most ``batch`` tasks and half the message
+        limit each, all in flight at once; answers come back in order."""
+        await self._wait_connected()
+        limit = protocol.MAX_BATCH
+        budget = self._limits.max_message // 2
+        batches: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for item in items:
+            spec = self._new_task_spec(item, options)
+            cost = len(spec["data"]) + sum(len(s["inline"]) * 4 // 3 for s in spec["streams"])
+            if batches[-1] and (len(batches[-1]) >= limit or size + cost > budget):
+                batches.append([])
+                size = 0
+            batches[-1].append(spec)
+            size += cost + 200
+        requests = [
+            self._request({"op": "add_many", "queue": queue, "tasks": batch})
+            for batch in batches
+            if batch
+        ]
+        answers = await asyncio.gather(*requests)
+        return [info for answer in answers for info in answer["tasks"]]
+
+    def _new_task_spec(self, item: Any, options: dict[str, Any]) -> dict[str, Any]:
+        plain, found = extract(item)
+        streams = []
+        for path, value in found:
+            small = _small_bytes(value, self._limits.inline)
+            if small is None:
+                raise ValueError("add_many carries only small bytes as streams; use add().")
+            streams.append({"path": path, "inline": small})
+        return {
+            "data": msgspec.Raw(_encoder.encode(plain)),
+            "streams": streams,
+            "options": options,
+            "task": uuid.uuid4().hex,
+        }
 
     async def _upload_all(self, found: list[tuple[list[Any], Any]]) -> list[dict[str, Any]]:
         streams: list[dict[str, Any]] = []

@@ -61,6 +61,7 @@ class Connection:
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             p.Hello: self._on_hello,
             p.Add: self._on_add,
+            p.AddMany: self._on_add_many,
             p.ListTasks: self._on_list,
             p.Queues: self._on_queues,
             p.Get: self._on_get,
@@ -292,7 +293,7 @@ class Connection:
 
     def _on_add(self, message: p.Add) -> None:
         options = _options(message.options)
-        _check_stream_paths(message)
+        _check_stream_paths(message.data, message.streams)
         uploads = [s.upload for s in message.streams if s.upload is not None]
         if len(set(uploads)) != len(uploads):
             raise InvalidArgument("An upload can hold only one stream of the data.")
@@ -321,19 +322,7 @@ class Connection:
     def _insert(
         self, message: p.Add, options: Options, uploads: dict[int, tuple[str, int]]
     ) -> None:
-        now = time.time()
-        refs = tuple(_stream_ref(s, uploads) for s in message.streams)
-        task = Task(
-            id=message.task or uuid.uuid4().hex,
-            queue=message.queue,
-            state=State.WAITING,
-            seq=self.server.core.allocate_seq(),
-            data=bytes(message.data),
-            streams=refs,
-            options=options,
-            created=now,
-            updated=now,
-        )
+        task = self._new_task(message.queue, message, options, uploads)
         keys = set(task.blobs)
         self._unclaimed -= keys
         self.server.submit(
@@ -352,6 +341,70 @@ class Connection:
             return
         self.server.apply(self.server.core.add(task, time.time()))
         self.answer(request_id, task.to_json())
+
+    def _new_task(
+        self,
+        queue: str,
+        spec: p.Add | p.NewTask,
+        options: Options,
+        uploads: dict[int, tuple[str, int]],
+    ) -> Task:
+        now = time.time()
+        return Task(
+            id=spec.task or uuid.uuid4().hex,
+            queue=queue,
+            state=State.WAITING,
+            seq=self.server.core.allocate_seq(),
+            data=bytes(spec.data),
+            streams=tuple(_stream_ref(s, uploads) for s in spec.streams),
+            options=options,
+            created=now,
+            updated=now,
+        )
+
+    def _on_add_many(self, message: p.AddMany) -> None:
+        """Several tasks in one message, one store job and one answer (§4.3)."""
+        options = [_options(spec.options) for spec in message.tasks]
+        for spec in message.tasks:
+            if any(stream.upload is not None for stream in spec.streams):
+                raise InvalidArgument("add_many takes inline streams only; use add to upload.")
+            _check_stream_paths(spec.data, spec.streams)
+        tasks = [
+            self._new_task(message.queue, spec, opts, {})
+            for spec, opts in zip(message.tasks, options, strict=True)
+        ]
+        self.server.submit(
+            [Insert(task) for task in tasks],
+            lambda outcome: self._inserted_many(outcome, message.id, tasks),
+        )
+
+    def _inserted_many(self, outcome: Outcome, request_id: int, tasks: list[Task]) -> None:
+        core = self.server.core
+        if isinstance(outcome, BaseException):
+            for task in tasks:
+                core.abandon_seq(task.seq)
+            self.send_text(p.error(request_id, "internal", f"Could not store: {outcome}"))
+            return
+        now = time.time()
+        effects = []
+        for task, inserted in zip(tasks, outcome, strict=True):
+            if inserted:
+                effects += core.add(task, now)
+            else:
+                core.abandon_seq(task.seq)
+        self.server.apply(effects)
+        if all(outcome):
+            self.answer(request_id, {"tasks": [task.to_json() for task in tasks]})
+        else:
+            self._spawn(request_id, self._existing_many(tasks, outcome))
+
+    async def _existing_many(self, tasks: list[Task], inserted: list[bool]) -> Any:
+        answers = [
+            task.to_json() if new else await self._existing(task)
+            for task, new in zip(tasks, inserted, strict=True)
+        ]
+        await self._durable()
+        return {"tasks": answers}
 
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
@@ -569,18 +622,18 @@ def _options(options: p.OptionsIn) -> Options:
     return Options(timeout=timeout, retries=options.retries, autoremove=options.autoremove)
 
 
-def _check_stream_paths(message: p.Add) -> None:
-    if not message.streams:
+def _check_stream_paths(raw: msgspec.Raw, streams: list[p.StreamIn]) -> None:
+    if not streams:
         return
     try:
-        data = msgspec.json.decode(message.data)
+        data = msgspec.json.decode(raw)
     except RecursionError:
         raise InvalidArgument("Task data nested too deeply.") from None
-    paths = [tuple(stream.path) for stream in message.streams]
+    paths = [tuple(stream.path) for stream in streams]
     prefixes = {path[:n] for path in paths for n in range(len(path))}
     if len(set(paths)) != len(paths):
         raise InvalidArgument("Two streams have the same path.")
-    for stream, path in zip(message.streams, paths, strict=True):
+    for stream, path in zip(streams, paths, strict=True):
         if (stream.upload is None) == (stream.inline is None):
             raise InvalidArgument("A stream has exactly one of upload and inline.")
         if path in prefixes:
