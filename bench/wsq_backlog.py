@@ -35,55 +35,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, ROOT, arguments, median, rss_bytes, write_results, wsq_server
+from bench import wsq_tasks as tasks
+from bench.common import (
+    PYTHON,
+    ROOT,
+    arguments,
+    median,
+    rss_bytes,
+    run_loop,
+    write_results,
+    wsq_server,
+)
 from bench.store_open import build
 from wsq.storage.sqlite import MIGRATIONS
 
 MB = 1 << 20
 QUEUE = "queue-0"  # the name bench.store_open.build gives its only queue
-IN_FLIGHT = 1000
-CONCURRENCY = 100
 
 
 # -- children -------------------------------------------------------------------------------
 
 
 async def produce(url: str, count: int) -> dict[str, Any]:
-    import wsq
-
-    async with wsq.Client(url) as client:
-        queue = client.queue(QUEUE)
-        limit = asyncio.Semaphore(IN_FLIGHT)
-
-        async def one(n: int) -> None:
-            async with limit:
-                await queue.add(n)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one(n) for n in range(count)))
-        elapsed = time.perf_counter() - start
-    return {"add_per_s": count / elapsed}
+    result = await tasks.produce(url, count, QUEUE)
+    return {"add_per_s": result["enqueue_per_s"]}
 
 
 async def drain(url: str, count: int) -> dict[str, Any]:
-    import wsq
-
-    done = 0
-    finished = asyncio.Event()
-
-    def handler(task: wsq.Task) -> None:
-        nonlocal done
-        done += 1
-        if done == count:
-            finished.set()
-
-    async with wsq.Client(url) as client:
-        start = time.perf_counter()
-        worker = client.queue(QUEUE).process(handler, concurrency=CONCURRENCY)
-        await asyncio.wait_for(finished.wait(), 300)
-        elapsed = time.perf_counter() - start
-        await worker.stop()
-    return {"dispatch_per_s": count / elapsed}
+    result = await tasks.drain(url, count, QUEUE)
+    return {"dispatch_per_s": result["e2e_per_s"]}
 
 
 ROLES = {"produce": produce, "drain": drain}
@@ -207,7 +187,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0)
     args = parser.parse_args()
     if args.role:
-        print(json.dumps(asyncio.run(ROLES[args.role](args.url, args.count))))
+        print(json.dumps(run_loop(ROLES[args.role](args.url, args.count))))
         return
     depth = args.depth or (20_000 if args.quick else 1_000_000)
     tasks = args.tasks or (2_000 if args.quick else 10_000)

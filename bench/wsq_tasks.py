@@ -38,11 +38,11 @@ BULK = 1000
 CONCURRENCY = 100
 
 
-async def produce(url: str, count: int) -> dict[str, Any]:
+async def produce(url: str, count: int, queue_name: str = "bench") -> dict[str, Any]:
     import wsq
 
     async with wsq.Client(url) as client:
-        queue = client.queue("bench")
+        queue = client.queue(queue_name)
         limit = asyncio.Semaphore(IN_FLIGHT)
 
         async def one(n: int) -> None:
@@ -68,7 +68,7 @@ async def produce_bulk(url: str, count: int) -> dict[str, Any]:
     return {"enqueue_bulk_per_s": count / elapsed}
 
 
-async def drain(url: str, count: int) -> dict[str, Any]:
+async def drain(url: str, count: int, queue_name: str = "bench") -> dict[str, Any]:
     import wsq
 
     done = 0
@@ -82,8 +82,8 @@ async def drain(url: str, count: int) -> dict[str, Any]:
 
     async with wsq.Client(url) as client:
         start = time.perf_counter()
-        worker = client.queue("bench").process(handler, concurrency=CONCURRENCY)
-        await finished.wait()
+        worker = client.queue(queue_name).process(handler, concurrency=CONCURRENCY)
+        await asyncio.wait_for(finished.wait(), 600)
         elapsed = time.perf_counter() - start
         await worker.stop()
     return {"e2e_per_s": count / elapsed}
