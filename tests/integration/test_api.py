@@ -206,7 +206,8 @@ async def test_add_many_keeps_order_and_is_one_answer_per_batch(client: wsq.Clie
     queue.on("task added", lambda task: added.append(task.id))
     tasks = await queue.add_many([{"n": n, "blob": b"x" * (n % 3)} for n in range(2500)], retries=2)
     assert len(tasks) == 2500
-    assert all(t.options["retries"] == 2 for t in tasks)
+    assert all(t.options["retries"] == 2 and t.state == "waiting" for t in tasks)
+    assert all(t.created > 0 and t.queue == "bulk" for t in tasks)
     waiting = await queue.waiting()
     assert [t.id for t in waiting] == [t.id for t in tasks]
     await eventually(lambda: len(added) == 2500)
@@ -242,8 +243,10 @@ async def test_add_many_resent_creates_no_duplicates(client: wsq.Client) -> None
         }
         first = await raw.request(message)
         again = await raw.request(message)
-        assert [t["id"] for t in first["result"]["tasks"]] == [f"job-{n}" for n in range(5)]
-        assert again["result"]["tasks"] == first["result"]["tasks"]
+        assert first["result"]["tasks"] == [f"job-{n}" for n in range(5)]  # new: ids only
+        existing = again["result"]["tasks"]  # already there: their records
+        assert [t["id"] for t in existing] == [f"job-{n}" for n in range(5)]
+        assert {t["state"] for t in existing} == {"waiting"}
         refused = await raw.request(
             {
                 "op": "add_many",

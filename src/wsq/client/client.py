@@ -76,6 +76,8 @@ class Client(Emitter):
         self._generation = 0
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._task_counter = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._queues: dict[str, Queue] = {}
         self._workers: dict[str, Worker] = {}
@@ -90,6 +92,11 @@ class Client(Emitter):
         self._connected: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+
+    def new_task_id(self) -> str:
+        """A fresh task id: this client's random 64-bit prefix and a counter (a uuid4 per
+        task costs a system call, which the bulk path notices)."""
+        return f"{self._id_prefix}{next(self._task_counter):x}"
 
     # -- connection ------------------------------------------------------------------------
 
@@ -535,7 +542,11 @@ class Client(Emitter):
             if batch
         ]
         answers = await asyncio.gather(*requests)
-        return [info for answer in answers for info in answer["tasks"]]
+        return [
+            _created(item, queue, options, answer["created"]) if isinstance(item, str) else item
+            for answer in answers
+            for item in answer["tasks"]
+        ]
 
     def _new_task_spec(self, item: Any, options: dict[str, Any]) -> dict[str, Any]:
         plain, found = extract(item)
@@ -549,7 +560,7 @@ class Client(Emitter):
             "data": msgspec.Raw(_encoder.encode(plain)),
             "streams": streams,
             "options": options,
-            "task": uuid.uuid4().hex,
+            "task": self.new_task_id(),
         }
 
     async def _upload_all(self, found: list[tuple[list[Any], Any]]) -> list[dict[str, Any]]:
@@ -597,6 +608,22 @@ class Client(Emitter):
         finally:
             if not finished and self._downloads.pop(stream, None) is not None:
                 self._send({"op": "cancel", "stream": stream})
+
+
+def _created(task_id: str, queue: str, options: dict[str, Any], when: float) -> dict[str, Any]:
+    """The record of a task add_many just created, which its answer names by id only."""
+    return {
+        "id": task_id,
+        "queue": queue,
+        "state": "waiting",
+        "progress": 0.0,
+        "retries": 0,
+        "error": None,
+        "options": options,
+        "worker": None,
+        "created": when,
+        "updated": when,
+    }
 
 
 def _small_bytes(value: Any, limit: int) -> bytes | None:

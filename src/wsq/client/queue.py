@@ -59,7 +59,7 @@ class Queue(Emitter):
         ``id`` (letters, digits, ``_.:-``, at most 64) makes the add idempotent.
         """
         options = {"timeout": float(timeout), "retries": int(retries), "autoremove": autoremove}
-        info = await self._client._add(self.name, data, options, id or uuid.uuid4().hex)
+        info = await self._client._add(self.name, data, options, id or self._client.new_task_id())
         return Task(self._client, info)
 
     async def add_many(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -356,7 +357,7 @@ class Connection:
             state=State.WAITING,
             seq=self.server.core.allocate_seq(),
             data=bytes(spec.data),
-            streams=tuple(_stream_ref(s, uploads) for s in spec.streams),
+            streams=tuple(_stream_ref(s, uploads) for s in spec.streams) if spec.streams else (),
             options=options,
             created=now,
             updated=now,
@@ -394,17 +395,18 @@ class Connection:
                 core.abandon_seq(task.seq)
         self.server.apply(effects)
         if all(outcome):
-            self.answer(request_id, {"tasks": [task.to_json() for task in tasks]})
+            self.answer(request_id, {"created": tasks[0].created, "tasks": [t.id for t in tasks]})
         else:
             self._spawn(request_id, self._existing_many(tasks, outcome))
 
     async def _existing_many(self, tasks: list[Task], inserted: list[bool]) -> Any:
+        """The answer when some ids existed: their records in place of their ids."""
         answers = [
-            task.to_json() if new else await self._existing(task)
+            task.id if new else await self._existing(task)
             for task, new in zip(tasks, inserted, strict=True)
         ]
         await self._durable()
-        return {"tasks": answers}
+        return {"created": tasks[0].created, "tasks": answers}
 
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
@@ -616,10 +618,15 @@ _NO_ANSWER = _NoAnswer()
 
 
 def _options(options: p.OptionsIn) -> Options:
-    timeout = options.timeout
+    return _checked_options(options.timeout, options.retries, options.autoremove)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_options(timeout: float, retries: int, autoremove: bool) -> Options:
+    """Options are immutable and most tasks share a few: one object per combination."""
     if not math.isfinite(timeout) or (timeout < 0 and timeout != -1):
         raise InvalidArgument(f"timeout must be -1 or a number of seconds >= 0, not {timeout}.")
-    return Options(timeout=timeout, retries=options.retries, autoremove=options.autoremove)
+    return Options(timeout=timeout, retries=retries, autoremove=autoremove)
 
 
 def _check_stream_paths(raw: msgspec.Raw, streams: list[p.StreamIn]) -> None:
