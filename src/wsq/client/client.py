@@ -310,12 +310,19 @@ class Client(Emitter):
     async def _request(self, message: dict[str, Any], *, resend: bool = True) -> Any:
         """Send a request and return its result; raise the error it got."""
         await self._wait_connected()
+        return await self._request_nowait(message, resend=resend)
+
+    def _request_nowait(
+        self, message: dict[str, Any], *, resend: bool = True
+    ) -> asyncio.Future[Any]:
+        """Send a request now if connected (else once connected) and return the future of
+        its answer. With ``resend``, a connection lost before the answer sends it again."""
         request_id = next(self._ids)
         message["id"] = request_id
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = _Request(message, future, resend, self._generation)
         self._send(message)
-        return await future
+        return future
 
     # -- receiving -------------------------------------------------------------------------
 

@@ -129,7 +129,8 @@ class Worker:
         self.queue = queue
         self.concurrency = concurrency
         self._handler = handler
-        self._running: dict[str, tuple[Task, asyncio.Task[None]]] = {}
+        self._running: dict[str, tuple[Task, asyncio.Future[None]]] = {}
+        self._reports: set[asyncio.Future[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.stopped = False
@@ -160,23 +161,20 @@ class Worker:
             runner.cancel()
 
     def offer(self, tasks: list[dict[str, Any]]) -> None:
-        """Tasks offered by the server: acknowledge them in one message, then run each."""
+        """Tasks offered by the server: acknowledge them in one message, then start each.
+        A sync handler runs right here and an async one as a task of its own."""
         from wsq.client.streams import resolve
 
         self._client._send({"op": "ack", "runs": [[t["task"]["id"], t["run"]] for t in tasks]})
         for item in tasks:
             task = Task(self._client, item["task"])
             task.run = item["run"]
-            unreadable = None
             try:
                 task.data = resolve(self._client, task.id, item["data"], item["streams"])
             except Exception as exc:
-                unreadable = f"Could not read the task data: {exc!r}"
-            runner = asyncio.create_task(
-                self._execute(task, unreadable), name=f"wsq-task-{task.id}"
-            )
-            self._running[task.id] = (task, runner)
-            self._idle.clear()
+                self._report(task, f"Could not read the task data: {exc!r}")
+                continue
+            self._start(task)
 
     def abort(self, task_id: str, run: int, reason: str) -> None:
         """The server ended this run (timeout, removal): cancel the handler."""
@@ -189,39 +187,67 @@ class Worker:
         task.emit("abort", task, reason)
         runner.cancel()
 
-    async def _execute(self, task: Task, unreadable: str | None = None) -> None:
-        try:
-            error = unreadable or await self._call(task)
-            if task.aborted:
-                return
-            if error is None:
-                await self._report({"op": "complete", "task": task.id, "run": task.run})
-            else:
-                task.error = error
-                message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
-                await self._report(message)
-        finally:
-            self._running.pop(task.id, None)
-            if not self._running:
-                self._idle.set()
-
-    async def _call(self, task: Task) -> str | None:
-        """Run the handler; ``None`` on success, else the error text."""
+    def _start(self, task: Task) -> None:
         try:
             result = self._handler(task)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError:
-            if task.aborted:
-                return None
-            raise
         except Exception as exc:
-            return str(exc) or type(exc).__name__
-        return None
+            self._report(task, _error_text(exc))
+            return
+        if not inspect.isawaitable(result):
+            self._report(task, None)
+            return
+        runner = asyncio.ensure_future(self._finish(task, result))
+        self._running[task.id] = (task, runner)
+        self._idle.clear()
 
-    async def _report(self, message: dict[str, Any]) -> None:
+    async def _finish(self, task: Task, running: Awaitable[Any]) -> None:
         try:
-            await self._client._request(message)
-        except WsqError as exc:
-            logger.warning("report on task %s refused: %s", message["task"], exc)
+            error = await _outcome(task, running)
+            if not task.aborted:
+                self._report(task, error)
+        finally:
+            self._running.pop(task.id, None)
+            self._check_idle()
+
+    def _report(self, task: Task, error: str | None) -> None:
+        """Tell the server how the run ended, without waiting for its answer (a refused
+        report is logged and emitted as an 'error' event)."""
+        message: dict[str, Any] = {"op": "complete", "task": task.id, "run": task.run}
+        if error is not None:
+            task.error = error
+            message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
+        future = self._client._request_nowait(message)
+        self._reports.add(future)
+        self._idle.clear()
+        future.add_done_callback(self._reported)
+
+    def _reported(self, future: asyncio.Future[Any]) -> None:
+        self._reports.discard(future)
+        self._check_idle()
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, WsqError):
+            logger.warning("a worker report was refused: %s", exc)
             self._client.emit("error", exc)
+
+    def _check_idle(self) -> None:
+        if not self._running and not self._reports:
+            self._idle.set()
+
+
+async def _outcome(task: Task, running: Awaitable[Any]) -> str | None:
+    """Await a handler; ``None`` on success, else the error text."""
+    try:
+        await running
+    except asyncio.CancelledError:
+        if task.aborted:
+            return None
+        raise
+    except Exception as exc:
+        return _error_text(exc)
+    return None
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
