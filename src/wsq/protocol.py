@@ -36,7 +36,6 @@ PathItem = Annotated[str, msgspec.Meta(max_length=1024)] | Annotated[int, msgspe
 Path = Annotated[list[PathItem], msgspec.Meta(max_length=64)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=65536)]
 
-STATES = ("waiting", "active", "completed", "failed")
 StateName = Literal["waiting", "active", "completed", "failed"]
 
 

@@ -48,7 +48,6 @@ class _Request:
     message: dict[str, Any]
     future: asyncio.Future[Any]
     resend: bool
-    sent_on: int = 0
 
 
 @dataclass(slots=True)
@@ -73,7 +72,6 @@ class Client(Emitter):
         self.address = address
         self.backoff = backoff or default_backoff
         self._ws: ClientConnection | None = None
-        self._generation = 0
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:16]
@@ -200,7 +198,6 @@ class Client(Emitter):
         )
         self._ws = ws
         self._out.clear()
-        self._generation += 1
         self._restore()
         assert self._connected is not None
         self._connected.set()
@@ -231,7 +228,6 @@ class Client(Emitter):
             if not worker.stopped:
                 self._send({**worker.register_message(), "id": next(self._ids)})
         for request in sorted(self._requests.values(), key=lambda r: r.message["id"]):
-            request.sent_on = self._generation
             self._send(request.message)
 
     def _connection_lost(self) -> None:
@@ -320,7 +316,7 @@ class Client(Emitter):
         request_id = next(self._ids)
         message["id"] = request_id
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._requests[request_id] = _Request(message, future, resend, self._generation)
+        self._requests[request_id] = _Request(message, future, resend)
         self._send(message)
         return future
 
