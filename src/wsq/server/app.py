@@ -113,6 +113,7 @@ class Server:
         self._pending: deque[tuple[asyncio.Future[None] | None, Callable[[], None]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._rearm_scheduled = False
         self._listener: WsServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -236,7 +237,7 @@ class Server:
             send()
 
     def apply(self, effects: list[Effect]) -> None:
-        """Apply the core's effects in order, then re-arm the timer."""
+        """Apply the core's effects in order; the timer is re-armed at the end of the turn."""
         ops: list[Op] = []
         loads: list[tuple[int, Load]] = []
         for effect in effects:
@@ -249,7 +250,10 @@ class Server:
             self.submit(ops, (lambda outcome: self._loaded(outcome, loads)) if loads else None)
         for effect in effects:
             self._apply_one(effect)
-        self._rearm()
+        if not self._rearm_scheduled:
+            # Once per turn of the loop, however many messages that turn applied.
+            self._rearm_scheduled = True
+            asyncio.get_running_loop().call_soon(self._rearm)
 
     def _observed(self, queue: str) -> bool:
         return _transitions_logged() or None in self.subscribers or queue in self.subscribers
@@ -340,6 +344,7 @@ class Server:
         """Make sure a timer fires by the core's next deadline. A timer set for an
         earlier moment is kept (it ticks, finds nothing due, and re-arms), since moving
         it on every change would cost more than the spare tick."""
+        self._rearm_scheduled = False
         deadline = self.core.next_deadline()
         armed = self._timer_at
         if deadline == armed or (deadline is not None and armed is not None and armed < deadline):
