@@ -1,9 +1,11 @@
 """The wsq server: a thin asyncio shell around :class:`wsq.core.engine.Core`.
 
 It owns the state store, the blob store, the WebSocket listener and the timer, and it
-applies the core's effects. The one rule that makes ``kill -9`` safe: nothing the core
-decides is sent to anyone before the store writes it was decided with are durable
-(:meth:`Server.later`).
+applies the core's effects. The one rule that makes ``kill -9`` safe: no answer and no
+event goes out before the store writes it was decided with are durable
+(:meth:`Server.later`). Offers are the one exception (see :meth:`Server._apply_one`): the
+offered task is durable already, and losing the record of its start only means it is
+offered again after a crash.
 """
 
 from __future__ import annotations
