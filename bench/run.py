@@ -163,7 +163,12 @@ def main() -> None:
     print(table(results))
     print(f"\nresults: {path}")
     failed = [n for n in chosen if n != "peers" and "error" in results.get(n, {})]
-    failed += [f"peers.{n}" for n, r in results.get("peers", {}).items() if "error" in r]
+    peers_failed = [f"peers.{n}" for n, r in results.get("peers", {}).items() if "error" in r]
+    if peers_failed:
+        # Loud, but a peer's hiccup (its broker, its own timeouts) does not fail wsq's CI.
+        print(f"PEER BENCHMARKS FAILED: {', '.join(peers_failed)}", file=sys.stderr)
+    if "error" in results.get("peers", {}):
+        print(f"PEER SUITE FAILED: {results['peers']['error'][-500:]}", file=sys.stderr)
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
