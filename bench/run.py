@@ -83,7 +83,11 @@ def table(results: dict[str, Any]) -> str:
 
 def _task_rows(results: dict[str, Any]) -> str:
     tasks = results.get("tasks", {})
-    peers = {k: v for k, v in results.get("peers", {}).items() if "error" not in v}
+    peers = {
+        k: v
+        for k, v in results.get("peers", {}).items()
+        if isinstance(v, dict) and "error" not in v
+    }
     rows = [
         ("enqueue tasks/s (bulk)", "enqueue_bulk_per_s", False, ">= 2x best peer", 2.0),
         ("enqueue tasks/s (one by one)", "enqueue_per_s", False, "", None),
@@ -107,6 +111,8 @@ def _peer_rows(results: dict[str, Any]) -> str:
     if not peers:
         return ""
     out = ["", f"{'peer':10} {'enqueue/s':>10} {'e2e/s':>10} {'p50 ms':>8} {'p99 ms':>8}  how"]
+    if "error" in peers:
+        return f"\npeers failed: {str(peers['error']).strip()[-300:]}"
     for name, result in [("wsq", results.get("tasks", {})), *peers.items()]:
         if "error" in result:
             out.append(f"{name:10} failed: {result['error'].strip().splitlines()[-1][:80]}")
@@ -163,7 +169,8 @@ def main() -> None:
     print(table(results))
     print(f"\nresults: {path}")
     failed = [n for n in chosen if n != "peers" and "error" in results.get(n, {})]
-    peers_failed = [f"peers.{n}" for n, r in results.get("peers", {}).items() if "error" in r]
+    peers = results.get("peers", {})
+    peers_failed = [f"peers.{n}" for n, r in peers.items() if isinstance(r, dict) and "error" in r]
     if peers_failed:
         # Loud, but a peer's hiccup (its broker, its own timeouts) does not fail wsq's CI.
         print(f"PEER BENCHMARKS FAILED: {', '.join(peers_failed)}", file=sys.stderr)
