@@ -137,6 +137,21 @@ async def test_stored_tasks_are_copies(store: StateStore) -> None:
     assert await store.get("a") == make("a", 1)
 
 
+async def test_a_duplicate_among_many_inserts_is_reported_alone(store: StateStore) -> None:
+    """Runs of inserts may be executed together; a duplicate among them still gets its own
+    False, and every other insert of the run (and of other submits) still applies."""
+    await insert(store, make("dup", 1))
+    many = [Insert(make(f"t{n}", 10 + n)) for n in range(5)]
+    many.insert(3, Insert(make("dup", 99)))
+    first = store.submit(many)
+    other = store.submit([Insert(make("x", 50)), Update(make("t0", 10), State.WAITING)])
+    assert await first == [True, True, True, False, True, True]
+    assert await other == [True, True]
+    dup = await store.get("dup")
+    assert dup is not None and dup.seq == 1
+    assert len(await store.list()) == 7
+
+
 async def test_duplicate_insert_returns_false_and_writes_nothing(store: StateStore) -> None:
     first = make("a", 1, streams=(StreamRef(path=("x",), size=1, blob="1" * 32),))
     await insert(store, first)

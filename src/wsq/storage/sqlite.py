@@ -393,6 +393,37 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
     raise TypeError(f"Not a state store op: {op!r}")
 
 
+class _Conflict(Exception):
+    """An insert in a run of inserts met an existing id: redo the batch op by op."""
+
+
+def _apply_fast(conn: sqlite3.Connection, ops: Sequence[Op]) -> builtins.list[Any]:
+    """Results of ``ops``, with each run of plain inserts (no blobs) as one executemany.
+    Raises :class:`_Conflict` if such a run met an existing id, since executemany cannot
+    tell which insert was skipped; the caller then redoes the batch op by op."""
+    results: builtins.list[Any] = []
+    run: builtins.list[tuple[Any, ...]] = []
+    for op in ops:
+        if type(op) is Insert and not op.task.streams:
+            run.append(_task_params(op.task))
+            continue
+        _insert_run(conn, run, results)
+        results.append(_apply(conn, op))
+    _insert_run(conn, run, results)
+    return results
+
+
+def _insert_run(
+    conn: sqlite3.Connection, run: builtins.list[tuple[Any, ...]], results: builtins.list[Any]
+) -> None:
+    if not run:
+        return
+    if conn.executemany(INSERT_TASK, run).rowcount != len(run):
+        raise _Conflict
+    results.extend([True] * len(run))
+    run.clear()
+
+
 def _apply_job(conn: sqlite3.Connection, ops: Sequence[Op]) -> builtins.list[Any] | Exception:
     """Results of ``ops``, or the exception that stopped them, in which case none of them
     applied. Raises only if the enclosing transaction can no longer be trusted."""
@@ -571,7 +602,7 @@ class _Writer:
         savepoint, so one caller's bad op fails only that caller."""
         conn.execute(BEGIN)
         try:
-            fast: builtins.list[_Outcome] = [[_apply(conn, op) for op in job.ops] for job in batch]
+            fast: builtins.list[_Outcome] = [_apply_fast(conn, job.ops) for job in batch]
         except Exception:
             _rollback(conn)
             conn.execute(BEGIN)
