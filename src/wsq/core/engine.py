@@ -81,6 +81,11 @@ class Core:
         # Whether anyone (a listener, the log) wants task events of a queue; the server
         # sets this so that unobserved queues cost no snapshots.
         self.observed: Callable[[str], bool] = lambda queue: True
+        # With defer_dispatch, calls only note which queues changed and flush() offers
+        # once for all of them: a worker freed by 100 completions in one turn of the
+        # server's loop gets one offer of 100 tasks, not 100 offers of one.
+        self.defer_dispatch = False
+        self._dirty: dict[str, None] = {}
         self._adding: set[int] = set()
 
     # -- start-up and intake ---------------------------------------------------------------
@@ -121,7 +126,7 @@ class Core:
         effects = self._event("task added", task) + self._event("task queued", task)
         queue = self._queue(task.queue)
         self._place(queue, task)
-        return effects + self._dispatch(queue, now)
+        return effects + self._dispatch_soon(queue, now)
 
     def loaded(self, name: str, tasks: list[Task], limit: int, now: float) -> list[Effect]:
         """The result of a :class:`Load` of ``limit`` tasks for queue ``name``."""
@@ -136,7 +141,7 @@ class Core:
             queue.spilled = False
         queue.refused_during_load = False
         queue.left_during_load.clear()
-        return self._dispatch(queue, now)
+        return self._dispatch_soon(queue, now)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class Core:
         queue = self._queue(queue_name)
         queue.workers[worker_id] = worker
         effects: list[Effect] = [Emit("worker added", queue_name, (worker.to_json(),))]
-        return effects + self._dispatch(queue, now)
+        return effects + self._dispatch_soon(queue, now)
 
     def remove_worker(self, worker_id: str) -> list[Effect]:
         """Stop offering to a worker (it stopped, or its connection dropped). Its active
@@ -208,7 +213,7 @@ class Core:
         effects += self._event("task completed", task)
         if task.options.autoremove:
             effects += self._delete(task)
-        return effects + self._dispatch(self._queue(task.queue), now)
+        return effects + self._dispatch_soon(self._queue(task.queue), now)
 
     def fail(self, task_id: str, run: int, error: str, now: float) -> list[Effect]:
         current = self._run_of(task_id, run)
@@ -230,7 +235,7 @@ class Core:
             effects = self._abort(current, "Removed.")
             detached = self._detach(current)
             effects += self._delete(detached)
-            return effects + self._dispatch(self._queue(detached.queue), now)
+            return effects + self._dispatch_soon(self._queue(detached.queue), now)
         task = self._waiting.get(task_id) or stored
         if task is None:
             return []
@@ -355,7 +360,7 @@ class Core:
         if will_retry:
             return self._requeue(task, State.ACTIVE, now, announce=failed)
         effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
-        return effects + self._dispatch(self._queue(task.queue), now)
+        return effects + self._dispatch_soon(self._queue(task.queue), now)
 
     def _requeue(
         self, task: Task, expected: State, now: float, announce: list[Effect] | None = None
@@ -371,7 +376,7 @@ class Core:
         ]
         queue = self._queue(task.queue)
         self._place(queue, task)
-        return effects + self._dispatch(queue, now)
+        return effects + self._dispatch_soon(queue, now)
 
     def _delete(self, task: Task) -> list[Effect]:
         effects: list[Effect] = [Write(Delete(task.id))]
@@ -441,6 +446,25 @@ class Core:
 
     def _free_slots(self, worker: _Worker) -> int:
         return worker.concurrency - len(self._by_worker.get(worker.id, ()))
+
+    def _dispatch_soon(self, queue: _Queue, now: float) -> list[Effect]:
+        """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`."""
+        if not self.defer_dispatch:
+            return self._dispatch(queue, now)
+        self._dirty[queue.name] = None
+        return []
+
+    def flush(self, now: float) -> list[Effect]:
+        """Dispatch every queue that changed since the last flush (see
+        :attr:`defer_dispatch`)."""
+        effects: list[Effect] = []
+        while self._dirty:
+            name = next(iter(self._dirty))
+            del self._dirty[name]
+            queue = self._queues.get(name)
+            if queue is not None:
+                effects += self._dispatch(queue, now)
+        return effects
 
     def _dispatch(self, queue: _Queue, now: float) -> list[Effect]:
         """Offer waiting tasks to workers with free slots, round robin, each worker's share

@@ -105,6 +105,7 @@ class Server:
         self.blobs = blob_store or _default_blob_store(self.data_dir)
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.core.observed = self._observed
+        self.core.defer_dispatch = True
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
         # Blobs stored while the start-up sweep runs; the sweep must not delete them.
@@ -115,7 +116,7 @@ class Server:
         self._pending: deque[tuple[asyncio.Future[None] | None, Callable[[], None]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._rearm_scheduled = False
+        self._turn_scheduled = False
         self._listener: WsServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -239,7 +240,20 @@ class Server:
             send()
 
     def apply(self, effects: list[Effect]) -> None:
-        """Apply the core's effects in order; the timer is re-armed at the end of the turn."""
+        """Apply the core's effects in order. At the end of this turn of the loop, the core
+        dispatches the queues that changed and the timer is re-armed."""
+        self._apply_now(effects)
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_scheduled = False
+        if not self._closing:
+            self._apply_now(self.core.flush(time.time()))
+        self._rearm()
+
+    def _apply_now(self, effects: list[Effect]) -> None:
         ops: list[Op] = []
         loads: list[tuple[int, Load]] = []
         for effect in effects:
@@ -252,10 +266,6 @@ class Server:
             self.submit(ops, (lambda outcome: self._loaded(outcome, loads)) if loads else None)
         for effect in effects:
             self._apply_one(effect)
-        if not self._rearm_scheduled:
-            # Once per turn of the loop, however many messages that turn applied.
-            self._rearm_scheduled = True
-            asyncio.get_running_loop().call_soon(self._rearm)
 
     def _observed(self, queue: str) -> bool:
         return _transitions_logged() or None in self.subscribers or queue in self.subscribers
@@ -346,7 +356,6 @@ class Server:
         """Make sure a timer fires by the core's next deadline. A timer set for an
         earlier moment is kept (it ticks, finds nothing due, and re-arms), since moving
         it on every change would cost more than the spare tick."""
-        self._rearm_scheduled = False
         deadline = self.core.next_deadline()
         armed = self._timer_at
         if deadline == armed or (deadline is not None and armed is not None and armed < deadline):
