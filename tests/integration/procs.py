@@ -34,11 +34,18 @@ class ServerProcess:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    async def start(self) -> ServerProcess:
-        args = [sys.executable, "-m", "wsq", "server", "--port", str(self.port)]
-        args += ["--data-dir", str(self.data_dir), *self.extra]
+    async def start(self, env: dict[str, str] | None = None) -> ServerProcess:
+        """Start it with ``--port`` and ``--data-dir``; or, given ``env``, with no options
+        at all and ``env`` added to the environment (where port and data dir then come
+        from)."""
+        args = [sys.executable, "-m", "wsq", "server"]
+        if env is None:
+            args += ["--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=log, env={**os.environ, **(env or {})}
+            )
         await self._wait_listening()
         return self
 

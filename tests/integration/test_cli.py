@@ -10,7 +10,7 @@ from pathlib import Path
 
 import wsq
 from tests.conftest import budget
-from tests.integration.procs import ServerProcess, free_port
+from tests.integration.procs import ServerProcess
 
 
 def run_wsq(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:
@@ -40,39 +40,18 @@ def test_demo_runs_to_completion(tmp_path: Path) -> None:
 
 
 async def test_environment_and_json_logs(tmp_path: Path) -> None:
-    port = free_port()
-    env = {"PORT": str(port), "WSQ_DATA_DIR": str(tmp_path / "env-data")}
+    data_dir = tmp_path / "env-data"
+    server = ServerProcess(data_dir)
+    env = {"PORT": str(server.port), "WSQ_DATA_DIR": str(data_dir)}
     env |= {"WSQ_LOG_FORMAT": "json", "WSQ_WORKER_TIMEOUT": "0.5"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        server = ServerProcess(tmp_path / "unused", port)
-        server.extra = []
-        args_dir = tmp_path / "env-data"
-        await _start_without_data_dir(server)
-        async with wsq.Client(server.url) as client:
-            await client.queue("logged").add(1)
-        assert server.stop() == 0
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    assert (args_dir / "wsq.db").exists()
+    await server.start(env)
+    async with wsq.Client(server.url) as client:
+        await client.queue("logged").add(1)
+    assert server.stop() == 0
+    assert (data_dir / "wsq.db").exists()
     records = [json.loads(line) for line in server.log.read_text().splitlines() if line]
     actions = [r.get("action") for r in records]
     assert {"listening", "connect", "task added", "task queued", "stopped"} <= set(actions)
     added = next(r for r in records if r.get("action") == "task added")
     assert added["queue"] == "logged"
     assert added["level"] == "INFO"
-
-
-async def _start_without_data_dir(server: ServerProcess) -> None:
-    """Start ``wsq server`` with no options, so port and data dir come from the env."""
-    server.log.parent.mkdir(parents=True, exist_ok=True)
-    with server.log.open("ab") as log:
-        server.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsq", "server"], stdout=log, stderr=log
-        )
-    await server._wait_listening()
