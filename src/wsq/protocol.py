@@ -168,6 +168,11 @@ class Complete(_Msg, tag="complete"):
     id: RequestId | None = None
 
 
+class CompleteMany(_Msg, tag="complete_many"):
+    runs: Annotated[list[RunRef], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    id: RequestId | None = None
+
+
 class Fail(_Msg, tag="fail"):
     task: TaskId
     run: int
@@ -221,6 +226,7 @@ ClientMessage = (
     | Progress
     | Touch
     | Complete
+    | CompleteMany
     | Fail
     | Upload
     | UploadEnd

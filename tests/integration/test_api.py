@@ -256,3 +256,29 @@ async def test_add_many_resent_creates_no_duplicates(client: wsq.Client) -> None
         )
         assert refused["code"] == "invalid_argument"
     assert len(await client.queue("resend").all()) == 5
+
+
+async def test_complete_many_answers_the_stale_runs(client: wsq.Client) -> None:
+    queue = client.queue("many-done")
+    for n in range(3):
+        await queue.add(n)
+    async with RawClient(client.address) as raw:
+        await raw.request({"op": "work", "queue": "many-done", "concurrency": 3, "worker": "wm"})
+        offer = await raw.expect("offer")
+        runs = [[t["task"]["id"], t["run"]] for t in offer["tasks"]]
+        await raw.send({"op": "ack", "runs": runs})
+        stale = [runs[0][0], runs[0][1] + 7]
+        answer = await raw.request({"op": "complete_many", "runs": [*runs[1:], stale]})
+        assert answer["result"] == {"stale": [stale]}
+    assert len(await queue.completed()) == 2
+
+
+async def test_a_worker_completing_more_than_a_batch_in_one_turn(client: wsq.Client) -> None:
+    queue = client.queue("wide")
+    await queue.add_many(range(1500))
+    queue.process(lambda task: None, concurrency=1500)
+    await eventually(lambda: _count_completed(queue, 1500), timeout=30)
+
+
+async def _count_completed(queue: wsq.Queue, n: int) -> bool:
+    return len(await queue.completed()) == n

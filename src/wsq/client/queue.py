@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from wsq.client.events import Emitter, Handler, logger
 from wsq.client.task import Task
-from wsq.exceptions import WsqError
+from wsq.exceptions import StaleRun, WsqError
+from wsq.protocol import MAX_BATCH
 
 if TYPE_CHECKING:
     from wsq.client.client import Client
@@ -131,6 +132,7 @@ class Worker:
         self._handler = handler
         self._running: dict[str, tuple[Task, asyncio.Future[None]]] = {}
         self._reports: set[asyncio.Future[Any]] = set()
+        self._completed: list[list[Any]] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self.stopped = False
@@ -211,14 +213,36 @@ class Worker:
 
     def _report(self, task: Task, error: str | None) -> None:
         """Tell the server how the run ended, without waiting for its answer (a refused
-        report is logged and emitted as an 'error' event)."""
-        message: dict[str, Any] = {"op": "complete", "task": task.id, "run": task.run}
-        if error is not None:
-            task.error = error
-            message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
-        future = self._client._request_nowait(message)
-        self._reports.add(future)
+        report is logged and emitted as an 'error' event). Completions made in one turn
+        of the event loop leave together, as one ``complete_many``."""
         self._idle.clear()
+        if error is None:
+            if not self._completed:
+                asyncio.get_running_loop().call_soon(self._send_completed)
+            self._completed.append([task.id, task.run])
+            return
+        task.error = error
+        message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
+        self._track(self._client._request_nowait(message))
+
+    def _send_completed(self) -> None:
+        runs, self._completed = self._completed, []
+        for first in range(0, len(runs), MAX_BATCH):
+            message = {"op": "complete_many", "runs": runs[first : first + MAX_BATCH]}
+            future = self._client._request_nowait(message)
+            future.add_done_callback(self._stale)
+            self._track(future)
+
+    def _stale(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        for task_id, run in future.result().get("stale", []):
+            error = StaleRun(f"Run {run} of task {task_id} was no longer active.")
+            logger.warning("a worker report was refused: %s", error)
+            self._client.emit("error", error)
+
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._reports.add(future)
         future.add_done_callback(self._reported)
 
     def _reported(self, future: asyncio.Future[Any]) -> None:
@@ -232,7 +256,7 @@ class Worker:
             self._client.emit("error", exc)
 
     def _check_idle(self) -> None:
-        if not self._running and not self._reports:
+        if not self._running and not self._reports and not self._completed:
             self._idle.set()
 
 

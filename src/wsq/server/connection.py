@@ -30,6 +30,7 @@ from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import (
     InvalidArgument,
     ProtocolError,
+    StaleRun,
     TaskNotFound,
     WsqError,
 )
@@ -76,6 +77,7 @@ class Connection:
             p.Progress: self._on_progress,
             p.Touch: self._on_touch,
             p.Complete: self._on_complete,
+            p.CompleteMany: self._on_complete_many,
             p.Fail: self._on_fail,
             p.Upload: self._on_upload,
             p.UploadEnd: self._on_upload_end,
@@ -536,6 +538,19 @@ class Connection:
     def _on_complete(self, message: p.Complete) -> None:
         self.server.apply(self.server.core.complete(message.task, message.run, time.time()))
         self.answer(message.id)
+
+    def _on_complete_many(self, message: p.CompleteMany) -> None:
+        """Several completions in one message; the answer lists the refused (stale) runs."""
+        core, now = self.server.core, time.time()
+        effects = []
+        stale = []
+        for ref in message.runs:
+            try:
+                effects += core.complete(ref.task, ref.run, now)
+            except StaleRun:
+                stale.append([ref.task, ref.run])
+        self.server.apply(effects)
+        self.answer(message.id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
         core = self.server.core
