@@ -35,6 +35,21 @@ def arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_role_arguments(parser: argparse.ArgumentParser, roles: dict[str, Any]) -> None:
+    """``--role NAME --url URL --count N``: how a workload runs one of its child processes."""
+    parser.add_argument("--role", choices=sorted(roles))
+    parser.add_argument("--url")
+    parser.add_argument("--count", type=int, default=0)
+
+
+def run_role(args: argparse.Namespace, roles: dict[str, Any]) -> bool:
+    """If ``--role`` was given, run that role on uvloop, print its JSON, and return True."""
+    if not args.role:
+        return False
+    print(json.dumps(run_loop(roles[args.role](args.url, args.count))))
+    return True
+
+
 def write_results(path: Path | None, results: dict[str, Any]) -> None:
     print(json.dumps(results, indent=2))
     if path is not None:

@@ -39,10 +39,11 @@ from bench import wsq_tasks as tasks
 from bench.common import (
     PYTHON,
     ROOT,
+    add_role_arguments,
     arguments,
     median,
     rss_bytes,
-    run_loop,
+    run_role,
     write_results,
     wsq_server,
 )
@@ -182,12 +183,9 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--tasks", type=int, default=None)
     parser.add_argument("--runs", type=int, default=None)
-    parser.add_argument("--role", choices=sorted(ROLES))
-    parser.add_argument("--url")
-    parser.add_argument("--count", type=int, default=0)
+    add_role_arguments(parser, ROLES)
     args = parser.parse_args()
-    if args.role:
-        print(json.dumps(run_loop(ROLES[args.role](args.url, args.count))))
+    if run_role(args, ROLES):
         return
     depth = args.depth or (20_000 if args.quick else 1_000_000)
     tasks = args.tasks or (2_000 if args.quick else 10_000)

@@ -24,11 +24,12 @@ from typing import Any
 from bench.common import (
     PYTHON,
     ROOT,
+    add_role_arguments,
     arguments,
     cpu_seconds,
     median,
     percentile,
-    run_loop,
+    run_role,
     write_results,
     wsq_server,
 )
@@ -179,12 +180,9 @@ def main() -> None:
     parser = arguments(__doc__ or "")
     parser.add_argument("--tasks", type=int, default=None)
     parser.add_argument("--runs", type=int, default=None)
-    parser.add_argument("--role", choices=sorted(ROLES))
-    parser.add_argument("--url")
-    parser.add_argument("--count", type=int, default=0)
+    add_role_arguments(parser, ROLES)
     args = parser.parse_args()
-    if args.role:
-        print(json.dumps(run_loop(ROLES[args.role](args.url, args.count))))
+    if run_role(args, ROLES):
         return
     tasks = args.tasks or (500 if args.quick else 20_000)
     runs = args.runs or (1 if args.quick else 3)

@@ -38,6 +38,11 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
         await asyncio.sleep(0.02)
 
 
+async def completed_count_is(queue: wsq.Queue, n: int) -> bool:
+    """For ``eventually``: whether exactly ``n`` tasks of ``queue`` have completed."""
+    return len(await queue.completed()) == n
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "wsq-data"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import wsq
-from tests.conftest import budget, eventually
+from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.rawclient import RawClient
 
 
@@ -159,8 +159,7 @@ async def test_offers_batch_tasks_and_answers_batch_frames(client: wsq.Client) -
     for n in range(5):
         await queue.add(n)
     async with RawClient(client.address) as raw:
-        await raw.request({"op": "work", "queue": "batch", "concurrency": 5, "worker": "wb"})
-        offer = await raw.expect("offer")
+        offer = await _raw_worker(raw, "batch", 5)
         assert [t["data"] for t in offer["tasks"]] == [0, 1, 2, 3, 4]
         runs = [[t["task"]["id"], t["run"]] for t in offer["tasks"]]
         assert raw.ws is not None
@@ -177,8 +176,7 @@ async def test_stale_report_is_refused(client: wsq.Client) -> None:
     queue = client.queue("stale")
     task = await queue.add(1, timeout=0.2)
     async with RawClient(client.address) as raw:
-        await raw.request({"op": "work", "queue": "stale", "worker": "ws"})
-        offer = await raw.expect("offer")
+        offer = await _raw_worker(raw, "stale", 1)
         run = offer["tasks"][0]["run"]
         await raw.send({"op": "ack", "runs": [[task.id, run]]})
         abort = await raw.expect("abort")
@@ -263,8 +261,7 @@ async def test_complete_many_answers_the_stale_runs(client: wsq.Client) -> None:
     for n in range(3):
         await queue.add(n)
     async with RawClient(client.address) as raw:
-        await raw.request({"op": "work", "queue": "many-done", "concurrency": 3, "worker": "wm"})
-        offer = await raw.expect("offer")
+        offer = await _raw_worker(raw, "many-done", 3)
         runs = [[t["task"]["id"], t["run"]] for t in offer["tasks"]]
         await raw.send({"op": "ack", "runs": runs})
         stale = [runs[0][0], runs[0][1] + 7]
@@ -277,8 +274,11 @@ async def test_a_worker_completing_more_than_a_batch_in_one_turn(client: wsq.Cli
     queue = client.queue("wide")
     await queue.add_many(range(1500))
     queue.process(lambda task: None, concurrency=1500)
-    await eventually(lambda: _count_completed(queue, 1500), timeout=30)
+    await eventually(lambda: completed_count_is(queue, 1500), timeout=30)
 
 
-async def _count_completed(queue: wsq.Queue, n: int) -> bool:
-    return len(await queue.completed()) == n
+async def _raw_worker(raw: RawClient, queue: str, concurrency: int) -> dict[str, Any]:
+    """Register a worker on a raw connection and return the first offer it gets."""
+    message = {"op": "work", "queue": queue, "concurrency": concurrency, "worker": f"w-{queue}"}
+    await raw.request(message)
+    return await raw.expect("offer")

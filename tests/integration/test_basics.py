@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import wsq
-from tests.conftest import budget, eventually
+from tests.conftest import budget, completed_count_is, eventually
 
 
 async def test_add_then_process_completes(client: wsq.Client) -> None:
@@ -54,12 +54,8 @@ async def test_concurrency_is_respected(client: wsq.Client) -> None:
 
     await asyncio.gather(*(queue.add(n) for n in range(20)))
     queue.process(handler, concurrency=3)
-    await eventually(lambda: _count(queue.completed(), 20))
+    await eventually(lambda: completed_count_is(queue, 20))
     assert peak == 3
-
-
-async def _count(listing: Any, n: int) -> bool:
-    return len(await listing) == n
 
 
 async def test_failure_sets_error_and_retries(client: wsq.Client) -> None:

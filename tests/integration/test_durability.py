@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import wsq
-from tests.conftest import budget, eventually
+from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.procs import ServerProcess, free_port
 
 
@@ -97,11 +97,7 @@ async def test_worker_reconnect_keeps_its_run(server: wsq.Server) -> None:
         await asyncio.sleep(0.2)
         assert len(await queue.active()) == 1
         release.set()
-        await eventually(lambda: _completed_count(queue, 2))
-
-
-async def _completed_count(queue: wsq.Queue, n: int) -> bool:
-    return len(await queue.completed()) == n
+        await eventually(lambda: completed_count_is(queue, 2))
 
 
 async def test_calls_made_while_disconnected_wait(data_dir: Path) -> None:
