@@ -162,3 +162,27 @@ async def test_stream_read_cut_by_lost_connection_raises(server: wsq.Server) -> 
         with pytest.raises(wsq.ConnectionLost):
             while True:
                 await asyncio.wait_for(anext(iterator), budget(10))
+
+
+async def test_connection_closed_while_an_add_waits_for_its_upload(server: wsq.Server) -> None:
+    """The add waits for an upload that never ends; the connection drops: no task, no blob."""
+    from tests.integration.rawclient import RawClient
+
+    async with RawClient(server.url) as raw:
+        await raw.send({"op": "upload", "stream": 1})
+        assert raw.ws is not None
+        await raw.ws.send(b"\x00\x00\x00\x01" + b"x" * 1000)
+        await raw.send(
+            {
+                "op": "add",
+                "id": 1,
+                "queue": "cut",
+                "data": {"f": None},
+                "streams": [{"path": ["f"], "upload": 1}],
+            }
+        )
+        await eventually(lambda: list((server.data_dir / "blobs" / "tmp").iterdir()))
+    await eventually(lambda: not server.connections)
+    await eventually(lambda: list((server.data_dir / "blobs" / "tmp").iterdir()) == [])
+    assert blob_files(server) == []
+    assert await server.store.list() == []

@@ -312,7 +312,14 @@ class Connection:
     async def _add_after_uploads(
         self, message: p.Add, options: Options, pending: list[Upload]
     ) -> Any:
-        results = await asyncio.gather(*(u.done for u in pending), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(u.done for u in pending), return_exceptions=True)
+        except asyncio.CancelledError:
+            # The connection closed first: these uploads left self._uploads, so they are
+            # not closed by cleanup(); stop them here, discarding their blobs.
+            for upload in pending:
+                await upload.close()
+            raise
         done = {u.stream: r for u, r in zip(pending, results, strict=True)}
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:

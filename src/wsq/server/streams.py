@@ -59,7 +59,9 @@ class Upload:
         self._wake.set()
 
     def abort(self, reason: str) -> None:
-        if self._failed is None and not self.done.done():
+        """Stop: the pump discards the blob, unless it has already stored it (then the
+        caller deletes it, or :meth:`_pump` does if nobody waits for it any more)."""
+        if self._failed is None:
             self._failed = reason
             self._wake.set()
 
@@ -74,12 +76,17 @@ class Upload:
         try:
             writer = await self._blobs.create()
             size = await self._copy(writer)
-            self.done.set_result((writer.key, size))
         except Exception as exc:
             if writer is not None:
                 await writer.abort()
             reason = self._failed or f"Could not store stream {self.stream}: {exc}"
-            self.done.set_exception(UploadFailed(reason))
+            if not self.done.done():
+                self.done.set_exception(UploadFailed(reason))
+            return
+        if self.done.done():  # nobody waits any more (cancelled): nothing will claim it
+            await self._blobs.delete([writer.key])
+        else:
+            self.done.set_result((writer.key, size))
 
     async def _copy(self, writer: BlobWriter) -> int:
         while True:
