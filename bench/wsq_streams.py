@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, ROOT, arguments, rss_bytes, write_results, wsq_server
+from bench.common import PYTHON, ROOT, arguments, rss_bytes, run_loop, write_results, wsq_server
 
 MB = 1 << 20
 CHUNK = 1 << 20
@@ -301,7 +301,7 @@ def main() -> None:
         print(json.dumps(raw_send(args.port, args.bytes)))
         return
     if args.role:
-        print(json.dumps(asyncio.run(ROLES[args.role](args.url, args.bytes))))
+        print(json.dumps(run_loop(ROLES[args.role](args.url, args.bytes))))
         return
     mib = args.mib or (32 if args.quick else 1024)
     write_results(args.json, run(mib * MB))

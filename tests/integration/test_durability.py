@@ -16,6 +16,7 @@ import pytest
 import wsq
 from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.procs import ServerProcess, free_port
+from tests.integration.proxy import proxy_to
 
 
 def fast(url: str) -> wsq.Client:
@@ -179,15 +180,15 @@ async def test_sigterm_shuts_down_cleanly(data_dir: Path) -> None:
 async def test_server_drops_a_client_that_stops_answering_pings(data_dir: Path) -> None:
     async with (
         wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=0.2) as server,
+        proxy_to(server.url) as proxy,
         fast(server.url) as observer,
-        fast(server.url) as victim,
+        fast(proxy.url) as victim,
     ):
         removed = asyncio.Event()
         observer.on("worker removed", lambda worker: removed.set())
         victim.queue("hb").process(lambda t: None)
         await eventually(lambda: server.core.queue_names() == ["hb"])
-        assert victim._ws is not None
-        victim._ws.transport.pause_reading()  # deaf: no pongs go back
+        proxy.blackhole()  # the path dies without a close: no pongs come back
         await asyncio.wait_for(removed.wait(), budget(5))
 
 

@@ -22,8 +22,13 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
+from picows.websockets import (
+    ClientConnection,
+    ConnectionClosed,
+    InvalidURI,
+    WebSocketException,
+    connect,
+)
 
 from wsq import protocol
 from wsq.client.events import SERVER_EVENTS, Emitter, Event, Handler
@@ -31,8 +36,13 @@ from wsq.client.queue import Queue, Worker
 from wsq.client.streams import Downloading, Uploader, extract
 from wsq.client.task import Task
 from wsq.exceptions import ConnectionLost, ProtocolError, WsqError, error_from_wire
+from wsq.wslog import TransportLog
 
 logger = logging.getLogger("wsq.client")
+_transport_log = TransportLog("wsq.client.transport")
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a closing handshake may take before the connection is simply dropped."""
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 _EVENTS_MAX = 65536
@@ -174,7 +184,9 @@ class Client(Emitter):
             compression=None,
             ping_interval=None,
             open_timeout=10,
+            close_timeout=CLOSE_TIMEOUT,
             user_agent_header=f"wsq-python/{_version()}",
+            logger=_transport_log,
         )
         try:
             hello = {"op": "hello", "protocol": protocol.PROTOCOL_VERSION, "client": "wsq-python"}
@@ -259,7 +271,9 @@ class Client(Emitter):
                     await asyncio.wait_for(pong, interval * 3)
                 except TimeoutError:
                     logger.warning("no pong from %s; reconnecting", self.address)
-                    ws.transport.abort()
+                    # A dead path will not finish a closing handshake either: after
+                    # CLOSE_TIMEOUT the connection is dropped, and _session reconnects.
+                    await ws.close(1011, "No pong")
                     return
 
     # -- sending ---------------------------------------------------------------------------

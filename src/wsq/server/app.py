@@ -24,9 +24,8 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from websockets.asyncio.server import Server as WsServer
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.http11 import Request, Response
+from picows.websockets import Request, Response, ServerConnection, ServerHandshakeConnection, serve
+from picows.websockets import Server as WsServer
 
 from wsq import protocol
 from wsq.blobs.base import BlobStore
@@ -37,6 +36,10 @@ from wsq.server.connection import Connection
 from wsq.server.logs import log, logger
 from wsq.server.streams import stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
+from wsq.wslog import TransportLog
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a closing handshake may take before the connection is simply dropped."""
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
 
@@ -139,6 +142,8 @@ class Server:
             compression=None,
             process_request=self._http,
             server_header=f"wsq/{_version()}",
+            close_timeout=CLOSE_TIMEOUT,
+            logger=TransportLog("wsq.transport"),
         )
         sock = next(iter(self._listener.sockets))
         host, port = sock.getsockname()[:2]
@@ -395,7 +400,7 @@ class Server:
             if not subscribers:
                 del self.subscribers[queue]
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _http(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         if request.path == "/health":

@@ -21,8 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from picows.websockets import ConnectionClosed, ServerConnection
 
 from wsq import protocol as p
 from wsq.blobs.base import BlobReader
