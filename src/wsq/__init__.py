@@ -7,6 +7,7 @@ from wsq.client.streams import Stream
 from wsq.client.task import Task
 from wsq.exceptions import (
     ConnectionLost,
+    Forbidden,
     InvalidArgument,
     InvalidState,
     ProtocolError,
@@ -14,6 +15,7 @@ from wsq.exceptions import (
     StaleRun,
     TaskNotFound,
     TooLarge,
+    Unauthorized,
     UploadFailed,
     WsqError,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "Client",
     "ConnectionLost",
     "Event",
+    "Forbidden",
     "InvalidArgument",
     "InvalidState",
     "ProtocolError",
@@ -37,6 +40,7 @@ __all__ = [
     "TaskList",
     "TaskNotFound",
     "TooLarge",
+    "Unauthorized",
     "UploadFailed",
     "Worker",
     "WsqError",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import resource
 import signal
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -13,6 +14,7 @@ import click
 
 from wsq import __version__
 from wsq.server.app import Server
+from wsq.server.auth import Authenticator, AuthFileError
 from wsq.server.logs import configure
 
 _LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
@@ -75,6 +77,62 @@ def _server_options(func: Any) -> Any:
     return func
 
 
+def _security_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "--auth-file",
+            type=click.Path(exists=True, dir_okay=False),
+            envvar="WSQ_AUTH_FILE",
+            help="TOML or YAML file mapping tokens to roles per queue pattern; with it,"
+            " connections without a valid token are refused (docs/security.md).",
+        ),
+        click.option(
+            "--allowed-origins",
+            default="",
+            envvar="WSQ_ALLOWED_ORIGINS",
+            help="Comma-separated origins whose pages may connect (* for any). Pages from"
+            " the server's own origin always may; requests without Origin are not browsers.",
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(exists=True, dir_okay=False),
+            envvar="WSQ_TLS_CERT",
+            help="PEM certificate chain: serve wss:// and https:// (needs --tls-key).",
+        ),
+        click.option(
+            "--tls-key",
+            type=click.Path(exists=True, dir_okay=False),
+            envvar="WSQ_TLS_KEY",
+            help="PEM private key for --tls-cert.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _security_settings(
+    auth_file: str | None, allowed_origins: str, tls_cert: str | None, tls_key: str | None
+) -> dict[str, Any]:
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together.")
+    context = None
+    if tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise click.UsageError(f"Cannot load the TLS certificate and key: {exc}") from None
+    auth = None
+    if auth_file is not None:
+        try:
+            auth = Authenticator.load(auth_file)
+        except AuthFileError as exc:
+            raise click.UsageError(str(exc)) from None
+    origins = [o.strip() for o in allowed_origins.split(",") if o.strip()]
+    return {"auth": auth, "allowed_origins": origins, "ssl": context}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsq")
 def main() -> None:
@@ -83,10 +141,20 @@ def main() -> None:
 
 @main.command()
 @_server_options
-def server(log_level: str, log_format: str, **settings: Any) -> None:
+@_security_options
+def server(
+    log_level: str,
+    log_format: str,
+    auth_file: str | None,
+    allowed_origins: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    **settings: Any,
+) -> None:
     """Run a wsq server (SQLite + files under --data-dir; no other service needed)."""
+    security = _security_settings(auth_file, allowed_origins, tls_cert, tls_key)
     configure(log_level, log_format)
-    _run(_serve(Server(**settings)))
+    _run(_serve(Server(**settings, **security)))
 
 
 @main.command()

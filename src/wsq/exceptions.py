@@ -90,6 +90,18 @@ class ServerError(WsqError):
     code = "internal"
 
 
+class Unauthorized(WsqError):
+    """The server has an auth file and the hello carried no token, or an unknown one."""
+
+    code = "unauthorized"
+
+
+class Forbidden(WsqError):
+    """The connection's token does not grant the role this request needs on its queue."""
+
+    code = "forbidden"
+
+
 _BY_CODE: dict[str, type[WsqError]] = {
     cls.code: cls
     for cls in (
@@ -102,6 +114,8 @@ _BY_CODE: dict[str, type[WsqError]] = {
         StaleRun,
         UploadFailed,
         ServerError,
+        Unauthorized,
+        Forbidden,
     )
 }
 _BY_CODE["unsupported_protocol"] = ProtocolError

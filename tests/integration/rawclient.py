@@ -14,18 +14,25 @@ from tests.conftest import budget
 
 
 class RawClient:
-    def __init__(self, url: str, *, hello: bool = True) -> None:
+    def __init__(
+        self, url: str, *, hello: bool = True, token: str | None = None, **connect: Any
+    ) -> None:
         self.url = url
         self.hello = hello
+        self.token = token
+        self.connect = connect
         self.ws: ClientConnection | None = None
         self.welcome: dict[str, Any] = {}
         self._ids = itertools.count(1000)
         self.backlog: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> RawClient:
-        self.ws = await connect(self.url, max_size=None)
+        self.ws = await connect(self.url, max_size=None, **self.connect)
         if self.hello:
-            await self.send({"op": "hello", "protocol": 1, "client": "raw"})
+            hello = {"op": "hello", "protocol": 1, "client": "raw"}
+            if self.token is not None:
+                hello["token"] = self.token
+            await self.send(hello)
             self.welcome = await self.expect("welcome")
         return self
 

@@ -31,6 +31,7 @@ TASK_TABLE = [
     ("worker", "TEXT", 0, 0),
     ("created", "REAL", 1, 0),
     ("updated", "REAL", 1, 0),
+    ("owner", "TEXT", 0, 0),
 ]
 INDEXES = {
     "tasks_queue_state_seq": ("tasks", ["queue", "state", "seq"]),
@@ -69,6 +70,18 @@ def test_migrate_builds_the_schema(conn: sqlite3.Connection) -> None:
         owner = conn.execute("SELECT tbl_name FROM sqlite_master WHERE name = ?", (index,))
         assert owner.fetchone() == (table,)
         assert [row[2] for row in conn.execute(f"PRAGMA index_info({index})")] == indexed
+
+
+def test_a_version_1_store_gains_the_owner_column_and_keeps_its_rows(
+    conn: sqlite3.Connection,
+) -> None:
+    conn.executescript(f"BEGIN; {MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    conn.execute(
+        "INSERT INTO tasks VALUES ('t1', 'q', 'waiting', 1, x'6e756c6c', NULL, 60, 0, 0, 0, 0,"
+        " NULL, 0, NULL, 1.0, 1.0)"
+    )
+    assert migrate(conn) == 1
+    assert conn.execute("SELECT id, owner FROM tasks").fetchall() == [("t1", None)]
 
 
 def test_migrate_is_idempotent(conn: sqlite3.Connection) -> None:

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from ssl import SSLContext, create_default_context
 from types import TracebackType
 from typing import Any
 
@@ -35,7 +37,13 @@ from wsq.client.events import SERVER_EVENTS, Emitter, Event, Handler
 from wsq.client.queue import Queue, Worker
 from wsq.client.streams import Downloading, Uploader, extract
 from wsq.client.task import Task
-from wsq.exceptions import ConnectionLost, ProtocolError, WsqError, error_from_wire
+from wsq.exceptions import (
+    ConnectionLost,
+    ProtocolError,
+    Unauthorized,
+    WsqError,
+    error_from_wire,
+)
 from wsq.wslog import TransportLog
 
 logger = logging.getLogger("wsq.client")
@@ -77,10 +85,22 @@ class Client(Emitter):
     handlers may be sync or async. Task events call ``handler(task, *extra)``.
     """
 
-    def __init__(self, address: str, backoff: Callable[[int], float] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        backoff: Callable[[int], float] | None = None,
+        *,
+        token: str | None = None,
+        ssl: SSLContext | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+    ) -> None:
         super().__init__()
         self.address = address
         self.backoff = backoff or default_backoff
+        self._token = token
+        if ssl is None and ca_file is not None:
+            ssl = create_default_context(cafile=os.fspath(ca_file))
+        self._ssl = ssl
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
@@ -166,8 +186,9 @@ class Client(Emitter):
             try:
                 ws, welcome = await self._open()
             except (OSError, TimeoutError, WebSocketException, WsqError) as exc:
-                if isinstance(exc, InvalidURI):
+                if isinstance(exc, InvalidURI | Unauthorized):  # retrying cannot help
                     self.emit("error", exc)
+                    self._fail_requests(lambda r: True, WsqError(f"Cannot connect: {exc}"))
                     raise
                 tries += 1
                 if self.listens("error"):
@@ -176,6 +197,10 @@ class Client(Emitter):
                 continue
             tries = 0
             await self._session(ws, welcome)
+
+    def _tls(self) -> dict[str, Any]:
+        """``connect``'s ``ssl`` argument: a custom context, if one was given."""
+        return {"ssl": self._ssl} if self._ssl is not None else {}
 
     async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
         ws = await connect(
@@ -187,13 +212,23 @@ class Client(Emitter):
             close_timeout=CLOSE_TIMEOUT,
             user_agent_header=f"wsq-python/{_version()}",
             logger=_transport_log,
+            **self._tls(),
         )
         try:
-            hello = {"op": "hello", "protocol": protocol.PROTOCOL_VERSION, "client": "wsq-python"}
+            hello: dict[str, Any] = {
+                "op": "hello",
+                "protocol": protocol.PROTOCOL_VERSION,
+                "client": "wsq-python",
+            }
+            if self._token is not None:
+                hello["token"] = self._token
             await ws.send(_encoder.encode(hello), text=True)
             welcome = _decoder.decode(await asyncio.wait_for(ws.recv(), 10))
             if welcome.get("op") != "welcome":
-                raise ProtocolError(welcome.get("message", "The server refused the hello."))
+                message = welcome.get("message", "The server refused the hello.")
+                if welcome.get("code") == "unauthorized":
+                    raise Unauthorized(message)
+                raise ProtocolError(message)
             return ws, welcome
         except BaseException:
             await ws.close()

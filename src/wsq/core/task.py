@@ -89,6 +89,8 @@ class Task:
     worker: str | None = None
     created: float = 0.0
     updated: float = 0.0
+    owner: str | None = None
+    """The name of the principal that added it, when the server has an auth file."""
 
     def copy(self) -> Task:
         """A snapshot (much faster than ``dataclasses.replace`` on this hot path)."""
@@ -107,6 +109,7 @@ class Task:
             self.worker,
             self.created,
             self.updated,
+            self.owner,
         )
 
     @property

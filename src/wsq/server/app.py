@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +33,7 @@ from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
 from wsq.exceptions import ServerError
+from wsq.server.auth import Authenticator
 from wsq.server.connection import Connection
 from wsq.server.logs import log, logger
 from wsq.server.streams import stream_json
@@ -94,6 +96,9 @@ class Server:
         window: int = 1000,
         max_message_size: int = protocol.MAX_MESSAGE,
         max_outgoing: int = 64 << 20,
+        auth: Authenticator | str | os.PathLike[str] | None = None,
+        allowed_origins: Sequence[str] = (),
+        ssl: SSLContext | None = None,
     ) -> None:
         if worker_timeout <= 0 or heartbeat_interval <= 0:
             raise ValueError("worker_timeout and heartbeat_interval must be positive seconds")
@@ -104,6 +109,11 @@ class Server:
         self.worker_timeout = worker_timeout
         self.max_message_size = max_message_size
         self.max_outgoing = max_outgoing
+        if auth is not None and not isinstance(auth, Authenticator):
+            auth = Authenticator.load(auth)
+        self.auth: Authenticator | None = auth
+        self.allowed_origins = {_origin(o) for o in allowed_origins}
+        self.ssl = ssl
         self.store = state_store or _default_state_store(self.data_dir)
         self.blobs = blob_store or _default_blob_store(self.data_dir)
         self.core = Core(worker_timeout=worker_timeout, window=window)
@@ -144,11 +154,12 @@ class Server:
             server_header=f"wsq/{_version()}",
             close_timeout=CLOSE_TIMEOUT,
             logger=TransportLog("wsq.transport"),
+            ssl=self.ssl,
         )
         sock = next(iter(self._listener.sockets))
         host, port = sock.getsockname()[:2]
         self.port = port
-        self.url = f"ws://{_url_host(host)}:{port}"
+        self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
         self.spawn(self._sweep_orphans(), "wsq-sweep")
         log(
             logging.INFO,
@@ -334,7 +345,9 @@ class Server:
             return
         message = protocol.encode({"op": "event", "event": emit.event, "args": list(emit.args)})
         for connection in targets:
-            connection.send_text(message)
+            # Subscribers to every queue get the events of the queues they may observe.
+            if connection in this_queue or connection.may_observe(emit.queue):
+                connection.send_text(message)
 
     def _log_event(self, emit: Emit) -> None:
         level = _LOG_LEVELS.get(emit.event, logging.INFO)
@@ -401,11 +414,25 @@ class Server:
                 del self.subscribers[queue]
 
     def _http(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            log(
+                logging.WARNING, "origin refused", f"refused a request from origin {origin[:200]!r}"
+            )
+            return connection.respond(HTTPStatus.FORBIDDEN, "wsq: origin not allowed.\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         if request.path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        """Browsers send Origin: allow the server's own origin (same host and port as the
+        Host header) and those in ``allowed_origins`` (``*`` allows any)."""
+        if "*" in self.allowed_origins or _origin(origin) in self.allowed_origins:
+            return True
+        netloc = origin.partition("://")[2].lower()
+        return host is not None and netloc != "" and netloc == host.lower()
 
     async def _sweep_orphans(self) -> None:
         """Delete blobs no task references, left by a crash between upload and insert."""
@@ -428,6 +455,11 @@ class Server:
         """An upload was stored; keep the start-up sweep (if still running) off it."""
         if self._fresh_blobs is not None:
             self._fresh_blobs.add(key)
+
+
+def _origin(origin: str) -> str:
+    """An origin as compared: lower case, without a trailing slash."""
+    return origin.strip().rstrip("/").lower()
 
 
 def _default_state_store(data_dir: Path) -> StateStore:

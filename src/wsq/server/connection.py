@@ -27,12 +27,14 @@ from wsq import protocol as p
 from wsq.blobs.base import BlobReader
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import (
+    Forbidden,
     InvalidArgument,
     ProtocolError,
     StaleRun,
     TaskNotFound,
     WsqError,
 )
+from wsq.server.auth import EVERYONE, Principal
 from wsq.server.logs import log
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
 from wsq.storage.base import Insert
@@ -49,6 +51,8 @@ class Connection:
         self.server = server
         self.ws = websocket
         self.id = connection_id
+        self.principal: Principal = EVERYONE
+        self._checked = server.auth is not None  # False: every check passes, skip them
         self._out: deque[tuple[bool, bytes]] = deque()
         self._out_bytes = 0
         self._wake = asyncio.Event()
@@ -138,6 +142,19 @@ class Connection:
         if hello.protocol != p.PROTOCOL_VERSION:
             message = f"Protocol {hello.protocol} is not supported; this server speaks 1."
             return await self._refuse("unsupported_protocol", message)
+        if self.server.auth is not None:
+            principal = self.server.auth.authenticate(hello.token)
+            if principal is None:
+                log(
+                    logging.WARNING,
+                    "unauthorized",
+                    f"refused {_peer(self.ws)}: "
+                    + ("no token" if hello.token is None else "unknown token"),
+                    connection=self.id,
+                )
+                text = "A valid token is required." if hello.token else "A token is required."
+                return await self._refuse("unauthorized", text, close_code=1008)
+            self.principal = principal
         welcome = p.welcome(self.id, f"wsq/{_version()}", self.server.heartbeat_interval)
         await self.ws.send(welcome, text=True)
         log(
@@ -145,14 +162,48 @@ class Connection:
             "connect",
             f"connection from {_peer(self.ws)} ({hello.client or 'unknown client'})",
             connection=self.id,
+            principal=self.principal.name,
         )
         return True
 
-    async def _refuse(self, code: str, message: str, request_id: int | None = None) -> bool:
+    async def _refuse(
+        self, code: str, message: str, request_id: int | None = None, close_code: int = 1002
+    ) -> bool:
         with contextlib.suppress(ConnectionClosed):
             await self.ws.send(p.error(request_id, code, message), text=True)
-            await self.ws.close(1002, message[:120])
+            await self.ws.close(close_code, message[:120])
         return False
+
+    # -- access control (docs/security.md) -------------------------------------------------
+
+    def _require(self, role: str, queue: str | None) -> None:
+        """Raise Forbidden unless this connection holds ``role`` on ``queue``."""
+        if self._checked and not self.principal.may(role, queue):
+            where = "every queue" if queue is None else f"queue {queue!r}"
+            raise Forbidden(f"Token {self.principal.name!r} has no {role} role on {where}.")
+
+    def _require_read(self, task: Task) -> None:
+        """Reading a task and its data: observe or work on its queue, or produce if this
+        principal added it."""
+        if not self._checked:
+            return
+        principal = self.principal
+        if principal.may("observe", task.queue) or principal.may("work", task.queue):
+            return
+        if task.owner == principal.name and principal.may("produce", task.queue):
+            return
+        raise Forbidden(f"Token {principal.name!r} may not read task {task.id}.")
+
+    def _require_work_on(self, task_id: str) -> None:
+        """A worker's report: the work role on the task's queue. A task the core does not
+        hold gets the core's own answer (a stale run)."""
+        if self._checked:
+            held = self.server.core.lookup(task_id)
+            if held is not None:
+                self._require("work", held.queue)
+
+    def may_observe(self, queue: str | None) -> bool:
+        return not self._checked or self.principal.may("observe", queue)
 
     # -- outgoing --------------------------------------------------------------------------
 
@@ -294,6 +345,7 @@ class Connection:
         raise ProtocolError("Already greeted: hello is only the first message.")
 
     def _on_add(self, message: p.Add) -> None:
+        self._require("produce", message.queue)
         options = _options(message.options)
         _check_stream_paths(message.data, message.streams)
         uploads = [s.upload for s in message.streams if s.upload is not None]
@@ -369,10 +421,12 @@ class Connection:
             options=options,
             created=now,
             updated=now,
+            owner=self.principal.name if self._checked else None,
         )
 
     def _on_add_many(self, message: p.AddMany) -> None:
         """Several tasks in one message, one store job and one answer (§4.3)."""
+        self._require("produce", message.queue)
         options = [_options(spec.options) for spec in message.tasks]
         for spec in message.tasks:
             if any(stream.upload is not None for stream in spec.streams):
@@ -419,11 +473,12 @@ class Connection:
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
         stored = self.server.core.lookup(task.id) or await self.server.store.get(task.id)
-        if stored is None or stored.queue != task.queue:
+        if stored is None or stored.queue != task.queue or stored.owner != task.owner:
             raise InvalidArgument(f"Task id {task.id} is already in use.")
         return stored.to_json()
 
     def _on_list(self, message: p.ListTasks) -> None:
+        self._require("observe", message.queue)
         self._spawn(message.id, self._list(message))
 
     async def _list(self, message: p.ListTasks) -> Any:
@@ -446,6 +501,8 @@ class Connection:
     async def _queues(self) -> Any:
         names = set(await self.server.store.queues())
         names.update(self.server.core.queue_names())
+        if self._checked and not self.principal.may("observe", None):
+            names = {name for name in names if self.principal.may_any(name)}
         return {"queues": sorted(names)}
 
     async def _find(self, task_id: str) -> Task:
@@ -459,6 +516,7 @@ class Connection:
 
     async def _get(self, task_id: str) -> Any:
         task = await self._find(task_id)
+        self._require_read(task)
         return {
             "task": task.to_json(),
             "data": msgspec.Raw(task.data),
@@ -473,6 +531,7 @@ class Connection:
         stored = None if held else await self.server.store.get(task_id)
         if held is None and stored is None:
             raise TaskNotFound(f"No task with id {task_id}.")
+        self._require("admin", (held or stored).queue)  # type: ignore[union-attr]
         self.server.apply(self.server.core.remove(task_id, stored, time.time()))
         await self._durable()
         return None
@@ -482,6 +541,7 @@ class Connection:
 
     async def _retry(self, task_id: str) -> Any:
         task = await self._find(task_id)
+        self._require("admin", task.queue)
         self.server.apply(self.server.core.retry(task, time.time()))
         await self._durable()
         return task.to_json()
@@ -500,6 +560,9 @@ class Connection:
     # -- handlers: listeners and workers ---------------------------------------------------
 
     def _on_subscribe(self, message: p.Subscribe) -> None:
+        if message.queue is not None or not self.principal.holds("observe"):
+            # Everything: events of the queues this token may observe (filtered as sent).
+            self._require("observe", message.queue)
         self._subscriptions.add(message.queue)
         self.server.subscribe(self, message.queue)
         self.answer_now(message.id)
@@ -510,6 +573,7 @@ class Connection:
         self.answer_now(message.id)
 
     def _on_work(self, message: p.Work) -> None:
+        self._require("work", message.queue)
         worker_id = message.worker or uuid.uuid4().hex
         core = self.server.core
         effects = core.add_worker(
@@ -529,19 +593,23 @@ class Connection:
         core = self.server.core
         for ref in message.runs:
             with contextlib.suppress(WsqError):
+                self._require_work_on(ref.task)
                 self.server.apply(core.ack(ref.task, ref.run, now))
         self.answer(message.id)
 
     def _on_progress(self, message: p.Progress) -> None:
+        self._require_work_on(message.task)
         core = self.server.core
         self.server.apply(core.progress(message.task, message.run, message.progress, time.time()))
         self.answer(message.id)
 
     def _on_touch(self, message: p.Touch) -> None:
+        self._require_work_on(message.task)
         self.server.apply(self.server.core.touch(message.task, message.run, time.time()))
         self.answer(message.id)
 
     def _on_complete(self, message: p.Complete) -> None:
+        self._require_work_on(message.task)
         self.server.apply(self.server.core.complete(message.task, message.run, time.time()))
         self.answer(message.id)
 
@@ -551,6 +619,8 @@ class Connection:
         effects = []
         stale = []
         for ref in message.runs:
+            self._require_work_on(ref.task)
+        for ref in message.runs:
             try:
                 effects += core.complete(ref.task, ref.run, now)
             except StaleRun:
@@ -559,6 +629,7 @@ class Connection:
         self.answer(message.id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
+        self._require_work_on(message.task)
         core = self.server.core
         self.server.apply(core.fail(message.task, message.run, message.error, time.time()))
         self.answer(message.id)
@@ -566,6 +637,8 @@ class Connection:
     # -- handlers: streams (§8) ------------------------------------------------------------
 
     def _on_upload(self, message: p.Upload) -> None:
+        if self._checked and not self.principal.holds("produce"):
+            raise Forbidden(f"Token {self.principal.name!r} has no produce role.")
         if message.stream in self._uploads or message.stream in self._downloads:
             raise InvalidArgument(f"Stream {message.stream} is already open.")
         upload = Upload(message.stream, self.server.blobs, p.WINDOW, self.send_text)
@@ -604,6 +677,7 @@ class Connection:
 
         async def source() -> BlobReader:
             task = await self._find(message.task)
+            self._require_read(task)
             if message.index >= len(task.streams):
                 raise InvalidArgument(f"Task {task.id} has no stream {message.index}.")
             ref = task.streams[message.index]

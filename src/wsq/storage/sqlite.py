@@ -99,7 +99,12 @@ CREATE TABLE blobs (
 CREATE INDEX blobs_task ON blobs (task);
 """
 
-MIGRATIONS: list[str] = [SCHEMA_1]
+# The principal that added the task (auth files, docs/security.md).
+SCHEMA_2 = """
+ALTER TABLE tasks ADD COLUMN owner TEXT;
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2]
 
 # -- statements -----------------------------------------------------------------------------
 
@@ -119,13 +124,13 @@ RELEASE_SAVEPOINT = "RELEASE job"
 
 TASK_COLUMNS = (
     "id, queue, state, seq, data, streams, opt_timeout, opt_retries, opt_autoremove,"
-    " progress, retries, error, run, worker, created, updated"
+    " progress, retries, error, run, worker, created, updated, owner"
 )
 TASK_COLUMNS_SEQ = 3  # where seq is in a row selected as TASK_COLUMNS
 
 INSERT_TASK = f"""
 INSERT INTO tasks ({TASK_COLUMNS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO NOTHING
 """
 INSERT_BLOB = "INSERT OR IGNORE INTO blobs (key, task) VALUES (?, ?)"
@@ -228,6 +233,7 @@ def _task_params(task: Task) -> tuple[Any, ...]:
         task.worker,
         task.created,
         task.updated,
+        task.owner,
     )
 
 
@@ -243,7 +249,7 @@ def _options(timeout: float, retries: int, autoremove: int) -> Options:
 def _task_from_row(row: tuple[Any, ...]) -> Task:
     """The :class:`Task` in a row selected as :data:`TASK_COLUMNS`."""
     (id_, queue_, state, seq, data, streams, timeout, max_retries, autoremove) = row[:9]
-    (progress, retries, error, run, worker, created, updated) = row[9:]
+    (progress, retries, error, run, worker, created, updated, owner) = row[9:]
     return Task(
         id=id_,
         queue=queue_,
@@ -259,6 +265,7 @@ def _task_from_row(row: tuple[Any, ...]) -> Task:
         worker=worker,
         created=created,
         updated=updated,
+        owner=owner,
     )
 
 

@@ -1,0 +1,317 @@
+"""Access control (auth files, roles), allowed origins and TLS, against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+import wsq
+from tests.conftest import budget, eventually
+from tests.integration.rawclient import RawClient
+from wsq.server.auth import Authenticator, AuthFileError, hash_token
+
+PRODUCER = "producer-token-0123456789"
+WORKER = "worker-token-0123456789"
+OBSERVER = "observer-token-0123456789"
+ADMIN = "admin-token-0123456789abc"
+HASHED = "hashed-token-0123456789"
+OTHER_PRODUCER = "other-producer-token-012345"
+
+AUTH_TOML = f"""
+[tokens.uploader]
+token = "{PRODUCER}"
+produce = ["videos", "thumbs-*"]
+
+[tokens.other]
+token = "{OTHER_PRODUCER}"
+produce = ["videos"]
+
+[tokens.encoder]
+token = "{WORKER}"
+work = ["videos"]
+
+[tokens.watcher]
+token = "{OBSERVER}"
+observe = ["videos"]
+
+[tokens.ops]
+token = "{ADMIN}"
+admin = ["*"]
+
+[tokens.hashed]
+sha256 = "{hash_token(HASHED)}"
+observe = ["*"]
+"""
+
+
+def fast(url: str, token: str | None, **kwargs: Any) -> wsq.Client:
+    return wsq.Client(url, backoff=lambda tries: 0.05, token=token, **kwargs)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[wsq.Server]:
+    auth = tmp_path / "auth.toml"
+    auth.write_text(AUTH_TOML)
+    async with wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server:
+        yield server
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "not-a-known-token-at-all"])
+async def test_a_connection_without_a_valid_token_is_refused(
+    secured: wsq.Server, token: str | None
+) -> None:
+    client = fast(secured.url, token)
+    with pytest.raises(wsq.WsqError, match=r"token is required|valid token"):
+        await asyncio.wait_for(client.connect(), budget(5))
+    await client.close()
+    async with RawClient(secured.url, hello=False) as raw:
+        await raw.send({"op": "hello", "protocol": 1, **({"token": token} if token else {})})
+        error = await raw.expect("error")
+        assert error["code"] == "unauthorized"
+        assert raw.ws is not None
+        await asyncio.wait_for(raw.ws.wait_closed(), budget(5))
+        assert raw.ws.close_code == 1008
+
+
+async def test_a_hashed_token_is_accepted(secured: wsq.Server) -> None:
+    async with fast(secured.url, HASHED) as client:
+        assert [q.name for q in await client.list_queues()] == []
+
+
+async def test_tokens_are_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text(AUTH_TOML)
+    caplog.set_level(logging.DEBUG)
+    async with wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server:
+        async with fast(server.url, PRODUCER) as client:
+            await client.queue("videos").add({"n": 1})
+        bad = fast(server.url, "wrong-token-but-long-enough")
+        with pytest.raises(wsq.WsqError):
+            await asyncio.wait_for(bad.connect(), budget(5))
+        await bad.close()
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "uploader" in text  # the principal's name is logged...
+    for token in (PRODUCER, "wrong-token-but-long-enough"):
+        assert token not in text  # ...its token never
+
+
+# -- roles ----------------------------------------------------------------------------------
+
+
+async def test_produce_adds_only_to_its_queues_and_reads_only_its_own_tasks(
+    secured: wsq.Server,
+) -> None:
+    async with (
+        fast(secured.url, PRODUCER) as producer,
+        fast(secured.url, OTHER_PRODUCER) as other,
+    ):
+        task = await producer.queue("videos").add({"n": 1, "blob": b"x" * 100_000})
+        await producer.queue("thumbs-small").add({"n": 2})
+        with pytest.raises(wsq.Forbidden, match="produce"):
+            await producer.queue("billing").add({"n": 3})
+        data = await task.get_data()
+        assert data["n"] == 1 and await data["blob"].read() == b"x" * 100_000
+        with pytest.raises(wsq.Forbidden):
+            await producer.queue("videos").waiting()  # listing is observing
+        stranger = wsq.Task(other, {"id": task.id, "queue": "videos"})
+        with pytest.raises(wsq.Forbidden):
+            await stranger.get_data()
+        with pytest.raises(wsq.Forbidden):
+            await stranger.remove()
+        # Reusing another principal's task id does not reveal or return that task.
+        with pytest.raises(wsq.InvalidArgument, match="already in use"):
+            await other.queue("videos").add({"n": 4}, id=task.id)
+
+
+async def test_work_processes_its_queue_and_nothing_else(secured: wsq.Server) -> None:
+    async with (
+        fast(secured.url, PRODUCER) as producer,
+        fast(secured.url, WORKER) as worker_client,
+    ):
+        seen: list[Any] = []
+
+        async def handler(task: wsq.Task) -> None:
+            await task.update_progress(0.5)
+            seen.append(await task.data["blob"].read())
+
+        worker = worker_client.queue("videos").process(handler)
+        task = await producer.queue("videos").add({"blob": b"y" * 70_000})
+        await eventually(lambda: len(seen) == 1)
+        assert seen == [b"y" * 70_000]
+        await worker.stop()
+        async with RawClient(secured.url, token=WORKER) as raw:
+            refused = await raw.request({"op": "work", "queue": "thumbs-small"})
+            assert refused["op"] == "error" and refused["code"] == "forbidden"
+            refused = await raw.request({"op": "add", "queue": "videos", "data": {}})
+            assert refused["code"] == "forbidden"
+            got = await raw.request({"op": "get", "task": task.id})
+            assert got["op"] == "result"  # a worker reads the tasks of its queue
+
+
+async def test_observe_lists_and_watches_only_its_queues(secured: wsq.Server) -> None:
+    async with (
+        fast(secured.url, PRODUCER) as producer,
+        fast(secured.url, OBSERVER) as watcher,
+    ):
+        events: list[tuple[str, str]] = []
+        watcher.on("task added", lambda task: events.append(("added", task.queue)))
+        await asyncio.sleep(0.05)  # let the subscription land
+        await producer.queue("thumbs-small").add({"n": 0})
+        await producer.queue("videos").add({"n": 1})
+        await eventually(lambda: ("added", "videos") in events)
+        assert ("added", "thumbs-small") not in events
+        assert [q.name for q in await watcher.list_queues()] == ["videos"]
+        assert len(await watcher.queue("videos").waiting()) == 1
+        with pytest.raises(wsq.Forbidden):
+            await watcher.queue("thumbs-small").waiting()
+        with pytest.raises(wsq.Forbidden):
+            await watcher.queue("videos").add({"n": 2})
+    async with RawClient(secured.url, token=OBSERVER) as raw:
+        refused = await raw.request({"op": "subscribe", "queue": "thumbs-small"})
+        assert refused["code"] == "forbidden"
+        assert (await raw.request({"op": "subscribe", "queue": "videos"}))["op"] == "result"
+        # Every queue: allowed, and filtered to the queues this token observes.
+        assert (await raw.request({"op": "subscribe"}))["op"] == "result"
+
+
+async def test_admin_removes_and_retries(secured: wsq.Server) -> None:
+    async with (
+        fast(secured.url, PRODUCER) as producer,
+        fast(secured.url, ADMIN) as admin,
+        fast(secured.url, OBSERVER) as watcher,
+    ):
+        task = await producer.queue("videos").add({"n": 1})
+        as_watcher = wsq.Task(watcher, {"id": task.id, "queue": "videos"})
+        with pytest.raises(wsq.Forbidden, match="admin"):
+            await as_watcher.remove()
+        as_admin = wsq.Task(admin, {"id": task.id, "queue": "videos"})
+        await as_admin.remove()
+        assert await admin.queue("videos").all() == []
+
+
+# -- the auth file --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ({}, "one table"),
+        ({"tokens": {}}, "at least one"),
+        ({"tokens": {"a b": {"token": "x" * 20, "work": ["q"]}}}, "principal name"),
+        ({"tokens": {"a": {"token": "short", "work": ["q"]}}}, "at least 16"),
+        ({"tokens": {"a": {"work": ["q"]}}}, "exactly one"),
+        ({"tokens": {"a": {"token": "x" * 20, "sha256": "0" * 64, "work": []}}}, "exactly one"),
+        ({"tokens": {"a": {"sha256": "zz", "work": ["q"]}}}, "64 hex"),
+        ({"tokens": {"a": {"token": "x" * 20}}}, "grants no role"),
+        ({"tokens": {"a": {"token": "x" * 20, "work": [1]}}}, "patterns"),
+        ({"tokens": {"a": {"token": "x" * 20, "write": ["q"]}}}, "unknown keys"),
+        (
+            {"tokens": {"a": {"token": "x" * 20, "work": ["q"]}, "b": {"token": "x" * 20}}},
+            r"same token|grants no role",
+        ),
+    ],
+)
+def test_a_malformed_auth_file_is_refused_with_its_problem(document: Any, problem: str) -> None:
+    with pytest.raises(AuthFileError, match=problem):
+        Authenticator.from_mapping(document)
+
+
+def test_yaml_auth_files_work_like_toml(tmp_path: Path) -> None:
+    path = tmp_path / "auth.yaml"
+    path.write_text(f"tokens:\n  enc:\n    token: {WORKER}\n    work: [videos, 'img-*']\n")
+    principal = Authenticator.load(path).authenticate(WORKER)
+    assert principal is not None and principal.name == "enc"
+    assert principal.may("work", "img-1") and not principal.may("observe", "img-1")
+    assert Authenticator.load(path).authenticate(WORKER[:-1]) is None
+
+
+def test_the_cli_refuses_a_broken_auth_file(tmp_path: Path) -> None:
+    path = tmp_path / "auth.toml"
+    path.write_text('[tokens.a]\ntoken = "short"\nwork = ["q"]\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "wsq", "server", "--port", "0", "--auth-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=budget(30),
+    )
+    assert done.returncode == 2
+    assert "at least 16" in done.stderr
+
+
+# -- origins --------------------------------------------------------------------------------
+
+
+async def test_pages_from_other_origins_are_refused_by_default(server: wsq.Server) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(server.url, origin="http://evil.example")  # type: ignore[arg-type]
+    assert refused.value.response.status_code == 403
+    same = f"http://127.0.0.1:{server.port}"
+    async with RawClient(server.url, origin=same) as raw:  # the server's own page
+        assert raw.welcome["op"] == "welcome"
+    async with RawClient(server.url) as raw:  # no Origin: not a browser
+        assert raw.welcome["op"] == "welcome"
+
+
+async def test_allowed_origins_admit_listed_pages(tmp_path: Path) -> None:
+    async with wsq.Server(
+        data_dir=tmp_path, port=0, allowed_origins=["https://app.example.com/"]
+    ) as server:
+        async with RawClient(server.url, origin="https://APP.example.com") as raw:
+            assert raw.welcome["op"] == "welcome"
+        with pytest.raises(InvalidStatus):
+            await connect(server.url, origin="https://app.example.org")  # type: ignore[arg-type]
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_tls_serves_wss_and_https(tmp_path: Path, ca: trustme.CA) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with wsq.Server(data_dir=tmp_path / "data", port=0, ssl=context) as server:
+        assert server.url.startswith("wss://")
+        async with fast(server.url, None, ca_file=ca_file) as client:
+            queue = client.queue("tls")
+            done = asyncio.Event()
+            queue.process(lambda task: done.set())
+            task = await queue.add({"blob": b"z" * 200_000})
+            await asyncio.wait_for(done.wait(), budget(5))
+            assert await (await task.get_data())["blob"].read() == b"z" * 200_000
+        https = server.url.replace("wss://", "https://") + "/health"
+        reply = await asyncio.to_thread(
+            urllib.request.urlopen, https, context=ssl.create_default_context(cafile=ca_file)
+        )
+        assert reply.read() == b"ok\n"
+        # Without the CA the certificate is not trusted: no connection.
+        errors: list[BaseException] = []
+        untrusting = fast(server.url, None)
+        untrusting.on("error", errors.append)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(untrusting.connect(), 0.5)
+        await untrusting.close()
+        assert any(isinstance(e, ssl.SSLCertVerificationError) for e in errors)
+        with pytest.raises(urllib.error.URLError):
+            await asyncio.to_thread(urllib.request.urlopen, https)
