@@ -77,6 +77,112 @@ def _server_options(func: Any) -> Any:
     return func
 
 
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_size(value: str) -> int:
+    """A number of bytes: ``1048576``, ``512K``, ``64MiB``, ``10G`` (units are powers of
+    1024; ``B`` and ``iB`` are optional). Raise ValueError."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number = text.rstrip("KMGT")
+    unit = text[len(number) :]
+    if unit not in _UNITS or not number:
+        raise ValueError(value)
+    size = int(float(number) * 1024 ** _UNITS[unit])
+    if size < 1:
+        raise ValueError(value)
+    return size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a size of at least 1 byte like 1048576, 512K, 64MiB or 10G."
+        ) from None
+
+
+def _limit_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "--max-message",
+            "max_message_size",
+            metavar="BYTES",
+            callback=_size,
+            default="1MiB",
+            envvar="WSQ_MAX_MESSAGE",
+            show_default=True,
+            help="Largest control message (text frame).",
+        ),
+        click.option(
+            "--max-data",
+            "max_data_size",
+            metavar="BYTES",
+            callback=_size,
+            default="1MiB",
+            envvar="WSQ_MAX_DATA",
+            show_default=True,
+            help="Largest JSON data of one task (streams not counted).",
+        ),
+        click.option(
+            "--max-stream",
+            "max_stream_size",
+            metavar="BYTES",
+            callback=_size,
+            default=None,
+            envvar="WSQ_MAX_STREAM",
+            help="Largest stream of one task [default: none].",
+        ),
+        click.option(
+            "--max-blob-bytes",
+            metavar="BYTES",
+            callback=_size,
+            default=None,
+            envvar="WSQ_MAX_BLOB_BYTES",
+            help="Most bytes of streams stored in all [default: until the disk is full].",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(1),
+            default=10_000,
+            envvar="WSQ_MAX_CONNECTIONS",
+            show_default=True,
+            help="Connections beyond this are refused (HTTP 503).",
+        ),
+        click.option(
+            "--max-requests",
+            type=click.IntRange(1),
+            default=10_000,
+            envvar="WSQ_MAX_REQUESTS",
+            show_default=True,
+            help="Requests in flight per connection.",
+        ),
+        click.option(
+            "--max-uploads",
+            type=click.IntRange(1),
+            default=100,
+            envvar="WSQ_MAX_UPLOADS",
+            show_default=True,
+            help="Uploads open at once per connection.",
+        ),
+        click.option(
+            "--max-outgoing",
+            metavar="BYTES",
+            callback=_size,
+            default="64MiB",
+            envvar="WSQ_MAX_OUTGOING",
+            show_default=True,
+            help="Unread outgoing bytes after which a client is dropped.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _security_options(func: Any) -> Any:
     options = [
         click.option(
@@ -142,6 +248,7 @@ def main() -> None:
 @main.command()
 @_server_options
 @_security_options
+@_limit_options
 def server(
     log_level: str,
     log_format: str,

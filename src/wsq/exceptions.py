@@ -84,6 +84,18 @@ class UploadFailed(WsqError):
     code = "upload_failed"
 
 
+class StorageFull(UploadFailed):
+    """The server's blob storage is full: its ``max_blob_bytes`` quota, or the disk."""
+
+    code = "storage_full"
+
+
+class LimitExceeded(WsqError):
+    """A per-connection count limit: requests in flight, or open uploads."""
+
+    code = "too_many"
+
+
 class ServerError(WsqError):
     """The server failed, or is shutting down."""
 
@@ -113,6 +125,8 @@ _BY_CODE: dict[str, type[WsqError]] = {
         InvalidState,
         StaleRun,
         UploadFailed,
+        StorageFull,
+        LimitExceeded,
         ServerError,
         Unauthorized,
         Forbidden,

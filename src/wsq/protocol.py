@@ -338,7 +338,9 @@ def join_frame(parts: list[bytes]) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 
 
-def welcome(connection: str, server: str, heartbeat: float) -> bytes:
+def welcome(
+    connection: str, server: str, heartbeat: float, max_message: int = MAX_MESSAGE
+) -> bytes:
     return encode(
         {
             "op": "welcome",
@@ -347,7 +349,7 @@ def welcome(connection: str, server: str, heartbeat: float) -> bytes:
             "connection": connection,
             "heartbeat": heartbeat,
             "limits": {
-                "max_message": MAX_MESSAGE,
+                "max_message": max_message,
                 "window": WINDOW,
                 "chunk": CHUNK,
                 "inline": INLINE_MAX,

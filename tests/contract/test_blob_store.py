@@ -286,6 +286,35 @@ async def test_delete(store: BlobStore) -> None:
     assert await all_keys(store) == {keys[3], keys[4]}
 
 
+async def test_used_bytes_counts_committed_blobs(store: BlobStore) -> None:
+    assert store.used_bytes == 0
+    keys = [(await put(store, [pattern(1000 * (i + 1), seed=i)]))[0] for i in range(3)]
+    assert store.used_bytes == 1000 + 2000 + 3000
+    pending = await store.create()
+    await pending.write(b"y" * 500)
+    assert store.used_bytes == 6000  # not committed: not counted
+    await pending.abort()
+    await store.delete([keys[1], keys[1], new_key()])  # a repeat and a missing key free nothing
+    assert store.used_bytes == 4000
+    await store.delete(keys)
+    assert store.used_bytes == 0
+
+
+async def test_used_bytes_are_counted_again_when_opened(tmp_path: Path) -> None:
+    first = FileBlobStore(tmp_path / "blobs")
+    await first.open()
+    for i in range(20):
+        await put(first, [pattern(100 + i, seed=i)])
+    # An unfinished write left by a crash: open() deletes it, it does not count.
+    (tmp_path / "blobs" / "tmp" / new_key()).write_bytes(b"z" * 300)
+    expected = first.used_bytes
+    await first.close()
+    second = FileBlobStore(tmp_path / "blobs")
+    await second.open()
+    assert second.used_bytes == expected == sum(100 + i for i in range(20))
+    await second.close()
+
+
 async def test_keys_lists_every_committed_blob(store: BlobStore) -> None:
     assert await all_keys(store) == set()
     committed = {(await put(store, [b"x"]))[0] for _ in range(300)}

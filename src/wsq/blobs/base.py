@@ -71,9 +71,14 @@ class BlobReader(ABC):
 
 
 class BlobStore(ABC):
+    used_bytes: int = 0
+    """Bytes of committed blobs: counted by :meth:`open`, raised by each commit, lowered by
+    each delete. The server checks its ``max_blob_bytes`` quota against it."""
+
     @abstractmethod
     async def open(self) -> None:
-        """Prepare the store (create folders, drop leftovers of uncommitted writes)."""
+        """Prepare the store (create folders, drop leftovers of uncommitted writes) and
+        count :attr:`used_bytes`."""
 
     @abstractmethod
     async def create(self) -> BlobWriter:

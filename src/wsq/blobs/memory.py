@@ -37,6 +37,7 @@ class MemoryBlobWriter(BlobWriter):
         blob = b"".join(self._chunks)
         self._chunks = []
         self._store._blobs[self.key] = blob
+        self._store.used_bytes += len(blob)
         self._state = _COMMITTED
         return len(blob)
 
@@ -83,6 +84,7 @@ class MemoryBlobStore(BlobStore):
 
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
+        self.used_bytes = 0
 
     async def open(self) -> None:
         """Nothing to prepare: uncommitted writes die with their writers."""
@@ -109,7 +111,9 @@ class MemoryBlobStore(BlobStore):
         """Delete these blobs; missing ones are ignored. A malformed key raises
         InvalidArgument before anything is deleted."""
         for key in [check_key(key) for key in keys]:
-            self._blobs.pop(key, None)
+            blob = self._blobs.pop(key, None)
+            if blob is not None:
+                self.used_bytes -= len(blob)
 
     async def keys(self) -> AsyncIterator[str]:
         """Every committed key, as of the first iteration."""

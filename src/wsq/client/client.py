@@ -448,7 +448,7 @@ class Client(Emitter):
             download.fail_from_wire(message.get("code", "error"), message.get("message", ""))
         upload = self._uploads.get(stream)
         if upload is not None:
-            logger.warning("upload %s failed on the server: %s", stream, message.get("message"))
+            upload.fail(error_from_wire(message.get("code", "error"), message.get("message", "")))
 
     def _receive_chunk(self, frame: bytes) -> None:
         stream, payload = protocol.unpack_chunk(frame)

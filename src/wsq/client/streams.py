@@ -156,9 +156,15 @@ class Uploader:
         self._chunk = chunk
         self._wake = asyncio.Event()
         self.lost = False
+        self.error: WsqError | None = None
 
     def grant(self, count: int) -> None:
         self._credit += count
+        self._wake.set()
+
+    def fail(self, error: WsqError) -> None:
+        """The server refused or stopped this upload (a limit, a full disk)."""
+        self.error = error
         self._wake.set()
 
     def connection_lost(self) -> None:
@@ -176,12 +182,14 @@ class Uploader:
         self._client._send({"op": "upload_end", "stream": self.stream})
 
     async def _wait_credit(self, need: int) -> None:
-        while self._credit < need and not self.lost:
+        while self._credit < need and not self.lost and self.error is None:
             self._wake.clear()
             await self._wake.wait()
         self._check()
 
     def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
         if self.lost:
             raise ConnectionLost("The connection dropped during an upload.")
 

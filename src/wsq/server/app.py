@@ -36,7 +36,7 @@ from wsq.exceptions import ServerError
 from wsq.server.auth import Authenticator
 from wsq.server.connection import Connection
 from wsq.server.logs import log, logger
-from wsq.server.streams import stream_json
+from wsq.server.streams import BlobQuota, stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
 from wsq.wslog import TransportLog
 
@@ -99,6 +99,12 @@ class Server:
         auth: Authenticator | str | os.PathLike[str] | None = None,
         allowed_origins: Sequence[str] = (),
         ssl: SSLContext | None = None,
+        max_data_size: int = protocol.MAX_MESSAGE,
+        max_stream_size: int | None = None,
+        max_blob_bytes: int | None = None,
+        max_connections: int = 10_000,
+        max_requests: int = 10_000,
+        max_uploads: int = 100,
     ) -> None:
         if worker_timeout <= 0 or heartbeat_interval <= 0:
             raise ValueError("worker_timeout and heartbeat_interval must be positive seconds")
@@ -114,8 +120,14 @@ class Server:
         self.auth: Authenticator | None = auth
         self.allowed_origins = {_origin(o) for o in allowed_origins}
         self.ssl = ssl
+        self.max_data_size = max_data_size
+        self.max_stream_size = max_stream_size
+        self.max_connections = max_connections
+        self.max_requests = max_requests
+        self.max_uploads = max_uploads
         self.store = state_store or _default_state_store(self.data_dir)
         self.blobs = blob_store or _default_blob_store(self.data_dir)
+        self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.core.observed = self._observed
         self.core.defer_dispatch = True
@@ -421,6 +433,11 @@ class Server:
             )
             return connection.respond(HTTPStatus.FORBIDDEN, "wsq: origin not allowed.\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if len(self.connections) >= self.max_connections:
+                log(logging.WARNING, "connection refused", "refused a connection: at the limit")
+                return connection.respond(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "wsq: too many connections.\n"
+                )
             return None
         if request.path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")

@@ -29,9 +29,11 @@ from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import (
     Forbidden,
     InvalidArgument,
+    LimitExceeded,
     ProtocolError,
     StaleRun,
     TaskNotFound,
+    TooLarge,
     WsqError,
 )
 from wsq.server.auth import EVERYONE, Principal
@@ -62,6 +64,9 @@ class Connection:
         self._unclaimed: set[str] = set()
         self._subscriptions: set[str | None] = set()
         self._requests: set[asyncio.Task[Any]] = set()
+        self._storing = 0  # adds waiting for their store job
+        # Uploads refused at open (max_uploads): an add naming one gets the same error.
+        self._refused: dict[int, WsqError] = {}
         self._writer: asyncio.Task[None] | None = None
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             p.Hello: self._on_hello,
@@ -155,7 +160,10 @@ class Connection:
                 text = "A valid token is required." if hello.token else "A token is required."
                 return await self._refuse("unauthorized", text, close_code=1008)
             self.principal = principal
-        welcome = p.welcome(self.id, f"wsq/{_version()}", self.server.heartbeat_interval)
+        server = self.server
+        welcome = p.welcome(
+            self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
+        )
         await self.ws.send(welcome, text=True)
         log(
             logging.INFO,
@@ -295,6 +303,12 @@ class Connection:
     def _dispatch(self, message: Any) -> None:
         request_id = getattr(message, "id", None)
         try:
+            if (
+                type(message) in _BOUNDED
+                and len(self._requests) + self._storing >= self.server.max_requests
+            ):
+                limit = self.server.max_requests
+                raise LimitExceeded(f"More than {limit} requests in flight on this connection.")
             self._handlers[type(message)](message)
         except WsqError as exc:
             self.send_error(request_id, exc)
@@ -345,15 +359,29 @@ class Connection:
         raise ProtocolError("Already greeted: hello is only the first message.")
 
     def _on_add(self, message: p.Add) -> None:
-        self._require("produce", message.queue)
-        options = _options(message.options)
-        _check_stream_paths(message.data, message.streams)
         uploads = [s.upload for s in message.streams if s.upload is not None]
-        if len(set(uploads)) != len(uploads):
-            raise InvalidArgument("An upload can hold only one stream of the data.")
-        missing = [stream for stream in uploads if stream not in self._uploads]
-        if missing:
-            raise InvalidArgument(f"Stream {missing[0]} is not an open upload.")
+        try:
+            self._require("produce", message.queue)
+            options = _options(message.options)
+            _check_stream_paths(message.data, message.streams)
+            if len(set(uploads)) != len(uploads):
+                raise InvalidArgument("An upload can hold only one stream of the data.")
+            for stream in uploads:
+                if stream in self._refused:
+                    raise self._refused.pop(stream)
+            missing = [stream for stream in uploads if stream not in self._uploads]
+            if missing:
+                raise InvalidArgument(f"Stream {missing[0]} is not an open upload.")
+            self._check_data_size(message)
+        except WsqError:
+            # No task will hold this add's uploads: drop them now, not at disconnect.
+            for stream in uploads:
+                self._refused.pop(stream, None)
+                upload = self._uploads.pop(stream, None)
+                if upload is not None:
+                    upload.abort("Its add was refused.")
+                    upload.done.add_done_callback(self._discard_upload)
+            raise
         pending = [self._uploads.pop(stream) for stream in uploads]
         if pending:
             self._spawn(message.id, self._add_after_uploads(message, options, pending))
@@ -386,11 +414,13 @@ class Connection:
         task = self._new_task(message.queue, message, options, uploads)
         keys = set(task.blobs)
         self._unclaimed -= keys
+        self._storing += 1
         self.server.submit(
             [Insert(task)], lambda outcome: self._inserted(outcome, message.id, task, keys)
         )
 
     def _inserted(self, outcome: Outcome, request_id: int, task: Task, keys: set[str]) -> None:
+        self._storing -= 1
         if isinstance(outcome, BaseException) or not outcome[0]:
             self.server.core.abandon_seq(task.seq)
             self.server.spawn(self.server.blobs.delete(keys), "wsq-delete-blobs")
@@ -410,6 +440,7 @@ class Connection:
         options: Options,
         uploads: dict[int, tuple[str, int]],
     ) -> Task:
+        self._check_data_size(spec)
         now = time.time()
         return Task(
             id=spec.task or uuid.uuid4().hex,
@@ -424,6 +455,11 @@ class Connection:
             owner=self.principal.name if self._checked else None,
         )
 
+    def _check_data_size(self, spec: p.Add | p.NewTask) -> None:
+        if len(spec.data) > self.server.max_data_size:
+            limit = self.server.max_data_size
+            raise TooLarge(f"Task data of {len(spec.data)} bytes exceeds the limit of {limit}.")
+
     def _on_add_many(self, message: p.AddMany) -> None:
         """Several tasks in one message, one store job and one answer (§4.3)."""
         self._require("produce", message.queue)
@@ -436,12 +472,14 @@ class Connection:
             self._new_task(message.queue, spec, opts, {})
             for spec, opts in zip(message.tasks, options, strict=True)
         ]
+        self._storing += 1
         self.server.submit(
             [Insert(task) for task in tasks],
             lambda outcome: self._inserted_many(outcome, message.id, tasks),
         )
 
     def _inserted_many(self, outcome: Outcome, request_id: int, tasks: list[Task]) -> None:
+        self._storing -= 1
         core = self.server.core
         if isinstance(outcome, BaseException):
             for task in tasks:
@@ -641,7 +679,32 @@ class Connection:
             raise Forbidden(f"Token {self.principal.name!r} has no produce role.")
         if message.stream in self._uploads or message.stream in self._downloads:
             raise InvalidArgument(f"Stream {message.stream} is already open.")
-        upload = Upload(message.stream, self.server.blobs, p.WINDOW, self.send_text)
+        if len(self._uploads) >= self.server.max_uploads:
+            # Told like any upload failure (§8.2), so the client stops sending for it.
+            limit = self.server.max_uploads
+            text = f"More than {limit} uploads open on this connection."
+            if len(self._refused) >= _MAX_REFUSED:
+                del self._refused[next(iter(self._refused))]
+            self._refused[message.stream] = LimitExceeded(text)
+            self.send_text(
+                p.encode(
+                    {
+                        "op": "stream_error",
+                        "stream": message.stream,
+                        "code": "too_many",
+                        "message": text,
+                    }
+                )
+            )
+            return
+        upload = Upload(
+            message.stream,
+            self.server.blobs,
+            p.WINDOW,
+            self.send_text,
+            max_size=self.server.max_stream_size,
+            quota=self.server.blob_quota,
+        )
         upload.done.add_done_callback(self._uploaded)
         self._uploads[message.stream] = upload
 
@@ -653,11 +716,14 @@ class Connection:
 
     def _on_upload_end(self, message: p.UploadEnd) -> None:
         upload = self._uploads.get(message.stream)
+        if upload is None and message.stream in self._refused:
+            return  # the client already heard why (stream_error)
         if upload is None:
             raise InvalidArgument(f"Stream {message.stream} is not an open upload.")
         upload.end()
 
     def _on_upload_abort(self, message: p.UploadAbort) -> None:
+        self._refused.pop(message.stream, None)
         upload = self._uploads.pop(message.stream, None)
         if upload is None:
             return
@@ -703,6 +769,13 @@ class Connection:
         download = self._downloads.pop(message.stream, None)
         if download is not None:
             self.server.spawn(download.close(), f"wsq-cancel-{self.id}")
+
+
+_MAX_REFUSED = 1000
+"""Refused uploads remembered per connection, so that their adds fail alike."""
+
+_BOUNDED = (p.Add, p.AddMany, p.ListTasks, p.Queues, p.Get, p.Remove, p.Retry)
+"""Requests that wait on the store: ``max_requests`` bounds how many may be in flight."""
 
 
 class _NoAnswer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -18,25 +19,63 @@ from typing import Any
 from wsq import protocol
 from wsq.blobs.base import BlobReader, BlobStore, BlobWriter
 from wsq.core.task import StreamRef
-from wsq.exceptions import ProtocolError, UploadFailed
+from wsq.exceptions import ProtocolError, StorageFull, TooLarge, UploadFailed, WsqError
 
 SendText = Callable[[bytes], None]
 SendBinary = Callable[[bytes], None]
 
 
+class BlobQuota:
+    """``max_blob_bytes``: committed blobs (the store's ``used_bytes``) plus the bytes of
+    uploads still in progress (reserved here as they arrive) stay within ``limit``."""
+
+    def __init__(self, blobs: BlobStore, limit: int) -> None:
+        self.blobs = blobs
+        self.limit = limit
+        self.reserved = 0
+
+    def reserve(self, count: int) -> bool:
+        if self.blobs.used_bytes + self.reserved + count > self.limit:
+            return False
+        self.reserved += count
+        return True
+
+    def release(self, count: int) -> None:
+        self.reserved -= count
+
+
 class Upload:
     """One stream the client is sending. :attr:`done` resolves to ``(key, size)`` once the
-    blob is durable, or raises :class:`UploadFailed`."""
+    blob is durable, or raises :class:`UploadFailed` (:class:`StorageFull`, :class:`TooLarge`
+    when a limit stopped it).
 
-    def __init__(self, stream: int, blobs: BlobStore, window: int, send: SendText) -> None:
+    A stream over ``max_size`` bytes, over the ``quota``, or that the blob store cannot
+    write (a full disk) fails at once: the client hears of it by a ``stream_error`` (it may
+    be waiting for credit that will never come, §8.2) and later chunks are discarded.
+    """
+
+    def __init__(
+        self,
+        stream: int,
+        blobs: BlobStore,
+        window: int,
+        send: SendText,
+        *,
+        max_size: int | None = None,
+        quota: BlobQuota | None = None,
+    ) -> None:
         self.stream = stream
         self._blobs = blobs
         self._window = window
         self._send = send
+        self._max_size = max_size
+        self._quota = quota
+        self._received = 0
+        self._reserved = 0
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
         self._ended = False
-        self._failed: str | None = None
+        self._failed: WsqError | None = None
         self._wake = asyncio.Event()
         self.done: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         # The caller that awaits ``done`` reports failures; don't warn if none does.
@@ -47,10 +86,22 @@ class Upload:
         """A chunk arrived. Raise ProtocolError if it exceeds the credit granted."""
         if self._ended or self._failed:
             return
-        self._buffered += len(payload)
+        size = len(payload)
+        self._buffered += size
         if self._buffered > self._window:
             self.abort("Upload exceeded its flow-control window.")
             raise ProtocolError(f"Stream {self.stream} sent more than its credit.")
+        self._received += size
+        if self._max_size is not None and self._received > self._max_size:
+            limit = self._max_size
+            self.fail(TooLarge(f"Stream {self.stream} exceeds the limit of {limit} bytes."))
+            return
+        if self._quota is not None:
+            if not self._quota.reserve(size):
+                limit = self._quota.limit
+                self.fail(StorageFull(f"The blob storage is full (limit {limit} bytes)."))
+                return
+            self._reserved += size
         self._chunks.append(payload)  # a view of the received frame: no copy
         self._wake.set()
 
@@ -62,8 +113,20 @@ class Upload:
         """Stop: the pump discards the blob, unless it has already stored it (then the
         caller deletes it, or :meth:`_pump` does if nobody waits for it any more)."""
         if self._failed is None:
-            self._failed = reason
+            self._failed = UploadFailed(reason)
+            self._chunks.clear()
             self._wake.set()
+
+    def fail(self, error: WsqError) -> None:
+        """Stop because of ``error``, and tell the client (§8.2)."""
+        if self._failed is None:
+            self.abort(str(error))
+            self._failed = error
+            self._send_error(error)
+
+    def _send_error(self, error: WsqError) -> None:
+        message = {"op": "stream_error", "stream": self.stream, "code": error.code}
+        self._send(protocol.encode({**message, "message": str(error)}))
 
     async def close(self) -> None:
         """Stop, discarding the blob unless it was committed."""
@@ -79,10 +142,18 @@ class Upload:
         except Exception as exc:
             if writer is not None:
                 await writer.abort()
-            reason = self._failed or f"Could not store stream {self.stream}: {exc}"
+            failure = self._failed
+            if failure is None:
+                failure = _store_failure(self.stream, exc)
+                self._failed = failure
+                self._send_error(failure)
             if not self.done.done():
-                self.done.set_exception(UploadFailed(reason))
+                self.done.set_exception(failure)
             return
+        finally:
+            if self._quota is not None:
+                self._quota.release(self._reserved)  # committed bytes now count as used
+                self._reserved = 0
         if self.done.done():  # nobody waits any more (cancelled): nothing will claim it
             await self._blobs.delete([writer.key])
         else:
@@ -94,7 +165,7 @@ class Upload:
                 self._wake.clear()
                 await self._wake.wait()
             if self._failed:
-                raise UploadFailed(self._failed)
+                raise self._failed
             if not self._chunks:
                 return await writer.commit()
             chunk = self._chunks.popleft()
@@ -103,6 +174,12 @@ class Upload:
             self._send(
                 protocol.encode({"op": "credit", "stream": self.stream, "bytes": len(chunk)})
             )
+
+
+def _store_failure(stream: int, exc: Exception) -> WsqError:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"The blob store's disk is full; stream {stream} was not stored.")
+    return UploadFailed(f"Could not store stream {stream}: {exc}")
 
 
 class Download:

@@ -1,0 +1,263 @@
+"""Configurable limits: each refused with a clear error while the connection, the server and
+every other client go on; and a real full disk under the blob store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+import wsq
+from tests.conftest import budget, eventually
+from tests.integration.rawclient import RawClient
+from wsq import protocol
+from wsq.blobs.files import FileBlobStore
+from wsq.cli import parse_size
+
+
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, **limits: Any) -> AsyncIterator[wsq.Server]:
+    async with wsq.Server(data_dir=data_dir, port=0, **limits) as server:
+        yield server
+
+
+def fast(url: str) -> wsq.Client:
+    return wsq.Client(url, backoff=lambda tries: 0.05)
+
+
+async def _count(listing: Any, expected: int) -> bool:
+    return len(await listing) == expected
+
+
+async def still_works(client: wsq.Client) -> None:
+    task = await client.queue("after").add({"ok": True})
+    assert task.id
+
+
+async def test_task_data_over_the_limit_is_too_large(data_dir: Path) -> None:
+    async with serving(data_dir, max_data_size=1000) as server, fast(server.url) as client:
+        with pytest.raises(wsq.TooLarge, match="exceeds the limit of 1000"):
+            await client.queue("q").add({"pad": "x" * 2000})
+        with pytest.raises(wsq.TooLarge):
+            await client.queue("q").add_many([{"n": 1}, {"pad": "x" * 2000}])
+        await client.queue("q").add({"pad": "x" * 900})
+        await still_works(client)
+
+
+async def test_a_stream_over_the_limit_fails_its_add_and_leaves_no_blob(data_dir: Path) -> None:
+    async with (
+        serving(data_dir, max_stream_size=100_000) as server,
+        fast(server.url) as client,
+    ):
+        with pytest.raises(wsq.TooLarge, match="exceeds the limit of 100000"):
+            await client.queue("q").add({"blob": os.urandom(20_000_000)})  # past the window
+        with pytest.raises(wsq.TooLarge):
+            await client.queue("q").add({"blob": os.urandom(100_001)})
+        await eventually(lambda: server.blobs.used_bytes == 0)
+        task = await client.queue("q").add({"blob": b"y" * 100_000})
+        assert await (await task.get_data())["blob"].read() == b"y" * 100_000
+        assert server.blobs.used_bytes == 100_000
+        await still_works(client)
+
+
+async def test_the_blob_quota_refuses_uploads_until_space_is_freed(data_dir: Path) -> None:
+    async with (
+        serving(data_dir, max_blob_bytes=1_000_000) as server,
+        fast(server.url) as client,
+        fast(server.url) as other,
+    ):
+        queue = client.queue("q")
+        first = await queue.add({"blob": os.urandom(600_000)})
+        with pytest.raises(wsq.StorageFull, match="limit 1000000"):
+            await queue.add({"blob": os.urandom(600_000)})
+        with pytest.raises(wsq.StorageFull):
+            await queue.add({"blob": os.urandom(30_000_000)})  # refused mid-stream
+        assert isinstance(wsq.StorageFull("x"), wsq.UploadFailed)
+        await still_works(other)
+        await queue.add({"small": b"inline bytes are data, not blobs"})
+        await first.remove()
+        await eventually(lambda: server.blobs.used_bytes == 0)
+        await queue.add({"blob": os.urandom(900_000)})
+
+
+async def test_connections_over_the_limit_are_refused(data_dir: Path) -> None:
+    async with serving(data_dir, max_connections=2) as server:
+        async with fast(server.url) as one, fast(server.url) as two:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(server.url)
+            assert refused.value.response.status_code == 503
+            await still_works(one)
+            await still_works(two)
+        await eventually(lambda: not server.connections)
+        async with fast(server.url) as three:
+            await still_works(three)
+
+
+async def test_requests_in_flight_over_the_limit_get_too_many(data_dir: Path) -> None:
+    async with serving(data_dir, max_requests=5) as server, RawClient(server.url) as raw:
+        batch = [
+            {"op": "add", "id": i, "queue": "q", "data": {"n": i}, "task": f"t{i}"}
+            for i in range(20)
+        ]
+        await raw.send(json.dumps(batch))  # one frame: all in flight at once
+        answers: dict[int, dict[str, Any]] = {}
+        while len(answers) < 20:
+            message = await raw.receive()
+            if message["op"] in ("result", "error"):
+                assert message["id"] not in answers, "one answer per request"
+                answers[message["id"]] = message
+        codes = [answers[i].get("code", "ok") for i in range(20)]
+        assert codes[:5] == ["ok"] * 5
+        assert codes[5:] == ["too_many"] * 15
+        assert "in flight" in answers[19]["message"]
+        # Reports and credits are never refused; new requests go through once it drains.
+        assert (await raw.request({"op": "queues"}))["op"] == "result"
+
+
+async def test_open_uploads_over_the_limit_are_refused(data_dir: Path) -> None:
+    async with serving(data_dir, max_uploads=2) as server:
+        async with RawClient(server.url) as raw:
+            for stream in (1, 2, 3):
+                await raw.send({"op": "upload", "stream": stream})
+            error = await raw.expect("stream_error")
+            assert (error["stream"], error["code"]) == (3, "too_many")
+            await raw.send({"op": "upload_abort", "stream": 1})
+            await raw.send({"op": "upload", "stream": 4})  # a slot is free again
+            await raw.send(protocol.pack_chunk(4, b"abc"))
+            await raw.send({"op": "upload_end", "stream": 4})
+            answer = await raw.request(
+                {
+                    "op": "add",
+                    "queue": "q",
+                    "data": {"b": None},
+                    "streams": [{"path": ["b"], "upload": 4}],
+                }
+            )
+            assert answer["op"] == "result"
+        async with fast(server.url) as client:
+            blobs = {f"b{i}": os.urandom(70_000) for i in range(3)}
+            with pytest.raises(wsq.LimitExceeded, match="uploads open"):
+                await client.queue("q").add(blobs)  # three uploads at once
+            await client.queue("q").add({"b0": blobs["b0"], "b1": blobs["b1"]})
+            await still_works(client)
+
+
+def test_sizes_parse_with_binary_units() -> None:
+    assert parse_size("1048576") == 1 << 20
+    assert parse_size("512K") == 512 << 10
+    assert parse_size("64MiB") == 64 << 20
+    assert parse_size("1.5g") == 3 << 29
+    for bad in ("", "K", "12X", "0", "-5M", "1.5.2K"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+# -- a slow or hostile client ---------------------------------------------------------------
+
+
+async def test_a_client_that_never_reads_is_dropped_and_others_go_on(data_dir: Path) -> None:
+    async with (
+        serving(data_dir, max_outgoing=2_000_000) as server,
+        fast(server.url) as producer,
+    ):
+        # A worker that takes up to 1,000 tasks at a time, then stops reading: the offers
+        # (which carry the tasks' data) pile up in the server.
+        ws = await connect(server.url, max_size=None)
+        await ws.send(json.dumps({"op": "hello", "protocol": 1}))
+        await ws.recv()
+        await ws.send(json.dumps({"op": "work", "id": 1, "queue": "big", "concurrency": 1000}))
+        await ws.recv()
+        ws.transport.pause_reading()
+        pad = "x" * 100_000
+        for _ in range(10):
+            await producer.queue("big").add_many([{"pad": pad}] * 10, retries=1)  # 10 MB
+        await eventually(lambda: len(server.connections) == 1)
+        await still_works(producer)
+        # Nothing was lost: runs offered to the dropped worker time out unacknowledged
+        # (worker timeout) and go back to waiting.
+        big = producer.queue("big")
+        await eventually(lambda: _count(big.waiting(), 100), timeout=10)
+        ws.transport.abort()
+
+
+async def test_a_client_sending_byte_by_byte_slows_nobody(data_dir: Path) -> None:
+    async with serving(data_dir) as server, fast(server.url) as client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        hello = json.dumps({"op": "hello", "protocol": 1}).encode()
+        mask = b"\x01\x02\x03\x04"
+        frame = bytes([0x81, 0x80 | len(hello)]) + mask
+        frame += bytes(b ^ mask[i % 4] for i, b in enumerate(hello))
+
+        async def drip() -> None:
+            for byte in request + frame:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+
+        dripping = asyncio.create_task(drip())
+        done = 0
+        while not dripping.done():  # the others are served meanwhile
+            await asyncio.wait_for(client.queue("busy").add({"n": done}), budget(2))
+            done += 1
+        await dripping
+        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), budget(5))
+        assert response.startswith(b"HTTP/1.1 101")
+        welcome = await asyncio.wait_for(reader.read(2000), budget(5))
+        assert b'"welcome"' in welcome
+        assert done > 10
+        writer.close()
+
+
+# -- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a real filesystem that fills up (needs root, as CI has)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_fails_adds_clearly_and_recovers(
+    data_dir: Path, small_disk: Path
+) -> None:
+    blobs = FileBlobStore(small_disk / "blobs")
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, blob_store=blobs) as server,
+        fast(server.url) as client,
+    ):
+        queue = client.queue("disk")
+        kept = await queue.add({"blob": b"a" * 1_500_000})
+        second = await queue.add({"blob": b"b" * 1_500_000})
+        with pytest.raises(wsq.StorageFull, match="disk is full"):
+            await queue.add({"blob": os.urandom(3_000_000)})
+        assert not list((small_disk / "blobs" / "tmp").iterdir()), "no partial file left"
+        await still_works(client)  # the state store is elsewhere and fine
+        await second.remove()
+        third = await queue.add({"blob": b"c" * 1_500_000})  # space came back
+        assert await (await kept.get_data())["blob"].read() == b"a" * 1_500_000
+        assert await (await third.get_data())["blob"].read() == b"c" * 1_500_000
+    with sqlite3.connect(data_dir / "wsq.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
