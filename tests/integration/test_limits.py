@@ -152,6 +152,29 @@ async def test_open_uploads_over_the_limit_are_refused(data_dir: Path) -> None:
             await still_works(client)
 
 
+async def test_thousands_of_uploads_stay_bounded(data_dir: Path) -> None:
+    async with serving(data_dir) as server, fast(server.url) as bystander:
+        async with RawClient(server.url) as raw:
+            frames = [json.dumps({"op": "upload", "stream": s}) for s in range(1, 5001)]
+            for start in range(0, 5000, 500):  # 500 per frame, as a hostile client might
+                await raw.send("[" + ",".join(frames[start : start + 500]) + "]")
+                for stream in range(start + 1, start + 501):
+                    await raw.send(protocol.pack_chunk(stream, b"x" * 1000))
+            refused = 0
+            while refused < 4900:
+                message = await raw.receive()
+                if message["op"] == "stream_error":
+                    assert message["code"] == "too_many"
+                    refused += 1
+            (connection,) = [c for c in server.connections.values() if c._uploads]
+            assert len(connection._uploads) == 100
+            assert len(connection._refused) <= 1000
+            await still_works(bystander)
+            assert (await raw.request({"op": "queues"}))["op"] == "result"
+        await eventually(lambda: len(server.connections) == 1)
+        await eventually(lambda: not list((data_dir / "blobs" / "tmp").iterdir()))
+
+
 def test_sizes_parse_with_binary_units() -> None:
     assert parse_size("1048576") == 1 << 20
     assert parse_size("512K") == 512 << 10
