@@ -50,6 +50,7 @@ class Hello(_Msg, tag="hello"):
     protocol: int
     client: Annotated[str, msgspec.Meta(max_length=200)] = ""
     token: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    session: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{16,64}\Z")] | None = None
 
 
 class OptionsIn(msgspec.Struct, forbid_unknown_fields=True):

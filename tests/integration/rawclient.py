@@ -15,11 +15,18 @@ from tests.conftest import budget
 
 class RawClient:
     def __init__(
-        self, url: str, *, hello: bool = True, token: str | None = None, **connect: Any
+        self,
+        url: str,
+        *,
+        hello: bool = True,
+        token: str | None = None,
+        session: str | None = None,
+        **connect: Any,
     ) -> None:
         self.url = url
         self.hello = hello
         self.token = token
+        self.session = session
         self.connect = connect
         self.ws: ClientConnection | None = None
         self.welcome: dict[str, Any] = {}
@@ -32,6 +39,8 @@ class RawClient:
             hello = {"op": "hello", "protocol": 1, "client": "raw"}
             if self.token is not None:
                 hello["token"] = self.token
+            if self.session is not None:
+                hello["session"] = self.session
             await self.send(hello)
             self.welcome = await self.expect("welcome")
         return self

@@ -17,6 +17,7 @@ import wsq
 from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.procs import ServerProcess, free_port
 from tests.integration.proxy import proxy_to
+from tests.integration.rawclient import RawClient
 
 
 def fast(url: str) -> wsq.Client:
@@ -99,6 +100,41 @@ async def test_worker_reconnect_keeps_its_run(server: wsq.Server) -> None:
         assert len(await queue.active()) == 1
         release.set()
         await eventually(lambda: completed_count_is(queue, 2))
+
+
+async def test_a_worker_id_moves_to_the_client_s_new_connection(server: wsq.Server) -> None:
+    """The client noticed a dead path first and came back while the server still holds the
+    old connection: the new connection takes its worker over, runs included."""
+    session = "client-session-0123456789"
+    old = RawClient(server.url, session=session)
+    new = RawClient(server.url, session=session)
+    async with old, new, RawClient(server.url, session="another-session-0123456") as other:
+        assert (await old.request({"op": "work", "queue": "mv", "worker": "w1"}))["op"] == (
+            "result"
+        )
+        refused = await other.request({"op": "work", "queue": "mv", "worker": "w1"})
+        assert refused["code"] == "invalid_argument"  # another client's worker: not its
+        async with fast(server.url) as producer:
+            first = await producer.queue("mv").add(1, timeout=30)
+            offer = await old.expect("offer")
+            assert offer["tasks"][0]["task"]["id"] == first.id
+            run = offer["tasks"][0]["run"]
+            answer = await new.request({"op": "work", "queue": "mv", "worker": "w1"})
+            assert answer == {**answer, "op": "result", "result": {"worker": "w1"}}
+            assert server.core.workers_of(new.welcome["connection"]) == ["w1"]
+            assert server.core.workers_of(old.welcome["connection"]) == []
+            # The run offered on the old connection is still the worker's: reported from
+            # the new one, it completes.
+            done = await new.request({"op": "complete", "task": first.id, "run": run})
+            assert done["op"] == "result"
+            second = await producer.queue("mv").add(2)
+            offer = await new.expect("offer")
+            assert offer["tasks"][0]["task"]["id"] == second.id
+            # The old connection closing at last does not take the worker away.
+            assert old.ws is not None
+            await old.ws.close()
+            await eventually(lambda: old.welcome["connection"] not in server.connections)
+            assert server.core.workers_of(new.welcome["connection"]) == ["w1"]
 
 
 async def test_calls_made_while_disconnected_wait(data_dir: Path) -> None:

@@ -164,6 +164,27 @@ async def test_work_processes_its_queue_and_nothing_else(secured: wsq.Server) ->
             assert got["op"] == "result"  # a worker reads the tasks of its queue
 
 
+async def test_only_the_same_principal_takes_a_worker_id_over(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        AUTH_TOML + f'[tokens.encoder2]\ntoken = "{WORKER}-second"\nwork = ["videos"]\n'
+    )
+    async with wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server:
+        session = "one-client-session-0123"
+        first = RawClient(server.url, token=WORKER, session=session)
+        stranger = RawClient(server.url, token=f"{WORKER}-second", session=session)
+        again = RawClient(server.url, token=WORKER, session=session)
+        async with first, stranger, again:
+            work = {"op": "work", "queue": "videos", "worker": "enc-1"}
+            assert (await first.request(work))["op"] == "result"
+            refused = await stranger.request(work)
+            assert (refused["code"], refused["message"]) == (
+                "invalid_argument",
+                "Worker id enc-1 is already connected.",
+            )
+            assert (await again.request(work))["op"] == "result"
+
+
 async def test_observe_lists_and_watches_only_its_queues(secured: wsq.Server) -> None:
     async with (
         fast(secured.url, PRODUCER) as producer,

@@ -105,6 +105,7 @@ class Client(Emitter):
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:16]
+        self._session_id = uuid.uuid4().hex  # lets a reconnection take its workers back
         self._task_counter = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._queues: dict[str, Queue] = {}
@@ -219,6 +220,7 @@ class Client(Emitter):
                 "op": "hello",
                 "protocol": protocol.PROTOCOL_VERSION,
                 "client": "wsq-python",
+                "session": self._session_id,
             }
             if self._token is not None:
                 hello["token"] = self._token

@@ -170,6 +170,11 @@ class Core:
         self._forget_if_idle(queue)
         return [Emit("worker removed", worker.queue, (worker.to_json(),))]
 
+    def worker_connection(self, worker_id: str) -> str | None:
+        """The connection a worker is registered on, if it is."""
+        worker = self._workers.get(worker_id)
+        return worker.connection if worker else None
+
     def workers_of(self, connection: str) -> list[str]:
         return [w.id for w in self._workers.values() if w.connection == connection]
 

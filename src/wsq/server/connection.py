@@ -54,6 +54,7 @@ class Connection:
         self.ws = websocket
         self.id = connection_id
         self.principal: Principal = EVERYONE
+        self.session: str | None = None  # the client instance, across its reconnections
         self._checked = server.auth is not None  # False: every check passes, skip them
         self._out: deque[tuple[bool, bytes]] = deque()
         self._out_bytes = 0
@@ -160,6 +161,7 @@ class Connection:
                 text = "A valid token is required." if hello.token else "A token is required."
                 return await self._refuse("unauthorized", text, close_code=1008)
             self.principal = principal
+        self.session = hello.session
         server = self.server
         welcome = p.welcome(
             self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
@@ -614,6 +616,20 @@ class Connection:
         self._require("work", message.queue)
         worker_id = message.worker or uuid.uuid4().hex
         core = self.server.core
+        holder = core.worker_connection(worker_id)
+        if holder is not None and holder != self.id:
+            # A client that noticed a dead connection before the server did comes back
+            # with its worker ids: its new connection takes the worker over (the runs stay
+            # the worker's). Only the same client session, under the same principal.
+            previous = self.server.connections.get(holder)
+            if previous is not None and not (
+                self.session is not None
+                and previous.session == self.session
+                and previous.principal.name == self.principal.name
+            ):
+                raise InvalidArgument(f"Worker id {worker_id} is already connected.")
+            self.server.apply(core.remove_worker(worker_id))
+            log(logging.INFO, "worker moved", connection=self.id, worker=worker_id)
         effects = core.add_worker(
             self.id, worker_id, message.queue, message.concurrency, time.time()
         )
