@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from wsq import __version__
+from wsq.exceptions import ServerError
 from wsq.server.app import Server
 from wsq.server.auth import Authenticator, AuthFileError
 from wsq.server.logs import configure
@@ -264,6 +265,15 @@ def server(
     _run(_serve(Server(**settings, **security)))
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main``; a server that cannot start (its folder in use, its port taken) ends
+    with the reason and exit code 1, not a traceback."""
+    try:
+        _run_loop(main)
+    except (ServerError, OSError) as exc:
+        raise click.ClickException(f"wsq server could not run: {exc}") from None
+
+
 @main.command()
 @_server_options
 @click.option("--once", is_flag=True, help="Exit after the demo instead of serving on.")
@@ -276,7 +286,7 @@ def demo(log_level: str, log_format: str, once: bool, **settings: Any) -> None:
     _run(_serve(Server(**settings), demo=run_demo, once=once))
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop where it is installed (it halves the cost of each network round
     trip here; docs/decisions.md), else on asyncio's own loop."""
     try:

@@ -55,3 +55,41 @@ async def test_environment_and_json_logs(tmp_path: Path) -> None:
     added = next(r for r in records if r.get("action") == "task added")
     assert added["queue"] == "logged"
     assert added["level"] == "INFO"
+
+
+async def test_a_second_server_on_the_same_folder_or_port_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = await ServerProcess(data).start()
+    try:
+        for args in (
+            ["--port", "0", "--data-dir", str(data)],  # the folder is in use
+            ["--port", str(first.port), "--data-dir", str(tmp_path / "other")],  # the port
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "wsq", "server", *args],
+                capture_output=True,
+                text=True,
+                timeout=budget(30),
+            )
+            assert done.returncode == 1
+            assert "wsq server could not run" in done.stderr
+            assert "Traceback" not in done.stderr
+        assert "Another wsq server is using" in subprocess.run(
+            [sys.executable, "-m", "wsq", "server", "--port", "0", "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=budget(30),
+        ).stderr
+        async with wsq.Client(first.url) as client:  # the first one is unharmed
+            await client.queue("q").add(1)
+    finally:
+        assert first.stop() == 0
+    # Once it stopped, the folder is free again.
+    async with wsq.Server(data_dir=data, port=0) as again, wsq.Client(again.url) as client:
+        assert len(await client.queue("q").all()) == 1
+    try:
+        async with wsq.Server(data_dir=data, port=0):
+            async with wsq.Server(data_dir=data, port=0):
+                raise AssertionError("a second server started on the same folder")
+    except wsq.ServerError as exc:
+        assert "Another wsq server" in str(exc)

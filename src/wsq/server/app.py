@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -125,6 +126,9 @@ class Server:
         self.max_connections = max_connections
         self.max_requests = max_requests
         self.max_uploads = max_uploads
+        # The built-in stores live in data_dir, which one server at a time may use.
+        self._uses_data_dir = state_store is None or blob_store is None
+        self._lock: int | None = None
         self.store = state_store or _default_state_store(self.data_dir)
         self.blobs = blob_store or _default_blob_store(self.data_dir)
         self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
@@ -150,24 +154,31 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the stores, recover, and start listening."""
-        recovery = await self.store.open()
-        await self.blobs.open()
-        self.apply(self.core.recover(recovery, time.time()))
-        self._listener = await serve(
-            self._handle,
-            self.host,
-            self.port,
-            max_size=self.max_message_size * 4 + protocol.CHUNK,
-            ping_interval=self.heartbeat_interval,
-            ping_timeout=self.heartbeat_interval * 3,
-            compression=None,
-            process_request=self._http,
-            server_header=f"wsq/{_version()}",
-            close_timeout=CLOSE_TIMEOUT,
-            logger=TransportLog("wsq.transport"),
-            ssl=self.ssl,
-        )
+        """Open the stores, recover, and start listening. Raise ServerError if another
+        server uses the data folder, OSError if the port is taken (nothing stays open)."""
+        if self._uses_data_dir:
+            self._lock = await asyncio.to_thread(_lock_data_dir, self.data_dir)
+        try:
+            recovery = await self.store.open()
+            await self.blobs.open()
+            self.apply(self.core.recover(recovery, time.time()))
+            self._listener = await serve(
+                self._handle,
+                self.host,
+                self.port,
+                max_size=self.max_message_size * 4 + protocol.CHUNK,
+                ping_interval=self.heartbeat_interval,
+                ping_timeout=self.heartbeat_interval * 3,
+                compression=None,
+                process_request=self._http,
+                server_header=f"wsq/{_version()}",
+                close_timeout=CLOSE_TIMEOUT,
+                logger=TransportLog("wsq.transport"),
+                ssl=self.ssl,
+            )
+        except BaseException:
+            await self.close()
+            raise
         sock = next(iter(self._listener.sockets))
         host, port = sock.getsockname()[:2]
         self.port = port
@@ -198,6 +209,9 @@ class Server:
                 await self._barrier
         await self.store.close()
         await self.blobs.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
         log(logging.INFO, "stopped", "wsq server stopped")
 
     async def serve_forever(self) -> None:
@@ -472,6 +486,20 @@ class Server:
         """An upload was stored; keep the start-up sweep (if still running) off it."""
         if self._fresh_blobs is not None:
             self._fresh_blobs.add(key)
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold ``data_dir/wsq.lock`` (an advisory lock, released when the process exits, even
+    by kill -9): a second server on the same folder would delete the first one's uploads
+    in progress and corrupt nothing less. Raise ServerError if another holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "wsq.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ServerError(f"Another wsq server is using {data_dir}.") from None
+    return fd
 
 
 def _origin(origin: str) -> str:
