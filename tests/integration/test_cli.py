@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import wsq
 from tests.conftest import budget
 from tests.integration.procs import ServerProcess
@@ -74,12 +76,15 @@ async def test_a_second_server_on_the_same_folder_or_port_is_refused(tmp_path: P
             assert done.returncode == 1
             assert "wsq server could not run" in done.stderr
             assert "Traceback" not in done.stderr
-        assert "Another wsq server is using" in subprocess.run(
-            [sys.executable, "-m", "wsq", "server", "--port", "0", "--data-dir", str(data)],
-            capture_output=True,
-            text=True,
-            timeout=budget(30),
-        ).stderr
+        assert (
+            "Another wsq server is using"
+            in subprocess.run(
+                [sys.executable, "-m", "wsq", "server", "--port", "0", "--data-dir", str(data)],
+                capture_output=True,
+                text=True,
+                timeout=budget(30),
+            ).stderr
+        )
         async with wsq.Client(first.url) as client:  # the first one is unharmed
             await client.queue("q").add(1)
     finally:
@@ -87,9 +92,6 @@ async def test_a_second_server_on_the_same_folder_or_port_is_refused(tmp_path: P
     # Once it stopped, the folder is free again.
     async with wsq.Server(data_dir=data, port=0) as again, wsq.Client(again.url) as client:
         assert len(await client.queue("q").all()) == 1
-    try:
-        async with wsq.Server(data_dir=data, port=0):
-            async with wsq.Server(data_dir=data, port=0):
-                raise AssertionError("a second server started on the same folder")
-    except wsq.ServerError as exc:
-        assert "Another wsq server" in str(exc)
+    async with wsq.Server(data_dir=data, port=0):
+        with pytest.raises(wsq.ServerError, match="Another wsq server"):
+            await wsq.Server(data_dir=data, port=0).start()
