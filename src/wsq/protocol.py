@@ -210,6 +210,12 @@ class Cancel(_Msg, tag="cancel"):
     stream: StreamId
 
 
+class Ping(_Msg, tag="ping"):
+    """An application-level heartbeat, for clients that cannot send WebSocket pings."""
+
+    id: RequestId
+
+
 ClientMessage = (
     Hello
     | Add
@@ -235,6 +241,7 @@ ClientMessage = (
     | Download
     | Credit
     | Cancel
+    | Ping
 )
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)

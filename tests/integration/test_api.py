@@ -282,3 +282,10 @@ async def _raw_worker(raw: RawClient, queue: str, concurrency: int) -> dict[str,
     message = {"op": "work", "queue": queue, "concurrency": concurrency, "worker": f"w-{queue}"}
     await raw.request(message)
     return await raw.expect("offer")
+
+
+async def test_ping_is_answered_at_once(server: wsq.Server) -> None:
+    from tests.integration.rawclient import RawClient
+
+    async with RawClient(server.url) as raw:
+        assert await raw.request({"op": "ping"}) == {"op": "result", "id": 1000, "result": None}

@@ -94,6 +94,7 @@ class Connection:
             p.Download: self._on_download,
             p.Credit: self._on_credit,
             p.Cancel: self._on_cancel,
+            p.Ping: self._on_ping,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -780,6 +781,9 @@ class Connection:
         download = self._downloads.get(message.stream)
         if download is not None:
             download.grant(message.bytes)
+
+    def _on_ping(self, message: p.Ping) -> None:
+        self.answer_now(message.id)
 
     def _on_cancel(self, message: p.Cancel) -> None:
         download = self._downloads.pop(message.stream, None)
