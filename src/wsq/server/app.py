@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
+from multidict import CIMultiDict
 from picows.websockets import Request, Response, ServerConnection, ServerHandshakeConnection, serve
 from picows.websockets import Server as WsServer
 
@@ -34,6 +35,7 @@ from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
 from wsq.exceptions import ServerError
+from wsq.server import web
 from wsq.server.auth import Authenticator
 from wsq.server.connection import Connection
 from wsq.server.logs import log, logger
@@ -440,21 +442,25 @@ class Server:
                 del self.subscribers[queue]
 
     def _http(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
-            log(
-                logging.WARNING, "origin refused", f"refused a request from origin {origin[:200]!r}"
-            )
-            return connection.respond(HTTPStatus.FORBIDDEN, "wsq: origin not allowed.\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            # Cross-site WebSocket hijacking: only WebSocket requests carry authority.
+            origin = request.headers.get("Origin")
+            if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+                text = f"refused a WebSocket from origin {origin[:200]!r}"
+                log(logging.WARNING, "origin refused", text)
+                return connection.respond(HTTPStatus.FORBIDDEN, "wsq: origin not allowed.\n")
             if len(self.connections) >= self.max_connections:
                 log(logging.WARNING, "connection refused", "refused a connection: at the limit")
                 return connection.respond(
                     HTTPStatus.SERVICE_UNAVAILABLE, "wsq: too many connections.\n"
                 )
             return None
-        if request.path == "/health":
+        path = request.path.partition("?")[0]
+        if path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")
+        asset = web.asset(path)
+        if asset is not None:
+            return Response(int(HTTPStatus.OK), "OK", CIMultiDict(asset.headers), asset.body)
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
 
     def _origin_allowed(self, origin: str, host: str | None) -> bool:

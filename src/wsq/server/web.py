@@ -1,0 +1,39 @@
+"""Static files the server sends for plain HTTP GETs: the browser client (``/wsq.js``) and
+its type declarations. They ship inside the package (``wsq/web``) and are read once."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    headers: dict[str, str]
+
+
+_FILES = {
+    "/wsq.js": ("wsq.js", "text/javascript; charset=utf-8"),
+    "/wsq.d.ts": ("wsq.d.ts", "text/plain; charset=utf-8"),
+}
+
+
+def asset(path: str) -> Asset | None:
+    """The file served at ``path``, or ``None``."""
+    entry = _FILES.get(path)
+    return _load(*entry) if entry else None
+
+
+@functools.cache
+def _load(name: str, content_type: str) -> Asset:
+    body = resources.files("wsq").joinpath("web", name).read_bytes()
+    headers = {
+        "Content-Type": content_type,
+        "Cache-Control": "no-cache",
+        # Any page may load the client (a module script is a CORS request); connecting
+        # is what the origin check guards.
+        "Access-Control-Allow-Origin": "*",
+    }
+    return Asset(body, headers)
