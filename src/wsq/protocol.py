@@ -210,6 +210,10 @@ class Cancel(_Msg, tag="cancel"):
     stream: StreamId
 
 
+class Stats(_Msg, tag="stats"):
+    id: RequestId
+
+
 class Ping(_Msg, tag="ping"):
     """An application-level heartbeat, for clients that cannot send WebSocket pings."""
 
@@ -242,6 +246,7 @@ ClientMessage = (
     | Credit
     | Cancel
     | Ping
+    | Stats
 )
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)

@@ -406,6 +406,7 @@ async def test_a_failing_submit_writes_nothing_and_the_others_go_on(store: State
 async def test_recovery_of_an_empty_store(store: StateStore) -> None:
     recovery = await reopen(store)
     assert (recovery.next_seq, recovery.active, recovery.waiting_queues) == (1, [], [])
+    assert recovery.counts == {}
 
 
 async def test_recovery_after_close_and_open(store: StateStore) -> None:
@@ -424,6 +425,14 @@ async def test_recovery_after_close_and_open(store: StateStore) -> None:
     assert recovery.active == active
     assert recovery.waiting_queues == ["also-waits", "waits"]
     assert await store.get("w1") == make("w1", 41, queue="waits")
+    assert recovery.counts == {
+        ("waits", State.WAITING): 1,
+        ("also-waits", State.WAITING): 1,
+        ("done", State.COMPLETED): 1,
+        ("b", State.FAILED): 1,
+        ("b", State.ACTIVE): 1,
+        (active[0].queue, State.ACTIVE): 1,
+    }
 
 
 async def test_a_closed_store_refuses_calls(store: StateStore) -> None:

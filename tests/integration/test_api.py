@@ -285,7 +285,43 @@ async def _raw_worker(raw: RawClient, queue: str, concurrency: int) -> dict[str,
 
 
 async def test_ping_is_answered_at_once(server: wsq.Server) -> None:
-    from tests.integration.rawclient import RawClient
-
     async with RawClient(server.url) as raw:
         assert await raw.request({"op": "ping"}) == {"op": "result", "id": 1000, "result": None}
+
+
+async def test_stats_count_tasks_by_state_and_list_workers(data_dir: Any) -> None:
+    async with wsq.Server(data_dir=data_dir, port=0) as server:  # noqa: SIM117 (url first)
+        async with wsq.Client(server.url) as client, RawClient(server.url) as raw:
+            queue = client.queue("s")
+            await queue.add_many([{"n": i} for i in range(5)])
+            release = asyncio.Event()
+            done = 0
+
+            async def handler(task: wsq.Task) -> None:
+                nonlocal done
+                if task.data["n"] == 4:
+                    raise ValueError("bad")
+                if task.data["n"] >= 2:
+                    await release.wait()
+                done += 1
+
+            worker = queue.process(handler, concurrency=2)
+            await eventually(lambda: done == 2)
+            stats = await raw.request({"op": "stats"})
+            assert stats["result"] == {
+                "queues": [
+                    {"name": "s", "waiting": 1, "active": 2, "completed": 2, "failed": 0,
+                     "workers": [{"id": worker.id, "queue": "s", "concurrency": 2,
+                                  "running": 2}]}
+                ]
+            }  # fmt: skip
+            release.set()
+            await eventually(lambda: queue.failed())
+            await worker.stop()
+            await (await queue.completed())[0].remove()
+    # The counts come back from the store after a restart.
+    async with wsq.Server(data_dir=data_dir, port=0) as server, RawClient(server.url) as raw:
+        stats = await raw.request({"op": "stats"})
+        assert stats["result"]["queues"] == [
+            {"name": "s", "waiting": 0, "active": 0, "completed": 3, "failed": 1, "workers": []}
+        ]

@@ -981,6 +981,7 @@ async def test_odd_but_valid_queue_names_work(
     await eventually(lambda: sorted(seen) == sorted(ODD_BUT_VALID_QUEUE_NAMES), timeout=5)
     assert names_in(tmp_path) == [server.data_dir.name]
     assert set(names_in(server.data_dir)) <= {
+        "wsq.lock",
         "wsq.db",
         "wsq.db-wal",
         "wsq.db-shm",

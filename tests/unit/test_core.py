@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,6 +63,9 @@ class ConnectedWorker:
     connection: str
     queue: str
     concurrency: int
+
+
+STATE_NAMES = ("waiting", "active", "completed", "failed")
 
 
 class Harness:
@@ -221,6 +225,7 @@ class Harness:
             next_seq=max((t.seq for t in tasks), default=0) + 1,
             active=[replace(t) for t in tasks if t.state == ACTIVE],
             waiting_queues=sorted({t.queue for t in tasks if t.state == WAITING}),
+            counts=dict(Counter((t.queue, t.state) for t in tasks)),
         )
         return self._handle(self.core.recover(recovery, self.now))
 
@@ -366,7 +371,17 @@ class Harness:
             assert len(held) <= worker.concurrency, f"{worker_id} holds {held}"
         for task_id in self.added:
             assert (task_id in self.store) != (task_id in self.deleted), task_id
+        self._check_counts()
         self._check_no_stall()
+
+    def _check_counts(self) -> None:
+        """The core's counts are the store's, but for adds not yet handed to the core."""
+        expected: dict[str, dict[str, int]] = {}
+        for task in self.store.values():
+            if task.id not in self.undelivered:
+                per_state = expected.setdefault(task.queue, dict.fromkeys(STATE_NAMES, 0))
+                per_state[task.state.value] += 1
+        assert self.core.counts() == expected
 
     def _check_windows(self) -> list[str]:
         core = self.core

@@ -40,6 +40,7 @@ from wsq.protocol import (
     Remove,
     Retry,
     RunRef,
+    Stats,
     StopWork,
     StreamIn,
     Subscribe,
@@ -155,6 +156,7 @@ VALID: list[tuple[str, dict[str, Any], Any]] = [
     ("credit", {"stream": 2, "bytes": 65536}, Credit(stream=2, bytes=65536)),
     ("cancel", {"stream": 2}, Cancel(stream=2)),
     ("ping", {"id": 9}, Ping(id=9)),
+    ("stats", {"id": 9}, Stats(id=9)),
     (
         "add_many",
         {"id": 1, "queue": "q", "tasks": [{"task": "t1"}]},

@@ -29,6 +29,9 @@ from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
+_STATE_NAMES = ("waiting", "active", "completed", "failed")
+_STATE_INDEX = {State(name): index for index, name in enumerate(_STATE_NAMES)}
+
 
 @dataclass(slots=True)
 class _Worker:
@@ -87,6 +90,7 @@ class Core:
         self.defer_dispatch = False
         self._dirty: dict[str, None] = {}
         self._adding: set[int] = set()
+        self._counts: dict[str, list[int]] = {}  # queue -> tasks per state (_STATE_INDEX)
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class Core:
         """Adopt what the store holds: active tasks get fresh timers, queues with waiting
         tasks are marked as spilled so their windows fill from the store."""
         self._next_seq = max(self._next_seq, recovery.next_seq)
+        for (name, state), count in recovery.counts.items():
+            self._count(name, state, count)
         for task in recovery.active:
             run = _Run(task, acked=True, deadline=None)
             self._runs[task.id] = run
@@ -123,6 +129,7 @@ class Core:
     def add(self, task: Task, now: float) -> list[Effect]:
         """A new waiting task whose insert is durable."""
         self._adding.discard(task.seq)
+        self._count(task.queue, State.WAITING, 1)
         effects = self._event("task added", task) + self._event("task queued", task)
         queue = self._queue(task.queue)
         self._place(queue, task)
@@ -334,6 +341,7 @@ class Core:
     def _end(self, current: _Run, state: State, now: float) -> Task:
         task = self._detach(current)
         check_transition(task.id, task.state, state)
+        self._move(task.queue, task.state, state)
         task.state = state
         task.updated = now
         return task
@@ -370,6 +378,7 @@ class Core:
     def _requeue(
         self, task: Task, expected: State, now: float, announce: list[Effect] | None = None
     ) -> list[Effect]:
+        self._move(task.queue, task.state, State.WAITING)
         task.state = State.WAITING
         task.seq = self._allocate()
         task.worker = None
@@ -384,11 +393,55 @@ class Core:
         return effects + self._dispatch_soon(queue, now)
 
     def _delete(self, task: Task) -> list[Effect]:
+        self._count(task.queue, task.state, -1)
         effects: list[Effect] = [Write(Delete(task.id))]
         if task.blobs:
             effects.append(DeleteBlobs(tuple(task.blobs)))
         effects += self._event("task deleted", task)
         return effects
+
+    # -- internals: counts ------------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Tasks per queue and state, for every queue that holds any (the store's counts
+        at recovery, kept since by every transition)."""
+        return {
+            name: dict(zip(_STATE_NAMES, counts, strict=True))
+            for name, counts in self._counts.items()
+            if any(counts)
+        }
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Every queue holding tasks or workers: its counts by state and its workers, each
+        with how many runs it holds. Costs nothing per task (counts are kept as they move)."""
+        names = set(self._counts) | {worker.queue for worker in self._workers.values()}
+        out = []
+        for name in sorted(names):
+            counts = self._counts.get(name, [0, 0, 0, 0])
+            queue = self._queues.get(name)
+            workers = [
+                {**worker.to_json(), "running": len(self._by_worker.get(worker.id, ()))}
+                for worker in (queue.workers.values() if queue else ())
+            ]
+            out.append(
+                {"name": name, **dict(zip(_STATE_NAMES, counts, strict=True)), "workers": workers}
+            )
+        return out
+
+    def _count(self, queue: str, state: State, delta: int) -> None:
+        counts = self._counts.get(queue)
+        if counts is None:
+            counts = self._counts[queue] = [0, 0, 0, 0]
+        counts[_STATE_INDEX[state]] += delta
+        if delta < 0 and not any(counts):
+            del self._counts[queue]  # names of gone queues do not pile up
+
+    def _move(self, queue: str, old: State, new: State) -> None:
+        counts = self._counts.get(queue)
+        if counts is None:
+            counts = self._counts[queue] = [0, 0, 0, 0]
+        counts[_STATE_INDEX[old]] -= 1
+        counts[_STATE_INDEX[new]] += 1
 
     # -- internals: the window -------------------------------------------------------------
 
@@ -493,6 +546,7 @@ class Core:
         effects: list[Effect] = []
         snapshots: list[Task] = []
         for task in tasks:
+            self._move(task.queue, State.WAITING, State.ACTIVE)
             task.state = State.ACTIVE
             task.run += 1
             task.worker = worker.id

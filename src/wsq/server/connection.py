@@ -95,6 +95,7 @@ class Connection:
             p.Credit: self._on_credit,
             p.Cancel: self._on_cancel,
             p.Ping: self._on_ping,
+            p.Stats: self._on_stats,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -781,6 +782,12 @@ class Connection:
         download = self._downloads.get(message.stream)
         if download is not None:
             download.grant(message.bytes)
+
+    def _on_stats(self, message: p.Stats) -> None:
+        stats = self.server.core.stats()
+        if self._checked:
+            stats = [queue for queue in stats if self.principal.may("observe", queue["name"])]
+        self.answer_now(message.id, {"queues": stats})
 
     def _on_ping(self, message: p.Ping) -> None:
         self.answer_now(message.id)

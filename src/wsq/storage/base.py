@@ -72,11 +72,13 @@ Op = Insert | Update | SetProgress | Delete | LoadWaiting
 @dataclass(slots=True)
 class Recovery:
     """What the server needs from the store to start: the next free ``seq``, every active
-    task, and the names of queues that hold waiting tasks."""
+    task, the names of queues that hold waiting tasks, and how many tasks each queue holds
+    in each state (the core keeps these counts from then on)."""
 
     next_seq: int = 1
     active: list[Task] = field(default_factory=list)
     waiting_queues: list[str] = field(default_factory=list)
+    counts: dict[tuple[str, State], int] = field(default_factory=dict)
 
 
 class StateStore(ABC):

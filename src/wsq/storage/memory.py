@@ -17,6 +17,7 @@ import bisect
 import builtins
 import dataclasses
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,7 @@ class MemoryStateStore(StateStore):
             next_seq=max((t.seq for t in self._tasks.values()), default=0) + 1,
             active=[_copy(t) for t in active],
             waiting_queues=sorted(q for q, keys in self._waiting.items() if keys),
+            counts=dict(Counter((t.queue, t.state) for t in self._tasks.values())),
         )
 
     async def close(self) -> None:

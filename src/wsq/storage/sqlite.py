@@ -194,6 +194,7 @@ WHERE queue IS NOT NULL
 ORDER BY queue
 """
 GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM tasks"
+GET_COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
 GET_ACTIVE_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' ORDER BY seq"
 
 # SQLite's integers are 64-bit: "seq > _MIN_INT" is every task, "seq > _MAX_INT" none.
@@ -321,7 +322,8 @@ def _recover(conn: sqlite3.Connection) -> Recovery:
     (next_seq,) = conn.execute(GET_NEXT_SEQ).fetchone()
     active = [_task_from_row(row) for row in conn.execute(GET_ACTIVE_TASKS)]
     waiting_queues = [name for (name,) in conn.execute(GET_WAITING_QUEUES)]
-    return Recovery(next_seq=next_seq, active=active, waiting_queues=waiting_queues)
+    counts = {(queue, _STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
+    return Recovery(next_seq=next_seq, active=active, waiting_queues=waiting_queues, counts=counts)
 
 
 def _server_error(exc: Exception) -> Exception:
