@@ -1,5 +1,6 @@
-"""Static files the server sends for plain HTTP GETs: the browser client (``/wsq.js``) and
-its type declarations. They ship inside the package (``wsq/web``) and are read once."""
+"""Static files the server sends for plain HTTP GETs: the dashboard (``/``), the browser
+client (``/wsq.js``) and its type declarations. They ship inside the package
+(``wsq/web``) and are read once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ class Asset:
 
 
 _FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
     "/wsq.js": ("wsq.js", "text/javascript; charset=utf-8"),
     "/wsq.d.ts": ("wsq.d.ts", "text/plain; charset=utf-8"),
 }

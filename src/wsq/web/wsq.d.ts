@@ -41,6 +41,15 @@ export interface AddOptions {
   onUploadProgress?: (sent: number, total: number | null) => void
 }
 
+export interface QueueStats {
+  name: string
+  waiting: number
+  active: number
+  completed: number
+  failed: number
+  workers: { id: string, queue: string, concurrency: number, running: number }[]
+}
+
 export interface Page { limit?: number; cursor?: string | null }
 export type TaskList = Task[] & { cursor: string | null }
 
@@ -51,6 +60,7 @@ export class Client extends Emitter {
   readonly closed: boolean
   queue (name: string): Queue
   listQueues (): Promise<Queue[]>
+  stats (): Promise<{ queues: QueueStats[] }>
   getEventStream (): ReadableStream<{ event: string, args: Json[] }>
   /** Resolves once connected. */
   ready (): Promise<void>

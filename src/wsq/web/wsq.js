@@ -133,6 +133,9 @@ export class Client extends Emitter {
     return result.queues.map((name) => this.queue(name))
   }
 
+  /** Every queue's task counts by state and its workers (the server keeps the counts). */
+  stats () { return this._request({ op: 'stats' }) }
+
   /** Every server event as `{event, args}`, in a ReadableStream. */
   getEventStream () {
     let controller
