@@ -39,7 +39,7 @@ from wsq.exceptions import (
 from wsq.server.auth import EVERYONE, Principal
 from wsq.server.logs import log
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
-from wsq.storage.base import Insert
+from wsq.storage.base import Delete, Insert
 
 if TYPE_CHECKING:
     from wsq.server.app import Outcome, Server
@@ -68,6 +68,7 @@ class Connection:
         self._storing = 0  # adds waiting for their store job
         # Uploads refused at open (max_uploads): an add naming one gets the same error.
         self._refused: dict[int, WsqError] = {}
+        self._claimed: set[int] = set()  # uploads an add waits for (still in _uploads)
         self._writer: asyncio.Task[None] | None = None
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             p.Hello: self._on_hello,
@@ -127,9 +128,9 @@ class Connection:
             self.server.apply(self.server.core.remove_worker(worker_id))
         for queue in list(self._subscriptions):
             self.server.unsubscribe(self, queue)
-        for upload in self._uploads.values():
+        for upload in list(self._uploads.values()):
             await upload.close()
-        for download in self._downloads.values():
+        for download in list(self._downloads.values()):  # closing removes it from the dict
             await download.close()
         if self._unclaimed:
             await self.server.blobs.delete(self._unclaimed)
@@ -373,20 +374,27 @@ class Connection:
             for stream in uploads:
                 if stream in self._refused:
                     raise self._refused.pop(stream)
+                if stream in self._claimed:
+                    raise InvalidArgument(f"Stream {stream} is already referenced by an add.")
             missing = [stream for stream in uploads if stream not in self._uploads]
             if missing:
                 raise InvalidArgument(f"Stream {missing[0]} is not an open upload.")
             self._check_data_size(message)
         except WsqError:
-            # No task will hold this add's uploads: drop them now, not at disconnect.
+            # No task will hold this add's uploads: drop them now, not at disconnect
+            # (those an earlier add waits for stay its own).
             for stream in uploads:
+                if stream in self._claimed:
+                    continue
                 self._refused.pop(stream, None)
                 upload = self._uploads.pop(stream, None)
                 if upload is not None:
                     upload.abort("Its add was refused.")
                     upload.done.add_done_callback(self._discard_upload)
             raise
-        pending = [self._uploads.pop(stream) for stream in uploads]
+        # The uploads stay open (an upload_end may still come) until they are stored.
+        pending = [self._uploads[stream] for stream in uploads]
+        self._claimed.update(uploads)
         if pending:
             self._spawn(message.id, self._add_after_uploads(message, options, pending))
         else:
@@ -398,11 +406,15 @@ class Connection:
         try:
             results = await asyncio.gather(*(u.done for u in pending), return_exceptions=True)
         except asyncio.CancelledError:
-            # The connection closed first: these uploads left self._uploads, so they are
-            # not closed by cleanup(); stop them here, discarding their blobs.
+            # The connection closed first: stop the uploads here, discarding their blobs.
             for upload in pending:
                 await upload.close()
             raise
+        finally:
+            for upload in pending:
+                self._claimed.discard(upload.stream)
+                if self._uploads.get(upload.stream) is upload:
+                    del self._uploads[upload.stream]
         done = {u.stream: r for u, r in zip(pending, results, strict=True)}
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -490,27 +502,57 @@ class Connection:
                 core.abandon_seq(task.seq)
             self.send_text(p.error(request_id, "internal", f"Could not store: {outcome}"))
             return
-        now = time.time()
-        effects = []
-        for task, inserted in zip(tasks, outcome, strict=True):
-            if inserted:
-                effects += core.add(task, now)
-            else:
-                core.abandon_seq(task.seq)
-        self.server.apply(effects)
         if all(outcome):
+            now = time.time()
+            effects = []
+            for task in tasks:
+                effects += core.add(task, now)
+            self.server.apply(effects)
             self.answer(request_id, {"created": tasks[0].created, "tasks": [t.id for t in tasks]})
         else:
             self._spawn(request_id, self._existing_many(tasks, outcome))
 
     async def _existing_many(self, tasks: list[Task], inserted: list[bool]) -> Any:
-        """The answer when some ids existed: their records in place of their ids."""
-        answers = [
-            task.id if new else await self._existing(task)
-            for task, new in zip(tasks, inserted, strict=True)
-        ]
+        """Some ids existed. If each is the same add sent again, answer their records in
+        place of their ids and announce the new tasks; if one is in use elsewhere, the
+        request is refused and the new tasks, stored but never announced, are deleted."""
+        core = self.server.core
+        new = [task for task, fresh in zip(tasks, inserted, strict=True) if fresh]
+        for task, fresh in zip(tasks, inserted, strict=True):
+            if not fresh:
+                core.abandon_seq(task.seq)
+        try:
+            answers = [
+                task.id if fresh else await self._existing(task)
+                for task, fresh in zip(tasks, inserted, strict=True)
+            ]
+        except BaseException:
+            for task in new:
+                core.abandon_seq(task.seq)
+            if new:
+                await self._store([Delete(task.id) for task in new])
+            raise
+        now = time.time()
+        effects = []
+        for task in new:
+            effects += core.add(task, now)
+        self.server.apply(effects)
         await self._durable()
         return {"created": tasks[0].created, "tasks": answers}
+
+    async def _store(self, ops: list[Any]) -> None:
+        """Submit ``ops`` to the store and wait until they are durable."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settled(outcome: Outcome) -> None:
+            if not done.done():
+                if isinstance(outcome, BaseException):
+                    done.set_exception(outcome)
+                else:
+                    done.set_result(None)
+
+        self.server.submit(ops, settled)
+        await done
 
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
