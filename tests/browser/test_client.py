@@ -232,14 +232,13 @@ async def test_get_data_and_list_queues_from_the_browser(
           const data = await task.getData()
           const queues = (await client.listQueues()).map(q => q.name)
           const first = await client.queue('stored').all({ limit: 1 })
-          const next = await client.queue('stored').all({ limit: 1, cursor: first.cursor })
           return { id: task.id, title: data.meta.title, file: await sha256(await readAll(data.file)),
-                   queues, paged: [first.length, next.length, next.cursor] }
+                   queues, paged: [first.length, first.cursor] }
         }""",
         task.id,
     )
     assert got == {"id": task.id, "title": "x", "file": sha(blob), "queues": ["stored"],
-                   "paged": [1, 0, None]}  # fmt: skip
+                   "paged": [1, None]}  # fmt: skip
 
 
 async def test_a_token_is_sent_in_the_hello(browser: Browser, tmp_path: Path) -> None:

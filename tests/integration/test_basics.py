@@ -216,6 +216,8 @@ async def test_list_queues_and_paging(client: wsq.Client) -> None:
     assert [t.id for t in rest] == ids[20:]
     assert rest.cursor is None
     assert len(await queue.all()) == 25
+    last = await queue.all(limit=5, cursor=page2.cursor)  # exactly the rest: no next page
+    assert ([t.id for t in last], last.cursor) == (ids[20:], None)
 
 
 async def test_add_is_idempotent_by_id(client: wsq.Client) -> None:

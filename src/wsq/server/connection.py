@@ -568,10 +568,13 @@ class Connection:
     async def _list(self, message: p.ListTasks) -> Any:
         after = int(message.cursor) if message.cursor is not None else None
         state = State(message.state) if message.state else None
+        # One more than asked for tells whether another page follows.
         tasks = await self.server.store.list(
-            queue=message.queue, state=state, limit=message.limit, after=after
+            queue=message.queue, state=state, limit=message.limit + 1, after=after
         )
-        cursor = str(tasks[-1].seq) if len(tasks) == message.limit else None
+        more = len(tasks) > message.limit
+        del tasks[message.limit :]
+        cursor = str(tasks[-1].seq) if more else None
         return {"tasks": [self._fresh(t).to_json() for t in tasks], "cursor": cursor}
 
     def _fresh(self, task: Task) -> Task:
