@@ -308,6 +308,7 @@ async def test_stats_count_tasks_by_state_and_list_workers(data_dir: Any) -> Non
             worker = queue.process(handler, concurrency=2)
             await eventually(lambda: done == 2)
             stats = await raw.request({"op": "stats"})
+            assert stats["result"]["queues"] == await client.stats()
             assert stats["result"] == {
                 "queues": [
                     {"name": "s", "waiting": 1, "active": 2, "completed": 2, "failed": 0,

@@ -539,6 +539,13 @@ class Client(Emitter):
         answer = await self._request({"op": "queues"})
         return [self.queue(name) for name in answer["queues"]]
 
+    async def stats(self) -> list[dict[str, Any]]:
+        """Every queue's task counts by state and its workers (docs/protocol.md, ``stats``):
+        ``[{"name", "waiting", "active", "completed", "failed", "workers": [...]}, ...]``."""
+        answer = await self._request({"op": "stats"})
+        queues: list[dict[str, Any]] = answer["queues"]
+        return queues
+
     def _ensure_running(self) -> None:
         """Start connecting in the background if nobody called :meth:`connect` yet."""
         if self._runner is None and not self._closed:
