@@ -7,7 +7,7 @@ import contextlib
 import resource
 import signal
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
@@ -21,61 +21,68 @@ from wsq.server.logs import configure
 _LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
-def _server_options(func: Any) -> Any:
-    options = [
-        click.option(
-            "--host",
-            default="127.0.0.1",
-            envvar="WSQ_HOST",
-            show_default=True,
-            help="Interface to listen on.",
-        ),
-        click.option(
-            "--port",
-            type=int,
-            default=4242,
-            envvar=["WSQ_PORT", "PORT"],
-            show_default=True,
-            help="Port to listen on (0 picks a free one).",
-        ),
-        click.option(
-            "--data-dir",
-            default="./wsq-data",
-            envvar="WSQ_DATA_DIR",
-            show_default=True,
-            help="Where the SQLite database and blobs live.",
-        ),
-        click.option(
-            "--heartbeat-interval",
-            type=float,
-            default=5.0,
-            envvar="WSQ_HEARTBEAT_INTERVAL",
-            show_default=True,
-            help="Seconds between pings; 3 missed pongs drop a connection.",
-        ),
-        click.option(
-            "--worker-timeout",
-            type=float,
-            default=1.0,
-            envvar="WSQ_WORKER_TIMEOUT",
-            show_default=True,
-            help="Seconds a worker has to acknowledge an offered task.",
-        ),
-        click.option(
-            "--log-level", type=_LEVELS, default="info", envvar="WSQ_LOG_LEVEL", show_default=True
-        ),
-        click.option(
-            "--log-format",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            envvar="WSQ_LOG_FORMAT",
-            show_default=True,
-            help="json: one JSON object per line.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _stacked(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator applying ``options`` in the order listed (as ``--help`` shows them)."""
+
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+_server_options = _stacked(
+    click.option(
+        "--host",
+        default="127.0.0.1",
+        envvar="WSQ_HOST",
+        show_default=True,
+        help="Interface to listen on.",
+    ),
+    click.option(
+        "--port",
+        type=int,
+        default=4242,
+        envvar=["WSQ_PORT", "PORT"],
+        show_default=True,
+        help="Port to listen on (0 picks a free one).",
+    ),
+    click.option(
+        "--data-dir",
+        default="./wsq-data",
+        envvar="WSQ_DATA_DIR",
+        show_default=True,
+        help="Where the SQLite database and blobs live.",
+    ),
+    click.option(
+        "--heartbeat-interval",
+        type=float,
+        default=5.0,
+        envvar="WSQ_HEARTBEAT_INTERVAL",
+        show_default=True,
+        help="Seconds between pings; 3 missed pongs drop a connection.",
+    ),
+    click.option(
+        "--worker-timeout",
+        type=float,
+        default=1.0,
+        envvar="WSQ_WORKER_TIMEOUT",
+        show_default=True,
+        help="Seconds a worker has to acknowledge an offered task.",
+    ),
+    click.option(
+        "--log-level", type=_LEVELS, default="info", envvar="WSQ_LOG_LEVEL", show_default=True
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        envvar="WSQ_LOG_FORMAT",
+        show_default=True,
+        help="json: one JSON object per line.",
+    ),
+)
 
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
@@ -106,116 +113,108 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         ) from None
 
 
-def _limit_options(func: Any) -> Any:
-    options = [
-        click.option(
-            "--max-message",
-            "max_message_size",
-            metavar="BYTES",
-            callback=_size,
-            default="1MiB",
-            envvar="WSQ_MAX_MESSAGE",
-            show_default=True,
-            help="Largest control message (text frame).",
-        ),
-        click.option(
-            "--max-data",
-            "max_data_size",
-            metavar="BYTES",
-            callback=_size,
-            default="1MiB",
-            envvar="WSQ_MAX_DATA",
-            show_default=True,
-            help="Largest JSON data of one task (streams not counted).",
-        ),
-        click.option(
-            "--max-stream",
-            "max_stream_size",
-            metavar="BYTES",
-            callback=_size,
-            default=None,
-            envvar="WSQ_MAX_STREAM",
-            help="Largest stream of one task [default: none].",
-        ),
-        click.option(
-            "--max-blob-bytes",
-            metavar="BYTES",
-            callback=_size,
-            default=None,
-            envvar="WSQ_MAX_BLOB_BYTES",
-            help="Most bytes of streams stored in all [default: until the disk is full].",
-        ),
-        click.option(
-            "--max-connections",
-            type=click.IntRange(1),
-            default=10_000,
-            envvar="WSQ_MAX_CONNECTIONS",
-            show_default=True,
-            help="Connections beyond this are refused (HTTP 503).",
-        ),
-        click.option(
-            "--max-requests",
-            type=click.IntRange(1),
-            default=10_000,
-            envvar="WSQ_MAX_REQUESTS",
-            show_default=True,
-            help="Requests in flight per connection.",
-        ),
-        click.option(
-            "--max-uploads",
-            type=click.IntRange(1),
-            default=100,
-            envvar="WSQ_MAX_UPLOADS",
-            show_default=True,
-            help="Uploads open at once per connection.",
-        ),
-        click.option(
-            "--max-outgoing",
-            metavar="BYTES",
-            callback=_size,
-            default="64MiB",
-            envvar="WSQ_MAX_OUTGOING",
-            show_default=True,
-            help="Unread outgoing bytes after which a client is dropped.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+_limit_options = _stacked(
+    click.option(
+        "--max-message",
+        "max_message_size",
+        metavar="BYTES",
+        callback=_size,
+        default="1MiB",
+        envvar="WSQ_MAX_MESSAGE",
+        show_default=True,
+        help="Largest control message (text frame).",
+    ),
+    click.option(
+        "--max-data",
+        "max_data_size",
+        metavar="BYTES",
+        callback=_size,
+        default="1MiB",
+        envvar="WSQ_MAX_DATA",
+        show_default=True,
+        help="Largest JSON data of one task (streams not counted).",
+    ),
+    click.option(
+        "--max-stream",
+        "max_stream_size",
+        metavar="BYTES",
+        callback=_size,
+        default=None,
+        envvar="WSQ_MAX_STREAM",
+        help="Largest stream of one task [default: none].",
+    ),
+    click.option(
+        "--max-blob-bytes",
+        metavar="BYTES",
+        callback=_size,
+        default=None,
+        envvar="WSQ_MAX_BLOB_BYTES",
+        help="Most bytes of streams stored in all [default: until the disk is full].",
+    ),
+    click.option(
+        "--max-connections",
+        type=click.IntRange(1),
+        default=10_000,
+        envvar="WSQ_MAX_CONNECTIONS",
+        show_default=True,
+        help="Connections beyond this are refused (HTTP 503).",
+    ),
+    click.option(
+        "--max-requests",
+        type=click.IntRange(1),
+        default=10_000,
+        envvar="WSQ_MAX_REQUESTS",
+        show_default=True,
+        help="Requests in flight per connection.",
+    ),
+    click.option(
+        "--max-uploads",
+        type=click.IntRange(1),
+        default=100,
+        envvar="WSQ_MAX_UPLOADS",
+        show_default=True,
+        help="Uploads open at once per connection.",
+    ),
+    click.option(
+        "--max-outgoing",
+        metavar="BYTES",
+        callback=_size,
+        default="64MiB",
+        envvar="WSQ_MAX_OUTGOING",
+        show_default=True,
+        help="Unread outgoing bytes after which a client is dropped.",
+    ),
+)
 
 
-def _security_options(func: Any) -> Any:
-    options = [
-        click.option(
-            "--auth-file",
-            type=click.Path(exists=True, dir_okay=False),
-            envvar="WSQ_AUTH_FILE",
-            help="TOML or YAML file mapping tokens to roles per queue pattern; with it,"
-            " connections without a valid token are refused (docs/security.md).",
-        ),
-        click.option(
-            "--allowed-origins",
-            default="",
-            envvar="WSQ_ALLOWED_ORIGINS",
-            help="Comma-separated origins whose pages may connect (* for any). Pages from"
-            " the server's own origin always may; requests without Origin are not browsers.",
-        ),
-        click.option(
-            "--tls-cert",
-            type=click.Path(exists=True, dir_okay=False),
-            envvar="WSQ_TLS_CERT",
-            help="PEM certificate chain: serve wss:// and https:// (needs --tls-key).",
-        ),
-        click.option(
-            "--tls-key",
-            type=click.Path(exists=True, dir_okay=False),
-            envvar="WSQ_TLS_KEY",
-            help="PEM private key for --tls-cert.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+_security_options = _stacked(
+    click.option(
+        "--auth-file",
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="WSQ_AUTH_FILE",
+        help="TOML or YAML file mapping tokens to roles per queue pattern; with it,"
+        " connections without a valid token are refused (docs/security.md).",
+    ),
+    click.option(
+        "--allowed-origins",
+        default="",
+        envvar="WSQ_ALLOWED_ORIGINS",
+        help="Comma-separated origins whose pages may connect (* for any). Pages from"
+        " the server's own origin always may; requests without Origin are not browsers.",
+    ),
+    click.option(
+        "--tls-cert",
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="WSQ_TLS_CERT",
+        help="PEM certificate chain: serve wss:// and https:// (needs --tls-key).",
+    ),
+    click.option(
+        "--tls-key",
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="WSQ_TLS_KEY",
+        help="PEM private key for --tls-cert.",
+    ),
+)
 
 
 def _security_settings(

@@ -380,6 +380,11 @@ def error(request_id: int | None, code: str, message: str) -> bytes:
     return encode({"op": "error", "id": request_id, "code": code, "message": message})
 
 
+def stream_error(stream: int, code: str, message: str) -> bytes:
+    """An upload or download stopped (§8.2, §8.4)."""
+    return encode({"op": "stream_error", "stream": stream, "code": code, "message": message})
+
+
 # §8 Stream frames ---------------------------------------------------------------------
 
 _HEADER = struct.Struct(">I")

@@ -29,8 +29,8 @@ from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
-_STATE_NAMES = ("waiting", "active", "completed", "failed")
-_STATE_INDEX = {State(name): index for index, name in enumerate(_STATE_NAMES)}
+_STATE_NAMES = tuple(state.value for state in State)
+_STATE_INDEX = {state: index for index, state in enumerate(State)}
 
 
 @dataclass(slots=True)
@@ -417,7 +417,7 @@ class Core:
         names = set(self._counts) | {worker.queue for worker in self._workers.values()}
         out = []
         for name in sorted(names):
-            counts = self._counts.get(name, [0, 0, 0, 0])
+            counts = self._counts.get(name) or [0] * len(_STATE_NAMES)
             queue = self._queues.get(name)
             workers = [
                 {**worker.to_json(), "running": len(self._by_worker.get(worker.id, ()))}
@@ -428,18 +428,20 @@ class Core:
             )
         return out
 
-    def _count(self, queue: str, state: State, delta: int) -> None:
+    def _counts_of(self, queue: str) -> list[int]:
         counts = self._counts.get(queue)
         if counts is None:
-            counts = self._counts[queue] = [0, 0, 0, 0]
+            counts = self._counts[queue] = [0] * len(_STATE_NAMES)
+        return counts
+
+    def _count(self, queue: str, state: State, delta: int) -> None:
+        counts = self._counts_of(queue)
         counts[_STATE_INDEX[state]] += delta
         if delta < 0 and not any(counts):
             del self._counts[queue]  # names of gone queues do not pile up
 
     def _move(self, queue: str, old: State, new: State) -> None:
-        counts = self._counts.get(queue)
-        if counts is None:
-            counts = self._counts[queue] = [0, 0, 0, 0]
+        counts = self._counts_of(queue)
         counts[_STATE_INDEX[old]] -= 1
         counts[_STATE_INDEX[new]] += 1
 

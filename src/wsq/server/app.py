@@ -497,7 +497,7 @@ class Server:
 def _lock_data_dir(data_dir: Path) -> int:
     """Hold ``data_dir/wsq.lock`` (an advisory lock, released when the process exits, even
     by kill -9): a second server on the same folder would delete the first one's uploads
-    in progress and corrupt nothing less. Raise ServerError if another holds it."""
+    in progress and fight over the store. Raise ServerError if another holds it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(data_dir / "wsq.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -384,13 +384,8 @@ class Connection:
             # No task will hold this add's uploads: drop them now, not at disconnect
             # (those an earlier add waits for stay its own).
             for stream in uploads:
-                if stream in self._claimed:
-                    continue
-                self._refused.pop(stream, None)
-                upload = self._uploads.pop(stream, None)
-                if upload is not None:
-                    upload.abort("Its add was refused.")
-                    upload.done.add_done_callback(self._discard_upload)
+                if stream not in self._claimed:
+                    self._drop_upload(stream, "Its add was refused.")
             raise
         # The uploads stay open (an upload_end may still come) until they are stored.
         pending = [self._uploads[stream] for stream in uploads]
@@ -530,7 +525,8 @@ class Connection:
             for task in new:
                 core.abandon_seq(task.seq)
             if new:
-                await self._store([Delete(task.id) for task in new])
+                self.server.submit([Delete(task.id) for task in new])
+                await self._durable()
             raise
         now = time.time()
         effects = []
@@ -539,20 +535,6 @@ class Connection:
         self.server.apply(effects)
         await self._durable()
         return {"created": tasks[0].created, "tasks": answers}
-
-    async def _store(self, ops: list[Any]) -> None:
-        """Submit ``ops`` to the store and wait until they are durable."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def settled(outcome: Outcome) -> None:
-            if not done.done():
-                if isinstance(outcome, BaseException):
-                    done.set_exception(outcome)
-                else:
-                    done.set_result(None)
-
-        self.server.submit(ops, settled)
-        await done
 
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
@@ -749,16 +731,7 @@ class Connection:
             if len(self._refused) >= _MAX_REFUSED:
                 del self._refused[next(iter(self._refused))]
             self._refused[message.stream] = LimitExceeded(text)
-            self.send_text(
-                p.encode(
-                    {
-                        "op": "stream_error",
-                        "stream": message.stream,
-                        "code": "too_many",
-                        "message": text,
-                    }
-                )
-            )
+            self.send_text(p.stream_error(message.stream, LimitExceeded.code, text))
             return
         upload = Upload(
             message.stream,
@@ -786,12 +759,15 @@ class Connection:
         upload.end()
 
     def _on_upload_abort(self, message: p.UploadAbort) -> None:
-        self._refused.pop(message.stream, None)
-        upload = self._uploads.pop(message.stream, None)
-        if upload is None:
-            return
-        upload.abort(message.error or "Aborted by the client.")
-        upload.done.add_done_callback(self._discard_upload)
+        self._drop_upload(message.stream, message.error or "Aborted by the client.")
+
+    def _drop_upload(self, stream: int, reason: str) -> None:
+        """Forget an upload no task will hold: stop it, and delete its blob if stored."""
+        self._refused.pop(stream, None)
+        upload = self._uploads.pop(stream, None)
+        if upload is not None:
+            upload.abort(reason)
+            upload.done.add_done_callback(self._discard_upload)
 
     def _discard_upload(self, future: asyncio.Future[tuple[str, int]]) -> None:
         """An upload the client gave up on after it was stored: no task will claim it."""

@@ -112,21 +112,24 @@ class Upload:
     def abort(self, reason: str) -> None:
         """Stop: the pump discards the blob, unless it has already stored it (then the
         caller deletes it, or :meth:`_pump` does if nobody waits for it any more)."""
-        if self._failed is None:
-            self._failed = UploadFailed(reason)
-            self._chunks.clear()
-            self._wake.set()
+        self._stop(UploadFailed(reason))
 
     def fail(self, error: WsqError) -> None:
         """Stop because of ``error``, and tell the client (§8.2)."""
-        if self._failed is None:
-            self.abort(str(error))
-            self._failed = error
+        if self._stop(error):
             self._send_error(error)
 
+    def _stop(self, error: WsqError) -> bool:
+        """Stop with ``error`` unless already stopped; whether this call stopped it."""
+        if self._failed is not None:
+            return False
+        self._failed = error
+        self._chunks.clear()
+        self._wake.set()
+        return True
+
     def _send_error(self, error: WsqError) -> None:
-        message = {"op": "stream_error", "stream": self.stream, "code": error.code}
-        self._send(protocol.encode({**message, "message": str(error)}))
+        self._send(protocol.stream_error(self.stream, error.code, str(error)))
 
     async def close(self) -> None:
         """Stop, discarding the blob unless it was committed."""
@@ -242,11 +245,7 @@ class Download:
             self._send_binary(protocol.pack_chunk(self.stream, data))
 
     def _send_error(self, code: str, message: str) -> None:
-        self._send_text(
-            protocol.encode(
-                {"op": "stream_error", "stream": self.stream, "code": code, "message": message}
-            )
-        )
+        self._send_text(protocol.stream_error(self.stream, code, message))
 
 
 class InlineReader(BlobReader):
