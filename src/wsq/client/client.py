@@ -423,8 +423,10 @@ class Client(Emitter):
 
     def _on_offer(self, message: dict[str, Any]) -> None:
         worker = self._workers.get(message["worker"])
-        if worker is None:
-            logger.warning("offer for unknown worker %s", message["worker"])
+        if worker is None or worker.stopped:
+            # Sent before the server had our stop: decline it, the task waits untouched.
+            runs = [[item["task"]["id"], item["run"]] for item in message["tasks"]]
+            self._send({"op": "release", "runs": runs})
             return
         worker.offer(message["tasks"])
 
