@@ -300,6 +300,8 @@ class Client(Emitter):
         """Ping every heartbeat interval; no pong for three intervals means the server is
         gone, so drop the connection and reconnect (§9)."""
         interval = self._limits.heartbeat
+        if interval <= 0:
+            return  # the server runs without heartbeats (--heartbeat-interval 0)
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await asyncio.sleep(interval)
