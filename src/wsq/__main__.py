@@ -1,3 +1,3 @@
 from wsq.cli import main
 
-main()
+main(prog_name="wsq")

@@ -355,3 +355,13 @@ async def _serve(server: Server, demo: Any = None, once: bool = False) -> None:
             demo_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await demo_task
+
+
+def _add_client_verbs() -> None:
+    from wsq.commands import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_client_verbs()

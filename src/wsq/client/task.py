@@ -31,6 +31,7 @@ class Task(Emitter):
 
     def update(self, info: dict[str, Any]) -> None:
         """Take the fields of a task dict from the server."""
+        self.queue = info.get("queue") or self.queue
         self.state: str = info.get("state", "waiting")
         self.progress: float = info.get("progress", 0.0)
         self.retries: int = info.get("retries", 0)
