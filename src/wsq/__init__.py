@@ -18,6 +18,7 @@ from wsq.exceptions import (
     TaskNotFound,
     TooLarge,
     Unauthorized,
+    Unavailable,
     UploadFailed,
     WsqError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "TaskNotFound",
     "TooLarge",
     "Unauthorized",
+    "Unavailable",
     "UploadFailed",
     "Worker",
     "WsqError",

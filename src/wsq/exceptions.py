@@ -11,6 +11,7 @@
      ├── InvalidState             invalid_state
      │    └── StaleRun            stale_run
      ├── UploadFailed             upload_failed
+     ├── Unavailable              unavailable       (a backing service: S3)
      └── ServerError              internal, shutting_down
 
 An error that crosses the wire carries its ``code`` (docs/protocol.md §7); the client
@@ -96,6 +97,13 @@ class LimitExceeded(WsqError):
     code = "too_many"
 
 
+class Unavailable(WsqError):
+    """A service the server relies on (the S3 blob store) is unreachable or refuses; nothing
+    was done. Retrying later may succeed."""
+
+    code = "unavailable"
+
+
 class ServerError(WsqError):
     """The server failed, or is shutting down."""
 
@@ -127,6 +135,7 @@ _BY_CODE: dict[str, type[WsqError]] = {
         UploadFailed,
         StorageFull,
         LimitExceeded,
+        Unavailable,
         ServerError,
         Unauthorized,
         Forbidden,

@@ -22,9 +22,11 @@ from typing import Any, TypeVar
 import pytest
 
 import wsq
+from tests.s3emulator import MotoServer
 from wsq.blobs.base import BlobNotFound, BlobStore, check_key, new_key
 from wsq.blobs.files import READ_AHEAD, WRITE_BUFFER, FileBlobStore
 from wsq.blobs.memory import MemoryBlobStore
+from wsq.blobs.s3 import S3BlobStore
 from wsq.exceptions import InvalidArgument
 
 T = TypeVar("T")
@@ -44,11 +46,16 @@ HOSTILE_KEYS = [
 ]
 
 
-@pytest.fixture(params=["memory", "files"])
+@pytest.fixture(params=["memory", "files", "s3"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
-    backend: BlobStore = (
-        MemoryBlobStore() if request.param == "memory" else FileBlobStore(tmp_path / "blobs")
-    )
+    backend: BlobStore
+    if request.param == "memory":
+        backend = MemoryBlobStore()
+    elif request.param == "files":
+        backend = FileBlobStore(tmp_path / "blobs")
+    else:
+        s3: MotoServer = request.getfixturevalue("s3")
+        backend = S3BlobStore(s3.bucket(), "wsq/blobs")
     await backend.open()
     yield backend
     await backend.close()
