@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from wsq import __version__
-from wsq.exceptions import ServerError
+from wsq.exceptions import ServerError, Unavailable
 from wsq.server.app import Server
 from wsq.server.auth import Authenticator, AuthFileError
 from wsq.server.logs import configure
@@ -71,6 +71,15 @@ _server_options = _stacked(
         help="Where the SQLite database and blobs live.",
     ),
     click.option(
+        "--storage",
+        metavar="URL",
+        default=None,
+        envvar="WSQ_STORAGE",
+        callback=lambda ctx, param, value: _storage(value),
+        help="Where stream data lives: s3://bucket/prefix (endpoint, region and credentials"
+        " from the AWS_* variables) or file:///path [default: DATA_DIR/blobs].",
+    ),
+    click.option(
         "--heartbeat-interval",
         type=float,
         default=5.0,
@@ -100,6 +109,15 @@ _server_options = _stacked(
         help="json: one JSON object per line.",
     ),
 )
+
+
+def _storage(value: str | None) -> str | None:
+    from wsq.blobs import check_storage_url
+
+    try:
+        return None if value is None else check_storage_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
@@ -303,7 +321,7 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     with the reason and exit code 1, not a traceback."""
     try:
         _run_loop(main)
-    except (ServerError, OSError) as exc:
+    except (ServerError, Unavailable, OSError) as exc:
         raise click.ClickException(f"wsq server could not run: {exc}") from None
 
 

@@ -84,7 +84,8 @@ class Server:
 
     Times are seconds. ``port=0`` picks a free port; :attr:`url` tells which. By default
     state lives in SQLite at ``data_dir/wsq.db`` and blobs under ``data_dir/blobs``; pass
-    ``state_store`` / ``blob_store`` to use other backends.
+    ``state_store`` / ``blob_store`` to use other backends, or ``storage`` (a URL:
+    ``s3://bucket/prefix`` or ``file:///path``) for the blobs.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class Server:
         *,
         state_store: StateStore | None = None,
         blob_store: BlobStore | None = None,
+        storage: str | None = None,
         window: int = 1000,
         max_message_size: int = protocol.MAX_MESSAGE,
         max_outgoing: int = 64 << 20,
@@ -132,10 +134,12 @@ class Server:
         self.max_requests = max_requests
         self.max_uploads = max_uploads
         # The built-in stores live in data_dir, which one server at a time may use.
-        self._uses_data_dir = state_store is None or blob_store is None
+        self._uses_data_dir = state_store is None or (blob_store is None and storage is None)
         self._lock: int | None = None
         self.store = state_store or _default_state_store(self.data_dir)
-        self.blobs = blob_store or _default_blob_store(self.data_dir)
+        if blob_store is not None and storage is not None:
+            raise ValueError("pass blob_store or storage, not both")
+        self.blobs = blob_store or _blob_store(storage, self.data_dir)
         self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.core.observed = self._observed
@@ -526,6 +530,16 @@ def _default_blob_store(data_dir: Path) -> BlobStore:
     from wsq.blobs.files import FileBlobStore
 
     return FileBlobStore(data_dir / "blobs")
+
+
+def _blob_store(storage: str | None, data_dir: Path) -> BlobStore:
+    """The blob store named by ``storage`` (ValueError if it is no storage URL), else the
+    files store in ``data_dir``."""
+    if storage is None:
+        return _default_blob_store(data_dir)
+    from wsq.blobs import blob_store_from_url
+
+    return blob_store_from_url(storage)
 
 
 def _url_host(host: str) -> str:

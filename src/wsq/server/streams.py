@@ -19,7 +19,14 @@ from typing import Any
 from wsq import protocol
 from wsq.blobs.base import BlobReader, BlobStore, BlobWriter
 from wsq.core.task import StreamRef
-from wsq.exceptions import ProtocolError, StorageFull, TooLarge, UploadFailed, WsqError
+from wsq.exceptions import (
+    ProtocolError,
+    StorageFull,
+    TooLarge,
+    Unavailable,
+    UploadFailed,
+    WsqError,
+)
 
 SendText = Callable[[bytes], None]
 SendBinary = Callable[[bytes], None]
@@ -180,6 +187,8 @@ class Upload:
 
 
 def _store_failure(stream: int, exc: Exception) -> WsqError:
+    if isinstance(exc, Unavailable):
+        return exc  # the blob store's own clear words, and its code (docs/protocol.md §7)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"The blob store's disk is full; stream {stream} was not stored.")
     return UploadFailed(f"Could not store stream {stream}: {exc}")
@@ -225,7 +234,8 @@ class Download:
         try:
             total = await self._copy(reader)
         except Exception as exc:
-            self._send_error("internal", f"Reading stream failed: {exc}")
+            code = exc.code if isinstance(exc, Unavailable) else "internal"
+            self._send_error(code, f"Reading stream failed: {exc}")
             return
         finally:
             await reader.close()
