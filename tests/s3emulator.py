@@ -16,8 +16,10 @@ from typing import Any
 
 CHILD = textwrap.dedent(
     """
-    import sys
+    import logging, sys
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
