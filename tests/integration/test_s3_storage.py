@@ -1,0 +1,110 @@
+"""A server whose stream data lives in S3 (``storage="s3://..."``): moto's server stands in
+for S3 (an emulator, tests/s3emulator.py), configured through the standard AWS variables."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import wsq
+from tests.conftest import eventually
+from tests.s3emulator import MotoServer
+
+PREFIX = "queues/streams"
+
+
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    for name, value in moto_server.environ().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return moto_server.bucket()
+
+
+@pytest.fixture
+async def s3_server(bucket: str, data_dir: Path) -> AsyncIterator[wsq.Server]:
+    storage = f"s3://{bucket}/{PREFIX}"
+    async with wsq.Server(data_dir=data_dir, port=0, storage=storage) as server:
+        yield server
+
+
+def objects(moto_server: MotoServer, bucket: str) -> list[str]:
+    answer = moto_server.client().list_objects_v2(Bucket=bucket)
+    return [item["Key"] for item in answer.get("Contents", [])]
+
+
+def stream_bytes(size: int, seed: int) -> bytes:
+    blocks = (hashlib.sha256(f"{seed}/{i}".encode()).digest() for i in range(size // 32 + 1))
+    return b"".join(blocks)[:size]
+
+
+async def test_streams_go_through_s3_and_removal_leaves_no_object(
+    s3_server: wsq.Server, moto_server: MotoServer, bucket: str
+) -> None:
+    big = stream_bytes(21 << 20, seed=1)  # three parts of a multipart upload
+    assert not (s3_server.data_dir / "blobs").exists()
+    async with wsq.Client(s3_server.url) as producer, wsq.Client(s3_server.url) as worker:
+        task = await producer.queue("s3").add({"name": "big", "blob": big})
+        assert [name.rpartition("/")[0] for name in objects(moto_server, bucket)] == [PREFIX]
+        got: dict[str, bytes] = {}
+
+        async def handler(work: wsq.Task) -> None:
+            got["blob"] = await work.data["blob"].read()
+
+        queue = worker.queue("s3")
+        queue.process(handler)
+        await eventually(lambda: queue.completed(), timeout=60)
+        assert hashlib.sha256(got["blob"]).digest() == hashlib.sha256(big).digest()
+        await task.remove()
+        await eventually(lambda: objects(moto_server, bucket) == [], timeout=30)
+    assert not (s3_server.data_dir / "blobs").exists()
+
+
+async def test_s3_unreachable_fails_the_add_with_unavailable_and_the_server_goes_on(
+    bucket: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own = MotoServer()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", own.url)
+    own_bucket = own.bucket()
+    try:
+        storage = f"s3://{own_bucket}/{PREFIX}"
+        async with (
+            wsq.Server(data_dir=data_dir, port=0, storage=storage) as server,
+            wsq.Client(server.url) as client,
+        ):
+            own.stop()
+            with pytest.raises(wsq.Unavailable, match="S3 unreachable"):
+                await client.queue("s3").add({"blob": stream_bytes(100_000, seed=2)})
+            task = await client.queue("s3").add({"small": "no stream, no S3"})
+            assert (await task.get_data())["small"] == "no stream, no S3"
+    finally:
+        own.stop()
+
+
+async def test_bad_storage_url_is_refused_at_once(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="s3://bucket/prefix"):
+        wsq.Server(data_dir=data_dir, port=0, storage="s3:/nobucket")
+    with pytest.raises(ValueError, match="not both"):
+        wsq.Server(data_dir=data_dir, port=0, storage="file:///tmp/x", blob_store=object())  # type: ignore[arg-type]
+
+
+async def test_file_storage_puts_blobs_at_its_path(data_dir: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, storage=f"file://{elsewhere}") as server,
+        wsq.Client(server.url) as client,
+    ):
+        task = await client.queue("f").add({"blob": stream_bytes(300_000, seed=3)})
+        assert len([p for p in elsewhere.rglob("*") if p.is_file()]) == 1
+        assert await (await task.get_data())["blob"].read() == stream_bytes(300_000, seed=3)
+    assert not (data_dir / "blobs").exists()
