@@ -1,4 +1,5 @@
-"""The blob store contract (wsq.blobs.base), run against every backend.
+"""The blob store contract (wsq.blobs.base), run against every backend: memory, files, and
+S3 (moto's server, tests/contract/conftest.py; S3's own tests are in test_s3_blob_store.py).
 
 The files-only tests at the end check what the memory backend cannot have: the layout on
 disk, crash recovery (kill -9 in a child process), and bounded memory for a large blob.

@@ -6,7 +6,8 @@ and is deleted by key. Keys are made by the store, never by a client, and every 
 that takes a key rejects one the store could not have made (:func:`check_key`), so no key
 can name a path outside the store.
 
-Backends: :mod:`wsq.blobs.memory` (tests) and :mod:`wsq.blobs.files` (the embedded default).
+Backends: :mod:`wsq.blobs.memory` (tests), :mod:`wsq.blobs.files` (the embedded default) and
+:mod:`wsq.blobs.s3` (S3 and stores with its API).
 One contract suite (``tests/contract/test_blob_store.py``) runs against every backend.
 """
 
