@@ -4,13 +4,17 @@ for S3 (an emulator, tests/s3emulator.py), configured through the standard AWS v
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 import wsq
-from tests.conftest import eventually
+from tests.conftest import budget, eventually
 from tests.s3emulator import MotoServer
 
 PREFIX = "queues/streams"
@@ -108,3 +112,44 @@ async def test_file_storage_puts_blobs_at_its_path(data_dir: Path, tmp_path: Pat
         assert len([p for p in elsewhere.rglob("*") if p.is_file()]) == 1
         assert await (await task.get_data())["blob"].read() == stream_bytes(300_000, seed=3)
     assert not (data_dir / "blobs").exists()
+
+
+def run_server(data_dir: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsq", "server", "--port", "0", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=budget(60),
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--storage", "bogus"], {}),
+        (["--storage", "s3://"], {}),
+        (["--storage", "file:relative/path"], {}),
+        ([], {"WSQ_STORAGE": "s3://bucket/p?x=1"}),
+    ],
+)
+def test_a_bad_storage_url_is_one_line_and_exit_2(
+    data_dir: Path, args: list[str], env: dict[str, str]
+) -> None:
+    done = run_server(data_dir, *args, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "--storage" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_s3_at_start_is_one_line_and_exit_1(
+    data_dir: Path, moto_server: MotoServer
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once it is closed
+    env = {**moto_server.environ(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    done = run_server(data_dir, "--storage", "s3://some-bucket/p", env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "could not run: S3 unreachable" in done.stderr.splitlines()[-1]
