@@ -274,9 +274,7 @@ async def test_missing_bucket_is_unavailable(s3: MotoServer) -> None:
     await store.close()
 
 
-async def test_s3_going_away_fails_calls_clearly_and_abort_stays_quiet(
-    s3: MotoServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_s3_going_away_fails_calls_clearly_and_abort_stays_quiet(s3: MotoServer) -> None:
     own = MotoServer()
     try:
         bucket = own.bucket()
