@@ -186,6 +186,29 @@ async def test_reader_resumes_with_a_ranged_get_after_the_connection_breaks(
         await proxy.close()
 
 
+async def test_the_store_recovers_when_s3_comes_back(s3: MotoServer, bucket: str) -> None:
+    proxy = await CuttingProxy("127.0.0.1", s3.port).start()
+    port = proxy.port
+    store = S3BlobStore(bucket, PREFIX, endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        await store.open()
+        key, _ = await put(store, [b"before"])
+        await proxy.close()  # S3 is gone: connections refused
+        with pytest.raises(Unavailable):
+            await put(store, [b"during"])
+        with pytest.raises(Unavailable):
+            await store.reader(key)
+        proxy = CuttingProxy("127.0.0.1", s3.port)
+        proxy._server = await asyncio.start_server(proxy._accept, "127.0.0.1", port)
+        after, _ = await put(store, [b"after"])  # the same store, no restart
+        assert await get(store, key) == b"before"
+        assert await get(store, after) == b"after"
+        assert {k async for k in store.keys()} == {key, after}  # noqa: SIM118
+    finally:
+        await store.close()
+        await proxy.close()
+
+
 async def test_cancelled_read_loses_nothing(store: S3BlobStore) -> None:
     data = pattern(3 * READ_AHEAD, seed=1)
     key, _ = await put(store, [data])
