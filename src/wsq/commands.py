@@ -492,14 +492,16 @@ def watch(queue_names: tuple[str, ...], as_json: bool, **kwargs: Any) -> None:
 
     async def body() -> None:
         async with session(kwargs) as client:
-            if not as_json:
-                _stderr.print(
-                    f"watching {', '.join(queue_names) or 'every queue'} at "
-                    f"{client.address} (Ctrl-C stops)",
-                    markup=False,
-                )
+            events = client.events()  # subscribes
+            await client.stats()  # answered after the subscription took effect
+            # On standard error even with --json: scripts may wait for it.
+            _stderr.print(
+                f"watching {', '.join(queue_names) or 'every queue'} at "
+                f"{client.address} (Ctrl-C stops)",
+                markup=False,
+            )
             with _progress_bars(as_json) as bars:
-                watching = asyncio.create_task(_watch(client, set(queue_names), as_json, bars))
+                watching = asyncio.create_task(_watch(events, set(queue_names), as_json, bars))
                 await _until_signal(watching)
 
     run(body())
@@ -525,9 +527,11 @@ def _progress_bars(quiet: bool) -> Progress:
     )
 
 
-async def _watch(client: wsq.Client, wanted: set[str], as_json: bool, bars: Progress) -> None:
+async def _watch(
+    events: AsyncIterator[wsq.Event], wanted: set[str], as_json: bool, bars: Progress
+) -> None:
     running: dict[str, TaskID] = {}
-    async for event in client.events():
+    async for event in events:
         first = event.args[0] if event.args else {}
         queue = first.get("queue") if isinstance(first, dict) else None
         if wanted and queue not in wanted:

@@ -118,8 +118,10 @@ async def test_add_wait_prints_the_end_and_fails_with_the_task(client: wsq.Clien
 
 async def test_watch_prints_events_until_a_signal(client: wsq.Client) -> None:
     watcher = await _start("watch", "--json", "seen", url=client.address)
-    assert watcher.stdout is not None
-    await asyncio.sleep(0.5)  # let it subscribe (it prints nothing until an event)
+    assert watcher.stdout is not None and watcher.stderr is not None
+    # It says so on standard error once it is subscribed.
+    ready = await asyncio.wait_for(watcher.stderr.readline(), budget(30))
+    assert ready.startswith(b"watching seen at ws://")
     await client.queue("unseen").add(0)
     await client.queue("seen").add(1)
     client.queue("seen").process(lambda task: None)
