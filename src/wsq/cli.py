@@ -203,6 +203,13 @@ _security_options = _stacked(
         " the server's own origin always may; requests without Origin are not browsers.",
     ),
     click.option(
+        "--server-names",
+        default="",
+        envvar="WSQ_SERVER_NAMES",
+        help="Comma-separated host names this server is reached by, beside its address"
+        " (and localhost on loopback): browser pages under these names may connect.",
+    ),
+    click.option(
         "--tls-cert",
         type=click.Path(exists=True, dir_okay=False),
         envvar="WSQ_TLS_CERT",
@@ -218,7 +225,11 @@ _security_options = _stacked(
 
 
 def _security_settings(
-    auth_file: str | None, allowed_origins: str, tls_cert: str | None, tls_key: str | None
+    auth_file: str | None,
+    allowed_origins: str,
+    server_names: str,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> dict[str, Any]:
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together.")
@@ -236,7 +247,8 @@ def _security_settings(
         except AuthFileError as exc:
             raise click.UsageError(str(exc)) from None
     origins = [o.strip() for o in allowed_origins.split(",") if o.strip()]
-    return {"auth": auth, "allowed_origins": origins, "ssl": context}
+    names = [n.strip() for n in server_names.split(",") if n.strip()]
+    return {"auth": auth, "allowed_origins": origins, "server_names": names, "ssl": context}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -254,12 +266,13 @@ def server(
     log_format: str,
     auth_file: str | None,
     allowed_origins: str,
+    server_names: str,
     tls_cert: str | None,
     tls_key: str | None,
     **settings: Any,
 ) -> None:
     """Run a wsq server (SQLite + files under --data-dir; no other service needed)."""
-    security = _security_settings(auth_file, allowed_origins, tls_cert, tls_key)
+    security = _security_settings(auth_file, allowed_origins, server_names, tls_cert, tls_key)
     configure(log_level, log_format)
     _run(_serve(Server(**settings, **security)))
 

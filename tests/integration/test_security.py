@@ -336,3 +336,66 @@ async def test_tls_serves_wss_and_https(tmp_path: Path, ca: trustme.CA) -> None:
         assert any(isinstance(e, ssl.SSLCertVerificationError) for e in errors)
         with pytest.raises(urllib.error.URLError):
             await asyncio.to_thread(urllib.request.urlopen, https)
+
+
+async def _upgrade_status(port: int, host: str, origin: str | None) -> int:
+    """The HTTP status a WebSocket upgrade with these headers gets (raw: any Host)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    headers = [
+        "GET / HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *([f"Origin: {origin}"] if origin is not None else []),
+    ]
+    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode())
+    status = await asyncio.wait_for(reader.readline(), budget(5))
+    writer.close()
+    return int(status.split()[1])
+
+
+async def test_a_rebinding_page_cannot_connect_by_default(server: wsq.Server) -> None:
+    port = server.port
+    # A page on evil.example whose name now resolves to 127.0.0.1 sends its own name as
+    # both Host and Origin: the server does not know that name as its own.
+    for name in ("evil.example", "127.0.0.1.evil.example", "localhost.evil.example"):
+        assert await _upgrade_status(port, f"{name}:{port}", f"http://{name}:{port}") == 403
+    # Scheme and port are compared too.
+    assert await _upgrade_status(port, f"127.0.0.1:{port}", f"https://127.0.0.1:{port}") == 403
+    assert await _upgrade_status(port, f"127.0.0.1:{port}", "http://127.0.0.1:1") == 403
+    assert await _upgrade_status(port, f"127.0.0.1:{port}", "null") == 403
+    # The server's own pages: its address and loopback names; and non-browsers.
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert await _upgrade_status(port, host, f"http://{host}") == 101
+    assert await _upgrade_status(port, "anything.example", None) == 101
+
+
+async def test_server_names_admit_pages_under_those_names(tmp_path: Path) -> None:
+    async with wsq.Server(data_dir=tmp_path, port=0, server_names=["queue.internal"]) as server:
+        host = f"queue.internal:{server.port}"
+        assert await _upgrade_status(server.port, host, f"http://{host}") == 101
+        other = f"queue.other:{server.port}"
+        assert await _upgrade_status(server.port, other, f"http://{other}") == 403
+
+
+async def test_a_wildcard_bind_knows_ip_literals_but_not_names(tmp_path: Path) -> None:
+    async with wsq.Server(data_dir=tmp_path, host="0.0.0.0", port=0) as server:
+        host = f"127.0.0.1:{server.port}"
+        assert await _upgrade_status(server.port, host, f"http://{host}") == 101
+        host = f"evil.example:{server.port}"
+        assert await _upgrade_status(server.port, host, f"http://{host}") == 403
+
+
+async def test_dashboard_pages_cannot_be_framed(server: wsq.Server) -> None:
+    base = server.url.replace("ws://", "http://")
+    for path in ("/", "/wsq.js", "/health", "/nothing-here"):
+        try:
+            reply = await asyncio.to_thread(urllib.request.urlopen, base + path)
+            headers = reply.headers
+        except urllib.error.HTTPError as error:
+            headers = error.headers
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert headers["X-Content-Type-Options"] == "nosniff", path

@@ -39,6 +39,7 @@ from wsq.server import web
 from wsq.server.auth import Authenticator
 from wsq.server.connection import Connection
 from wsq.server.logs import log, logger
+from wsq.server.origins import OriginPolicy
 from wsq.server.streams import BlobQuota, stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
 from wsq.wslog import TransportLog
@@ -101,6 +102,7 @@ class Server:
         max_outgoing: int = 64 << 20,
         auth: Authenticator | str | os.PathLike[str] | None = None,
         allowed_origins: Sequence[str] = (),
+        server_names: Sequence[str] = (),
         ssl: SSLContext | None = None,
         max_data_size: int = protocol.MAX_MESSAGE,
         max_stream_size: int | None = None,
@@ -121,7 +123,9 @@ class Server:
         if auth is not None and not isinstance(auth, Authenticator):
             auth = Authenticator.load(auth)
         self.auth: Authenticator | None = auth
-        self.allowed_origins = {_origin(o) for o in allowed_origins}
+        self.allowed_origins = list(allowed_origins)
+        self.server_names = list(server_names)
+        self.origins = OriginPolicy(self.allowed_origins, self.server_names, (), ssl is not None)
         self.ssl = ssl
         self.max_data_size = max_data_size
         self.max_stream_size = max_stream_size
@@ -185,6 +189,8 @@ class Server:
         host, port = sock.getsockname()[:2]
         self.port = port
         self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
+        bound = [self.host, *(s.getsockname()[0] for s in self._listener.sockets)]
+        self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
         log(
             logging.INFO,
@@ -442,10 +448,17 @@ class Server:
                 del self.subscribers[queue]
 
     def _http(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
+        response = self._route(connection, request)
+        if response is not None:
+            response.headers.extend(web.SECURITY_HEADERS)
+        return response
+
+    def _route(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            # Cross-site WebSocket hijacking: only WebSocket requests carry authority.
+            # Cross-site WebSocket hijacking and DNS rebinding (wsq/server/origins.py):
+            # only WebSocket requests carry authority.
             origin = request.headers.get("Origin")
-            if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            if origin is not None and not self.origins.allows(origin, request.headers.get("Host")):
                 text = f"refused a WebSocket from origin {origin[:200]!r}"
                 log(logging.WARNING, "origin refused", text)
                 return connection.respond(HTTPStatus.FORBIDDEN, "wsq: origin not allowed.\n")
@@ -455,6 +468,9 @@ class Server:
                     HTTPStatus.SERVICE_UNAVAILABLE, "wsq: too many connections.\n"
                 )
             return None
+        # Plain GETs need no Host check: they serve the same public files to anyone (a
+        # rebinding page learns nothing it could not fetch cross-origin); data only ever
+        # travels over the WebSocket, which is checked above.
         path = request.path.partition("?")[0]
         if path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")
@@ -462,14 +478,6 @@ class Server:
         if asset is not None:
             return Response(int(HTTPStatus.OK), "OK", CIMultiDict(asset.headers), asset.body)
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
-
-    def _origin_allowed(self, origin: str, host: str | None) -> bool:
-        """Browsers send Origin: allow the server's own origin (same host and port as the
-        Host header) and those in ``allowed_origins`` (``*`` allows any)."""
-        if "*" in self.allowed_origins or _origin(origin) in self.allowed_origins:
-            return True
-        netloc = origin.partition("://")[2].lower()
-        return host is not None and netloc != "" and netloc == host.lower()
 
     async def _sweep_orphans(self) -> None:
         """Delete blobs no task references, left by a crash between upload and insert."""
@@ -506,11 +514,6 @@ def _lock_data_dir(data_dir: Path) -> int:
         os.close(fd)
         raise ServerError(f"Another wsq server is using {data_dir}.") from None
     return fd
-
-
-def _origin(origin: str) -> str:
-    """An origin as compared: lower case, without a trailing slash."""
-    return origin.strip().rstrip("/").lower()
 
 
 def _default_state_store(data_dir: Path) -> StateStore:
