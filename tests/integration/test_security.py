@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import subprocess
@@ -21,7 +22,11 @@ from websockets.exceptions import InvalidStatus
 import wsq
 from tests.conftest import budget, eventually
 from tests.integration.rawclient import RawClient
+from wsq import protocol
+from wsq.blobs.memory import MemoryBlobStore, MemoryBlobWriter
+from wsq.exceptions import ServerError
 from wsq.server.auth import Authenticator, AuthFileError, hash_token
+from wsq.storage.memory import MemoryStateStore
 
 PRODUCER = "producer-token-0123456789"
 WORKER = "worker-token-0123456789"
@@ -130,7 +135,7 @@ async def test_produce_adds_only_to_its_queues_and_reads_only_its_own_tasks(
         with pytest.raises(wsq.Forbidden):
             await producer.queue("videos").waiting()  # listing is observing
         stranger = wsq.Task(other, {"id": task.id, "queue": "videos"})
-        with pytest.raises(wsq.Forbidden):
+        with pytest.raises(wsq.TaskNotFound):  # as if it did not exist
             await stranger.get_data()
         with pytest.raises(wsq.Forbidden):
             await stranger.remove()
@@ -399,3 +404,128 @@ async def test_dashboard_pages_cannot_be_framed(server: wsq.Server) -> None:
         assert headers["X-Frame-Options"] == "DENY", path
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
         assert headers["X-Content-Type-Options"] == "nosniff", path
+
+
+# -- existence oracles ----------------------------------------------------------------------
+
+
+def _answer(message: dict[str, Any], task_id: str, unknown: str) -> tuple[Any, ...]:
+    """An answer with the task id replaced, so answers about two ids compare."""
+    text = str(message.get("message", "")).replace(task_id, "ID").replace(unknown, "ID")
+    return (message["op"], message.get("code"), text)
+
+
+async def test_tasks_a_token_may_not_read_look_like_missing_ones(secured: wsq.Server) -> None:
+    async with fast(secured.url, PRODUCER) as producer, fast(secured.url, ADMIN) as admin:
+        secret = await producer.queue("thumbs-small").add({"blob": b"s" * 70_000})
+        admin.queue("thumbs-small").process(lambda task: asyncio.sleep(30))
+        await eventually(lambda: admin.queue("thumbs-small").active())
+    unknown = "no-such-task-0123456789abcdef"
+    async with (
+        RawClient(secured.url, token=OBSERVER) as watcher,
+        RawClient(secured.url, token=WORKER) as worker,
+        RawClient(secured.url, token=OTHER_PRODUCER) as other,
+    ):
+        for raw in (watcher, worker, other):
+            for request in (
+                {"op": "get"},
+                {"op": "remove"},
+                {"op": "retry"},
+                {"op": "progress", "run": 1, "progress": 0.5},
+                {"op": "touch", "run": 1},
+                {"op": "complete", "run": 1},
+                {"op": "fail", "run": 1, "error": "x"},
+            ):
+                found = await raw.request({**request, "task": secret.id})
+                missing = await raw.request({**request, "task": unknown})
+                assert _answer(found, secret.id, unknown) == _answer(missing, secret.id, unknown)
+            answers = []
+            for stream, task_id in ((1, secret.id), (2, unknown)):
+                await raw.send({"op": "download", "stream": stream, "task": task_id, "index": 0})
+                answers.append(await raw.expect("stream_error"))
+            assert answers[0]["code"] == "not_found"
+            assert _answer(answers[0], secret.id, unknown) == _answer(
+                answers[1], secret.id, unknown
+            )
+
+
+# -- error texts carry no internal names ----------------------------------------------------
+
+SECRET_PATH = "/srv/secret-place/wsq.db"
+
+
+class _BrokenStates(MemoryStateStore):
+    """A state store that fails, with paths and SQL in its error texts, once ``broken``."""
+
+    broken = False
+
+    def _failure(self) -> ServerError:
+        return ServerError(f"State store error: disk I/O error in {SECRET_PATH} (INSERT INTO)")
+
+    def submit(self, ops: Any) -> asyncio.Future[list[Any]]:
+        if not self.broken:
+            return super().submit(ops)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future.set_exception(self._failure())
+        return future
+
+    async def get(self, task_id: str) -> Any:
+        if self.broken:
+            raise self._failure()
+        return await super().get(task_id)
+
+
+class _BrokenBlobs(MemoryBlobStore):
+    """A blob store whose writes fail with an OSError naming a file."""
+
+    async def create(self) -> MemoryBlobWriter:
+        writer = await super().create()
+
+        async def fail(data: Any) -> None:
+            raise OSError(5, "Input/output error", f"/srv/secret-place/blobs/{writer.key}")
+
+        writer.write = fail  # type: ignore[method-assign]
+        return writer
+
+
+def _assert_discreet(message: dict[str, Any], *secrets: str) -> None:
+    text = json.dumps(message)
+    for secret in (SECRET_PATH, "secret-place", "INSERT", *secrets):
+        assert secret not in text, message
+
+
+async def test_errors_never_carry_paths_keys_or_sql(data_dir: Path) -> None:
+    states, blobs = _BrokenStates(), _BrokenBlobs()
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, state_store=states, blob_store=blobs) as srv,
+        RawClient(srv.url) as raw,
+    ):
+        await raw.send({"op": "upload", "stream": 1})
+        await raw.send(protocol.pack_chunk(1, b"x" * 1000))
+        _assert_discreet(await raw.expect("stream_error"))
+        states.broken = True
+        for request in (
+            {"op": "add", "queue": "q", "data": {}},
+            {"op": "add_many", "queue": "q", "tasks": [{"data": {}}]},
+            {"op": "get", "task": "some-task"},
+            {"op": "remove", "task": "some-task"},
+        ):
+            answer = await raw.request(request)
+            assert answer["code"] == "internal"
+            _assert_discreet(answer)
+        await raw.send({"op": "download", "stream": 2, "task": "some-task", "index": 0})
+        _assert_discreet(await raw.expect("stream_error"))
+
+
+async def test_a_missing_blob_is_reported_without_its_key(server: wsq.Server) -> None:
+    async with fast(server.url, None) as client:
+        task = await client.queue("q").add({"blob": b"k" * 100_000})
+    files = [path for path in server.data_dir.joinpath("blobs").rglob("*") if path.is_file()]
+    keys = [path.name for path in files if path.parent.name != "tmp"]
+    assert keys
+    for path in files:
+        path.unlink()
+    async with RawClient(server.url) as raw:
+        await raw.send({"op": "download", "stream": 1, "task": task.id, "index": 0})
+        error = await raw.expect("stream_error")
+        _assert_discreet(error, *keys)

@@ -31,6 +31,7 @@ from wsq.exceptions import (
     InvalidArgument,
     LimitExceeded,
     ProtocolError,
+    ServerError,
     StaleRun,
     TaskNotFound,
     TooLarge,
@@ -195,25 +196,43 @@ class Connection:
             where = "every queue" if queue is None else f"queue {queue!r}"
             raise Forbidden(f"Token {self.principal.name!r} has no {role} role on {where}.")
 
-    def _require_read(self, task: Task) -> None:
+    def _require_held(self, role: str) -> None:
+        """Raise Forbidden unless this connection holds ``role`` on some queue: checked
+        before a request looks anything up, so its answer tells nothing about the task."""
+        if self._checked and not self.principal.holds(role):
+            raise Forbidden(f"Token {self.principal.name!r} has no {role} role.")
+
+    def _may_read(self, task: Task) -> bool:
         """Reading a task and its data: observe or work on its queue, or produce if this
         principal added it."""
-        if not self._checked:
-            return
         principal = self.principal
-        if principal.may("observe", task.queue) or principal.may("work", task.queue):
-            return
-        if task.owner == principal.name and principal.may("produce", task.queue):
-            return
-        raise Forbidden(f"Token {principal.name!r} may not read task {task.id}.")
+        if not self._checked or principal.may("observe", task.queue):
+            return True
+        if principal.may("work", task.queue):
+            return True
+        return task.owner == principal.name and principal.may("produce", task.queue)
 
-    def _require_work_on(self, task_id: str) -> None:
+    def _require_read(self, task: Task) -> None:
+        """A task this principal may not read is answered as one that does not exist."""
+        if not self._may_read(task):
+            raise _not_found(task.id)
+
+    def _require_admin_on(self, task: Task) -> None:
+        """Admin on the task's queue; a task this principal may not even read does not
+        exist for it (``_require_held`` has refused principals with no admin at all)."""
+        if self._checked and not self.principal.may("admin", task.queue):
+            self._require_read(task)
+            self._require("admin", task.queue)
+
+    def _require_work_on(self, task_id: str, run: int) -> None:
         """A worker's report: the work role on the task's queue. A task the core does not
-        hold gets the core's own answer (a stale run)."""
+        hold, or holds on a queue this principal does not work on, gets the core's own
+        answer (a stale run)."""
         if self._checked:
+            self._require_held("work")
             held = self.server.core.lookup(task_id)
-            if held is not None:
-                self._require("work", held.queue)
+            if held is not None and not self.principal.may("work", held.queue):
+                raise StaleRun(f"Run {run} of task {task_id} is not active.")
 
     def may_observe(self, queue: str | None) -> bool:
         return not self._checked or self.principal.may("observe", queue)
@@ -281,6 +300,10 @@ class Connection:
             self.send_text(p.result(request_id, value))
 
     def send_error(self, request_id: int | None, exc: WsqError) -> None:
+        """Answer with ``exc``; an internal error's text (store paths, SQL) stays in the log."""
+        if exc.code == "internal":
+            log(logging.ERROR, "internal error", str(exc), connection=self.id)
+            exc = ServerError("Internal server error.")
         self.send_text(p.error(request_id, exc.code, str(exc)))
 
     # -- incoming --------------------------------------------------------------------------
@@ -436,8 +459,7 @@ class Connection:
             self.server.core.abandon_seq(task.seq)
             self.server.spawn(self.server.blobs.delete(keys), "wsq-delete-blobs")
             if isinstance(outcome, BaseException):
-                text = f"Could not store the task: {outcome}"
-                self.send_text(p.error(request_id, "internal", text))
+                self.send_error(request_id, ServerError(f"Could not store the task: {outcome}"))
             else:
                 self._spawn(request_id, self._existing(task))
             return
@@ -495,7 +517,7 @@ class Connection:
         if isinstance(outcome, BaseException):
             for task in tasks:
                 core.abandon_seq(task.seq)
-            self.send_text(p.error(request_id, "internal", f"Could not store: {outcome}"))
+            self.send_error(request_id, ServerError(f"Could not store tasks: {outcome}"))
             return
         if all(outcome):
             now = time.time()
@@ -577,7 +599,7 @@ class Connection:
     async def _find(self, task_id: str) -> Task:
         task = self.server.core.lookup(task_id) or await self.server.store.get(task_id)
         if task is None:
-            raise TaskNotFound(f"No task with id {task_id}.")
+            raise _not_found(task_id)
         return task
 
     def _on_get(self, message: p.Get) -> None:
@@ -596,11 +618,12 @@ class Connection:
         self._spawn(message.id, self._remove(message.task))
 
     async def _remove(self, task_id: str) -> Any:
+        self._require_held("admin")
         held = self.server.core.lookup(task_id)
         stored = None if held else await self.server.store.get(task_id)
         if held is None and stored is None:
-            raise TaskNotFound(f"No task with id {task_id}.")
-        self._require("admin", (held or stored).queue)  # type: ignore[union-attr]
+            raise _not_found(task_id)
+        self._require_admin_on(held or stored)  # type: ignore[arg-type]
         self.server.apply(self.server.core.remove(task_id, stored, time.time()))
         await self._durable()
         return None
@@ -609,8 +632,9 @@ class Connection:
         self._spawn(message.id, self._retry(message.task))
 
     async def _retry(self, task_id: str) -> Any:
+        self._require_held("admin")
         task = await self._find(task_id)
-        self._require("admin", task.queue)
+        self._require_admin_on(task)
         self.server.apply(self.server.core.retry(task, time.time()))
         await self._durable()
         return task.to_json()
@@ -676,23 +700,23 @@ class Connection:
         core = self.server.core
         for ref in message.runs:
             with contextlib.suppress(WsqError):
-                self._require_work_on(ref.task)
+                self._require_work_on(ref.task, ref.run)
                 self.server.apply(core.ack(ref.task, ref.run, now))
         self.answer(message.id)
 
     def _on_progress(self, message: p.Progress) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         core = self.server.core
         self.server.apply(core.progress(message.task, message.run, message.progress, time.time()))
         self.answer(message.id)
 
     def _on_touch(self, message: p.Touch) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         self.server.apply(self.server.core.touch(message.task, message.run, time.time()))
         self.answer(message.id)
 
     def _on_complete(self, message: p.Complete) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         self.server.apply(self.server.core.complete(message.task, message.run, time.time()))
         self.answer(message.id)
 
@@ -702,7 +726,7 @@ class Connection:
         effects = []
         stale = []
         for ref in message.runs:
-            self._require_work_on(ref.task)
+            self._require_work_on(ref.task, ref.run)
         for ref in message.runs:
             try:
                 effects += core.complete(ref.task, ref.run, now)
@@ -712,7 +736,7 @@ class Connection:
         self.answer(message.id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         core = self.server.core
         self.server.apply(core.fail(message.task, message.run, message.error, time.time()))
         self.answer(message.id)
@@ -881,6 +905,11 @@ def _stream_ref(stream: p.StreamIn, uploads: dict[int, tuple[str, int]]) -> Stre
     assert stream.upload is not None
     key, size = uploads[stream.upload]
     return StreamRef(tuple(stream.path), size, blob=key)
+
+
+def _not_found(task_id: str) -> TaskNotFound:
+    """The one answer for a task that does not exist or that this principal may not read."""
+    return TaskNotFound(f"No task with id {task_id}.")
 
 
 def _peer(websocket: ServerConnection) -> str:
