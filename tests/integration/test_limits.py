@@ -284,3 +284,20 @@ async def test_a_full_disk_fails_adds_clearly_and_recovers(
         assert await (await third.get_data())["blob"].read() == b"c" * 1_500_000
     with sqlite3.connect(data_dir / "wsq.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_downloads_count_against_requests_in_flight(data_dir: Path) -> None:
+    async with serving(data_dir, max_requests=3) as server:
+        async with fast(server.url) as client:
+            task = await client.queue("q").add({"blob": os.urandom(9 << 20)})  # > one window
+        async with RawClient(server.url) as raw:
+            for stream in range(1, 6):  # credit is never granted: all stay open
+                await raw.send({"op": "download", "stream": stream, "task": task.id, "index": 0})
+            error = await raw.expect("stream_error")
+            assert (error["stream"], error["code"]) == (4, "too_many")
+            assert (await raw.expect("stream_error"))["stream"] == 5
+            refused = await raw.request({"op": "get", "task": task.id})
+            assert refused["code"] == "too_many"
+            for stream in range(1, 4):
+                await raw.send({"op": "cancel", "stream": stream})
+            assert (await raw.request({"op": "get", "task": task.id}))["op"] == "result"

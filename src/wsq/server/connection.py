@@ -331,12 +331,8 @@ class Connection:
     def _dispatch(self, message: Any) -> None:
         request_id = getattr(message, "id", None)
         try:
-            if (
-                type(message) in _BOUNDED
-                and len(self._requests) + self._storing >= self.server.max_requests
-            ):
-                limit = self.server.max_requests
-                raise LimitExceeded(f"More than {limit} requests in flight on this connection.")
+            if type(message) in _BOUNDED and self._in_flight() >= self.server.max_requests:
+                raise self._too_many_requests()
             self._handlers[type(message)](message)
         except WsqError as exc:
             self.send_error(request_id, exc)
@@ -348,6 +344,14 @@ class Connection:
                 connection=self.id,
             )
             self.send_text(p.error(request_id, "internal", "Internal server error."))
+
+    def _in_flight(self) -> int:
+        """Requests that hold server resources: those waiting on a store, and downloads."""
+        return len(self._requests) + self._storing + len(self._downloads)
+
+    def _too_many_requests(self) -> LimitExceeded:
+        limit = self.server.max_requests
+        return LimitExceeded(f"More than {limit} requests in flight on this connection.")
 
     def _receive_binary(self, frame: bytes) -> None:
         try:
@@ -803,6 +807,10 @@ class Connection:
     def _on_download(self, message: p.Download) -> None:
         if message.stream in self._downloads or message.stream in self._uploads:
             raise InvalidArgument(f"Stream {message.stream} is already open.")
+        if self._in_flight() >= self.server.max_requests:
+            error = self._too_many_requests()
+            self.send_text(p.stream_error(message.stream, error.code, str(error)))
+            return
 
         async def source() -> BlobReader:
             task = await self._find(message.task)
