@@ -184,6 +184,16 @@ _limit_options = _stacked(
         show_default=True,
         help="Unread outgoing bytes after which a client is dropped.",
     ),
+    click.option(
+        "--max-buffered",
+        metavar="BYTES",
+        callback=_size,
+        default="1GiB",
+        envvar="WSQ_MAX_BUFFERED",
+        show_default=True,
+        help="Unsent bytes of all clients, plus one frame per client that has not said"
+        " hello; past it the largest backlog is dropped, the oldest silent client closed.",
+    ),
 )
 
 

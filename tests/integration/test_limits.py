@@ -23,6 +23,7 @@ from tests.integration.rawclient import RawClient
 from wsq import protocol
 from wsq.blobs.files import FileBlobStore
 from wsq.cli import parse_size
+from wsq.server.connection import HELLO_TIMEOUT
 
 
 @contextlib.asynccontextmanager
@@ -301,3 +302,89 @@ async def test_downloads_count_against_requests_in_flight(data_dir: Path) -> Non
             for stream in range(1, 4):
                 await raw.send({"op": "cancel", "stream": stream})
             assert (await raw.request({"op": "get", "task": task.id}))["op"] == "result"
+
+
+# -- connections that never say hello ------------------------------------------------------
+
+
+async def _silent(url: str) -> Any:
+    """A connection that completes the WebSocket handshake and then says nothing."""
+    return await connect(url, max_size=None)
+
+
+async def test_connections_that_never_say_hello_are_closed_and_lock_nobody_out(
+    data_dir: Path,
+) -> None:
+    async with serving(data_dir, max_connections=2) as server:
+        silent = [await _silent(server.url) for _ in range(10)]
+        # They do not take the two places: clients that greet get them at once.
+        async with fast(server.url) as one, fast(server.url) as two:
+            await still_works(one)
+            await still_works(two)
+        for ws in silent:  # and each is closed after the hello deadline
+            await asyncio.wait_for(ws.wait_closed(), budget(HELLO_TIMEOUT + 5))
+
+
+async def test_partial_frames_before_hello_share_the_servers_buffer_budget(
+    data_dir: Path,
+) -> None:
+    # Each connection that has not said hello may buffer up to one frame (here 4 * 64 KiB
+    # plus a chunk): a budget of three such frames keeps at most three of them open.
+    reserve = 4 * 65536 + protocol.CHUNK
+    async with serving(data_dir, max_message_size=65536, max_buffered=3 * reserve) as server:
+        silent, writers = [], []
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            # A text frame announcing 200 KB, of which only half ever comes.
+            writer.write(bytes([0x81, 0xFF]) + (200_000).to_bytes(8, "big") + b"\0" * 4)
+            writer.write(b"x" * 100_000)
+            silent.append(reader)
+            writers.append(writer)
+
+        async def closed(reader: asyncio.StreamReader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(), 0.05) is not None
+            except TimeoutError:
+                return False
+
+        async def open_count() -> int:
+            return sum([not await closed(reader) for reader in silent])
+
+        await eventually(lambda: _at_most(open_count(), 3), timeout=3)
+        async with fast(server.url) as client:  # the newest pending ones make way too
+            await still_works(client)
+        for writer in writers:
+            writer.close()
+
+
+async def _at_most(count: Any, limit: int) -> bool:
+    return bool(await count <= limit)
+
+
+async def test_outgoing_bytes_of_all_connections_share_the_buffer_budget(
+    data_dir: Path,
+) -> None:
+    async with (
+        serving(data_dir, max_buffered=3_000_000, max_message_size=256 << 10) as server,
+        fast(server.url) as producer,
+    ):
+        ws = await connect(server.url, max_size=None)
+        await ws.send(json.dumps({"op": "hello", "protocol": 1}))
+        await ws.recv()
+        await ws.send(json.dumps({"op": "work", "id": 1, "queue": "big", "concurrency": 1000}))
+        await ws.recv()
+        ws.transport.pause_reading()
+        pad = "x" * 100_000
+        for _ in range(50):
+            await producer.queue("big").add_many([{"pad": pad}] * 2, retries=1)  # 10 MB
+        # Under the per-connection limit (64 MiB), over the server's total: dropped.
+        await eventually(lambda: len(server.connections) == 1)
+        await still_works(producer)
+        assert server.buffered < 3_000_000
+        ws.transport.abort()

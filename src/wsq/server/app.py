@@ -37,6 +37,7 @@ from wsq.core.engine import Core
 from wsq.exceptions import ServerError
 from wsq.server import web
 from wsq.server.auth import Authenticator
+from wsq.server.budget import Budget
 from wsq.server.connection import Connection
 from wsq.server.logs import log, logger
 from wsq.server.origins import OriginPolicy
@@ -100,6 +101,7 @@ class Server:
         window: int = 1000,
         max_message_size: int = protocol.MAX_MESSAGE,
         max_outgoing: int = 64 << 20,
+        max_buffered: int = 1 << 30,
         auth: Authenticator | str | os.PathLike[str] | None = None,
         allowed_origins: Sequence[str] = (),
         server_names: Sequence[str] = (),
@@ -120,6 +122,13 @@ class Server:
         self.worker_timeout = worker_timeout
         self.max_message_size = max_message_size
         self.max_outgoing = max_outgoing
+        # A connection that has not said hello may buffer one frame of up to this size.
+        self.budget = Budget(max_buffered, max_message_size * 4 + protocol.CHUNK)
+        if max_buffered < self.budget.frame_reserve:
+            raise ValueError(
+                f"max_buffered ({max_buffered}) must hold at least one frame"
+                f" (4 * max_message_size + {protocol.CHUNK} = {self.budget.frame_reserve})"
+            )
         if auth is not None and not isinstance(auth, Authenticator):
             auth = Authenticator.load(auth)
         self.auth: Authenticator | None = auth
@@ -172,7 +181,7 @@ class Server:
                 self._handle,
                 self.host,
                 self.port,
-                max_size=self.max_message_size * 4 + protocol.CHUNK,
+                max_size=self.budget.frame_reserve,
                 ping_interval=self.heartbeat_interval,
                 ping_timeout=self.heartbeat_interval * 3,
                 compression=None,
@@ -430,12 +439,28 @@ class Server:
 
     async def _handle(self, websocket: ServerConnection) -> None:
         connection = Connection(self, websocket, self.next_id())
-        self.connections[connection.id] = connection
         try:
-            await connection.run()
+            await connection.run()  # the connection joins self.connections at hello
         finally:
-            del self.connections[connection.id]
+            self.connections.pop(connection.id, None)
             await connection.cleanup()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes counted against ``max_buffered`` now (wsq/server/budget.py)."""
+        return self.budget.used
+
+    def shed_load(self) -> None:
+        """Over ``max_buffered``: drop the connection with the most unsent bytes."""
+        largest = self.budget.pick_largest(list(self.connections.values()))
+        if largest is not None and largest.backlog > 0:
+            log(
+                logging.WARNING,
+                "slow consumer",
+                "dropping the client with the most unsent bytes: the server's buffers are full",
+                connection=largest.id,
+            )
+            largest.drop(1008, "Slow consumer")
 
     def subscribe(self, connection: Connection, queue: str | None) -> None:
         self.subscribers.setdefault(queue, set()).add(connection)

@@ -45,7 +45,8 @@ from wsq.storage.base import Delete, Insert
 if TYPE_CHECKING:
     from wsq.server.app import Outcome, Server
 
-HELLO_TIMEOUT = 10.0
+HELLO_TIMEOUT = 5.0
+"""Seconds a connection may take to say hello after its WebSocket handshake."""
 _FRAME_BYTES = 1 << 20
 
 
@@ -104,7 +105,15 @@ class Connection:
 
     async def run(self) -> None:
         """Greet, then read until the connection ends (§4.1)."""
-        if not await self._greet():
+        budget = self.server.budget
+        if not budget.start_greeting(self):
+            await self._refuse("too_many", "The server is busy; try again.", close_code=1013)
+            return
+        try:
+            greeted = await self._greet()
+        finally:
+            budget.end_greeting(self)
+        if not greeted:
             return
         self._writer = asyncio.create_task(self._write_loop(), name=f"wsq-writer-{self.id}")
         try:
@@ -119,6 +128,7 @@ class Connection:
     async def cleanup(self) -> None:
         """Undo everything this connection held: workers, subscriptions, streams."""
         self._closing = True
+        self._release_outgoing()
         for request in list(self._requests):
             request.cancel()
         await asyncio.gather(*self._requests, return_exceptions=True)
@@ -167,6 +177,12 @@ class Connection:
             self.principal = principal
         self.session = hello.session
         server = self.server
+        # Only greeted connections count: silent ones cannot take the places of clients.
+        if len(server.connections) >= server.max_connections:
+            log(logging.WARNING, "connection refused", "refused a connection: at the limit")
+            text = "Too many connections; try again."
+            return await self._refuse("too_many", text, close_code=1013)
+        server.connections[self.id] = self
         welcome = p.welcome(
             self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
         )
@@ -250,16 +266,36 @@ class Connection:
             return
         self._out.append((text, data))
         self._out_bytes += len(data)
+        self.server.budget.used += len(data)
         self._wake.set()
         if self._out_bytes > self.server.max_outgoing:
-            self._closing = True
             log(
                 logging.WARNING,
                 "slow consumer",
                 "dropping a client that does not read",
                 connection=self.id,
             )
-            self.server.spawn(self.ws.close(1008, "Slow consumer"), f"wsq-drop-{self.id}")
+            self.drop(1008, "Slow consumer")
+        elif self.server.budget.over:
+            self.server.shed_load()
+
+    @property
+    def backlog(self) -> int:
+        """Outgoing bytes queued here, not yet handed to the socket."""
+        return self._out_bytes
+
+    def drop(self, code: int, reason: str) -> None:
+        """Close this connection; what it had queued to send is given up at once."""
+        if self._closing:
+            return
+        self._closing = True
+        self._release_outgoing()
+        self.server.spawn(self.ws.close(code, reason), f"wsq-drop-{self.id}")
+
+    def _release_outgoing(self) -> None:
+        self.server.budget.used -= self._out_bytes
+        self._out.clear()
+        self._out_bytes = 0
 
     async def _write_loop(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -276,6 +312,7 @@ class Connection:
                 else:
                     self._out.popleft()
                     self._out_bytes -= len(data)
+                    self.server.budget.used -= len(data)
                     frame = data
                 await self.ws.send(frame, text=text)
 
@@ -287,6 +324,7 @@ class Connection:
             parts.append(data)
             size += len(data)
         self._out_bytes -= size
+        self.server.budget.used -= size
         return p.join_frame(parts)
 
     def answer(self, request_id: int | None, value: Any = None) -> None:
