@@ -160,6 +160,15 @@ _limit_options = _stacked(
         help="Connections beyond this are refused (HTTP 503).",
     ),
     click.option(
+        "--max-pending",
+        type=click.IntRange(1),
+        default=1024,
+        envvar="WSQ_MAX_PENDING",
+        show_default=True,
+        help="Sockets that have not said hello yet (TCP, TLS, HTTP or WebSocket"
+        " handshake in progress); past it the oldest is closed.",
+    ),
+    click.option(
         "--max-requests",
         type=click.IntRange(1),
         default=10_000,

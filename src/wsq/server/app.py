@@ -39,6 +39,7 @@ from wsq.server import web
 from wsq.server.auth import Authenticator
 from wsq.server.budget import Budget
 from wsq.server.connection import Connection
+from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.logs import log, logger
 from wsq.server.origins import OriginPolicy
 from wsq.server.streams import BlobQuota, stream_json
@@ -47,6 +48,8 @@ from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
 """Seconds a closing handshake may take before the connection is simply dropped."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
 
@@ -112,6 +115,8 @@ class Server:
         max_connections: int = 10_000,
         max_requests: int = 10_000,
         max_uploads: int = 100,
+        max_pending: int = 1024,
+        max_workers: int = 1000,
     ) -> None:
         if worker_timeout <= 0 or heartbeat_interval <= 0:
             raise ValueError("worker_timeout and heartbeat_interval must be positive seconds")
@@ -141,6 +146,8 @@ class Server:
         self.max_connections = max_connections
         self.max_requests = max_requests
         self.max_uploads = max_uploads
+        self.max_pending = max_pending
+        self.max_workers = max_workers
         # The built-in stores live in data_dir, which one server at a time may use.
         self._uses_data_dir = state_store is None or blob_store is None
         self._lock: int | None = None
@@ -161,7 +168,8 @@ class Server:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._turn_scheduled = False
-        self._listener: WsServer | None = None
+        self._listeners: list[WsServer] = []
+        self.gate: Gate | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.url = ""
@@ -177,28 +185,15 @@ class Server:
             recovery = await self.store.open()
             await self.blobs.open()
             self.apply(self.core.recover(recovery, time.time()))
-            self._listener = await serve(
-                self._handle,
-                self.host,
-                self.port,
-                max_size=self.budget.frame_reserve,
-                ping_interval=self.heartbeat_interval,
-                ping_timeout=self.heartbeat_interval * 3,
-                compression=None,
-                process_request=self._http,
-                server_header=f"wsq/{_version()}",
-                close_timeout=CLOSE_TIMEOUT,
-                logger=TransportLog("wsq.transport"),
-                ssl=self.ssl,
-            )
+            self._listeners = [await self._serve(sock) for sock in self._bind()]
         except BaseException:
             await self.close()
             raise
-        sock = next(iter(self._listener.sockets))
-        host, port = sock.getsockname()[:2]
+        sockets = [sock for listener in self._listeners for sock in listener.sockets]
+        host, port = sockets[0].getsockname()[:2]
         self.port = port
         self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
-        bound = [self.host, *(s.getsockname()[0] for s in self._listener.sockets)]
+        bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
         log(
@@ -208,14 +203,42 @@ class Server:
             data=str(self.data_dir),
         )
 
+    def _bind(self) -> list[GuardedSocket]:
+        self.gate = Gate(self.max_pending)
+        return listening_sockets(self.host, self.port, self.gate)
+
+    async def _serve(self, sock: GuardedSocket) -> WsServer:
+        # TLS: the handshake gets the same bound as the plain port's HTTP upgrade.
+        tls: dict[str, Any] = {}
+        if self.ssl is not None:
+            tls = {"ssl": self.ssl, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
+        listener: WsServer = await serve(
+            self._handle,
+            sock=sock,
+            max_size=self.budget.frame_reserve,
+            ping_interval=self.heartbeat_interval,
+            ping_timeout=self.heartbeat_interval * 3,
+            compression=None,
+            process_request=self._http,
+            server_header=f"wsq/{_version()}",
+            open_timeout=HANDSHAKE_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            logger=TransportLog("wsq.transport"),
+            **tls,
+        )
+        return listener
+
     async def close(self) -> None:
         """Stop listening, close every connection, and flush the stores. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        if self._listener is not None:
-            self._listener.close(close_connections=True)
-            await self._listener.wait_closed()
+        for listener in self._listeners:
+            listener.close(close_connections=True)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        if self.gate is not None:
+            self.gate.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -232,8 +255,8 @@ class Server:
         log(logging.INFO, "stopped", "wsq server stopped")
 
     async def serve_forever(self) -> None:
-        assert self._listener is not None, "call start() first"
-        await self._listener.serve_forever()
+        assert self._listeners, "call start() first"
+        await asyncio.gather(*(listener.serve_forever() for listener in self._listeners))
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -183,6 +183,8 @@ class Connection:
             text = "Too many connections; try again."
             return await self._refuse("too_many", text, close_code=1013)
         server.connections[self.id] = self
+        if server.gate is not None:
+            server.gate.greeted(self.ws.remote_address)
         welcome = p.welcome(
             self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
         )
