@@ -185,6 +185,14 @@ _limit_options = _stacked(
         help="Uploads open at once per connection.",
     ),
     click.option(
+        "--max-workers",
+        type=click.IntRange(1),
+        default=1000,
+        envvar="WSQ_MAX_WORKERS",
+        show_default=True,
+        help="Workers registered at once per connection.",
+    ),
+    click.option(
         "--max-outgoing",
         metavar="BYTES",
         callback=_size,

@@ -388,3 +388,40 @@ async def test_outgoing_bytes_of_all_connections_share_the_buffer_budget(
         await still_works(producer)
         assert server.buffered < 3_000_000
         ws.transport.abort()
+
+
+# -- workers --------------------------------------------------------------------------------
+
+
+async def test_worker_registrations_per_connection_are_limited(data_dir: Path) -> None:
+    async with serving(data_dir, max_workers=3) as server, RawClient(server.url) as raw:
+        for n in range(3):
+            answer = await raw.request({"op": "work", "queue": f"q{n}", "worker": f"w{n}"})
+            assert answer["op"] == "result"
+        refused = await raw.request({"op": "work", "queue": "q", "worker": "w3"})
+        assert refused["code"] == "too_many"
+        assert "3 workers" in refused["message"]
+        assert (await raw.request({"op": "stop", "worker": "w0"}))["op"] == "result"
+        assert (await raw.request({"op": "work", "queue": "q", "worker": "w3"}))["op"] == "result"
+        async with RawClient(server.url) as other:  # the limit is per connection
+            assert (await other.request({"op": "work", "queue": "q"}))["op"] == "result"
+
+
+async def test_stop_finds_workers_in_the_connections_own_index(data_dir: Path) -> None:
+    """``stop`` looks in the connection's own workers (not a scan of the server's): a
+    worker taken over by a new connection of the same session moves between indexes."""
+    session = "one-session-0123456789"
+    async with serving(data_dir) as server:
+        first = RawClient(server.url, session=session)
+        second = RawClient(server.url, session=session)
+        async with first, second:
+            work = {"op": "work", "queue": "q", "worker": "w1"}
+            assert (await first.request(work))["op"] == "result"
+            assert (await second.request(work))["op"] == "result"  # taken over
+            refused = await first.request({"op": "stop", "worker": "w1"})
+            assert refused["code"] == "invalid_argument"
+            assert (await second.request({"op": "stop", "worker": "w1"}))["op"] == "result"
+            unknown = await second.request({"op": "stop", "worker": "w1"})
+            assert unknown["code"] == "invalid_argument"
+        await eventually(lambda: not server.connections)
+        assert server.core.stats() == [] or all(not q["workers"] for q in server.core.stats())

@@ -66,6 +66,7 @@ class Connection:
         self._downloads: dict[int, Download] = {}
         self._unclaimed: set[str] = set()
         self._subscriptions: set[str | None] = set()
+        self._workers: set[str] = set()  # registered here: stop and cleanup look here
         self._requests: set[asyncio.Task[Any]] = set()
         self._storing = 0  # adds waiting for their store job
         # Uploads refused at open (max_uploads): an add naming one gets the same error.
@@ -135,8 +136,9 @@ class Connection:
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
-        for worker_id in self.server.core.workers_of(self.id):
-            self.server.apply(self.server.core.remove_worker(worker_id))
+        for worker_id in self._workers:
+            if self.server.core.worker_connection(worker_id) == self.id:
+                self.server.apply(self.server.core.remove_worker(worker_id))
         for queue in list(self._subscriptions):
             self.server.unsubscribe(self, queue)
         for upload in list(self._uploads.values()):
@@ -712,6 +714,9 @@ class Connection:
     def _on_work(self, message: p.Work) -> None:
         self._require("work", message.queue)
         worker_id = message.worker or uuid.uuid4().hex
+        if worker_id not in self._workers and len(self._workers) >= self.server.max_workers:
+            limit = self.server.max_workers
+            raise LimitExceeded(f"More than {limit} workers registered on this connection.")
         core = self.server.core
         holder = core.worker_connection(worker_id)
         if holder is not None and holder != self.id:
@@ -725,17 +730,22 @@ class Connection:
                 and previous.principal.name == self.principal.name
             ):
                 raise InvalidArgument(f"Worker id {worker_id} is already connected.")
+            if previous is not None:
+                previous._workers.discard(worker_id)
             self.server.apply(core.remove_worker(worker_id))
             log(logging.INFO, "worker moved", connection=self.id, worker=worker_id)
         effects = core.add_worker(
             self.id, worker_id, message.queue, message.concurrency, time.time()
         )
+        self._workers.add(worker_id)
         self.answer(message.id, {"worker": worker_id})
         self.server.apply(effects)
 
     def _on_stop(self, message: p.StopWork) -> None:
-        if message.worker not in self.server.core.workers_of(self.id):
+        core = self.server.core
+        if message.worker not in self._workers or core.worker_connection(message.worker) != self.id:
             raise InvalidArgument(f"Worker {message.worker} is not registered on this connection.")
+        self._workers.discard(message.worker)
         self.server.apply(self.server.core.remove_worker(message.worker))
         self.answer(message.id)
 
@@ -877,9 +887,7 @@ class Connection:
             download.grant(message.bytes)
 
     def _on_stats(self, message: p.Stats) -> None:
-        stats = self.server.core.stats()
-        if self._checked:
-            stats = [queue for queue in stats if self.principal.may("observe", queue["name"])]
+        stats = self.server.core.stats(self.may_observe if self._checked else None)
         self.answer_now(message.id, {"queues": stats})
 
     def _on_ping(self, message: p.Ping) -> None:
