@@ -415,6 +415,12 @@ def _answer(message: dict[str, Any], task_id: str, unknown: str) -> tuple[Any, .
     return (message["op"], message.get("code"), text)
 
 
+def _naming(request: dict[str, Any], task_id: str) -> dict[str, Any]:
+    if "runs" in request:
+        return {**request, "runs": [[task_id, 1]]}
+    return {**request, "task": task_id}
+
+
 async def test_tasks_a_token_may_not_read_look_like_missing_ones(secured: wsq.Server) -> None:
     async with fast(secured.url, PRODUCER) as producer, fast(secured.url, ADMIN) as admin:
         secret = await producer.queue("thumbs-small").add({"blob": b"s" * 70_000})
@@ -435,9 +441,10 @@ async def test_tasks_a_token_may_not_read_look_like_missing_ones(secured: wsq.Se
                 {"op": "touch", "run": 1},
                 {"op": "complete", "run": 1},
                 {"op": "fail", "run": 1, "error": "x"},
+                {"op": "complete_many", "runs": [["TASK", 1]]},
             ):
-                found = await raw.request({**request, "task": secret.id})
-                missing = await raw.request({**request, "task": unknown})
+                found = await raw.request(_naming(request, secret.id))
+                missing = await raw.request(_naming(request, unknown))
                 assert _answer(found, secret.id, unknown) == _answer(missing, secret.id, unknown)
             answers = []
             for stream, task_id in ((1, secret.id), (2, unknown)):

@@ -775,14 +775,15 @@ class Connection:
         self.answer(message.id)
 
     def _on_complete_many(self, message: p.CompleteMany) -> None:
-        """Several completions in one message; the answer lists the refused (stale) runs."""
+        """Several completions in one message; the answer lists the refused (stale) runs,
+        among them those of tasks on queues this principal does not work on."""
         core, now = self.server.core, time.time()
         effects = []
         stale = []
-        for ref in message.runs:
-            self._require_work_on(ref.task, ref.run)
+        self._require_held("work")
         for ref in message.runs:
             try:
+                self._require_work_on(ref.task, ref.run)
                 effects += core.complete(ref.task, ref.run, now)
             except StaleRun:
                 stale.append([ref.task, ref.run])
