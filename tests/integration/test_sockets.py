@@ -146,3 +146,25 @@ async def test_a_tls_handshake_that_never_comes_is_cut_off(tmp_path: Path) -> No
         writer.write(b"\x16\x03\x01")  # the first bytes of a ClientHello, and no more
         assert await asyncio.wait_for(reader.read(), budget(HANDSHAKE_TIMEOUT + 5)) == b""
         writer.close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_every_socket_is_counted_out_when_it_closes(tmp_path: Path, tls: bool) -> None:
+    """The count that bounds sockets cannot creep up: after clients, refused requests and
+    idle sockets have gone, nothing is counted."""
+    context, ca_file = None, None
+    if tls:
+        ca = trustme.CA()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(context)
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+    async with wsq.Server(data_dir=tmp_path / "data", port=0, ssl=context) as server:
+        for _ in range(3):
+            async with wsq.Client(server.url, ca_file=ca_file) as client:
+                await client.queue("q").add({"n": 1})
+        for sock in _idle_sockets(server.port, 5):
+            sock.close()
+        assert server.gate is not None
+        await eventually(lambda: server.gate is not None and server.gate.open == 0)
+        assert server.gate.pending == 0
