@@ -168,3 +168,27 @@ async def test_every_socket_is_counted_out_when_it_closes(tmp_path: Path, tls: b
         assert server.gate is not None
         await eventually(lambda: server.gate is not None and server.gate.open == 0)
         assert server.gate.pending == 0
+
+
+async def test_failed_tls_handshakes_do_not_flood_the_log(tmp_path: Path) -> None:
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    tls = ("--tls-cert", str(cert_file), "--tls-key", str(key_file))
+    server = ServerProcess(tmp_path / "data", None, *tls)
+    await server.start()
+    try:
+        meter = Meter(server)
+        for hello in (b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", b""):
+            for _ in range(20):  # a ClientHello that is not one, plain HTTP, or nothing
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(hello)
+                if hello:
+                    await asyncio.wait_for(reader.read(), budget(5))
+                writer.close()
+        await asyncio.sleep(0.5)
+        _, _, logged = meter.report()
+        assert logged < 5_000, server.log.read_text()[-3000:]
+    finally:
+        server.stop()

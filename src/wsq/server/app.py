@@ -170,6 +170,7 @@ class Server:
         self._turn_scheduled = False
         self._listeners: list[WsServer] = []
         self.gate: Gate | None = None
+        self._restore_handler: Callable[[], None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.url = ""
@@ -186,6 +187,8 @@ class Server:
             await self.blobs.open()
             self.apply(self.core.recover(recovery, time.time()))
             self._listeners = [await self._serve(sock) for sock in self._bind()]
+            if self.ssl is not None:
+                self._quiet_tls_failures()
         except BaseException:
             await self.close()
             raise
@@ -202,6 +205,26 @@ class Server:
             f"wsq server listening on {self.url}",
             data=str(self.data_dir),
         )
+
+    def _quiet_tls_failures(self) -> None:
+        """A TLS handshake that fails (a client that closes, or speaks plain HTTP) is the
+        client's affair: one DEBUG line, not asyncio's traceback of several KB per
+        connection, which any client could use to flood the log. Other reports go to the
+        loop's previous handler; :meth:`close` puts it back."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if str(context.get("message", "")).startswith("SSL handshake failed"):
+                text = f"TLS handshake failed: {context.get('exception')!r}"
+                log(logging.DEBUG, "tls handshake failed", text)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handle)
+        self._restore_handler = lambda: loop.set_exception_handler(previous)
 
     def _bind(self) -> list[GuardedSocket]:
         self.gate = Gate(self.max_pending)
@@ -239,6 +262,8 @@ class Server:
             await listener.wait_closed()
         if self.gate is not None:
             self.gate.close()
+        if self._restore_handler is not None:
+            self._restore_handler()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
