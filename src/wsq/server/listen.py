@@ -34,6 +34,9 @@ from wsq.server.logs import log
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESERVED_DESCRIPTORS = 64
 """Descriptors kept free of connections for the stores' files, the log and the spare."""
+BURST = 100
+"""Connections one readiness of the listening socket may refuse before the loop moves on
+(the rest wait for its next turn), so a flood cannot hold the event loop."""
 REPORT_EVERY = 10.0
 """Seconds between log lines about refused or evicted connections."""
 
@@ -98,7 +101,7 @@ class Gate:
         """Out of descriptors: accept each waiting connection on the spare descriptor
         and close it, so the listening socket stops being readable."""
         refused = 0
-        while True:
+        while refused < BURST:
             if self._spare is None:
                 self._spare = _reserve()
                 if self._spare is None:
@@ -149,7 +152,7 @@ class GuardedSocket(socket.socket):
         self.gate = gate
 
     def accept(self) -> tuple[socket.socket, Any]:
-        while True:
+        for _ in range(BURST):
             try:
                 fd, peer = self._accept()  # type: ignore[attr-defined]
             except OSError as exc:
@@ -161,6 +164,7 @@ class GuardedSocket(socket.socket):
             sock.gate, sock.peer_key = self.gate, _key(peer)
             if self.gate._admit(sock, peer):
                 return sock, peer
+        raise BlockingIOError(errno.EAGAIN, "connections refused; more on the next turn")
 
 
 class _Accepted(socket.socket):
