@@ -388,6 +388,7 @@ async def test_outgoing_bytes_of_all_connections_share_the_buffer_budget(
         await still_works(producer)
         assert server.buffered < 3_000_000
         ws.transport.abort()
+        await eventually(lambda: server.buffered == 0)  # everything given back
 
 
 # -- workers --------------------------------------------------------------------------------
