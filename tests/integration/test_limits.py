@@ -23,7 +23,7 @@ from tests.integration.rawclient import RawClient
 from wsq import protocol
 from wsq.blobs.files import FileBlobStore
 from wsq.cli import parse_size
-from wsq.server.connection import HELLO_TIMEOUT
+from wsq.server.connection import HELLO_TIMEOUT, MAX_SUBSCRIPTIONS
 
 
 @contextlib.asynccontextmanager
@@ -426,3 +426,19 @@ async def test_stop_finds_workers_in_the_connections_own_index(data_dir: Path) -
             assert unknown["code"] == "invalid_argument"
         await eventually(lambda: not server.connections)
         assert server.core.stats() == [] or all(not q["workers"] for q in server.core.stats())
+
+
+async def test_subscriptions_per_connection_are_limited(data_dir: Path) -> None:
+    async with serving(data_dir) as server, RawClient(server.url) as raw:
+        for start in range(0, MAX_SUBSCRIPTIONS, 1000):
+            batch = [
+                {"op": "subscribe", "id": n, "queue": f"q{n}"} for n in range(start, start + 1000)
+            ]
+            await raw.send(json.dumps(batch))
+            for _ in range(1000):
+                assert (await raw.expect("result"))["op"] == "result"
+        refused = await raw.request({"op": "subscribe", "queue": "one-more"})
+        assert refused["code"] == "too_many"
+        assert (await raw.request({"op": "subscribe", "queue": "q7"}))["op"] == "result"
+        assert (await raw.request({"op": "unsubscribe", "queue": "q7"}))["op"] == "result"
+        assert (await raw.request({"op": "subscribe", "queue": "one-more"}))["op"] == "result"

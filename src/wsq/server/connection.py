@@ -45,6 +45,8 @@ from wsq.storage.base import Delete, Insert
 if TYPE_CHECKING:
     from wsq.server.app import Outcome, Server
 
+MAX_SUBSCRIPTIONS = 10_000
+"""Queues one connection may subscribe to at once (one subscription covers every queue)."""
 HELLO_TIMEOUT = 5.0
 """Seconds a connection may take to say hello after its WebSocket handshake."""
 _FRAME_BYTES = 1 << 20
@@ -702,6 +704,10 @@ class Connection:
         if message.queue is not None or not self.principal.holds("observe"):
             # Everything: events of the queues this token may observe (filtered as sent).
             self._require("observe", message.queue)
+        if message.queue not in self._subscriptions and len(self._subscriptions) >= (
+            MAX_SUBSCRIPTIONS
+        ):
+            raise LimitExceeded(f"More than {MAX_SUBSCRIPTIONS} subscriptions on this connection.")
         self._subscriptions.add(message.queue)
         self.server.subscribe(self, message.queue)
         self.answer_now(message.id)
