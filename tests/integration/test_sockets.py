@@ -163,6 +163,9 @@ async def test_every_socket_is_counted_out_when_it_closes(tmp_path: Path, tls: b
         for _ in range(3):
             async with wsq.Client(server.url, ca_file=ca_file) as client:
                 await client.queue("q").add({"n": 1})
+                # Greeted: no longer waiting, so never closed to make room.
+                assert server.gate is not None and server.gate.pending == 0
+                assert server.gate.open == 1
         for sock in _idle_sockets(server.port, 5):
             sock.close()
         assert server.gate is not None
