@@ -20,6 +20,7 @@ gives each ten seconds to finish its handshake. Two things are not bounded there
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -54,6 +55,7 @@ class Gate:
         self._refused = 0
         self._evicted = 0
         self._reported = -REPORT_EVERY
+        self._flush: asyncio.TimerHandle | None = None
 
     @property
     def pending(self) -> int:
@@ -66,6 +68,9 @@ class Gate:
             self._waiting.pop(_key(peer), None)
 
     def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
@@ -123,8 +128,14 @@ class Gate:
         self._report()
 
     def _report(self) -> None:
+        """Log what was refused or evicted: at once, then at most every REPORT_EVERY s
+        (what happens in between is counted and reported when that time is up)."""
         now = time.monotonic()
-        if now - self._reported < REPORT_EVERY:
+        if not (self._refused or self._evicted) or self._flush is not None:
+            return
+        wait = self._reported + REPORT_EVERY - now
+        if wait > 0:
+            self._flush = asyncio.get_running_loop().call_later(wait, self._flushed)
             return
         self._reported = now
         if self._refused:
@@ -142,6 +153,10 @@ class Gate:
                 f" to make room ({self.open} sockets open)",
             )
         self._refused = self._evicted = 0
+
+    def _flushed(self) -> None:
+        self._flush = None
+        self._report()
 
 
 class GuardedSocket(socket.socket):
