@@ -46,6 +46,12 @@ def test_origins(policy: OriginPolicy, origin: str, host: str | None, allowed: b
     assert policy.allows(origin, host) is allowed
 
 
+def test_server_names_may_carry_a_port_or_brackets() -> None:
+    policy = OriginPolicy([], ["Queue.Example.com:8443", "[fd00::5]"], ["10.0.0.5"], tls=True)
+    assert policy.allows("https://queue.example.com:8443", "queue.example.com:8443")
+    assert policy.allows("https://[fd00::5]", "[fd00::5]")
+
+
 def test_a_star_allows_every_origin() -> None:
     policy = OriginPolicy(["*"], [], ["127.0.0.1"], tls=False)
     assert policy.allows("http://evil.example", "evil.example")

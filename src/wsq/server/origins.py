@@ -40,7 +40,7 @@ class OriginPolicy:
     ) -> None:
         self.allowed = {normalize(origin) for origin in allowed_origins}
         self.scheme = "https" if tls else "http"
-        self.names = {_bare(name) for name in server_names if name.strip()}
+        self.names = {_host_of(name) for name in server_names if name.strip()}
         self.any_ip = False
         for address in bound:
             self._learn(address)
@@ -88,6 +88,15 @@ def _same_origin(origin: str, scheme: str, host: str) -> bool:
     if page.path not in ("", "/") or page.query or page.username is not None:
         return False
     return (page.scheme, page.hostname, page_port) == (scheme, request.hostname, request_port)
+
+
+def _host_of(name: str) -> str:
+    """A server name as given (``queue.example.com``, ``queue.example.com:8443``,
+    ``[::1]``): its host part, as ``urlsplit`` reports a ``Host`` header's."""
+    try:
+        return urlsplit(f"//{name.strip()}").hostname or _bare(name)
+    except ValueError:
+        return _bare(name)
 
 
 def _bare(name: str) -> str:
