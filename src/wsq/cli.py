@@ -195,6 +195,15 @@ _limit_options = _stacked(
         help="Connections beyond this are refused (HTTP 503).",
     ),
     click.option(
+        "--max-pending",
+        type=click.IntRange(1),
+        default=1024,
+        envvar="WSQ_MAX_PENDING",
+        show_default=True,
+        help="Sockets that have not said hello yet (TCP, TLS, HTTP or WebSocket"
+        " handshake in progress); past it the oldest is closed.",
+    ),
+    click.option(
         "--max-requests",
         type=click.IntRange(1),
         default=10_000,
@@ -211,6 +220,14 @@ _limit_options = _stacked(
         help="Uploads open at once per connection.",
     ),
     click.option(
+        "--max-workers",
+        type=click.IntRange(1),
+        default=1000,
+        envvar="WSQ_MAX_WORKERS",
+        show_default=True,
+        help="Workers registered at once per connection.",
+    ),
+    click.option(
         "--max-outgoing",
         metavar="BYTES",
         callback=_size,
@@ -218,6 +235,16 @@ _limit_options = _stacked(
         envvar="WSQ_MAX_OUTGOING",
         show_default=True,
         help="Unread outgoing bytes after which a client is dropped.",
+    ),
+    click.option(
+        "--max-buffered",
+        metavar="BYTES",
+        callback=_size,
+        default="1GiB",
+        envvar="WSQ_MAX_BUFFERED",
+        show_default=True,
+        help="Unsent bytes of all clients, plus one frame per client that has not said"
+        " hello; past it the largest backlog is dropped, the oldest silent client closed.",
     ),
 )
 
@@ -238,6 +265,13 @@ _security_options = _stacked(
         " the server's own origin always may; requests without Origin are not browsers.",
     ),
     click.option(
+        "--server-names",
+        default="",
+        envvar="WSQ_SERVER_NAMES",
+        help="Comma-separated host names this server is reached by, beside its address"
+        " (and localhost on loopback): browser pages under these names may connect.",
+    ),
+    click.option(
         "--tls-cert",
         type=click.Path(exists=True, dir_okay=False),
         envvar="WSQ_TLS_CERT",
@@ -253,7 +287,11 @@ _security_options = _stacked(
 
 
 def _security_settings(
-    auth_file: str | None, allowed_origins: str, tls_cert: str | None, tls_key: str | None
+    auth_file: str | None,
+    allowed_origins: str,
+    server_names: str,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> dict[str, Any]:
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together.")
@@ -271,7 +309,8 @@ def _security_settings(
         except AuthFileError as exc:
             raise click.UsageError(str(exc)) from None
     origins = [o.strip() for o in allowed_origins.split(",") if o.strip()]
-    return {"auth": auth, "allowed_origins": origins, "ssl": context}
+    names = [n.strip() for n in server_names.split(",") if n.strip()]
+    return {"auth": auth, "allowed_origins": origins, "server_names": names, "ssl": context}
 
 
 class _UsageLine(click.ClickException):
@@ -306,12 +345,13 @@ def server(
     log_format: str,
     auth_file: str | None,
     allowed_origins: str,
+    server_names: str,
     tls_cert: str | None,
     tls_key: str | None,
     **settings: Any,
 ) -> None:
     """Run a wsq server (SQLite + files under --data-dir; no other service needed)."""
-    security = _security_settings(auth_file, allowed_origins, tls_cert, tls_key)
+    security = _security_settings(auth_file, allowed_origins, server_names, tls_cert, tls_key)
     configure(log_level, log_format)
     _run(_serve(Server(**settings, **security)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,8 +24,11 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m wsq server`` on a fixed port; :meth:`start` waits until it listens."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *extra: str, max_files: int | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.max_files = max_files  # RLIMIT_NOFILE, soft and hard
         self.port = port or free_port()
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -44,10 +48,17 @@ class ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=log, env={**os.environ, **(env or {})}
+                args,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
+                preexec_fn=self._limit_files if self.max_files else None,
             )
         await self._wait_listening()
         return self
+
+    def _limit_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
 
     async def _wait_listening(self) -> None:
         deadline = asyncio.get_running_loop().time() + budget(20)

@@ -23,6 +23,7 @@ from tests.integration.rawclient import RawClient
 from wsq import protocol
 from wsq.blobs.files import FileBlobStore
 from wsq.cli import parse_size
+from wsq.server.connection import HELLO_TIMEOUT, MAX_SUBSCRIPTIONS
 
 
 @contextlib.asynccontextmanager
@@ -284,3 +285,160 @@ async def test_a_full_disk_fails_adds_clearly_and_recovers(
         assert await (await third.get_data())["blob"].read() == b"c" * 1_500_000
     with sqlite3.connect(data_dir / "wsq.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_downloads_count_against_requests_in_flight(data_dir: Path) -> None:
+    async with serving(data_dir, max_requests=3) as server:
+        async with fast(server.url) as client:
+            task = await client.queue("q").add({"blob": os.urandom(9 << 20)})  # > one window
+        async with RawClient(server.url) as raw:
+            for stream in range(1, 6):  # credit is never granted: all stay open
+                await raw.send({"op": "download", "stream": stream, "task": task.id, "index": 0})
+            error = await raw.expect("stream_error")
+            assert (error["stream"], error["code"]) == (4, "too_many")
+            assert (await raw.expect("stream_error"))["stream"] == 5
+            refused = await raw.request({"op": "get", "task": task.id})
+            assert refused["code"] == "too_many"
+            for stream in range(1, 4):
+                await raw.send({"op": "cancel", "stream": stream})
+            assert (await raw.request({"op": "get", "task": task.id}))["op"] == "result"
+
+
+# -- connections that never say hello ------------------------------------------------------
+
+
+async def _silent(url: str) -> Any:
+    """A connection that completes the WebSocket handshake and then says nothing."""
+    return await connect(url, max_size=None)
+
+
+async def test_connections_that_never_say_hello_are_closed_and_lock_nobody_out(
+    data_dir: Path,
+) -> None:
+    async with serving(data_dir, max_connections=2) as server:
+        silent = [await _silent(server.url) for _ in range(10)]
+        # They do not take the two places: clients that greet get them at once.
+        async with fast(server.url) as one, fast(server.url) as two:
+            await still_works(one)
+            await still_works(two)
+        for ws in silent:  # and each is closed after the hello deadline
+            await asyncio.wait_for(ws.wait_closed(), budget(HELLO_TIMEOUT + 5))
+
+
+async def test_partial_frames_before_hello_share_the_servers_buffer_budget(
+    data_dir: Path,
+) -> None:
+    # Each connection that has not said hello may buffer up to one frame (here 4 * 64 KiB
+    # plus a chunk): a budget of three such frames keeps at most three of them open.
+    reserve = 4 * 65536 + protocol.CHUNK
+    async with serving(data_dir, max_message_size=65536, max_buffered=3 * reserve) as server:
+        silent, writers = [], []
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            # A text frame announcing 200 KB, of which only half ever comes.
+            writer.write(bytes([0x81, 0xFF]) + (200_000).to_bytes(8, "big") + b"\0" * 4)
+            writer.write(b"x" * 100_000)
+            silent.append(reader)
+            writers.append(writer)
+
+        async def closed(reader: asyncio.StreamReader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(), 0.05) is not None
+            except TimeoutError:
+                return False
+
+        async def open_count() -> int:
+            return sum([not await closed(reader) for reader in silent])
+
+        await eventually(lambda: _at_most(open_count(), 3), timeout=3)
+        async with fast(server.url) as client:  # the newest pending ones make way too
+            await still_works(client)
+        for writer in writers:
+            writer.close()
+
+
+async def _at_most(count: Any, limit: int) -> bool:
+    return bool(await count <= limit)
+
+
+async def test_outgoing_bytes_of_all_connections_share_the_buffer_budget(
+    data_dir: Path,
+) -> None:
+    async with (
+        serving(data_dir, max_buffered=3_000_000, max_message_size=256 << 10) as server,
+        fast(server.url) as producer,
+    ):
+        ws = await connect(server.url, max_size=None)
+        await ws.send(json.dumps({"op": "hello", "protocol": 1}))
+        await ws.recv()
+        await ws.send(json.dumps({"op": "work", "id": 1, "queue": "big", "concurrency": 1000}))
+        await ws.recv()
+        ws.transport.pause_reading()
+        pad = "x" * 100_000
+        for _ in range(50):
+            await producer.queue("big").add_many([{"pad": pad}] * 2, retries=1)  # 10 MB
+        # Under the per-connection limit (64 MiB), over the server's total: dropped.
+        await eventually(lambda: len(server.connections) == 1)
+        await still_works(producer)
+        assert server.buffered < 3_000_000
+        ws.transport.abort()
+        await eventually(lambda: server.buffered == 0)  # everything given back
+
+
+# -- workers --------------------------------------------------------------------------------
+
+
+async def test_worker_registrations_per_connection_are_limited(data_dir: Path) -> None:
+    async with serving(data_dir, max_workers=3) as server, RawClient(server.url) as raw:
+        for n in range(3):
+            answer = await raw.request({"op": "work", "queue": f"q{n}", "worker": f"w{n}"})
+            assert answer["op"] == "result"
+        refused = await raw.request({"op": "work", "queue": "q", "worker": "w3"})
+        assert refused["code"] == "too_many"
+        assert "3 workers" in refused["message"]
+        assert (await raw.request({"op": "stop", "worker": "w0"}))["op"] == "result"
+        assert (await raw.request({"op": "work", "queue": "q", "worker": "w3"}))["op"] == "result"
+        async with RawClient(server.url) as other:  # the limit is per connection
+            assert (await other.request({"op": "work", "queue": "q"}))["op"] == "result"
+
+
+async def test_stop_finds_workers_in_the_connections_own_index(data_dir: Path) -> None:
+    """``stop`` looks in the connection's own workers (not a scan of the server's): a
+    worker taken over by a new connection of the same session moves between indexes."""
+    session = "one-session-0123456789"
+    async with serving(data_dir) as server:
+        first = RawClient(server.url, session=session)
+        second = RawClient(server.url, session=session)
+        async with first, second:
+            work = {"op": "work", "queue": "q", "worker": "w1"}
+            assert (await first.request(work))["op"] == "result"
+            assert (await second.request(work))["op"] == "result"  # taken over
+            refused = await first.request({"op": "stop", "worker": "w1"})
+            assert refused["code"] == "invalid_argument"
+            assert (await second.request({"op": "stop", "worker": "w1"}))["op"] == "result"
+            unknown = await second.request({"op": "stop", "worker": "w1"})
+            assert unknown["code"] == "invalid_argument"
+        await eventually(lambda: not server.connections)
+        assert server.core.stats() == [] or all(not q["workers"] for q in server.core.stats())
+
+
+async def test_subscriptions_per_connection_are_limited(data_dir: Path) -> None:
+    async with serving(data_dir) as server, RawClient(server.url) as raw:
+        for start in range(0, MAX_SUBSCRIPTIONS, 1000):
+            batch = [
+                {"op": "subscribe", "id": n, "queue": f"q{n}"} for n in range(start, start + 1000)
+            ]
+            await raw.send(json.dumps(batch))
+            for _ in range(1000):
+                assert (await raw.expect("result"))["op"] == "result"
+        refused = await raw.request({"op": "subscribe", "queue": "one-more"})
+        assert refused["code"] == "too_many"
+        assert (await raw.request({"op": "subscribe", "queue": "q7"}))["op"] == "result"
+        assert (await raw.request({"op": "unsubscribe", "queue": "q7"}))["op"] == "result"
+        assert (await raw.request({"op": "subscribe", "queue": "one-more"}))["op"] == "result"

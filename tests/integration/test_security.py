@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import subprocess
@@ -21,7 +22,11 @@ from websockets.exceptions import InvalidStatus
 import wsq
 from tests.conftest import budget, eventually
 from tests.integration.rawclient import RawClient
+from wsq import protocol
+from wsq.blobs.memory import MemoryBlobStore, MemoryBlobWriter
+from wsq.exceptions import ServerError
 from wsq.server.auth import Authenticator, AuthFileError, hash_token
+from wsq.storage.memory import MemoryStateStore
 
 PRODUCER = "producer-token-0123456789"
 WORKER = "worker-token-0123456789"
@@ -130,7 +135,7 @@ async def test_produce_adds_only_to_its_queues_and_reads_only_its_own_tasks(
         with pytest.raises(wsq.Forbidden):
             await producer.queue("videos").waiting()  # listing is observing
         stranger = wsq.Task(other, {"id": task.id, "queue": "videos"})
-        with pytest.raises(wsq.Forbidden):
+        with pytest.raises(wsq.TaskNotFound):  # as if it did not exist
             await stranger.get_data()
         with pytest.raises(wsq.Forbidden):
             await stranger.remove()
@@ -336,3 +341,198 @@ async def test_tls_serves_wss_and_https(tmp_path: Path, ca: trustme.CA) -> None:
         assert any(isinstance(e, ssl.SSLCertVerificationError) for e in errors)
         with pytest.raises(urllib.error.URLError):
             await asyncio.to_thread(urllib.request.urlopen, https)
+
+
+async def _upgrade_status(port: int, host: str, origin: str | None) -> int:
+    """The HTTP status a WebSocket upgrade with these headers gets (raw: any Host)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    headers = [
+        "GET / HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *([f"Origin: {origin}"] if origin is not None else []),
+    ]
+    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode())
+    status = await asyncio.wait_for(reader.readline(), budget(5))
+    writer.close()
+    return int(status.split()[1])
+
+
+async def test_a_rebinding_page_cannot_connect_by_default(server: wsq.Server) -> None:
+    port = server.port
+    # A page on evil.example whose name now resolves to 127.0.0.1 sends its own name as
+    # both Host and Origin: the server does not know that name as its own.
+    for name in ("evil.example", "127.0.0.1.evil.example", "localhost.evil.example"):
+        assert await _upgrade_status(port, f"{name}:{port}", f"http://{name}:{port}") == 403
+    # Scheme and port are compared too.
+    assert await _upgrade_status(port, f"127.0.0.1:{port}", f"https://127.0.0.1:{port}") == 403
+    assert await _upgrade_status(port, f"127.0.0.1:{port}", "http://127.0.0.1:1") == 403
+    assert await _upgrade_status(port, f"127.0.0.1:{port}", "null") == 403
+    # The server's own pages: its address and loopback names; and non-browsers.
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert await _upgrade_status(port, host, f"http://{host}") == 101
+    assert await _upgrade_status(port, "anything.example", None) == 101
+
+
+async def test_server_names_admit_pages_under_those_names(tmp_path: Path) -> None:
+    async with wsq.Server(data_dir=tmp_path, port=0, server_names=["queue.internal"]) as server:
+        host = f"queue.internal:{server.port}"
+        assert await _upgrade_status(server.port, host, f"http://{host}") == 101
+        other = f"queue.other:{server.port}"
+        assert await _upgrade_status(server.port, other, f"http://{other}") == 403
+
+
+async def test_a_wildcard_bind_knows_ip_literals_but_not_names(tmp_path: Path) -> None:
+    async with wsq.Server(data_dir=tmp_path, host="0.0.0.0", port=0) as server:
+        host = f"127.0.0.1:{server.port}"
+        assert await _upgrade_status(server.port, host, f"http://{host}") == 101
+        host = f"evil.example:{server.port}"
+        assert await _upgrade_status(server.port, host, f"http://{host}") == 403
+
+
+async def test_dashboard_pages_cannot_be_framed(server: wsq.Server) -> None:
+    base = server.url.replace("ws://", "http://")
+    for path in ("/", "/wsq.js", "/health", "/nothing-here"):
+        try:
+            reply = await asyncio.to_thread(urllib.request.urlopen, base + path)
+            headers = reply.headers
+        except urllib.error.HTTPError as error:
+            headers = error.headers
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+
+
+# -- existence oracles ----------------------------------------------------------------------
+
+
+def _answer(message: dict[str, Any], task_id: str, unknown: str) -> tuple[Any, ...]:
+    """An answer with the task id replaced, so answers about two ids compare."""
+    text = str(message.get("message", "")).replace(task_id, "ID").replace(unknown, "ID")
+    return (message["op"], message.get("code"), text)
+
+
+def _naming(request: dict[str, Any], task_id: str) -> dict[str, Any]:
+    if "runs" in request:
+        return {**request, "runs": [[task_id, 1]]}
+    return {**request, "task": task_id}
+
+
+async def test_tasks_a_token_may_not_read_look_like_missing_ones(secured: wsq.Server) -> None:
+    async with fast(secured.url, PRODUCER) as producer, fast(secured.url, ADMIN) as admin:
+        secret = await producer.queue("thumbs-small").add({"blob": b"s" * 70_000})
+        admin.queue("thumbs-small").process(lambda task: asyncio.sleep(30))
+        await eventually(lambda: admin.queue("thumbs-small").active())
+    unknown = "no-such-task-0123456789abcdef"
+    async with (
+        RawClient(secured.url, token=OBSERVER) as watcher,
+        RawClient(secured.url, token=WORKER) as worker,
+        RawClient(secured.url, token=OTHER_PRODUCER) as other,
+    ):
+        for raw in (watcher, worker, other):
+            for request in (
+                {"op": "get"},
+                {"op": "remove"},
+                {"op": "retry"},
+                {"op": "progress", "run": 1, "progress": 0.5},
+                {"op": "touch", "run": 1},
+                {"op": "complete", "run": 1},
+                {"op": "fail", "run": 1, "error": "x"},
+                {"op": "complete_many", "runs": [["TASK", 1]]},
+            ):
+                found = await raw.request(_naming(request, secret.id))
+                missing = await raw.request(_naming(request, unknown))
+                assert _answer(found, secret.id, unknown) == _answer(missing, secret.id, unknown)
+            answers = []
+            for stream, task_id in ((1, secret.id), (2, unknown)):
+                await raw.send({"op": "download", "stream": stream, "task": task_id, "index": 0})
+                answers.append(await raw.expect("stream_error"))
+            assert answers[0]["code"] == "not_found"
+            assert _answer(answers[0], secret.id, unknown) == _answer(
+                answers[1], secret.id, unknown
+            )
+
+
+# -- error texts carry no internal names ----------------------------------------------------
+
+SECRET_PATH = "/srv/secret-place/wsq.db"
+
+
+class _BrokenStates(MemoryStateStore):
+    """A state store that fails, with paths and SQL in its error texts, once ``broken``."""
+
+    broken = False
+
+    def _failure(self) -> ServerError:
+        return ServerError(f"State store error: disk I/O error in {SECRET_PATH} (INSERT INTO)")
+
+    def submit(self, ops: Any) -> asyncio.Future[list[Any]]:
+        if not self.broken:
+            return super().submit(ops)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future.set_exception(self._failure())
+        return future
+
+    async def get(self, task_id: str) -> Any:
+        if self.broken:
+            raise self._failure()
+        return await super().get(task_id)
+
+
+class _BrokenBlobs(MemoryBlobStore):
+    """A blob store whose writes fail with an OSError naming a file."""
+
+    async def create(self) -> MemoryBlobWriter:
+        writer = await super().create()
+
+        async def fail(data: Any) -> None:
+            raise OSError(5, "Input/output error", f"/srv/secret-place/blobs/{writer.key}")
+
+        writer.write = fail  # type: ignore[method-assign]
+        return writer
+
+
+def _assert_discreet(message: dict[str, Any], *secrets: str) -> None:
+    text = json.dumps(message)
+    for secret in (SECRET_PATH, "secret-place", "INSERT", *secrets):
+        assert secret not in text, message
+
+
+async def test_errors_never_carry_paths_keys_or_sql(data_dir: Path) -> None:
+    states, blobs = _BrokenStates(), _BrokenBlobs()
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, state_store=states, blob_store=blobs) as srv,
+        RawClient(srv.url) as raw,
+    ):
+        await raw.send({"op": "upload", "stream": 1})
+        await raw.send(protocol.pack_chunk(1, b"x" * 1000))
+        _assert_discreet(await raw.expect("stream_error"))
+        states.broken = True
+        for request in (
+            {"op": "add", "queue": "q", "data": {}},
+            {"op": "add_many", "queue": "q", "tasks": [{"data": {}}]},
+            {"op": "get", "task": "some-task"},
+            {"op": "remove", "task": "some-task"},
+        ):
+            answer = await raw.request(request)
+            assert answer["code"] == "internal"
+            _assert_discreet(answer)
+        await raw.send({"op": "download", "stream": 2, "task": "some-task", "index": 0})
+        _assert_discreet(await raw.expect("stream_error"))
+
+
+async def test_a_missing_blob_is_reported_without_its_key(server: wsq.Server) -> None:
+    async with fast(server.url, None) as client:
+        task = await client.queue("q").add({"blob": b"k" * 100_000})
+    files = [path for path in server.data_dir.joinpath("blobs").rglob("*") if path.is_file()]
+    keys = [path.name for path in files if path.parent.name != "tmp"]
+    assert keys
+    for path in files:
+        path.unlink()
+    async with RawClient(server.url) as raw:
+        await raw.send({"op": "download", "stream": 1, "task": task.id, "index": 0})
+        error = await raw.expect("stream_error")
+        _assert_discreet(error, *keys)

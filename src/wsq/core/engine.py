@@ -432,12 +432,15 @@ class Core:
             if any(counts)
         }
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Every queue holding tasks or workers: its counts by state and its workers, each
-        with how many runs it holds. Costs nothing per task (counts are kept as they move)."""
-        names = set(self._counts) | {worker.queue for worker in self._workers.values()}
+    def stats(self, visible: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        """Every queue holding tasks or workers (only those ``visible`` accepts): its
+        counts by state and its workers, each with how many runs it holds. Costs nothing
+        per task (counts are kept as they move), nor for the queues left out."""
+        names = set(self._counts) | {name for name, queue in self._queues.items() if queue.workers}
         out = []
         for name in sorted(names):
+            if visible is not None and not visible(name):
+                continue
             counts = self._counts.get(name) or [0] * len(_STATE_NAMES)
             queue = self._queues.get(name)
             workers = [

@@ -38,14 +38,19 @@ from wsq.core.engine import Core
 from wsq.exceptions import ServerError
 from wsq.server import web
 from wsq.server.auth import Authenticator
+from wsq.server.budget import Budget
 from wsq.server.connection import Connection
+from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.logs import log, logger
+from wsq.server.origins import OriginPolicy
 from wsq.server.streams import BlobQuota, stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
 from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
 """Seconds a closing handshake may take before the connection is simply dropped."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
 
@@ -102,8 +107,10 @@ class Server:
         window: int = 1000,
         max_message_size: int = protocol.MAX_MESSAGE,
         max_outgoing: int = 64 << 20,
+        max_buffered: int = 1 << 30,
         auth: Authenticator | str | os.PathLike[str] | None = None,
         allowed_origins: Sequence[str] = (),
+        server_names: Sequence[str] = (),
         ssl: SSLContext | None = None,
         max_data_size: int = protocol.MAX_MESSAGE,
         max_stream_size: int | None = None,
@@ -111,6 +118,8 @@ class Server:
         max_connections: int = 10_000,
         max_requests: int = 10_000,
         max_uploads: int = 100,
+        max_pending: int = 1024,
+        max_workers: int = 1000,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
@@ -123,16 +132,27 @@ class Server:
         self.worker_timeout = worker_timeout
         self.max_message_size = max_message_size
         self.max_outgoing = max_outgoing
+        # A connection that has not said hello may buffer one frame of up to this size.
+        self.budget = Budget(max_buffered, max_message_size * 4 + protocol.CHUNK)
+        if max_buffered < self.budget.frame_reserve:
+            raise ValueError(
+                f"max_buffered ({max_buffered}) must hold at least one frame"
+                f" (4 * max_message_size + {protocol.CHUNK} = {self.budget.frame_reserve})"
+            )
         if auth is not None and not isinstance(auth, Authenticator):
             auth = Authenticator.load(auth)
         self.auth: Authenticator | None = auth
-        self.allowed_origins = {_origin(o) for o in allowed_origins}
+        self.allowed_origins = list(allowed_origins)
+        self.server_names = list(server_names)
+        self.origins = OriginPolicy(self.allowed_origins, self.server_names, (), ssl is not None)
         self.ssl = ssl
         self.max_data_size = max_data_size
         self.max_stream_size = max_stream_size
         self.max_connections = max_connections
         self.max_requests = max_requests
         self.max_uploads = max_uploads
+        self.max_pending = max_pending
+        self.max_workers = max_workers
         # The built-in stores live in data_dir, which one server at a time may use.
         self._uses_data_dir = state_store is None or (blob_store is None and storage is None)
         self._lock: int | None = None
@@ -155,7 +175,9 @@ class Server:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._turn_scheduled = False
-        self._listener: WsServer | None = None
+        self._listeners: list[WsServer] = []
+        self.gate: Gate | None = None
+        self._restore_handler: Callable[[], None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.url = ""
@@ -171,27 +193,18 @@ class Server:
             recovery = await self.store.open()
             await self.blobs.open()
             self.apply(self.core.recover(recovery, time.time()))
-            self._listener = await serve(
-                self._handle,
-                self.host,
-                self.port,
-                max_size=self.max_message_size * 4 + protocol.CHUNK,
-                ping_interval=self.heartbeat_interval or None,  # 0: no heartbeat
-                ping_timeout=self.heartbeat_interval * 3 or None,
-                compression=None,
-                process_request=self._http,
-                server_header=f"wsq/{_version()}",
-                close_timeout=CLOSE_TIMEOUT,
-                logger=TransportLog("wsq.transport"),
-                ssl=self.ssl,
-            )
+            self._listeners = [await self._serve(sock) for sock in self._bind()]
+            if self.ssl is not None:
+                self._quiet_tls_failures()
         except BaseException:
             await self.close()
             raise
-        sock = next(iter(self._listener.sockets))
-        host, port = sock.getsockname()[:2]
+        sockets = [sock for listener in self._listeners for sock in listener.sockets]
+        host, port = sockets[0].getsockname()[:2]
         self.port = port
         self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
+        bound = [self.host, *(s.getsockname()[0] for s in sockets)]
+        self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
         log(
             logging.INFO,
@@ -200,14 +213,64 @@ class Server:
             data=str(self.data_dir),
         )
 
+    def _quiet_tls_failures(self) -> None:
+        """A TLS handshake that fails (a client that closes, or speaks plain HTTP) is the
+        client's affair: one DEBUG line, not asyncio's traceback of several KB per
+        connection, which any client could use to flood the log. Other reports go to the
+        loop's previous handler; :meth:`close` puts it back."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if str(context.get("message", "")).startswith("SSL handshake failed"):
+                text = f"TLS handshake failed: {context.get('exception')!r}"
+                log(logging.DEBUG, "tls handshake failed", text)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handle)
+        self._restore_handler = lambda: loop.set_exception_handler(previous)
+
+    def _bind(self) -> list[GuardedSocket]:
+        self.gate = Gate(self.max_pending)
+        return listening_sockets(self.host, self.port, self.gate)
+
+    async def _serve(self, sock: GuardedSocket) -> WsServer:
+        # TLS: the handshake gets the same bound as the plain port's HTTP upgrade.
+        tls: dict[str, Any] = {}
+        if self.ssl is not None:
+            tls = {"ssl": self.ssl, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
+        listener: WsServer = await serve(
+            self._handle,
+            sock=sock,
+            max_size=self.budget.frame_reserve,
+            ping_interval=self.heartbeat_interval or None,  # 0: no heartbeat
+            ping_timeout=self.heartbeat_interval * 3 or None,
+            compression=None,
+            process_request=self._http,
+            server_header=f"wsq/{_version()}",
+            open_timeout=HANDSHAKE_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            logger=TransportLog("wsq.transport"),
+            **tls,
+        )
+        return listener
+
     async def close(self) -> None:
         """Stop listening, close every connection, and flush the stores. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        if self._listener is not None:
-            self._listener.close(close_connections=True)
-            await self._listener.wait_closed()
+        for listener in self._listeners:
+            listener.close(close_connections=True)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        if self.gate is not None:
+            self.gate.close()
+        if self._restore_handler is not None:
+            self._restore_handler()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -224,8 +287,8 @@ class Server:
         log(logging.INFO, "stopped", "wsq server stopped")
 
     async def serve_forever(self) -> None:
-        assert self._listener is not None, "call start() first"
-        await self._listener.serve_forever()
+        assert self._listeners, "call start() first"
+        await asyncio.gather(*(listener.serve_forever() for listener in self._listeners))
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -431,12 +494,28 @@ class Server:
 
     async def _handle(self, websocket: ServerConnection) -> None:
         connection = Connection(self, websocket, self.next_id())
-        self.connections[connection.id] = connection
         try:
-            await connection.run()
+            await connection.run()  # the connection joins self.connections at hello
         finally:
-            del self.connections[connection.id]
+            self.connections.pop(connection.id, None)
             await connection.cleanup()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes counted against ``max_buffered`` now (wsq/server/budget.py)."""
+        return self.budget.used
+
+    def shed_load(self) -> None:
+        """Over ``max_buffered``: drop the connection with the most unsent bytes."""
+        largest = self.budget.pick_largest(list(self.connections.values()))
+        if largest is not None and largest.backlog > 0:
+            log(
+                logging.WARNING,
+                "slow consumer",
+                "dropping the client with the most unsent bytes: the server's buffers are full",
+                connection=largest.id,
+            )
+            largest.drop(1008, "Slow consumer")
 
     def subscribe(self, connection: Connection, queue: str | None) -> None:
         self.subscribers.setdefault(queue, set()).add(connection)
@@ -449,10 +528,17 @@ class Server:
                 del self.subscribers[queue]
 
     def _http(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
+        response = self._route(connection, request)
+        if response is not None:
+            response.headers.extend(web.SECURITY_HEADERS)
+        return response
+
+    def _route(self, connection: ServerHandshakeConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            # Cross-site WebSocket hijacking: only WebSocket requests carry authority.
+            # Cross-site WebSocket hijacking and DNS rebinding (wsq/server/origins.py):
+            # only WebSocket requests carry authority.
             origin = request.headers.get("Origin")
-            if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            if origin is not None and not self.origins.allows(origin, request.headers.get("Host")):
                 text = f"refused a WebSocket from origin {origin[:200]!r}"
                 log(logging.WARNING, "origin refused", text)
                 return connection.respond(HTTPStatus.FORBIDDEN, "wsq: origin not allowed.\n")
@@ -462,6 +548,9 @@ class Server:
                     HTTPStatus.SERVICE_UNAVAILABLE, "wsq: too many connections.\n"
                 )
             return None
+        # Plain GETs need no Host check: they serve the same public files to anyone (a
+        # rebinding page learns nothing it could not fetch cross-origin); data only ever
+        # travels over the WebSocket, which is checked above.
         path = request.path.partition("?")[0]
         if path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")
@@ -469,14 +558,6 @@ class Server:
         if asset is not None:
             return Response(int(HTTPStatus.OK), "OK", CIMultiDict(asset.headers), asset.body)
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
-
-    def _origin_allowed(self, origin: str, host: str | None) -> bool:
-        """Browsers send Origin: allow the server's own origin (same host and port as the
-        Host header) and those in ``allowed_origins`` (``*`` allows any)."""
-        if "*" in self.allowed_origins or _origin(origin) in self.allowed_origins:
-            return True
-        netloc = origin.partition("://")[2].lower()
-        return host is not None and netloc != "" and netloc == host.lower()
 
     async def _sweep_orphans(self) -> None:
         """Delete blobs no task references, left by a crash between upload and insert."""
@@ -513,11 +594,6 @@ def _lock_data_dir(data_dir: Path) -> int:
         os.close(fd)
         raise ServerError(f"Another wsq server is using {data_dir}.") from None
     return fd
-
-
-def _origin(origin: str) -> str:
-    """An origin as compared: lower case, without a trailing slash."""
-    return origin.strip().rstrip("/").lower()
 
 
 def _default_state_store(data_dir: Path) -> StateStore:

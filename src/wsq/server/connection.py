@@ -32,6 +32,7 @@ from wsq.exceptions import (
     InvalidState,
     LimitExceeded,
     ProtocolError,
+    ServerError,
     StaleRun,
     TaskNotFound,
     TooLarge,
@@ -45,7 +46,10 @@ from wsq.storage.base import Delete, Insert
 if TYPE_CHECKING:
     from wsq.server.app import Outcome, Server
 
-HELLO_TIMEOUT = 10.0
+MAX_SUBSCRIPTIONS = 10_000
+"""Queues one connection may subscribe to at once (one subscription covers every queue)."""
+HELLO_TIMEOUT = 5.0
+"""Seconds a connection may take to say hello after its WebSocket handshake."""
 _FRAME_BYTES = 1 << 20
 
 
@@ -65,6 +69,7 @@ class Connection:
         self._downloads: dict[int, Download] = {}
         self._unclaimed: set[str] = set()
         self._subscriptions: set[str | None] = set()
+        self._workers: set[str] = set()  # registered here: stop and cleanup look here
         self._requests: set[asyncio.Task[Any]] = set()
         self._storing = 0  # adds waiting for their store job
         # Uploads refused at open (max_uploads): an add naming one gets the same error.
@@ -105,7 +110,15 @@ class Connection:
 
     async def run(self) -> None:
         """Greet, then read until the connection ends (§4.1)."""
-        if not await self._greet():
+        budget = self.server.budget
+        if not budget.start_greeting(self):
+            await self._refuse("too_many", "The server is busy; try again.", close_code=1013)
+            return
+        try:
+            greeted = await self._greet()
+        finally:
+            budget.end_greeting(self)
+        if not greeted:
             return
         self._writer = asyncio.create_task(self._write_loop(), name=f"wsq-writer-{self.id}")
         try:
@@ -120,14 +133,16 @@ class Connection:
     async def cleanup(self) -> None:
         """Undo everything this connection held: workers, subscriptions, streams."""
         self._closing = True
+        self._release_outgoing()
         for request in list(self._requests):
             request.cancel()
         await asyncio.gather(*self._requests, return_exceptions=True)
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
-        for worker_id in self.server.core.workers_of(self.id):
-            self.server.apply(self.server.core.remove_worker(worker_id))
+        for worker_id in self._workers:
+            if self.server.core.worker_connection(worker_id) == self.id:
+                self.server.apply(self.server.core.remove_worker(worker_id))
         for queue in list(self._subscriptions):
             self.server.unsubscribe(self, queue)
         for upload in list(self._uploads.values()):
@@ -168,6 +183,14 @@ class Connection:
             self.principal = principal
         self.session = hello.session
         server = self.server
+        # Only greeted connections count: silent ones cannot take the places of clients.
+        if len(server.connections) >= server.max_connections:
+            log(logging.WARNING, "connection refused", "refused a connection: at the limit")
+            text = "Too many connections; try again."
+            return await self._refuse("too_many", text, close_code=1013)
+        server.connections[self.id] = self
+        if server.gate is not None:
+            server.gate.greeted(self.ws.remote_address)
         welcome = p.welcome(
             self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
         )
@@ -197,25 +220,43 @@ class Connection:
             where = "every queue" if queue is None else f"queue {queue!r}"
             raise Forbidden(f"Token {self.principal.name!r} has no {role} role on {where}.")
 
-    def _require_read(self, task: Task) -> None:
+    def _require_held(self, role: str) -> None:
+        """Raise Forbidden unless this connection holds ``role`` on some queue: checked
+        before a request looks anything up, so its answer tells nothing about the task."""
+        if self._checked and not self.principal.holds(role):
+            raise Forbidden(f"Token {self.principal.name!r} has no {role} role.")
+
+    def _may_read(self, task: Task) -> bool:
         """Reading a task and its data: observe or work on its queue, or produce if this
         principal added it."""
-        if not self._checked:
-            return
         principal = self.principal
-        if principal.may("observe", task.queue) or principal.may("work", task.queue):
-            return
-        if task.owner == principal.name and principal.may("produce", task.queue):
-            return
-        raise Forbidden(f"Token {principal.name!r} may not read task {task.id}.")
+        if not self._checked or principal.may("observe", task.queue):
+            return True
+        if principal.may("work", task.queue):
+            return True
+        return task.owner == principal.name and principal.may("produce", task.queue)
 
-    def _require_work_on(self, task_id: str) -> None:
+    def _require_read(self, task: Task) -> None:
+        """A task this principal may not read is answered as one that does not exist."""
+        if not self._may_read(task):
+            raise _not_found(task.id)
+
+    def _require_admin_on(self, task: Task) -> None:
+        """Admin on the task's queue; a task this principal may not even read does not
+        exist for it (``_require_held`` has refused principals with no admin at all)."""
+        if self._checked and not self.principal.may("admin", task.queue):
+            self._require_read(task)
+            self._require("admin", task.queue)
+
+    def _require_work_on(self, task_id: str, run: int) -> None:
         """A worker's report: the work role on the task's queue. A task the core does not
-        hold gets the core's own answer (a stale run)."""
+        hold, or holds on a queue this principal does not work on, gets the core's own
+        answer (a stale run)."""
         if self._checked:
+            self._require_held("work")
             held = self.server.core.lookup(task_id)
-            if held is not None:
-                self._require("work", held.queue)
+            if held is not None and not self.principal.may("work", held.queue):
+                raise StaleRun(f"Run {run} of task {task_id} is not active.")
 
     def may_observe(self, queue: str | None) -> bool:
         return not self._checked or self.principal.may("observe", queue)
@@ -233,16 +274,36 @@ class Connection:
             return
         self._out.append((text, data))
         self._out_bytes += len(data)
+        self.server.budget.used += len(data)
         self._wake.set()
         if self._out_bytes > self.server.max_outgoing:
-            self._closing = True
             log(
                 logging.WARNING,
                 "slow consumer",
                 "dropping a client that does not read",
                 connection=self.id,
             )
-            self.server.spawn(self.ws.close(1008, "Slow consumer"), f"wsq-drop-{self.id}")
+            self.drop(1008, "Slow consumer")
+        elif self.server.budget.over:
+            self.server.shed_load()
+
+    @property
+    def backlog(self) -> int:
+        """Outgoing bytes queued here, not yet handed to the socket."""
+        return self._out_bytes
+
+    def drop(self, code: int, reason: str) -> None:
+        """Close this connection; what it had queued to send is given up at once."""
+        if self._closing:
+            return
+        self._closing = True
+        self._release_outgoing()
+        self.server.spawn(self.ws.close(code, reason), f"wsq-drop-{self.id}")
+
+    def _release_outgoing(self) -> None:
+        self.server.budget.used -= self._out_bytes
+        self._out.clear()
+        self._out_bytes = 0
 
     async def _write_loop(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -259,6 +320,7 @@ class Connection:
                 else:
                     self._out.popleft()
                     self._out_bytes -= len(data)
+                    self.server.budget.used -= len(data)
                     frame = data
                 await self.ws.send(frame, text=text)
 
@@ -270,6 +332,7 @@ class Connection:
             parts.append(data)
             size += len(data)
         self._out_bytes -= size
+        self.server.budget.used -= size
         return p.join_frame(parts)
 
     def answer(self, request_id: int | None, value: Any = None) -> None:
@@ -283,6 +346,10 @@ class Connection:
             self.send_text(p.result(request_id, value))
 
     def send_error(self, request_id: int | None, exc: WsqError) -> None:
+        """Answer with ``exc``; an internal error's text (store paths, SQL) stays in the log."""
+        if exc.code == "internal":
+            log(logging.ERROR, "internal error", str(exc), connection=self.id)
+            exc = ServerError("Internal server error.")
         self.send_text(p.error(request_id, exc.code, str(exc)))
 
     # -- incoming --------------------------------------------------------------------------
@@ -310,12 +377,8 @@ class Connection:
     def _dispatch(self, message: Any) -> None:
         request_id = getattr(message, "id", None)
         try:
-            if (
-                type(message) in _BOUNDED
-                and len(self._requests) + self._storing >= self.server.max_requests
-            ):
-                limit = self.server.max_requests
-                raise LimitExceeded(f"More than {limit} requests in flight on this connection.")
+            if type(message) in _BOUNDED and self._in_flight() >= self.server.max_requests:
+                raise self._too_many_requests()
             self._handlers[type(message)](message)
         except WsqError as exc:
             self.send_error(request_id, exc)
@@ -327,6 +390,14 @@ class Connection:
                 connection=self.id,
             )
             self.send_text(p.error(request_id, "internal", "Internal server error."))
+
+    def _in_flight(self) -> int:
+        """Requests that hold server resources: those waiting on a store, and downloads."""
+        return len(self._requests) + self._storing + len(self._downloads)
+
+    def _too_many_requests(self) -> LimitExceeded:
+        limit = self.server.max_requests
+        return LimitExceeded(f"More than {limit} requests in flight on this connection.")
 
     def _receive_binary(self, frame: bytes) -> None:
         try:
@@ -438,8 +509,7 @@ class Connection:
             self.server.core.abandon_seq(task.seq)
             self.server.spawn(self.server.blobs.delete(keys), "wsq-delete-blobs")
             if isinstance(outcome, BaseException):
-                text = f"Could not store the task: {outcome}"
-                self.send_text(p.error(request_id, "internal", text))
+                self.send_error(request_id, ServerError(f"Could not store the task: {outcome}"))
             else:
                 self._spawn(request_id, self._existing(task))
             return
@@ -497,7 +567,7 @@ class Connection:
         if isinstance(outcome, BaseException):
             for task in tasks:
                 core.abandon_seq(task.seq)
-            self.send_text(p.error(request_id, "internal", f"Could not store: {outcome}"))
+            self.send_error(request_id, ServerError(f"Could not store tasks: {outcome}"))
             return
         if all(outcome):
             now = time.time()
@@ -579,7 +649,7 @@ class Connection:
     async def _find(self, task_id: str) -> Task:
         task = self.server.core.lookup(task_id) or await self.server.store.get(task_id)
         if task is None:
-            raise TaskNotFound(f"No task with id {task_id}.")
+            raise _not_found(task_id)
         return task
 
     def _on_get(self, message: p.Get) -> None:
@@ -598,11 +668,12 @@ class Connection:
         self._spawn(message.id, self._remove(message.task))
 
     async def _remove(self, task_id: str) -> Any:
+        self._require_held("admin")
         held = self.server.core.lookup(task_id)
         stored = None if held else await self.server.store.get(task_id)
         if held is None and stored is None:
-            raise TaskNotFound(f"No task with id {task_id}.")
-        self._require("admin", (held or stored).queue)  # type: ignore[union-attr]
+            raise _not_found(task_id)
+        self._require_admin_on(held or stored)  # type: ignore[arg-type]
         self.server.apply(self.server.core.remove(task_id, stored, time.time()))
         await self._durable()
         return None
@@ -611,8 +682,9 @@ class Connection:
         self._spawn(message.id, self._retry(message.task))
 
     async def _retry(self, task_id: str) -> Any:
+        self._require_held("admin")
         task = await self._find(task_id)
-        self._require("admin", task.queue)
+        self._require_admin_on(task)
         self.server.apply(self.server.core.retry(task, time.time()))
         await self._durable()
         return task.to_json()
@@ -634,6 +706,10 @@ class Connection:
         if message.queue is not None or not self.principal.holds("observe"):
             # Everything: events of the queues this token may observe (filtered as sent).
             self._require("observe", message.queue)
+        if message.queue not in self._subscriptions and len(self._subscriptions) >= (
+            MAX_SUBSCRIPTIONS
+        ):
+            raise LimitExceeded(f"More than {MAX_SUBSCRIPTIONS} subscriptions on this connection.")
         self._subscriptions.add(message.queue)
         self.server.subscribe(self, message.queue)
         self.answer_now(message.id)
@@ -646,6 +722,9 @@ class Connection:
     def _on_work(self, message: p.Work) -> None:
         self._require("work", message.queue)
         worker_id = message.worker or uuid.uuid4().hex
+        if worker_id not in self._workers and len(self._workers) >= self.server.max_workers:
+            limit = self.server.max_workers
+            raise LimitExceeded(f"More than {limit} workers registered on this connection.")
         core = self.server.core
         holder = core.worker_connection(worker_id)
         if holder is not None and holder != self.id:
@@ -659,17 +738,22 @@ class Connection:
                 and previous.principal.name == self.principal.name
             ):
                 raise InvalidArgument(f"Worker id {worker_id} is already connected.")
+            if previous is not None:
+                previous._workers.discard(worker_id)
             self.server.apply(core.remove_worker(worker_id))
             log(logging.INFO, "worker moved", connection=self.id, worker=worker_id)
         effects = core.add_worker(
             self.id, worker_id, message.queue, message.concurrency, time.time()
         )
+        self._workers.add(worker_id)
         self.answer(message.id, {"worker": worker_id})
         self.server.apply(effects)
 
     def _on_stop(self, message: p.StopWork) -> None:
-        if message.worker not in self.server.core.workers_of(self.id):
+        core = self.server.core
+        if message.worker not in self._workers or core.worker_connection(message.worker) != self.id:
             raise InvalidArgument(f"Worker {message.worker} is not registered on this connection.")
+        self._workers.discard(message.worker)
         self.server.apply(self.server.core.remove_worker(message.worker))
         self.answer(message.id)
 
@@ -678,35 +762,36 @@ class Connection:
         core = self.server.core
         for ref in message.runs:
             with contextlib.suppress(WsqError):
-                self._require_work_on(ref.task)
+                self._require_work_on(ref.task, ref.run)
                 self.server.apply(core.ack(ref.task, ref.run, now))
         self.answer(message.id)
 
     def _on_progress(self, message: p.Progress) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         core = self.server.core
         self.server.apply(core.progress(message.task, message.run, message.progress, time.time()))
         self.answer(message.id)
 
     def _on_touch(self, message: p.Touch) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         self.server.apply(self.server.core.touch(message.task, message.run, time.time()))
         self.answer(message.id)
 
     def _on_complete(self, message: p.Complete) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         self.server.apply(self.server.core.complete(message.task, message.run, time.time()))
         self.answer(message.id)
 
     def _on_complete_many(self, message: p.CompleteMany) -> None:
-        """Several completions in one message; the answer lists the refused (stale) runs."""
+        """Several completions in one message; the answer lists the refused (stale) runs,
+        among them those of tasks on queues this principal does not work on."""
         core, now = self.server.core, time.time()
         effects = []
         stale = []
-        for ref in message.runs:
-            self._require_work_on(ref.task)
+        self._require_held("work")
         for ref in message.runs:
             try:
+                self._require_work_on(ref.task, ref.run)
                 effects += core.complete(ref.task, ref.run, now)
             except StaleRun:
                 stale.append([ref.task, ref.run])
@@ -719,10 +804,10 @@ class Connection:
         core, now = self.server.core, time.time()
         effects = []
         stale = []
-        for ref in message.runs:
-            self._require_work_on(ref.task)
+        self._require_held("work")
         for ref in message.runs:
             try:
+                self._require_work_on(ref.task, ref.run)
                 effects += core.release(ref.task, ref.run, now)
             except (StaleRun, InvalidState):
                 stale.append([ref.task, ref.run])
@@ -730,7 +815,7 @@ class Connection:
         self.answer(message.id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
-        self._require_work_on(message.task)
+        self._require_work_on(message.task, message.run)
         core = self.server.core
         self.server.apply(core.fail(message.task, message.run, message.error, time.time()))
         self.answer(message.id)
@@ -797,6 +882,10 @@ class Connection:
     def _on_download(self, message: p.Download) -> None:
         if message.stream in self._downloads or message.stream in self._uploads:
             raise InvalidArgument(f"Stream {message.stream} is already open.")
+        if self._in_flight() >= self.server.max_requests:
+            error = self._too_many_requests()
+            self.send_text(p.stream_error(message.stream, error.code, str(error)))
+            return
 
         async def source() -> BlobReader:
             task = await self._find(message.task)
@@ -823,9 +912,7 @@ class Connection:
             download.grant(message.bytes)
 
     def _on_stats(self, message: p.Stats) -> None:
-        stats = self.server.core.stats()
-        if self._checked:
-            stats = [queue for queue in stats if self.principal.may("observe", queue["name"])]
+        stats = self.server.core.stats(self.may_observe if self._checked else None)
         self.answer_now(message.id, {"queues": stats})
 
     def _on_ping(self, message: p.Ping) -> None:
@@ -899,6 +986,11 @@ def _stream_ref(stream: p.StreamIn, uploads: dict[int, tuple[str, int]]) -> Stre
     assert stream.upload is not None
     key, size = uploads[stream.upload]
     return StreamRef(tuple(stream.path), size, blob=key)
+
+
+def _not_found(task_id: str) -> TaskNotFound:
+    """The one answer for a task that does not exist or that this principal may not read."""
+    return TaskNotFound(f"No task with id {task_id}.")
 
 
 def _peer(websocket: ServerConnection) -> str:

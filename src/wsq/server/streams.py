@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from wsq import protocol
-from wsq.blobs.base import BlobReader, BlobStore, BlobWriter
+from wsq.blobs.base import BlobNotFound, BlobReader, BlobStore, BlobWriter
 from wsq.core.task import StreamRef
 from wsq.exceptions import (
     ProtocolError,
@@ -27,6 +28,7 @@ from wsq.exceptions import (
     UploadFailed,
     WsqError,
 )
+from wsq.server.logs import log
 
 SendText = Callable[[bytes], None]
 SendBinary = Callable[[bytes], None]
@@ -191,7 +193,9 @@ def _store_failure(stream: int, exc: Exception) -> WsqError:
         return exc  # the blob store's own clear words, and its code (docs/protocol.md §7)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"The blob store's disk is full; stream {stream} was not stored.")
-    return UploadFailed(f"Could not store stream {stream}: {exc}")
+    # The cause (a path, a key) is for the log, not the client.
+    log(logging.ERROR, "blob store failed", f"storing stream {stream}: {exc!r}")
+    return UploadFailed(f"Could not store stream {stream}.")
 
 
 class Download:
@@ -228,14 +232,16 @@ class Download:
         try:
             reader: BlobReader = await source()
         except Exception as exc:
-            code = getattr(exc, "code", "not_found")
-            self._send_error(code, str(exc) or "Stream not found.")
+            self._send_error(*_download_failure(exc))
             return
         try:
             total = await self._copy(reader)
         except Exception as exc:
-            code = exc.code if isinstance(exc, Unavailable) else "internal"
-            self._send_error(code, f"Reading stream failed: {exc}")
+            log(logging.ERROR, "blob store failed", f"reading a stream: {exc!r}")
+            if isinstance(exc, Unavailable):  # docs/protocol.md §7: worth trying again
+                self._send_error(exc.code, "The blob store is unavailable; try again.")
+            else:
+                self._send_error("internal", "Reading the stream failed.")
             return
         finally:
             await reader.close()
@@ -256,6 +262,18 @@ class Download:
 
     def _send_error(self, code: str, message: str) -> None:
         self._send_text(protocol.stream_error(self.stream, code, message))
+
+
+def _download_failure(exc: Exception) -> tuple[str, str]:
+    """The code and text a client gets for a download that could not start: never the
+    blob key or a path (those go to the log)."""
+    if isinstance(exc, WsqError) and exc.code != "internal":
+        return exc.code, str(exc)
+    if isinstance(exc, BlobNotFound):
+        log(logging.ERROR, "blob missing", f"a task's blob is gone: {exc}")
+        return "not_found", "The stream's data is missing."
+    log(logging.ERROR, "blob store failed", f"opening a stream: {exc!r}")
+    return "internal", "Internal server error."
 
 
 class InlineReader(BlobReader):

@@ -25,6 +25,15 @@ _FILES = {
 }
 
 
+SECURITY_HEADERS = {
+    # No other site may frame the dashboard (clickjacking its retry and remove buttons).
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+"""Sent with every HTTP response of the server, files and errors alike."""
+
+
 def asset(path: str) -> Asset | None:
     """The file served at ``path``, or ``None``."""
     entry = _FILES.get(path)
