@@ -1,0 +1,60 @@
+// The Node half of platform.js: node:events, node:stream Readables, and the global
+// WebSocket where Node has one (22 and later), else the `ws` package (Node 20).
+
+import { EventEmitter } from 'node:events'
+import { Readable, Stream } from 'node:stream'
+
+export { EventEmitter }
+
+export const WebSocket = globalThis.WebSocket ?? (await import('ws')).WebSocket
+
+/** A Node stream: a Readable (fs.createReadStream, a Transform, ...) or an old-style
+ *  readable Stream (the seed's test streams). */
+export function isPlatformStream (value) {
+  return value instanceof Stream && value.readable !== false && typeof value.pipe === 'function'
+}
+
+/** Its chunks, read with flow control (the async iterator pulls one chunk at a time). */
+export function platformChunks (value) {
+  return value instanceof Readable ? value : new Readable().wrap(value)
+}
+
+/** A task's stream, read as it is consumed (task.data.video.pipe(encoder) works). */
+class TaskStream extends Readable {
+  constructor (source) {
+    super()
+    this._source = source
+    this._failed = null
+    // A lost connection errors the stream at once if someone reads it or listens for
+    // 'error'; otherwise on the first read, so an unread stream never crashes a process.
+    source.onError = (error) => {
+      if (this.readableFlowing !== null || this.listenerCount('error')) this.destroy(error)
+      else this._failed = error
+    }
+  }
+
+  _read () {
+    if (this._failed) { this.destroy(this._failed); return }
+    this._source.next().then(
+      (chunk) => { this.push(chunk === null ? null : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength)) },
+      (error) => { this.destroy(error) },
+    )
+  }
+
+  _destroy (error, callback) {
+    this._source.cancel()
+    callback(error)
+  }
+}
+
+export function toStream (source) { return new TaskStream(source) }
+
+export function eventStream (cancel) {
+  const stream = new Readable({ objectMode: true, read () {} })
+  stream.once('close', cancel)
+  return {
+    stream,
+    push (event) { if (!stream.destroyed) stream.push(event) },
+    close () { if (!stream.destroyed) stream.push(null) },
+  }
+}

@@ -1,0 +1,99 @@
+// A real `wsq server` in a subprocess for the Node tests: port 0 (or a given port, to
+// restart on), its own data dir, the seed suite's fast heartbeat and worker timeout.
+
+import { spawn } from 'node:child_process'
+import { existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..')
+const VENV_PYTHON = join(ROOT, '.venv', 'bin', 'python')
+const PYTHON = process.env.WSQ_PYTHON || (existsSync(VENV_PYTHON) ? VENV_PYTHON : 'python3')
+
+/** How much longer than nominal the machine may take (WSQ_TIME_FACTOR, as tests/conftest.py). */
+export const FACTOR = Number(process.env.WSQ_TIME_FACTOR || 1)
+export const budget = (ms) => ms * FACTOR
+
+export const FAST = ['--heartbeat-interval', '0.05', '--worker-timeout', '0.1']
+
+export class ServerProcess {
+  constructor ({ args = FAST, dataDir = null, port = 0 } = {}) {
+    this.args = args
+    this.dataDir = dataDir || mkdtempSync(join(tmpdir(), 'wsq-node-'))
+    this.ownDir = !dataDir
+    this.port = port
+    this.proc = null
+    this.log = ''
+  }
+
+  get url () { return `ws://127.0.0.1:${this.port}` }
+  get address () { return this.url }
+
+  /** Start it and wait until it listens (the port it picked is read from its log). */
+  start () {
+    const argv = ['-m', 'wsq', 'server', '--port', String(this.port), '--data-dir', this.dataDir,
+      '--log-level', 'info', ...this.args]
+    const proc = spawn(PYTHON, argv, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] })
+    this.proc = proc
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`server did not start:\n${this.log}`)), budget(30000))
+      const read = (chunk) => {
+        this.log += chunk
+        const match = /listening on wss?:\/\/[^\s:]+:(\d+)/.exec(this.log)
+        if (match && this.proc === proc && !this._listening) {
+          this._listening = true
+          this.port = Number(match[1])
+          clearTimeout(timer)
+          resolve(this)
+        }
+      }
+      proc.stdout.setEncoding('utf8').on('data', read)
+      proc.stderr.setEncoding('utf8').on('data', read)
+      proc.once('exit', (code) => { clearTimeout(timer); if (!this._listening) reject(new Error(`server exited ${code}:\n${this.log}`)) })
+      this._listening = false
+    })
+  }
+
+  /** SIGTERM (or `signal`) and wait for the exit. */
+  stop (signal = 'SIGTERM') {
+    const proc = this.proc
+    if (!proc || proc.exitCode !== null || proc.signalCode !== null) return Promise.resolve()
+    return new Promise((resolve) => { proc.once('exit', resolve); proc.kill(signal) })
+  }
+
+  kill () { return this.stop('SIGKILL') }
+
+  /** Start again on the same port and data dir. */
+  async restart () {
+    await this.stop()
+    return this.start()
+  }
+
+  async dispose () {
+    await this.kill()
+    if (this.ownDir) rmSync(this.dataDir, { recursive: true, force: true })
+  }
+}
+
+export async function startServer (options) {
+  return new ServerProcess(options).start()
+}
+
+/** Resolve with the event's arguments the next time `emitter` emits `name`. */
+export function next (emitter, name) {
+  return new Promise((resolve) => emitter.once(name, (...args) => resolve(args)))
+}
+
+/** Wait until `check()` is truthy (returns it); fail after `ms` (scaled). */
+export async function eventually (check, ms = 10000) {
+  const deadline = Date.now() + budget(ms)
+  while (true) {
+    const value = await check()
+    if (value) return value
+    if (Date.now() > deadline) throw new Error(`not true within ${budget(ms)} ms: ${check}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
