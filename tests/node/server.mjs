@@ -97,3 +97,58 @@ export async function eventually (check, ms = 10000) {
 }
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/**
+ * A TCP proxy in front of a server: `cut()` drops every connection through it (a network
+ * blip), `close()` also refuses new ones until `listen()` again on the same port, and
+ * `hold()` / `release()` keep server-to-client bytes back and then deliver them in order.
+ */
+export class Proxy {
+  constructor (targetPort) {
+    this.targetPort = targetPort
+    this.port = 0
+    this.pairs = new Set()
+    this.server = null
+    this.held = null
+  }
+
+  get url () { return `ws://127.0.0.1:${this.port}` }
+
+  async listen (port = this.port) {
+    const net = await import('node:net')
+    this.server = net.createServer((client) => this._pair(net, client))
+    await new Promise((resolve, reject) => {
+      this.server.once('error', reject)
+      this.server.listen(port, '127.0.0.1', resolve)
+    })
+    this.port = this.server.address().port
+    return this
+  }
+
+  _pair (net, client) {
+    const upstream = net.connect(this.targetPort, '127.0.0.1')
+    const pair = { client, upstream }
+    this.pairs.add(pair)
+    client.on('data', (data) => upstream.write(data))
+    upstream.on('data', (data) => { if (this.held) this.held.push([client, data]); else client.write(data) })
+    const end = () => { this.pairs.delete(pair); client.destroy(); upstream.destroy() }
+    client.on('close', end).on('error', end)
+    upstream.on('close', end).on('error', end)
+  }
+
+  cut () { for (const { client, upstream } of this.pairs) { client.destroy(); upstream.destroy() } this.pairs.clear() }
+
+  hold () { this.held = [] }
+
+  release () {
+    const held = this.held || []
+    this.held = null
+    for (const [client, data] of held) if (!client.destroyed) client.write(data)
+  }
+
+  async close () {
+    this.cut()
+    if (this.server) await new Promise((resolve) => this.server.close(resolve))
+    this.server = null
+  }
+}

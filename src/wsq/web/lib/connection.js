@@ -12,6 +12,7 @@ const DEFAULT_LIMITS = {
 }
 const SEND_BUFFER = 4 << 20 // bytes the socket may hold before a stream waits
 const CLOSE_WAIT = 2000 // ms close() waits for the closing handshake
+const DEAD_FLOOR = 1000 // ms of silence before a connection counts as dead, at least
 
 export class Connection extends platform.EventEmitter {
   constructor (address, { backoff = defaultBackoff, token = null } = {}) {
@@ -93,6 +94,7 @@ export class Connection extends platform.EventEmitter {
     ws.onopen = () => { if (this._socket === ws) ws.send(JSON.stringify(this._hello())) }
     ws.onmessage = (event) => {
       if (this._socket !== ws) return
+      this._heard = Date.now()
       if (greeted) this._receive(event.data)
       else greeted = this._greet(ws, event.data)
     }
@@ -189,17 +191,21 @@ export class Connection extends platform.EventEmitter {
   _startHeartbeat () {
     this._stopHeartbeat()
     if (!(this.heartbeat > 0)) return
-    let lastAnswer = Date.now()
+    this._heard = Date.now()
     const interval = this.heartbeat * 1000
+    // Anything received shows the path is alive (credit during a long upload, too). Dead
+    // after three silent intervals (§9), but never sooner than DEAD_FLOOR: a loaded
+    // machine can be silent for longer than three of the test suite's 50 ms intervals.
+    const dead = Math.max(3 * interval, DEAD_FLOOR)
     this._heartbeatTimer = setInterval(() => {
-      if (Date.now() - lastAnswer > 3 * interval) {
+      if (Date.now() - this._heard > dead) {
         // No answer for three intervals: the path is dead. Drop it and reconnect.
         const ws = this._socket
         this._dropped(ws)
         try { ws.close() } catch {}
         return
       }
-      this._request({ op: 'ping' }, { resend: false }).then(() => { lastAnswer = Date.now() }, () => {})
+      this._request({ op: 'ping' }, { resend: false }).catch(() => {})
     }, interval)
     // In Node, pings alone do not keep a process alive.
     if (typeof this._heartbeatTimer.unref === 'function') this._heartbeatTimer.unref()

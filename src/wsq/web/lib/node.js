@@ -25,10 +25,11 @@ class TaskStream extends Readable {
     super()
     this._source = source
     this._failed = null
-    // A lost connection errors the stream at once if someone reads it or listens for
-    // 'error'; otherwise on the first read, so an unread stream never crashes a process.
+    // A lost connection errors the stream at once if it flows (piped, 'data') or someone
+    // listens for 'error'; otherwise at its next read, so a stream nobody is reading
+    // never crashes the process with an unhandled 'error'.
     source.onError = (error) => {
-      if (this.readableFlowing !== null || this.listenerCount('error')) this.destroy(error)
+      if (this.readableFlowing === true || this.listenerCount('error')) this.destroy(error)
       else this._failed = error
     }
   }

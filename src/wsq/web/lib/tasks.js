@@ -25,10 +25,11 @@ export class Task extends platform.EventEmitter {
     })
   }
 
-  /** Take the newer of this and `json` (an answer and an event may cross). */
-  _update (json) {
+  /** Take the newer of this and `json`: an event may overtake the answer to an add (the
+   *  server sends offers at once, answers once durable), and then the answer is older. */
+  _update (json, { answer = false } = {}) {
     const updated = json.updated == null ? this.updated : json.updated * 1000
-    if (updated < this.updated) return
+    if (updated < this.updated || (answer && updated === this.updated)) return
     this.state = json.state
     this.progress = json.progress ?? 0
     this.retries = json.retries ?? 0
@@ -101,7 +102,7 @@ export function addTask (client, queue, data, options, callback) {
   client._watch(task, { quiet: true })
   let awaited = Boolean(callback)
   const added = client._add(queue, data, options, task.id).then((json) => {
-    task._update(json)
+    task._update(json, { answer: true })
     for (const name of ['then', 'catch', 'finally']) delete task[name]
     return task
   })
