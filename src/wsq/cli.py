@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import resource
 import signal
 import ssl
@@ -32,6 +33,20 @@ def _stacked(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return decorate
 
 
+def _seconds(
+    *, zero_disables: bool = False
+) -> Callable[[click.Context, click.Parameter, float], float]:
+    """A callback checking a duration option: finite, and positive (or 0 for off)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: float) -> float:
+        if math.isfinite(value) and (value > 0 or (value == 0 and zero_disables)):
+            return value
+        low = "0 (off) or more" if zero_disables else "more than 0"
+        raise click.BadParameter(f"{value} is not a number of seconds {low}.")
+
+    return check
+
+
 _server_options = _stacked(
     click.option(
         "--host",
@@ -42,7 +57,7 @@ _server_options = _stacked(
     ),
     click.option(
         "--port",
-        type=int,
+        type=click.IntRange(0, 65535),
         default=4242,
         envvar=["WSQ_PORT", "PORT"],
         show_default=True,
@@ -60,14 +75,16 @@ _server_options = _stacked(
         type=float,
         default=5.0,
         envvar="WSQ_HEARTBEAT_INTERVAL",
+        callback=_seconds(zero_disables=True),
         show_default=True,
-        help="Seconds between pings; 3 missed pongs drop a connection.",
+        help="Seconds between pings; 3 missed pongs drop a connection (0: no heartbeat).",
     ),
     click.option(
         "--worker-timeout",
         type=float,
         default=1.0,
         envvar="WSQ_WORKER_TIMEOUT",
+        callback=_seconds(),
         show_default=True,
         help="Seconds a worker has to acknowledge an offered task.",
     ),
@@ -239,7 +256,24 @@ def _security_settings(
     return {"auth": auth, "allowed_origins": origins, "ssl": context}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageLine(click.ClickException):
+    """A usage error shown as one line (the option and what is wrong), exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"wsq: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _UsageLine(exc.format_message()) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsq")
 def main() -> None:
     """wsq: a WebSocket task queue with streaming task data."""

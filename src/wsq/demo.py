@@ -47,27 +47,36 @@ async def run_demo(url: str) -> None:
             step = int(fraction * 4)
             if progress.get(task.id) != step:
                 progress[task.id] = step
-                click.echo(f"  event   task {task.id[:8]} progress {fraction:.0%}")
+                click.echo(f"  event   task {task.id} progress {fraction:.0%}")
 
         queue.on("task progress", on_progress)
         finished = asyncio.Event()
         completed: list[str] = []
 
         def on_completed(task: wsq.Task) -> None:
-            click.echo(f"  event   task {task.id[:8]} completed")
+            click.echo(f"  event   task {task.id} completed")
             completed.append(task.id)
             if len(completed) == FILES:
                 finished.set()
 
         queue.on("task completed", on_completed)
         worker = queue.process(checksum, concurrency=2)
+        click.echo(f"demo: the dashboard is at {dashboard_url(url)} (open it in a browser)")
         click.echo(f"demo: streaming {FILES} files of {FILE_SIZE >> 20} MiB to {url}")
         for n in range(FILES):
             name = f"file-{n}.bin"
             task = await queue.add(
                 {"name": name, "file": generated_file(FILE_SIZE, n)}, autoremove=True
             )
-            click.echo(f"  added   {name} as task {task.id[:8]}")
+            click.echo(f"  added   {name} as task {task.id}")
         await finished.wait()
         await worker.stop()
-        click.echo(f"demo: done. The server keeps running at {url} (pid {os.getpid()}).")
+        click.echo(
+            f"demo: done. The server keeps running at {url} (pid {os.getpid()});"
+            f" its dashboard: {dashboard_url(url)}"
+        )
+
+
+def dashboard_url(url: str) -> str:
+    """The http(s) address of the dashboard a server at ``url`` (ws:// or wss://) serves."""
+    return "http" + url.removeprefix("ws") + "/"

@@ -174,6 +174,11 @@ class CompleteMany(_Msg, tag="complete_many"):
     id: RequestId | None = None
 
 
+class Release(_Msg, tag="release"):
+    runs: Annotated[list[RunRef], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    id: RequestId | None = None
+
+
 class Fail(_Msg, tag="fail"):
     task: TaskId
     run: int
@@ -238,6 +243,7 @@ ClientMessage = (
     | Touch
     | Complete
     | CompleteMany
+    | Release
     | Fail
     | Upload
     | UploadEnd

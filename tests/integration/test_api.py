@@ -326,3 +326,37 @@ async def test_stats_count_tasks_by_state_and_list_workers(data_dir: Any) -> Non
         assert stats["result"]["queues"] == [
             {"name": "s", "waiting": 0, "active": 0, "completed": 3, "failed": 1, "workers": []}
         ]
+
+
+async def test_a_stopped_worker_releases_an_offer_in_flight(client: wsq.Client) -> None:
+    queue = client.queue("declined")
+    added = await queue.add({"n": 1})
+    async with RawClient(client.address) as raw:
+        offer = await _raw_worker(raw, "declined", 1)
+        (item,) = offer["tasks"]
+        await raw.request({"op": "stop", "worker": "w-declined"})
+        run = [item["task"]["id"], item["run"]]
+        answer = await raw.request({"op": "release", "runs": [run, [run[0], run[1] + 1]]})
+        assert answer["result"] == {"stale": [[run[0], run[1] + 1]]}
+    (waiting,) = await queue.waiting()
+    assert waiting.id == added.id and waiting.retries == 0 and waiting.error is None
+    # Another worker takes it; nothing ever said "didn't respond".
+    done = asyncio.Event()
+    queue.process(lambda task: done.set())
+    await asyncio.wait_for(done.wait(), budget(5))
+    await eventually(lambda: completed_count_is(queue, 1))
+    (completed,) = await queue.completed()
+    assert completed.retries == 0 and completed.error is None
+
+
+async def test_a_started_run_cannot_be_released(client: wsq.Client) -> None:
+    queue = client.queue("started")
+    await queue.add(1)
+    async with RawClient(client.address) as raw:
+        offer = await _raw_worker(raw, "started", 1)
+        run = [offer["tasks"][0]["task"]["id"], offer["tasks"][0]["run"]]
+        await raw.send({"op": "ack", "runs": [run]})
+        answer = await raw.request({"op": "release", "runs": [run]})
+        assert answer["result"] == {"stale": [run]}
+        (active,) = await queue.active()
+        assert active.id == run[0]

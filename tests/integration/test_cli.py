@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import wsq
 from tests.conftest import budget
 from tests.integration.procs import ServerProcess
+from tests.integration.rawclient import RawClient
 
 
 def run_wsq(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> str:
@@ -39,6 +42,11 @@ def test_demo_runs_to_completion(tmp_path: Path) -> None:
     out = run_wsq("demo", "--once", "--port", "0", "--data-dir", str(tmp_path / "d"))
     assert out.count("completed") >= 5
     assert "demo: done" in out
+    assert re.search(r"dashboard is at http://127\.0\.0\.1:\d+/ ", out), out
+    added = re.findall(r"added   file-\d\.bin as task (\S+)", out)
+    assert len(added) == 5 and len(set(added)) == 5, out
+    completed = set(re.findall(r"task (\S+) completed", out))
+    assert completed == set(added), out
 
 
 async def test_environment_and_json_logs(tmp_path: Path) -> None:
@@ -95,3 +103,69 @@ async def test_a_second_server_on_the_same_folder_or_port_is_refused(tmp_path: P
     async with wsq.Server(data_dir=data, port=0):
         with pytest.raises(wsq.ServerError, match="Another wsq server"):
             await wsq.Server(data_dir=data, port=0).start()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "option"),
+    [
+        (["--heartbeat-interval", "-1"], {}, "--heartbeat-interval"),
+        (["--heartbeat-interval", "inf"], {}, "--heartbeat-interval"),
+        (["--worker-timeout", "0"], {}, "--worker-timeout"),
+        (["--worker-timeout", "nan"], {}, "--worker-timeout"),
+        ([], {"WSQ_WORKER_TIMEOUT": "-2"}, "--worker-timeout"),
+        (["--port", "70000"], {}, "--port"),
+        (["--max-connections", "0"], {}, "--max-connections"),
+        (["--max-message", "0"], {}, "--max-message"),
+        (["--log-format", "xml"], {}, "--log-format"),
+        (["--tls-cert", __file__], {}, "--tls-key"),
+    ],
+)
+@pytest.mark.parametrize("command", ["server", "demo"])
+def test_a_bad_option_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, command: str, args: list[str], env: dict[str, str], option: str
+) -> None:
+    if command == "demo" and option.startswith(("--max", "--tls")):
+        pytest.skip("server-only option")
+    done = subprocess.run(
+        [sys.executable, "-m", "wsq", command, "--data-dir", str(tmp_path / "d"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=budget(30),
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert option in lines[0] and "Traceback" not in lines[0]
+
+
+async def test_heartbeat_interval_0_turns_the_heartbeat_off(data_dir: Path) -> None:
+    async with wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=0) as server:  # noqa: SIM117
+        async with RawClient(server.url) as silent, wsq.Client(server.url) as client:
+            assert silent.welcome["heartbeat"] == 0
+            queue = client.queue("no-heartbeat")
+            await queue.add(1)
+            done = asyncio.Event()
+            queue.process(lambda task: done.set())
+            await asyncio.wait_for(done.wait(), budget(10))
+            # A peer that never answers pings is not dropped: none are sent.
+            assert await silent.request({"op": "ping"}) == {
+                "op": "result",
+                "id": 1000,
+                "result": None,
+            }
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"heartbeat_interval": -1.0},
+        {"worker_timeout": 0.0},
+        {"worker_timeout": float("inf")},
+        {"port": -1},
+    ],
+)
+def test_the_embedded_server_refuses_bad_settings_by_name(settings: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        wsq.Server(**settings)  # type: ignore[arg-type]

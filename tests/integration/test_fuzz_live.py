@@ -347,7 +347,7 @@ def _make(b: Builder, op: str) -> dict[str, Any]:  # noqa: C901  (one branch per
         m |= {"id": b.rid(), "worker": d(worker_ids)}
     elif op == "ack":
         m = _maybe_id(b, {"op": op, "runs": _run_refs(b, 0)})
-    elif op == "complete_many":
+    elif op in ("complete_many", "release"):
         m = _maybe_id(b, {"op": op, "runs": _run_refs(b, 1)})
     elif op in ("progress", "touch", "complete", "fail"):
         m = _report(b, op)
@@ -481,7 +481,15 @@ BREAKAGES = [
     "bad_stream",
     "hello",
 ]
-OPTIONAL_ID = {"ack", "progress", "touch", "complete", "complete_many", "fail"}  # null is fine
+OPTIONAL_ID = {
+    "ack",
+    "progress",
+    "touch",
+    "complete",
+    "complete_many",
+    "release",
+    "fail",
+}  # null is fine
 REQUIRED: dict[str, list[str]] = {
     "add": ["id", "queue"],
     "add_many": ["id", "queue", "tasks"],
@@ -499,6 +507,7 @@ REQUIRED: dict[str, list[str]] = {
     "touch": ["task", "run"],
     "complete": ["task", "run"],
     "complete_many": ["runs"],
+    "release": ["runs"],
     "fail": ["task", "run"],
     "upload": ["stream"],
     "upload_end": ["stream"],
@@ -722,7 +731,17 @@ def frame_work_flow(b: Builder) -> None:
     add.pop("data", None)
     _send_valid(b, add)
     b.frames.append(Wait(task=task))
-    ops = ["ack", "progress", "touch", "complete", "complete_many", "fail", "remove", "retry"]
+    ops = [
+        "ack",
+        "progress",
+        "touch",
+        "complete",
+        "complete_many",
+        "release",
+        "fail",
+        "remove",
+        "retry",
+    ]
     for op in b.draw(st.lists(st.sampled_from([*ops, "get", "stop", "download"]), max_size=3)):
         message = _make(b, op)
         run = b.draw(st.sampled_from([1, 2]))
@@ -1061,7 +1080,7 @@ def check_result(message: dict[str, Any], result: Any) -> None:
         assert result["id"] == message["task"], result
     elif op == "work":
         assert result["worker"] == message.get("worker", result["worker"]), result
-    elif op == "complete_many":
+    elif op in ("complete_many", "release"):
         assert isinstance(result["stale"], list), result
     else:
         assert result is None, (message, result)

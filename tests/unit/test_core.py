@@ -188,6 +188,9 @@ class Harness:
     def touch(self, task_id: str, run: int | None = None) -> list[Effect]:
         return self._handle(self.core.touch(task_id, self.run_of(task_id, run), self.now))
 
+    def release(self, task_id: str, run: int | None = None) -> list[Effect]:
+        return self._handle(self.core.release(task_id, self.run_of(task_id, run), self.now))
+
     def tick(self, at: float | None = None) -> list[Effect]:
         if at is not None:
             assert at >= self.now, "the fake clock never goes back"
@@ -1364,6 +1367,7 @@ REPORTS = {
     "touch": lambda core, task_id, run, now: core.touch(task_id, run, now),
     "complete": lambda core, task_id, run, now: core.complete(task_id, run, now),
     "fail": lambda core, task_id, run, now: core.fail(task_id, run, "x", now),
+    "release": lambda core, task_id, run, now: core.release(task_id, run, now),
 }
 
 
@@ -1823,6 +1827,21 @@ class CoreMachine(RuleBasedStateMachine):
         else:
             self.h.fail(task_id)
 
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        """A stopped worker declines an offer; a started run cannot be released."""
+        active = self.h.in_state(ACTIVE)
+        if not active:
+            return
+        task_id = data.draw(st.sampled_from(active))
+        if not self.h.core._runs[task_id].acked:
+            self.h.release(task_id)
+            return
+        before = snapshot_of(self.h)
+        with pytest.raises(InvalidState):
+            self.h.release(task_id)
+        assert snapshot_of(self.h) == before
+
     @rule(data=st.data(), report=st.sampled_from(sorted(REPORTS)))
     def stale_report(self, data: st.DataObject, report: str) -> None:
         if not self.h.store:
@@ -1896,3 +1915,75 @@ TestCoreModel.settings = settings(
     report_multiple_bugs=False,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# -- release: a stopped worker declines an offer -------------------------------------------
+
+
+def test_release_puts_an_unacked_offer_back_in_its_place(h: Harness) -> None:
+    h.add_worker("w1")
+    first, second = h.add(), h.add()
+    h.remove_worker("w1")
+    effects = h.release(first)
+    assert h.state(first) == WAITING
+    assert h.store[first].retries == 0 and h.store[first].error is None
+    assert h.store[first].worker is None
+    assert [e.args[0]["id"] for e in emits(effects, "task queued")] == [first]
+    assert emits(effects, "task failed") == []
+    assert h.window_of() == [first, second]
+    h.add_worker("w2")
+    assert h.held_by("w2") == [first]
+
+
+def test_released_run_never_times_out(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.remove_worker("w1")
+    h.release(task_id)
+    assert h.advance(10.0) == []
+    assert h.state(task_id) == WAITING
+
+
+def test_release_of_a_started_run_is_refused_and_changes_nothing(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.ack(task_id)
+    with pytest.raises(InvalidState):
+        h.release(task_id)
+    assert h.state(task_id) == ACTIVE
+    h.complete(task_id)
+    assert h.state(task_id) == COMPLETED
+
+
+def test_release_of_an_old_run_is_stale(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    run = h.store[task_id].run
+    h.complete(task_id)
+    with pytest.raises(StaleRun):
+        h.release(task_id, run)
+
+
+def test_release_frees_the_slot_for_another_worker_in_order(h: Harness) -> None:
+    h = Harness(window=2)
+    h.add_worker("w1", concurrency=2)
+    ids = [h.add() for _ in range(5)]
+    h.remove_worker("w1")
+    h.release(ids[1])
+    h.release(ids[0])
+    h.add_worker("w2", concurrency=5)
+    assert h.offer_order[-5:] == ids
+
+
+def test_an_add_that_lands_after_a_requeue_keeps_its_place_in_a_full_window() -> None:
+    # Found by the model: t8's insert was in flight while t1 failed and was queued again
+    # behind it; the window was full when t8 landed, and t1 used to run first.
+    h = Harness(window=4)
+    h.add_worker("w3", "b", concurrency=3)
+    first = [h.add("b", retries=-1) for _ in range(3)]
+    late = [h.insert("b") for _ in range(5)]
+    h.deliver(late[0])
+    h.fail(first[0])
+    for task_id in late[1:]:
+        h.deliver(task_id)
+    assert h.window_of("b") == late[1:]

@@ -37,6 +37,7 @@ from wsq.protocol import (
     Ping,
     Progress,
     Queues,
+    Release,
     Remove,
     Retry,
     RunRef,
@@ -166,6 +167,11 @@ VALID: list[tuple[str, dict[str, Any], Any]] = [
         "complete_many",
         {"runs": [["t1", 2]]},
         CompleteMany(runs=[RunRef(task="t1", run=2)]),
+    ),
+    (
+        "release",
+        {"id": 4, "runs": [["t1", 2]]},
+        Release(id=4, runs=[RunRef(task="t1", run=2)]),
     ),
 ]
 VALID_IDS = [f"{op}-{i}" for i, (op, _, _) in enumerate(VALID)]

@@ -300,6 +300,8 @@ class Client(Emitter):
         """Ping every heartbeat interval; no pong for three intervals means the server is
         gone, so drop the connection and reconnect (§9)."""
         interval = self._limits.heartbeat
+        if interval <= 0:
+            return  # the server runs without heartbeats (--heartbeat-interval 0)
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await asyncio.sleep(interval)
@@ -423,8 +425,10 @@ class Client(Emitter):
 
     def _on_offer(self, message: dict[str, Any]) -> None:
         worker = self._workers.get(message["worker"])
-        if worker is None:
-            logger.warning("offer for unknown worker %s", message["worker"])
+        if worker is None or worker.stopped:
+            # Sent before the server had our stop: decline it, the task waits untouched.
+            runs = [[item["task"]["id"], item["run"]] for item in message["tasks"]]
+            self._send({"op": "release", "runs": runs})
             return
         worker.offer(message["tasks"])
 

@@ -232,6 +232,27 @@ class Core:
         effects = self._start(current, now)
         return effects + self._fail(current, error, now)
 
+    def release(self, task_id: str, run: int, now: float) -> list[Effect]:
+        """The worker declines run ``run``, offered but not acknowledged (it stopped while
+        the offer was on its way): the run ends without an attempt, and the task waits in
+        its old place with its failure count and error untouched. Raises
+        :class:`~wsq.exceptions.StaleRun` for a run that is not active and
+        :class:`~wsq.exceptions.InvalidState` for one already acknowledged."""
+        current = self._run_of(task_id, run)
+        if current.acked:
+            raise InvalidState(f"Run {run} of task {task_id} has started; it cannot be released.")
+        task = self._detach(current)
+        check_transition(task.id, task.state, State.WAITING)
+        self._move(task.queue, task.state, State.WAITING)
+        task.state = State.WAITING
+        task.worker = None
+        task.updated = now
+        effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE))]
+        effects += self._event("task queued", task)
+        queue = self._queue(task.queue)
+        self._place(queue, task)
+        return effects + self._dispatch_soon(queue, now)
+
     # -- requests about any task -----------------------------------------------------------
 
     def lookup(self, task_id: str) -> Task | None:
@@ -466,12 +487,22 @@ class Core:
         )
 
     def _place(self, queue: _Queue, task: Task) -> None:
+        """Hold a waiting task in the window if its place is there: the window is always
+        the oldest waiting tasks of the queue, the rest stays in the store only."""
+        if task.id in self._waiting:
+            return
+        if queue.window and task.seq < queue.window[-1].seq:
+            # Older than the window's newest (an add that finished late, a released
+            # offer): it belongs inside, and the newest makes room.
+            self._insert(queue, task)
+            if len(queue.window) > self.window_size:
+                self._spill_last(queue)
+            return
         if queue.spilled or queue.loading or len(queue.window) >= self.window_size:
             queue.spilled = True
             queue.refused_during_load |= queue.loading
             return
-        if task.id not in self._waiting:
-            self._insert(queue, task)
+        self._insert(queue, task)
 
     def _insert(self, queue: _Queue, task: Task) -> None:
         self._waiting[task.id] = task
@@ -479,6 +510,13 @@ class Core:
             queue.window.append(task)
         else:
             bisect.insort(queue.window, task, key=lambda t: t.seq)
+
+    def _spill_last(self, queue: _Queue) -> None:
+        """Drop the window's newest task back to the store only (it stays waiting there)."""
+        task = queue.window.pop()
+        del self._waiting[task.id]
+        queue.spilled = True
+        queue.refused_during_load |= queue.loading
 
     def _unplace(self, task: Task) -> None:
         queue = self._queues.get(task.queue)

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -109,8 +110,10 @@ class Server:
         max_requests: int = 10_000,
         max_uploads: int = 100,
     ) -> None:
-        if worker_timeout <= 0 or heartbeat_interval <= 0:
-            raise ValueError("worker_timeout and heartbeat_interval must be positive seconds")
+        _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
+        _check_seconds("worker_timeout", worker_timeout)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be 0 to 65535, not {port!r}")
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
@@ -169,8 +172,8 @@ class Server:
                 self.host,
                 self.port,
                 max_size=self.max_message_size * 4 + protocol.CHUNK,
-                ping_interval=self.heartbeat_interval,
-                ping_timeout=self.heartbeat_interval * 3,
+                ping_interval=self.heartbeat_interval or None,  # 0: no heartbeat
+                ping_timeout=self.heartbeat_interval * 3 or None,
                 compression=None,
                 process_request=self._http,
                 server_header=f"wsq/{_version()}",
@@ -533,3 +536,10 @@ def _version() -> str:
     from wsq import __version__
 
     return __version__
+
+
+def _check_seconds(name: str, value: float, *, zero_disables: bool = False) -> None:
+    """A duration option: finite and positive (or 0 where 0 turns the feature off)."""
+    low = "0 (off) or more" if zero_disables else "more than 0"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_disables):
+        raise ValueError(f"{name} must be a number of seconds, {low}, not {value!r}")

@@ -29,6 +29,7 @@ from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import (
     Forbidden,
     InvalidArgument,
+    InvalidState,
     LimitExceeded,
     ProtocolError,
     StaleRun,
@@ -88,6 +89,7 @@ class Connection:
             p.Touch: self._on_touch,
             p.Complete: self._on_complete,
             p.CompleteMany: self._on_complete_many,
+            p.Release: self._on_release,
             p.Fail: self._on_fail,
             p.Upload: self._on_upload,
             p.UploadEnd: self._on_upload_end,
@@ -707,6 +709,22 @@ class Connection:
             try:
                 effects += core.complete(ref.task, ref.run, now)
             except StaleRun:
+                stale.append([ref.task, ref.run])
+        self.server.apply(effects)
+        self.answer(message.id, {"stale": stale})
+
+    def _on_release(self, message: p.Release) -> None:
+        """Offered runs a stopped worker declines; the answer lists those that could not be
+        released (not active, or already started)."""
+        core, now = self.server.core, time.time()
+        effects = []
+        stale = []
+        for ref in message.runs:
+            self._require_work_on(ref.task)
+        for ref in message.runs:
+            try:
+                effects += core.release(ref.task, ref.run, now)
+            except (StaleRun, InvalidState):
                 stale.append([ref.task, ref.run])
         self.server.apply(effects)
         self.answer(message.id, {"stale": stale})
