@@ -152,3 +152,35 @@ export class Proxy {
     this.server = null
   }
 }
+
+/** A raw protocol connection (the `ws` package, as wsq.js uses it in Node), greeted:
+ *  for what the client API cannot do on purpose (not answer pings, never ack). */
+export async function rawConnection (url, options = {}) {
+  const { WebSocket } = await import(new URL('../../src/wsq/web/node_modules/ws/wrapper.mjs', import.meta.url))
+  const ws = new WebSocket(url, options)
+  const inbox = []
+  const waiting = []
+  ws.on('message', (data, isBinary) => {
+    if (isBinary) return
+    const decoded = JSON.parse(data.toString())
+    for (const message of Array.isArray(decoded) ? decoded : [decoded]) {
+      inbox.push(message)
+      for (const waiter of [...waiting]) if (waiter.check(message)) { waiting.splice(waiting.indexOf(waiter), 1); waiter.resolve(message) }
+    }
+  })
+  await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+  const raw = {
+    ws,
+    inbox,
+    send (message) { ws.send(JSON.stringify(message)) },
+    /** The first message (received or to come) for which check(message) is true. */
+    receive (check) {
+      const found = inbox.find(check)
+      if (found) return Promise.resolve(found)
+      return new Promise((resolve) => waiting.push({ check, resolve }))
+    },
+  }
+  raw.send({ op: 'hello', protocol: 1, client: 'wsq-node-test' })
+  await raw.receive((m) => m.op === 'welcome')
+  return raw
+}

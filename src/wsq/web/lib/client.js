@@ -182,8 +182,10 @@ export class Client extends Connection {
       (short === 'failed' && extra[0] === false)
     for (const task of [...tasks]) {
       task._update(json)
-      // Final: the client lets go of the task (its own listeners stay on it).
-      if (final) this._unwatch(task)
+      // Final: the client lets go of the task (its own listeners stay on it), unless a
+      // retry of it is on its way.
+      if (final && task._retrying) task._finalSeen = json.updated * 1000
+      else if (final) this._unwatch(task)
       task.emit(short, task, ...extra)
     }
   }
@@ -193,9 +195,11 @@ export class Client extends Connection {
     if (worker && !worker.stopped) { worker._offer(message.tasks); return }
     // A stopped (or unknown) worker declines: the runs go back to waiting untouched.
     const runs = message.tasks.map((offer) => [offer.task.id, offer.run])
-    this._request({ op: 'release', runs }, { resend: false }).catch((error) => {
-      if (error.code !== 'connection_lost' && error.code !== 'closed') this.emit('error', error)
-    })
+    for (let at = 0; at < runs.length; at += 1000) {
+      this._request({ op: 'release', runs: runs.slice(at, at + 1000) }, { resend: false }).catch((error) => {
+        if (error.code !== 'connection_lost' && error.code !== 'closed') this.emit('error', error)
+      })
+    }
   }
 
   _onAbort (message) {

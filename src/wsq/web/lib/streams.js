@@ -104,7 +104,7 @@ export class Upload {
   }
 
   grant (count) { this.credit += count; this._notify() }
-  fail (error) { this.error = error; this._notify() }
+  fail (error) { this.error = error; this._notify(); if (this._abandon) this._abandon(error) }
   _notify () { if (this._wake) { const wake = this._wake; this._wake = null; wake() } }
 
   async _waitFor (need) {
@@ -115,13 +115,25 @@ export class Upload {
   async send (value, report) {
     const client = this.client
     client._send({ op: 'upload', stream: this.stream })
-    for await (const piece of chunks(value, client.limits.chunk)) {
-      await this._waitFor(piece.byteLength)
-      await client._drained()
-      if (this.error) throw this.error
-      this.credit -= piece.byteLength
-      client._sendChunk(this.stream, piece)
-      if (report) report(piece.byteLength)
+    // A failure (a lost connection) ends the upload at once, even while the source is
+    // silent: the next chunk is raced against it.
+    const abandoned = new Promise((resolve, reject) => { this._abandon = reject })
+    abandoned.catch(() => {})
+    const pieces = chunks(value, client.limits.chunk)
+    try {
+      while (true) {
+        const { done, value: piece } = await Promise.race([pieces.next(), abandoned])
+        if (done) break
+        await this._waitFor(piece.byteLength)
+        await client._drained()
+        if (this.error) throw this.error
+        this.credit -= piece.byteLength
+        client._sendChunk(this.stream, piece)
+        if (report) report(piece.byteLength)
+      }
+    } catch (error) {
+      pieces.return().catch(() => {})
+      throw error
     }
     if (this.error) throw this.error
     client._send({ op: 'upload_end', stream: this.stream })

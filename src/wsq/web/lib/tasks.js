@@ -4,6 +4,7 @@
 import { platform } from './platform.js'
 import { WsqError, checkCallback, settle } from './util.js'
 
+const FINAL = new Set(['completed', 'failed'])
 export const TASK_EVENTS = new Set(['added', 'queued', 'started', 'progress', 'completed', 'failed', 'deleted'])
 
 /** A task, as listed, added, or handed to a worker (then `data` is resolved). */
@@ -18,6 +19,8 @@ export class Task extends platform.EventEmitter {
     this.aborted = false
     this.updated = -Infinity
     Object.defineProperty(this, '_adding', { value: false, writable: true, enumerable: false })
+    Object.defineProperty(this, '_retrying', { value: 0, writable: true, enumerable: false })
+    Object.defineProperty(this, '_finalSeen', { value: null, writable: true, enumerable: false })
     this._update(json)
     this.on('newListener', (name) => { if (TASK_EVENTS.has(name)) client._watch(this) })
     this.on('removeListener', (name) => {
@@ -68,10 +71,24 @@ export class Task extends platform.EventEmitter {
   /** Queue a failed task again. */
   retry (callback) {
     checkCallback('task.retry', callback)
+    // Listeners hear what follows: the watch (and its subscription) goes out first, and
+    // stays while the retry is on its way, even if a final event comes meanwhile.
+    if (this.listensToEvents()) this.client._watch(this)
+    this._retrying += 1
+    let requeued = null // when the retry took effect
     const retried = this.client._retryTask(this.id).then((json) => {
+      requeued = json.updated * 1000
       this._update(json)
-      if (this.listensToEvents()) this.client._watch(this)
     })
+    retried.finally(() => {
+      this._retrying -= 1
+      if (this._retrying) return
+      // Let go if the task is final: the retry failed, or the final event that came while
+      // the retry was on its way is newer than the retry (an answer may report a state
+      // that its events have not told yet: then the watch waits for them).
+      const seenFinal = this._finalSeen != null && (requeued == null || this._finalSeen > requeued)
+      if (requeued == null ? FINAL.has(this.state) : seenFinal) this.client._unwatch(this)
+    }).catch(() => {})
     return settle(retried, callback)
   }
 
