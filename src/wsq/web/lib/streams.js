@@ -190,10 +190,11 @@ export class Download {
  * reconnection. `onError` is set by the platform's stream (platform.js toStream).
  */
 export class StreamSource {
-  constructor (client, taskId, index) {
+  constructor (client, taskId, index, size) {
     this.client = client
     this.taskId = taskId
     this.index = index
+    this.size = size
     this.generation = client._generation
     this.download = null
     this.finished = false
@@ -238,20 +239,21 @@ export class StreamSource {
 
 /** An inline stream: its bytes came with the data. */
 class InlineSource {
-  constructor (bytes) { this.bytes = bytes; this.onError = null }
+  constructor (bytes) { this.bytes = bytes; this.size = bytes.byteLength; this.onError = null }
   async next () { const bytes = this.bytes; this.bytes = null; return bytes && bytes.byteLength ? bytes : null }
   cancel () { this.bytes = null }
   release () {}
 }
 
-/** Data as the server sent it, each stream in its place as the platform's stream.
- *  The sources made are pushed to `sources` (when given). */
+/** Data as the server sent it, each stream in its place as the platform's stream (with
+ *  its `size` in bytes). The sources made are pushed to `sources` (when given). */
 export function resolveStreams (client, taskId, data, streams, sources = []) {
   let root = data
   ;(streams || []).forEach((ref, index) => {
-    const source = ref.inline != null ? new InlineSource(unbase64(ref.inline)) : new StreamSource(client, taskId, index)
+    const source = ref.inline != null ? new InlineSource(unbase64(ref.inline)) : new StreamSource(client, taskId, index, ref.size)
     sources.push(source)
     const stream = platform.toStream(source)
+    stream.size = source.size // bytes, as the server stored them
     if (!ref.path.length) { root = stream; return }
     let parent = root
     for (const key of ref.path.slice(0, -1)) parent = parent[key]
