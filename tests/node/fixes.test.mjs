@@ -200,3 +200,51 @@ test('Worker.stop() declines an offer already in flight: the task stays waiting,
   assert.equal(listed.id, task.id)
   assert.deepEqual([listed.state, listed.retries, listed.error], ['waiting', 0, null])
 })
+
+test('a remove or retry that took effect before a drop does not fail when sent again', async () => {
+  const p = await proxy()
+  const c = client(p.url)
+  c.on('error', () => {})
+  const producer = client()
+  const queue = producer.queue('resent')
+  const gone = await queue.add({ n: 1 })
+  const failing = await queue.add({ n: 2 })
+  const failed = next(failing, 'failed')
+  const worker = producer.queue('resent').process(async () => { throw new Error('no') })
+  await failed
+  await worker.stop()
+  const mine = await c.queue('resent').all()
+  const byId = Object.fromEntries(mine.map((t) => [t.id, t]))
+  for (const [task, call] of [[byId[gone.id], (t) => t.remove()], [byId[failing.id], (t) => t.retry()]]) {
+    p.hold() // the server acts, but its answer is held back ...
+    const answered = call(task)
+    await eventually(async () => {
+      const listed = (await queue.all()).find((t) => t.id === task.id)
+      return !listed || listed.state === 'waiting'
+    })
+    p.cut() // ... and lost with the connection; the request is sent again
+    p.held = null
+    await answered
+  }
+  assert.deepEqual((await queue.all()).map((t) => [t.id, t.state]), [[failing.id, 'waiting']])
+})
+
+test('a worker keys its runs by run: an old run ending does not hide a newer run of the task', async () => {
+  const producer = client()
+  const queue = producer.queue('runs')
+  const aborted = []
+  let finishFirst
+  queue.process(async (task) => {
+    if (task.run === 1) {
+      await new Promise((resolve) => { finishFirst = resolve }) // outlives its timeout
+      return
+    }
+    finishFirst() // run 1 ends while run 2 is running
+    await new Promise((resolve) => task.on('abort', (reason) => { aborted.push([task.run, reason]); resolve() }))
+  }, { concurrency: 2 })
+  const task = await queue.add({ n: 1 }, { timeout: 300, retries: 1 })
+  await next(task, 'failed')
+  await next(task, 'failed')
+  await eventually(() => aborted.length === 1)
+  assert.deepEqual(aborted, [[2, 'Timed out.']])
+})
