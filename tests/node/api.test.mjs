@@ -258,3 +258,24 @@ test('times are milliseconds in the API (seconds on the wire)', async () => {
   const [listed] = await client.queue(task.queue).all()
   assert.equal(listed.options.timeout, 1500)
 })
+
+test('a refused token rejects ready() and calls; no unheard error event', async () => {
+  const { mkdtempSync: mkdtemp, writeFileSync: write } = await import('node:fs')
+  const dir = mkdtemp(join(tmpdir(), 'wsq-auth-'))
+  write(join(dir, 'auth.toml'), '[tokens.me]\ntoken = "node-token-0123456789"\nproduce = ["*"]\n')
+  const guarded = await new ServerProcess({ args: ['--auth-file', join(dir, 'auth.toml')] }).start()
+  try {
+    const bad = new Client(guarded.url, { token: 'wrong-token-0123456789' })
+    await assert.rejects(bad.ready(), (e) => e.code === 'unauthorized')
+    await assert.rejects(bad.queue('q').all(), (e) => e.code === 'unauthorized')
+    await bad.close()
+    const good = new Client(guarded.url, { token: 'node-token-0123456789' })
+    const task = await good.queue('q').add({ n: 1 }) // its quiet subscription is forbidden: no error
+    assert.equal(task.state, 'waiting')
+    await assert.rejects(good.queue('q').all(), (e) => e.code === 'forbidden')
+    await good.close()
+  } finally {
+    await guarded.dispose()
+    rmSync(dir, { recursive: true, force: true })
+  }
+})

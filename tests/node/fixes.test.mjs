@@ -173,12 +173,15 @@ test('a listener on a task nobody keeps fires; the client lets go of final tasks
   const queue = producer.queue('let-go')
   let fired = 0
   for (let i = 0; i < 5; i++) {
-    queue.add({ i }).then((task) => task.on('completed', () => { fired += 1 }))
+    // Each with a stream the handler never reads (more than travels inline).
+    queue.add({ i, unread: new Uint8Array(100_000) }).then((task) => task.on('completed', () => { fired += 1 }))
   }
   workerClient.queue('let-go').process(async () => {})
   await eventually(() => fired === 5)
-  // Final tasks are released: nothing watched, no subscription left.
+  // Final tasks are released: nothing watched, no subscription left; the worker keeps
+  // nothing of the runs it finished (their unread streams included).
   await eventually(() => producer._watched.size === 0 && producer._subscriptions.size === 0)
+  assert.deepEqual([workerClient._sources.size, workerClient._downloads.size, workerClient._requests.size], [0, 0, 0])
 })
 
 test('Worker.stop() declines an offer already in flight: the task stays waiting, retries untouched', async () => {

@@ -122,10 +122,13 @@ export class Connection extends platform.EventEmitter {
       return true
     }
     const error = new WsqError(welcome.message || 'The server refused the hello.', welcome.code)
+    // Callers waiting on the connection learn of a refused token from their rejection;
+    // 'error' listeners always do, and nobody's error is dropped unheard.
+    const told = welcome.code === 'unauthorized' && (this._waiters.length || this._requests.size)
     if (welcome.code === 'unauthorized') this._refused(error)
     this._dropped(ws)
     try { ws.close() } catch {}
-    this.emit('error', error)
+    if (this.listenerCount('error') || !told) this.emit('error', error)
     return false
   }
 

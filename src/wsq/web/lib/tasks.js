@@ -21,6 +21,7 @@ export class Task extends platform.EventEmitter {
     Object.defineProperty(this, '_adding', { value: false, writable: true, enumerable: false })
     Object.defineProperty(this, '_retrying', { value: 0, writable: true, enumerable: false })
     Object.defineProperty(this, '_finalSeen', { value: null, writable: true, enumerable: false })
+    Object.defineProperty(this, '_watchQuiet', { value: false, writable: true, enumerable: false })
     this._update(json)
     this.on('newListener', (name) => { if (TASK_EVENTS.has(name)) client._watch(this) })
     this.on('removeListener', (name) => {
