@@ -174,7 +174,7 @@ test('a listener on a task nobody keeps fires; the client lets go of final tasks
   let fired = 0
   for (let i = 0; i < 5; i++) {
     // Each with a stream the handler never reads (more than travels inline).
-    queue.add({ i, unread: new Uint8Array(100_000) }).then((task) => task.on('completed', () => { fired += 1 }))
+    queue.add({ i, unread: new Uint8Array(100_000) }).on('completed', () => { fired += 1 })
   }
   workerClient.queue('let-go').process(async () => {})
   await eventually(() => fired === 5)
