@@ -48,7 +48,7 @@ def test_add_list_process_and_stats_without_an_event_loop(url: str) -> None:
         task = queue.add({"n": 1}, retries=1)
         assert task.state == "waiting" and task.options["retries"] == 1
         queue.add_many([{"n": 2}, {"n": 3}])
-        assert [t.id for t in queue.waiting()][0] == task.id
+        assert queue.waiting()[0].id == task.id
         assert len(queue.all(limit=2)) == 2
         done = threading.Event()
         seen: list[int] = []

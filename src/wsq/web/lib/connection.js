@@ -60,6 +60,10 @@ export class Connection extends platform.EventEmitter {
   close () {
     this.closed = true
     clearTimeout(this._retryTimer)
+    const error = new WsqError('The client was closed.', 'closed')
+    for (const [id, request] of this._requests) {
+      if (!request.keep) { this._requests.delete(id); request.reject(error) }
+    }
     const ws = this._socket
     if (!ws) return Promise.resolve()
     const closed = new Promise((resolve) => {
@@ -68,10 +72,6 @@ export class Connection extends platform.EventEmitter {
     })
     this._dropped(ws)
     try { ws.close(1000) } catch {}
-    const error = new WsqError('The client was closed.', 'closed')
-    for (const [id, request] of this._requests) {
-      if (!request.keep) { this._requests.delete(id); request.reject(error) }
-    }
     return closed
   }
 
@@ -124,8 +124,9 @@ export class Connection extends platform.EventEmitter {
     const error = new WsqError(welcome.message || 'The server refused the hello.', welcome.code)
     // Callers waiting on the connection learn of a refused token from their rejection;
     // 'error' listeners always do, and nobody's error is dropped unheard.
-    const told = welcome.code === 'unauthorized' && (this._waiters.length || this._requests.size)
-    if (welcome.code === 'unauthorized') this._refused(error)
+    const fatal = welcome.code === 'unauthorized' || welcome.code === 'unsupported_protocol'
+    const told = fatal && (this._waiters.length || this._requests.size)
+    if (fatal) this._refused(error)
     this._dropped(ws)
     try { ws.close() } catch {}
     if (this.listenerCount('error') || !told) this.emit('error', error)
