@@ -242,6 +242,29 @@ async def test_get_data_and_list_queues_from_the_browser(
                    "paged": [1, None]}  # fmt: skip
 
 
+async def test_streams_of_a_lost_connection_fail_at_once_in_the_browser(
+    page: Page, server: wsq.Server, python: wsq.Client
+) -> None:
+    """Issue 9 §1 in the browser: a ReadableStream from getData() whose connection drops
+    errors with 'Lost connection.', whether its read started before the drop or not."""
+    await python.queue("drop").add({"video": os.urandom(20_000_000)})  # > a credit window
+    await setup(page, server)
+    result = await page.evaluate(
+        """async () => {
+          const [task] = await client.queue('drop').all()
+          const started = (await task.getData()).video.getReader()
+          await started.read()
+          const unread = (await task.getData()).video
+          const dropped = new Promise((resolve) => client.once('disconnect', resolve))
+          client._socket.close()  // the connection drops (the client connects again)
+          await dropped
+          const outcome = (p) => p.then(() => 'read on', (e) => e.message)
+          return [await outcome(started.read()), await outcome(unread.getReader().read())]
+        }"""
+    )
+    assert result == ["Lost connection.", "Lost connection."]
+
+
 async def test_a_token_is_sent_in_the_hello(browser: Browser, tmp_path: Path) -> None:
     auth = tmp_path / "auth.toml"
     auth.write_text('[tokens.page]\ntoken = "page-token-0123456789"\nproduce = ["*"]\n')

@@ -119,6 +119,7 @@ describe('callbacks and promises', () => {
 describe('arguments of the wrong kind are TypeErrors', () => {
   const cases = {
     'new Client(5)': () => new Client(5),
+    'new Client("localhost:4242")': () => new Client('localhost:4242'),
     'new Client(url, {backof})': () => new Client('ws://x', { backof: () => 1 }),
     'client.queue(5)': () => client.queue(5),
     'client.listQueues(1)': () => client.listQueues(1),

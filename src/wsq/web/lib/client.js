@@ -18,6 +18,7 @@ const CLIENT_OPTIONS = ['backoff', 'token']
 export class Client extends Connection {
   constructor (address, options = {}) {
     checkType('new Client: the address', address, 'string')
+    if (!/^wss?:\/\/[^/?#\s]+/i.test(address)) throw new TypeError(`new Client: the address must be a ws:// or wss:// URL, not '${address}'.`)
     if (options == null || typeof options !== 'object') throw new TypeError(`new Client: options must be an object, not ${describe(options)}.`)
     for (const key of Object.keys(options)) {
       if (!CLIENT_OPTIONS.includes(key)) throw new TypeError(`new Client: unknown option '${key}' (known: ${CLIENT_OPTIONS.join(', ')}).`)
