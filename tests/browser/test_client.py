@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,29 @@ async def test_get_data_and_list_queues_from_the_browser(
                    "paged": [1, None]}  # fmt: skip
 
 
+async def test_streams_of_a_lost_connection_fail_at_once_in_the_browser(
+    page: Page, server: wsq.Server, python: wsq.Client
+) -> None:
+    """Issue 9 §1 in the browser: a ReadableStream from getData() whose connection drops
+    errors with 'Lost connection.', whether its read started before the drop or not."""
+    await python.queue("drop").add({"video": os.urandom(20_000_000)})  # > a credit window
+    await setup(page, server)
+    result = await page.evaluate(
+        """async () => {
+          const [task] = await client.queue('drop').all()
+          const started = (await task.getData()).video.getReader()
+          await started.read()
+          const unread = (await task.getData()).video
+          const dropped = new Promise((resolve) => client.once('disconnect', resolve))
+          client._socket.close()  // the connection drops (the client connects again)
+          await dropped
+          const outcome = (p) => p.then(() => 'read on', (e) => e.message)
+          return [await outcome(started.read()), await outcome(unread.getReader().read())]
+        }"""
+    )
+    assert result == ["Lost connection.", "Lost connection."]
+
+
 async def test_a_token_is_sent_in_the_hello(browser: Browser, tmp_path: Path) -> None:
     auth = tmp_path / "auth.toml"
     auth.write_text('[tokens.page]\ntoken = "page-token-0123456789"\nproduce = ["*"]\n')
@@ -304,11 +328,23 @@ async def test_the_server_serves_the_client_with_its_types(server: wsq.Server) -
     assert reply.headers["Content-Type"].startswith("text/javascript")
     assert reply.headers["Access-Control-Allow-Origin"] == "*"
     body = reply.read()
-    assert b"export class Client" in body
-    # No dependencies: no import statement (the header comment shows one for pages).
-    assert not [
-        line for line in body.splitlines() if line.startswith((b"import ", b"export * from"))
-    ]
+    assert b"export { Client }" in body
+    # No dependencies and no build: every module it imports, and theirs, is one of its own
+    # files, served beside it (the header comment shows an import for pages).
+    modules = {"/wsq.js": body}
+    pending = ["/wsq.js"]
+    while pending:
+        for name in re.findall(rb"(?:from|import\() *'\./([\w./-]+)'", modules[pending.pop()]):
+            path = "/lib/" + name.decode().removeprefix("lib/")
+            if path not in modules:
+                reply = await asyncio.to_thread(urllib.request.urlopen, base + path)
+                assert reply.headers["Content-Type"].startswith("text/javascript")
+                modules[path] = reply.read()
+                pending.append(path)
+    assert {"/lib/client.js", "/lib/platform.js", "/lib/browser.js"} <= set(modules)
+    # Node's modules are reached at run time (process.getBuiltinModule), never imported.
+    bare = rb"^(?:import|export)\b[^'\n]*from *'(?!\./)"
+    assert not [path for path, text in modules.items() if re.search(bare, text, re.M)]
     types = await asyncio.to_thread(urllib.request.urlopen, base + "/wsq.d.ts")
     assert b"export class Client" in types.read()
 

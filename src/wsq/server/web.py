@@ -1,6 +1,6 @@
 """Static files the server sends for plain HTTP GETs: the dashboard (``/``), the browser
-client (``/wsq.js``) and its type declarations. They ship inside the package
-(``wsq/web``) and are read once."""
+client (``/wsq.js``, its modules ``/lib/*.js``) and its type declarations. They ship
+inside the package (``wsq/web``) and are read once."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ _FILES = {
     "/wsq.js": ("wsq.js", "text/javascript; charset=utf-8"),
     "/wsq.d.ts": ("wsq.d.ts", "text/plain; charset=utf-8"),
 }
+# wsq.js imports its modules from lib/ (no bundler): each is served at /lib/<name>.js.
+_FILES.update(
+    (f"/lib/{entry.name}", (f"lib/{entry.name}", "text/javascript; charset=utf-8"))
+    for entry in resources.files("wsq").joinpath("web", "lib").iterdir()
+    if entry.name.endswith(".js")
+)
 
 
 SECURITY_HEADERS = {
@@ -42,7 +48,7 @@ def asset(path: str) -> Asset | None:
 
 @functools.cache
 def _load(name: str, content_type: str) -> Asset:
-    body = resources.files("wsq").joinpath("web", name).read_bytes()
+    body = resources.files("wsq").joinpath("web", *name.split("/")).read_bytes()
     headers = {
         "Content-Type": content_type,
         "Cache-Control": "no-cache",

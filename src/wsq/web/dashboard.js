@@ -155,7 +155,7 @@ function taskRow (task) {
   const o = task.options
   cell(tr, `timeout ${o.timeout === -1 ? 'none' : o.timeout / 1000 + ' s'}, retries ${o.retries}` +
     (o.autoremove ? ', autoremove' : ''))
-  cell(tr, new Date(task.updated * 1000).toLocaleTimeString())
+  cell(tr, new Date(task.updated).toLocaleTimeString())
   const actions = cell(tr, '')
   actions.className = 'actions'
   actions.append(action('data', () => showData(task)))

@@ -1,24 +1,50 @@
-// Type declarations for wsq.js, the browser client of wsq (docs/protocol.md, version 1).
+// Type declarations for wsq.js, the client of wsq for Node and browsers
+// (docs/protocol.md, version 1). Times are milliseconds.
 
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json }
-/** A value in task data that travels as a stream. */
-export type StreamValue = Blob | File | ReadableStream<Uint8Array> | Uint8Array | ArrayBuffer
+
+/** Node's Readable, as much of it as these declarations need (no @types/node required). */
+export interface NodeReadable {
+  readonly readable: boolean
+  pipe<T> (destination: T, options?: { end?: boolean }): T
+  on (event: string, listener: (...args: any[]) => void): this
+  [Symbol.asyncIterator] (): AsyncIterableIterator<any>
+}
+
+/** A value in task data that travels as a stream: bytes, a Blob or File, a web
+ *  ReadableStream, or (in Node) a Readable such as fs.createReadStream(...). */
+export type StreamValue = Blob | ReadableStream<Uint8Array> | Uint8Array | ArrayBuffer | NodeReadable
+
+/** A stream of a task's data as a handler or getData() gets it: a ReadableStream in
+ *  browsers, a Readable (of Buffers) in Node; `size` is its length in bytes. */
+export type TaskStream = (ReadableStream<Uint8Array> | NodeReadable) & { size: number }
+
+export type Callback<T> = (error: Error | null, result?: T) => void
 export type Listener = (...args: any[]) => void
 
 export function defaultBackoff (tries: number): number
 
 export class WsqError extends Error {
-  /** The wire error code (docs/protocol.md §7), e.g. 'not_found', 'forbidden'. */
+  /** The wire error code (docs/protocol.md §7), e.g. 'not_found', 'forbidden';
+   *  'connection_lost' with the message 'Lost connection.'. */
   code: string
   constructor (message: string, code?: string)
 }
 
-declare class Emitter {
-  on (name: string, fn: Listener): Listener
-  once (name: string, fn: Listener): Listener
-  off (name: string, fn: Listener): void
-  listens (name: string): boolean
-  emit (name: string, ...args: any[]): void
+/** Node's EventEmitter in Node, the same methods and rules in browsers. An 'error'
+ *  event with no listener is thrown. */
+declare class EventEmitter {
+  on (name: string | symbol, listener: Listener): this
+  addListener (name: string | symbol, listener: Listener): this
+  prependListener (name: string | symbol, listener: Listener): this
+  once (name: string | symbol, listener: Listener): this
+  off (name: string | symbol, listener: Listener): this
+  removeListener (name: string | symbol, listener: Listener): this
+  removeAllListeners (name?: string | symbol): this
+  emit (name: string | symbol, ...args: any[]): boolean
+  listenerCount (name: string | symbol): number
+  listeners (name: string | symbol): Function[]
+  eventNames (): (string | symbol)[]
 }
 
 export interface ClientOptions {
@@ -53,45 +79,77 @@ export interface QueueStats {
 export interface Page { limit?: number; cursor?: string | null }
 export type TaskList = Task[] & { cursor: string | null }
 
-export class Client extends Emitter {
+/**
+ * A connection to a wsq server; it connects at once and reconnects with backoff.
+ * Events: 'connect', 'disconnect', 'error', and the server events ('task added', ...).
+ */
+export class Client extends EventEmitter {
   constructor (address: string, options?: ClientOptions)
   readonly address: string
   readonly connected: boolean
   readonly closed: boolean
   queue (name: string): Queue
   listQueues (): Promise<Queue[]>
+  listQueues (callback: Callback<Queue[]>): void
   stats (): Promise<{ queues: QueueStats[] }>
-  getEventStream (): ReadableStream<{ event: string, args: Json[] }>
+  stats (callback: Callback<{ queues: QueueStats[] }>): void
+  /** Every server event as {event, args}: a ReadableStream in browsers, an object-mode
+   *  Readable in Node. */
+  getEventStream (): ReadableStream<{ event: string, args: Json[] }> | NodeReadable
   /** Resolves once connected. */
   ready (): Promise<void>
-  close (): void
+  /** Connect again after close(); resolves once connected. */
+  connect (): Promise<void>
+  /** Disconnect and stop reconnecting; resolves once the socket is closed. */
+  close (): Promise<void>
   newTaskId (): string
 }
 
-export class Queue extends Emitter {
+export class Queue extends EventEmitter {
   readonly client: Client
   readonly name: string
-  add (data: any, options?: AddOptions): Promise<Task>
-  process (handler: (task: Task) => unknown | Promise<unknown>, options?: { concurrency?: number }): Worker
+  /** The Task at once (thenable: it resolves with itself once stored durably). */
+  add (data: any, options?: AddOptions, callback?: Callback<Task>): PendingTask
+  add (data: any, callback: Callback<Task>): PendingTask
+  /** The handler returns a promise, or (the seed's form, when it takes two parameters)
+   *  calls `callback(error?)`. */
+  process (handler: (task: Task, callback: (error?: unknown) => void) => unknown,
+    options?: { concurrency?: number }): Worker
   all (page?: Page): Promise<TaskList>
+  all (callback: Callback<TaskList>): void
+  all (page: Page, callback: Callback<TaskList>): void
   waiting (page?: Page): Promise<TaskList>
+  waiting (callback: Callback<TaskList>): void
+  waiting (page: Page, callback: Callback<TaskList>): void
   active (page?: Page): Promise<TaskList>
+  active (callback: Callback<TaskList>): void
+  active (page: Page, callback: Callback<TaskList>): void
   completed (page?: Page): Promise<TaskList>
+  completed (callback: Callback<TaskList>): void
+  completed (page: Page, callback: Callback<TaskList>): void
   failed (page?: Page): Promise<TaskList>
+  failed (callback: Callback<TaskList>): void
+  failed (page: Page, callback: Callback<TaskList>): void
 }
 
-export class Task extends Emitter {
+/**
+ * A task. Events: 'added', 'queued', 'started', 'progress' (task, fraction),
+ * 'completed', 'failed' (task, willRetry), 'deleted'; in a handler also 'abort' (reason).
+ */
+export class Task extends EventEmitter {
   readonly id: string
   readonly queue: string
-  state: 'waiting' | 'active' | 'completed' | 'failed'
+  /** 'unknown' until the server answered an add. */
+  state: 'unknown' | 'waiting' | 'active' | 'completed' | 'failed'
   progress: number
   retries: number
   error: string | null
   worker: string | null
-  created: number
+  /** Milliseconds since the epoch. */
+  created: number | null
   updated: number
   options: { timeout: number, retries: number, autoremove: boolean }
-  /** In a handler: the data, each stream a ReadableStream<Uint8Array>. */
+  /** In a handler: the data, each stream a TaskStream. */
   data: any
   /** In a handler: the run number of this attempt. */
   run: number | null
@@ -100,14 +158,28 @@ export class Task extends Emitter {
   updateProgress (fraction: number): Promise<void>
   touch (): Promise<void>
   remove (): Promise<void>
+  remove (callback: Callback<void>): void
   retry (): Promise<void>
+  retry (callback: Callback<void>): void
   getData (): Promise<any>
+  getData (callback: Callback<any>): void
+}
+
+/** What add() returns: the Task, thenable until the server has it. */
+export type PendingTask = Task & PromiseLike<Task> & {
+  catch<T = never> (onRejected: (error: any) => T | PromiseLike<T>): Promise<Task | T>
+  finally (onFinally: () => void): Promise<Task>
 }
 
 export class Worker {
   readonly id: string
   readonly queue: string
   readonly concurrency: number
+  /** Runs being handled, by "<task id> <run>". */
   readonly running: Map<string, Task>
+  readonly stopped: boolean
+  /** No new tasks (offers already on their way are released); resolves when the running
+   *  ones are done. */
   stop (): Promise<void>
+  stop (callback: Callback<void>): void
 }

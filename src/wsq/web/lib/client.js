@@ -1,0 +1,337 @@
+// The Client: the API on top of the connection, and what the server sends it
+// (results, events, offers, aborts, stream data).
+
+import { Connection } from './connection.js'
+import { platform } from './platform.js'
+import { Queue, SERVER_EVENTS } from './queue.js'
+import { Download, StreamSource, Upload, extract, inlineOf, byteSize, resolveStreams } from './streams.js'
+import { Task, wireOptions } from './tasks.js'
+import { WsqError, checkCallback, checkType, describe, randomHex, settle } from './util.js'
+
+const CLIENT_OPTIONS = ['backoff', 'token']
+
+/**
+ * A connection to a wsq server. It connects at once and reconnects with `backoff` after
+ * a loss; requests made meanwhile wait, and requests in flight are sent again.
+ * Events: 'connect', 'disconnect', 'error', and the server events (task added, ...).
+ */
+export class Client extends Connection {
+  constructor (address, options = {}) {
+    checkType('new Client: the address', address, 'string')
+    if (!/^wss?:\/\/[^/?#\s]+/i.test(address)) throw new TypeError(`new Client: the address must be a ws:// or wss:// URL, not '${address}'.`)
+    if (options == null || typeof options !== 'object') throw new TypeError(`new Client: options must be an object, not ${describe(options)}.`)
+    for (const key of Object.keys(options)) {
+      if (!CLIENT_OPTIONS.includes(key)) throw new TypeError(`new Client: unknown option '${key}' (known: ${CLIENT_OPTIONS.join(', ')}).`)
+    }
+    if (options.backoff != null) checkType('new Client: backoff', options.backoff, 'function')
+    if (options.token != null) checkType('new Client: token', options.token, 'string')
+    super(address, { backoff: options.backoff ?? undefined, token: options.token ?? null })
+    this._idPrefix = randomHex(8)
+    this._taskCounter = 0
+    this._streamIds = 0
+    this._queues = new Map()
+    this._workers = new Map()
+    this._subscriptions = new Map() // queue name or '' (all) -> {count, loud, error}
+    this._watched = new Map() // task id -> Set<Task>
+    this._uploads = new Map()
+    this._downloads = new Map()
+    this._sources = new Set() // task streams of this connection not yet finished
+    this._eventStreams = new Set()
+    this._completing = []
+    this.on('newListener', (name) => { if (SERVER_EVENTS.has(name)) this._subscribe('') })
+    this.on('removeListener', (name) => { if (SERVER_EVENTS.has(name)) this._unsubscribe('') })
+    this._open()
+  }
+
+  /** The queue `name` (the same object each time). */
+  queue (name) {
+    checkType('client.queue: the name', name, 'string')
+    let queue = this._queues.get(name)
+    if (!queue) {
+      queue = new Queue(this, name)
+      this._queues.set(name, queue)
+    }
+    return queue
+  }
+
+  /** Queues that hold tasks or workers on the server. */
+  listQueues (callback) {
+    checkCallback('client.listQueues', callback)
+    const listed = this._request({ op: 'queues' }).then((result) => result.queues.map((name) => this.queue(name)))
+    return settle(listed, callback)
+  }
+
+  /** Every queue's task counts by state and its workers (the server keeps the counts). */
+  stats (callback) {
+    checkCallback('client.stats', callback)
+    return settle(this._request({ op: 'stats' }), callback)
+  }
+
+  /** Every server event as `{event, args}`: a ReadableStream (browsers) or an object-mode
+   *  Readable (Node). */
+  getEventStream () {
+    const events = platform.eventStream(() => {
+      if (this._eventStreams.delete(events)) this._unsubscribe('')
+    })
+    this._eventStreams.add(events)
+    this._subscribe('')
+    return events.stream
+  }
+
+  close () {
+    for (const events of this._eventStreams) events.close()
+    return super.close()
+  }
+
+  newTaskId () {
+    this._taskCounter += 1
+    return this._idPrefix + this._taskCounter.toString(16)
+  }
+
+  // -- after (re)connecting, after a loss --------------------------------------------------
+
+  /** Restore what the server forgot: subscriptions and workers (requests follow). */
+  _restore () {
+    for (const queue of this._subscriptions.keys()) this._sendSubscribe('subscribe', queue)
+    for (const worker of this._workers.values()) if (!worker.stopped) worker._register()
+  }
+
+  _lost (lost) {
+    for (const upload of this._uploads.values()) upload.fail(lost)
+    this._uploads.clear()
+    for (const download of this._downloads.values()) download.fail(lost)
+    this._downloads.clear()
+    for (const source of [...this._sources]) source.lost(lost)
+    this._sources.clear()
+  }
+
+  // -- subscriptions and watched tasks -----------------------------------------------------
+
+  /** One more reason to receive `queue`'s events ('' = all queues). A `quiet` one (a task
+   *  being added) does not report a refused subscription: only listeners need it. */
+  _subscribe (queue, { quiet = false } = {}) {
+    let entry = this._subscriptions.get(queue)
+    if (!entry) {
+      entry = { count: 0, loud: 0, error: null }
+      this._subscriptions.set(queue, entry)
+      this._sendSubscribe('subscribe', queue)
+    }
+    entry.count += 1
+    if (!quiet) {
+      entry.loud += 1
+      if (entry.error) { const error = entry.error; entry.error = null; queueMicrotask(() => this.emit('error', error)) }
+    }
+  }
+
+  _unsubscribe (queue, { quiet = false } = {}) {
+    const entry = this._subscriptions.get(queue)
+    if (!entry) return
+    entry.count -= 1
+    if (!quiet) entry.loud -= 1
+    if (entry.count > 0) return
+    this._subscriptions.delete(queue)
+    this._sendSubscribe('unsubscribe', queue)
+  }
+
+  _sendSubscribe (op, queue) {
+    if (!this.connected) return
+    this._request({ op, queue: queue === '' ? null : queue }, { resend: false }).catch((error) => {
+      const entry = this._subscriptions.get(queue)
+      if (op !== 'subscribe' || !entry || error.code === 'connection_lost' || error.code === 'closed') return
+      if (entry.loud) this.emit('error', error)
+      else entry.error = error
+    })
+  }
+
+  /** Deliver `task`'s events to it until it is final (or unwatched). */
+  _watch (task, { quiet = false } = {}) {
+    let tasks = this._watched.get(task.id)
+    if (!tasks) { tasks = new Set(); this._watched.set(task.id, tasks) }
+    if (tasks.has(task)) return
+    tasks.add(task)
+    task._watchQuiet = quiet
+    this._subscribe(task.queue, { quiet })
+  }
+
+  _unwatch (task) {
+    const tasks = this._watched.get(task.id)
+    if (!tasks || !tasks.delete(task)) return
+    if (!tasks.size) this._watched.delete(task.id)
+    this._unsubscribe(task.queue, { quiet: task._watchQuiet })
+  }
+
+  // -- what the server sends ---------------------------------------------------------------
+
+  _onEvent ({ event: name, args }) {
+    const isTask = name.startsWith('task ')
+    const first = args[0] || {}
+    const queue = this._queues.get(first.queue)
+    const wanted = this.listenerCount(name) || (queue && queue.listenerCount(name))
+    if (wanted) {
+      const values = isTask ? [new Task(this, first), ...args.slice(1)] : [first, ...args.slice(1).map((a) => taskOrValue(this, a))]
+      this.emit(name, ...values)
+      if (queue) queue.emit(name, ...values)
+    }
+    if (isTask) this._toWatchers(name.slice(5), first, args.slice(1))
+    for (const events of this._eventStreams) events.push({ event: name, args })
+  }
+
+  _toWatchers (short, json, extra) {
+    const tasks = this._watched.get(json.id)
+    if (!tasks) return
+    const final = short === 'deleted' || (short === 'completed' && !(json.options && json.options.autoremove)) ||
+      (short === 'failed' && extra[0] === false)
+    for (const task of [...tasks]) {
+      task._update(json)
+      // Final: the client lets go of the task (its own listeners stay on it), unless a
+      // retry of it is on its way.
+      if (final && task._retrying) task._finalSeen = json.updated * 1000
+      else if (final) this._unwatch(task)
+      task.emit(short, task, ...extra)
+    }
+  }
+
+  _onOffer (message) {
+    const worker = this._workers.get(message.worker)
+    if (worker && !worker.stopped) { worker._offer(message.tasks); return }
+    // A stopped (or unknown) worker declines: the runs go back to waiting untouched.
+    const runs = message.tasks.map((offer) => [offer.task.id, offer.run])
+    for (let at = 0; at < runs.length; at += 1000) {
+      this._request({ op: 'release', runs: runs.slice(at, at + 1000) }, { resend: false }).catch((error) => {
+        if (error.code !== 'connection_lost' && error.code !== 'closed') this.emit('error', error)
+      })
+    }
+  }
+
+  _onAbort (message) {
+    const worker = this._workers.get(message.worker)
+    if (worker) worker._abort(message.task, message.run, message.reason)
+  }
+
+  _onCredit (message) {
+    const upload = this._uploads.get(message.stream)
+    if (upload) upload.grant(message.bytes)
+  }
+
+  _onEnd (message) {
+    const download = this._downloads.get(message.stream)
+    if (download) { this._downloads.delete(message.stream); download.end() }
+  }
+
+  _onStreamError (message) {
+    const error = new WsqError(message.message, message.code)
+    const download = this._downloads.get(message.stream)
+    if (download) { this._downloads.delete(message.stream); download.fail(error) }
+    const upload = this._uploads.get(message.stream)
+    if (upload) upload.fail(error)
+  }
+
+  // -- worker reports: kept while disconnected, sent once connected again -----------------
+
+  _report (message) {
+    return this._request(message, { resend: true, keep: true }).then(() => undefined, (error) => {
+      if (error.code !== 'stale_run') this.emit('error', error)
+    })
+  }
+
+  _reportFail (task, text) {
+    this._report({ op: 'fail', task: task.id, run: task.run, error: text })
+  }
+
+  /** Runs that finish in one turn are reported in one complete_many (§4.5). */
+  _reportComplete (task) {
+    this._completing.push([task.id, task.run])
+    if (this._completing.length > 1) return
+    queueMicrotask(() => {
+      const runs = this._completing.splice(0)
+      this._report({ op: 'complete_many', runs })
+    })
+  }
+
+  // -- tasks and streams -------------------------------------------------------------------
+
+  _removeTask (taskId) {
+    // Sent again after a reconnect, not_found means the first one took effect.
+    return this._request({ op: 'remove', task: taskId }).then(() => undefined, (error) => {
+      if (error.resent && error.code === 'not_found') return undefined
+      throw error
+    })
+  }
+
+  _retryTask (taskId) {
+    return this._request({ op: 'retry', task: taskId }).catch(async (error) => {
+      if (!(error.resent && error.code === 'invalid_state')) throw error
+      // Sent again after a reconnect: the first one may have taken effect.
+      const { task } = await this._request({ op: 'get', task: taskId })
+      if (task.state === 'failed') throw error
+      return task
+    })
+  }
+
+  async _add (queue, data, options, taskId) {
+    const { plain, found } = extract(data)
+    const message = { op: 'add', queue, data: plain, options: wireOptions(options), task: taskId }
+    if (!found.length) return this._request(message)
+    await this.ready()
+    const { streams, uploads, total } = await this._prepareStreams(found)
+    const progress = options.onUploadProgress
+    let sent = 0
+    const report = progress ? (n) => { sent += n; progress(sent, total) } : null
+    const results = await Promise.allSettled(uploads.map(({ upload, value }) => upload.send(value, report)))
+    for (const { upload } of uploads) this._uploads.delete(upload.stream)
+    const failed = results.find((r) => r.status === 'rejected')
+    if (failed) {
+      for (const { upload } of uploads) upload.abort(failed.reason)
+      throw failed.reason
+    }
+    message.streams = streams
+    // An add naming uploads cannot be sent again: the uploads died with the connection.
+    return this._request(message, { resend: !uploads.length })
+  }
+
+  async _prepareStreams (found) {
+    const streams = []
+    const uploads = []
+    let total = 0
+    for (const { path, value } of found) {
+      const size = byteSize(value)
+      total = size == null || total == null ? null : total + size
+      const inline = await inlineOf(value, this.limits.inline)
+      if (inline != null) { streams.push({ path, inline }); continue }
+      this._streamIds += 1
+      const upload = new Upload(this, this._streamIds)
+      this._uploads.set(upload.stream, upload)
+      uploads.push({ upload, value })
+      streams.push({ path, upload: upload.stream })
+    }
+    return { streams, uploads, total }
+  }
+
+  _download (taskId, index) {
+    this._streamIds += 1
+    const download = new Download(this, this._streamIds)
+    this._downloads.set(download.stream, download)
+    this._send({ op: 'download', stream: download.stream, task: taskId, index })
+    return download
+  }
+
+  async _getData (taskId) {
+    const result = await this._request({ op: 'get', task: taskId })
+    return resolveStreams(this, taskId, result.data, result.streams)
+  }
+}
+
+Client.prototype._receivers = {
+  event: Client.prototype._onEvent,
+  offer: Client.prototype._onOffer,
+  abort: Client.prototype._onAbort,
+  credit: Client.prototype._onCredit,
+  end: Client.prototype._onEnd,
+  stream_error: Client.prototype._onStreamError,
+}
+
+function taskOrValue (client, value) {
+  return value && typeof value === 'object' && 'state' in value && 'queue' in value ? new Task(client, value) : value
+}
+
+export { StreamSource }
