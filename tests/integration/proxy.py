@@ -30,6 +30,12 @@ class Proxy:
     def restore(self) -> None:
         self._open.set()
 
+    def drop(self) -> None:
+        """Cut every connection open now (an RST both ways); new ones are still accepted."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
     async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -71,6 +71,8 @@ class Task(Emitter):
     async def retry(self) -> None:
         """Move a failed task back to waiting with its failure count reset."""
         self.update(await self._client._request({"op": "retry", "task": self.id}))
+        if any(self.listens(event) for event in TASK_EVENTS):
+            self._client._watch_task(self)  # its listeners hear the new attempt too
 
     async def get_data(self) -> Any:
         """The task's data with each stream as a :class:`wsq.Stream`."""

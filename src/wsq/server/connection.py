@@ -550,6 +550,7 @@ class Connection:
     async def _list(self, message: p.ListTasks) -> Any:
         after = int(message.cursor) if message.cursor is not None else None
         state = State(message.state) if message.state else None
+        await self._durable()  # listings show every transition anyone was told of
         # One more than asked for tells whether another page follows.
         tasks = await self.server.store.list(
             queue=message.queue, state=state, limit=message.limit + 1, after=after
@@ -568,6 +569,7 @@ class Connection:
         self._spawn(message.id, self._queues())
 
     async def _queues(self) -> Any:
+        await self._durable()
         names = set(await self.server.store.queues())
         names.update(self.server.core.queue_names())
         if self._checked and not self.principal.may("observe", None):
@@ -575,10 +577,17 @@ class Connection:
         return {"queues": sorted(names)}
 
     async def _find(self, task_id: str) -> Task:
-        task = self.server.core.lookup(task_id) or await self.server.store.get(task_id)
+        task = self.server.core.lookup(task_id) or await self._stored(task_id)
         if task is None:
             raise TaskNotFound(f"No task with id {task_id}.")
         return task
+
+    async def _stored(self, task_id: str) -> Task | None:
+        """The store's copy, once every write submitted before this read is durable (the
+        store's reads see only committed writes, and the core decides ahead of them)."""
+        await self._durable()
+        held = self.server.core.lookup(task_id)  # it may have been taken up meanwhile
+        return held or await self.server.store.get(task_id)
 
     def _on_get(self, message: p.Get) -> None:
         self._spawn(message.id, self._get(message.task))
@@ -597,7 +606,9 @@ class Connection:
 
     async def _remove(self, task_id: str) -> Any:
         held = self.server.core.lookup(task_id)
-        stored = None if held else await self.server.store.get(task_id)
+        stored = None if held else await self._stored(task_id)
+        held = self.server.core.lookup(task_id)  # the core may have taken it meanwhile
+        stored = None if held else stored
         if held is None and stored is None:
             raise TaskNotFound(f"No task with id {task_id}.")
         self._require("admin", (held or stored).queue)  # type: ignore[union-attr]
@@ -808,7 +819,8 @@ class Connection:
         stats = self.server.core.stats()
         if self._checked:
             stats = [queue for queue in stats if self.principal.may("observe", queue["name"])]
-        self.answer_now(message.id, {"queues": stats})
+        # The counts as of now, sent once the writes they count are durable.
+        self.answer(message.id, {"queues": stats})
 
     def _on_ping(self, message: p.Ping) -> None:
         self.answer_now(message.id)
