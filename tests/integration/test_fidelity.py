@@ -13,6 +13,7 @@ import pytest
 import wsq
 from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.proxy import proxy_to
+from tests.integration.rawclient import RawClient
 
 
 def fast(url: str) -> wsq.Client:
@@ -272,3 +273,103 @@ async def test_an_event_listener_sees_the_transition_in_listings(
         await queue.add(n)
     await eventually(lambda: len(checks) == 20)
     assert all(checks)
+
+
+# -- requests re-sent after a reconnect are idempotent -------------------------------------
+
+SESSION = "replay-session-0123456789"
+
+
+async def resend_after_drop(
+    server: wsq.Server, message: dict[str, Any], acted: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Send ``message`` through a proxy that delivers it but drops the answer; once the
+    server ``acted()``, cut the connection, then send the same request (same session, same
+    id) on a new connection. Returns (the answer to it, the answer a third copy gets)."""
+    async with proxy_to(server.url) as proxy:
+        first = RawClient(proxy.url, session=SESSION)
+        async with first:
+            proxy.hold_answers()
+            await first.send({**message, "id": 777_000 + len(message)})
+            await eventually(acted)
+            proxy.drop()
+        async with RawClient(server.url, session=SESSION) as again:
+            await again.send({**message, "id": 777_000 + len(message)})
+            answer = await again.expect_answer(777_000 + len(message))
+            await again.send({**message, "id": 777_000 + len(message)})
+            third = await again.expect_answer(777_000 + len(message))
+    return answer, third
+
+
+async def test_a_remove_sent_again_after_the_drop_is_answered_as_the_first(
+    server: wsq.Server, client: wsq.Client
+) -> None:
+    task = await client.queue("resend").add(1)
+    message = {"op": "remove", "task": task.id}
+    answer, third = await resend_after_drop(
+        server, message, lambda: server.core.lookup(task.id) is None
+    )
+    assert answer["op"] == "result" and answer["result"] is None, answer
+    assert third == answer
+    assert await client.queue("resend").all() == []
+
+
+async def test_a_retry_sent_again_after_the_drop_is_answered_as_the_first(
+    server: wsq.Server, client: wsq.Client
+) -> None:
+    queue = client.queue("resend-retry")
+    task = await queue.add(1)
+    worker = queue.process(lambda t: (_ for _ in ()).throw(RuntimeError("no")))
+    await eventually(lambda: queue.failed())
+    await worker.stop()
+    message = {"op": "retry", "task": task.id}
+    answer, _ = await resend_after_drop(server, message, lambda: server.core.lookup(task.id))
+    assert answer["op"] == "result" and answer["result"]["state"] == "waiting", answer
+    [waiting] = await queue.waiting()
+    assert waiting.id == task.id
+
+
+async def test_a_report_sent_again_after_the_drop_is_not_stale(
+    server: wsq.Server, client: wsq.Client
+) -> None:
+    queue = client.queue("resend-report")
+    task = await queue.add(1)
+    async with RawClient(server.url) as worker:
+        await worker.request({"op": "work", "queue": "resend-report", "worker": "rw"})
+        offer = await worker.expect("offer")
+        run = offer["tasks"][0]["run"]
+        await worker.send({"op": "ack", "runs": [[task.id, run]]})
+        message = {"op": "complete", "task": task.id, "run": run}
+        answer, _ = await resend_after_drop(
+            server, message, lambda: server.core.lookup(task.id) is None
+        )
+    assert answer["op"] == "result", answer
+    assert [t.id for t in await queue.completed()] == [task.id]
+
+
+async def test_the_python_client_re_sends_a_remove_without_an_error(server: wsq.Server) -> None:
+    async with proxy_to(server.url) as proxy, fast(proxy.url) as client:
+        task = await client.queue("resend-py").add(1)
+        proxy.hold_answers()
+        removing = asyncio.ensure_future(task.remove())
+
+        async def deleted() -> bool:
+            return await server.store.get(task.id) is None
+
+        await eventually(deleted)  # on disk: the answer is on its way, and dropped
+        proxy.drop()
+        proxy.restore()
+        await asyncio.wait_for(removing, budget(10))  # no TaskNotFound
+        assert await client.queue("resend-py").all() == []
+
+
+async def test_without_a_session_a_request_is_done_again(server: wsq.Server) -> None:
+    """Remembering answers needs the hello's session; a client without one gets what it
+    always got (here: the second remove finds no task)."""
+    async with fast(server.url) as client, RawClient(server.url) as raw:
+        task = await client.queue("nosession").add(1)
+        message = {"op": "remove", "task": task.id, "id": 5}
+        await raw.send(message)
+        assert (await raw.expect_answer(5))["op"] == "result"
+        await raw.send(message)
+        assert (await raw.expect_answer(5))["code"] == "not_found"
