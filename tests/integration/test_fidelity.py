@@ -373,3 +373,37 @@ async def test_without_a_session_a_request_is_done_again(server: wsq.Server) -> 
         assert (await raw.expect_answer(5))["op"] == "result"
         await raw.send(message)
         assert (await raw.expect_answer(5))["code"] == "not_found"
+
+
+async def test_a_refused_retry_leaves_no_listener_behind(client: wsq.Client) -> None:
+    queue = client.queue("refused-retry")
+    task = await queue.add(1)
+    done = asyncio.Event()
+    task.on("completed", lambda t: done.set())
+    queue.process(lambda t: None)
+    await asyncio.wait_for(done.wait(), budget(10))
+    with pytest.raises(wsq.InvalidState):
+        await task.retry()
+    assert task.id not in client._watched
+
+
+async def test_a_task_listener_gets_the_task_as_its_event_told_it(client: wsq.Client) -> None:
+    """An async listener that runs after a newer event arrived still sees its own event's
+    fields (the original hands listeners the event's task)."""
+    queue = client.queue("snapshots")
+    task = await queue.add(None, retries=2)
+    seen: list[int] = []
+
+    async def on_failed(failed: wsq.Task, will_retry: bool) -> None:
+        await asyncio.sleep(0.2)
+        seen.append(failed.retries)
+
+    task.on("failed", on_failed)
+    queue.process(fail_always)
+    await eventually(lambda: len(seen) == 3)
+    assert seen == [1, 2, 3]
+    assert task.retries == 3 and task.state == "failed"
+
+
+def fail_always(task: wsq.Task) -> None:
+    raise RuntimeError("no")

@@ -508,11 +508,22 @@ class Client(Emitter):
         self._subscriptions[queue] = 1
         self._send({"op": "subscribe", "id": next(self._ids), "queue": queue})
 
-    def _watch_task(self, task: Task) -> None:
+    def _watch_task(self, task: Task) -> bool:
         """Deliver the task's events to it until it is final (held strongly: a listener
-        fires even if the caller dropped the task; released when it is final)."""
+        fires even if the caller dropped the task; released when it is final). Returns
+        whether it was not watched before."""
         self._subscribe(task.queue)
-        self._watched.setdefault(task.id, set()).add(task)
+        watchers = self._watched.setdefault(task.id, set())
+        fresh = task not in watchers
+        watchers.add(task)
+        return fresh
+
+    def _unwatch_task(self, task: Task) -> None:
+        watchers = self._watched.get(task.id)
+        if watchers is not None:
+            watchers.discard(task)
+            if not watchers:
+                del self._watched[task.id]
 
     def _dispatch_event(self, name: str, args: list[Any]) -> None:
         first = args[0] if args else {}
@@ -541,7 +552,11 @@ class Client(Emitter):
             del self._watched[info["id"]]
         for watched in list(watchers):
             watched.update(info)
-            watched.emit(name[5:], watched, *extra)
+            # Listeners get the task as this event tells it (as the original does): an
+            # async listener that runs later must not see a newer event's fields.
+            snapshot = Task(self, info)
+            snapshot.listened = watched  # its retry() takes watched's listeners up again
+            watched.emit(name[5:], snapshot, *extra)
 
     # -- queues, workers, adds, downloads --------------------------------------------------
 
