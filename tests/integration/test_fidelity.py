@@ -407,3 +407,15 @@ async def test_a_task_listener_gets_the_task_as_its_event_told_it(client: wsq.Cl
 
 def fail_always(task: wsq.Task) -> None:
     raise RuntimeError("no")
+
+
+async def test_stopping_a_worker_of_a_closed_client_returns(server: wsq.Server) -> None:
+    client = fast(server.url)
+    await client.connect()
+    worker = client.queue("closed-stop").process(lambda t: None)
+    await client.close()
+    await asyncio.wait_for(worker.stop(), budget(5))
+    await client.connect()  # the stopped worker does not come back
+    await eventually(lambda: client.connected)
+    assert server.core.workers_of(next(iter(server.connections))) == []
+    await client.close()

@@ -593,7 +593,8 @@ class Client(Emitter):
 
     async def _stop_worker(self, worker: Worker) -> None:
         try:
-            await self._request({"op": "stop", "worker": worker.id})
+            if not self._closed:  # a closed client's workers are registered nowhere
+                await self._request({"op": "stop", "worker": worker.id})
         finally:
             self._workers.pop(worker.id, None)
 

@@ -586,7 +586,7 @@ class Connection:
 
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
-        stored = self.server.core.lookup(task.id) or await self.server.store.get(task.id)
+        stored = self.server.core.lookup(task.id) or await self._stored(task.id)
         if stored is None or stored.queue != task.queue or stored.owner != task.owner:
             raise InvalidArgument(f"Task id {task.id} is already in use.")
         return stored.to_json()
