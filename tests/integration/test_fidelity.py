@@ -419,3 +419,11 @@ async def test_stopping_a_worker_of_a_closed_client_returns(server: wsq.Server) 
     await eventually(lambda: client.connected)
     assert server.core.workers_of(next(iter(server.connections))) == []
     await client.close()
+
+
+async def test_more_requests_in_one_turn_than_a_batch_holds(client: wsq.Client) -> None:
+    """Frames hold at most `batch` messages (§2): 2,500 adds issued at once all land."""
+    queue = client.queue("many-at-once")
+    tasks = await asyncio.wait_for(asyncio.gather(*(queue.add(n) for n in range(2500))), budget(60))
+    assert len(tasks) == 2500
+    assert len(await queue.waiting()) == 2500

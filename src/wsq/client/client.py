@@ -73,6 +73,7 @@ class _Limits:
     chunk: int = protocol.CHUNK
     inline: int = protocol.INLINE_MAX
     max_message: int = protocol.MAX_MESSAGE
+    batch: int = protocol.MAX_BATCH
     heartbeat: float = 5.0
 
 
@@ -254,6 +255,7 @@ class Client(Emitter):
             chunk=limits.get("chunk", protocol.CHUNK),
             inline=limits.get("inline", protocol.INLINE_MAX),
             max_message=limits.get("max_message", protocol.MAX_MESSAGE),
+            batch=limits.get("batch", protocol.MAX_BATCH),
             heartbeat=welcome.get("heartbeat", 5.0),
         )
         self._ws = ws
@@ -354,12 +356,18 @@ class Client(Emitter):
                     await ws.send(self._out.popleft()[1], text=False)
 
     def _take_text(self) -> bytes:
-        """Queued text messages for one frame, within the server's message limit (a
-        single larger message goes alone, and gets its own too_large answer)."""
+        """Queued text messages for one frame, within the server's message limit and
+        batch size (a single larger message goes alone, and gets its own too_large
+        answer)."""
         parts = [self._out.popleft()[1]]
         size = len(parts[0])
         limit = self._limits.max_message - 2
-        while self._out and self._out[0][0] and size + len(self._out[0][1]) + 1 <= limit:
+        while (
+            self._out
+            and self._out[0][0]
+            and size + len(self._out[0][1]) + 1 <= limit
+            and len(parts) < self._limits.batch
+        ):
             data = self._out.popleft()[1]
             parts.append(data)
             size += len(data) + 1
