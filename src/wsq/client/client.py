@@ -629,8 +629,9 @@ class Client(Emitter):
     ) -> list[dict[str, Any]]:
         """Send the tasks in messages of at most ``batch`` tasks and half the message
         limit each, all in flight at once; answers come back in order."""
+        # Unlike add(), no subscription first: the bulk path would get two events back per
+        # task (docs/decisions.md, "Producers listen to the queues they add to").
         await self._wait_connected()
-        self._subscribe(queue)  # as in _add: listeners on the new tasks miss nothing
         limit = protocol.MAX_BATCH
         budget = self._limits.max_message // 2
         batches: list[list[dict[str, Any]]] = [[]]
