@@ -427,3 +427,26 @@ async def test_more_requests_in_one_turn_than_a_batch_holds(client: wsq.Client) 
     tasks = await asyncio.wait_for(asyncio.gather(*(queue.add(n) for n in range(2500))), budget(60))
     assert len(tasks) == 2500
     assert len(await queue.waiting()) == 2500
+
+
+async def test_a_handler_s_stream_read_after_the_drop_fails(server: wsq.Server) -> None:
+    async with fast(server.url) as producer:
+        await producer.queue("s-after").add({"blob": b"z" * 200_000})
+    outcome: list[str] = []
+    async with proxy_to(server.url) as proxy, fast(proxy.url) as worker_client:
+        dropped = asyncio.Event()
+        worker_client.on("disconnect", lambda: dropped.set())
+
+        async def handler(task: wsq.Task) -> None:
+            proxy.drop()
+            await dropped.wait()
+            await eventually(lambda: worker_client.connected)  # even once back
+            try:
+                await task.data["blob"].read()
+                outcome.append("read")
+            except wsq.ConnectionLost:
+                outcome.append("lost")
+
+        worker_client.queue("s-after").process(handler)
+        await eventually(lambda: outcome)
+        assert outcome == ["lost"]

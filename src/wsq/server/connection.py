@@ -856,7 +856,12 @@ class Connection:
             message.stream, source, p.WINDOW, p.CHUNK, self.send_text, self.send_binary
         )
         self._downloads[message.stream] = download
-        download.finished.add_done_callback(lambda _: self._downloads.pop(message.stream, None))
+        download.finished.add_done_callback(lambda _: self._forget_download(download))
+
+    def _forget_download(self, download: Download) -> None:
+        """Drop a finished download, unless its stream id already names a newer one."""
+        if self._downloads.get(download.stream) is download:
+            del self._downloads[download.stream]
 
     def _on_credit(self, message: p.Credit) -> None:
         download = self._downloads.get(message.stream)
