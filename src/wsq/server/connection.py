@@ -653,10 +653,10 @@ class Connection:
         self._spawn(message.id, self._remove(message.id, message.task))
 
     async def _remove(self, request_id: int, task_id: str) -> Any:
+        if self.server.core.lookup(task_id) is None:
+            await self._durable()  # the store's copy is read after the writes before us
         held = self.server.core.lookup(task_id)
-        stored = None if held else await self._stored(task_id)
-        held = self.server.core.lookup(task_id)  # the core may have taken it meanwhile
-        stored = None if held else stored
+        stored = None if held else await self.server.store.get(task_id)
         if held is None and stored is None:
             raise TaskNotFound(f"No task with id {task_id}.")
         self._require("admin", (held or stored).queue)  # type: ignore[union-attr]
