@@ -339,10 +339,9 @@ async def test_queue_handles_disconnections_when_receiving_streams(data_dir: Pat
     queue = client.queue("test6")
     await queue.add({"stream": chunks(b"foobar")})
     errors: list[BaseException] = []
-    closing: list[asyncio.Future[None]] = []
 
     async def handler(task: wsq.Task) -> None:
-        closing.append(asyncio.ensure_future(server.close()))
+        await server.close()
         try:
             await task.data["stream"].read()
         except wsq.ConnectionLost as exc:
@@ -351,7 +350,6 @@ async def test_queue_handles_disconnections_when_receiving_streams(data_dir: Pat
     queue.process(handler)
     await eventually(lambda: errors)
     await client.close()
-    await asyncio.gather(*closing)
 
 
 async def test_queue_lists_active_tasks(server: wsq.Server) -> None:
