@@ -17,6 +17,8 @@ class Proxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._open = asyncio.Event()
         self._open.set()
+        self._down = asyncio.Event()  # delivering from the server to the client
+        self._down.set()
         self.port = 0
 
     @property
@@ -29,6 +31,17 @@ class Proxy:
 
     def restore(self) -> None:
         self._open.set()
+        self._down.set()
+
+    def hold_answers(self) -> None:
+        """Keep delivering what clients send, but drop what the server sends back."""
+        self._down.clear()
+
+    def drop(self) -> None:
+        """Cut every connection open now (an RST both ways); new ones are still accepted."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
 
     async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -54,15 +67,20 @@ class Proxy:
             writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
+        for source, sink, gate in ((reader, up_writer, None), (up_reader, writer, self._down)):
+            task = asyncio.create_task(self._pipe(source, sink, gate))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        gate: asyncio.Event | None,
+    ) -> None:
         try:
             while data := await source.read(1 << 16):
-                if self._open.is_set():
+                if self._open.is_set() and (gate is None or gate.is_set()):
                     sink.write(data)
                     await sink.drain()
         except (ConnectionError, OSError):

@@ -12,6 +12,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import budget
 
+# Clients that share a session must not reuse a request id within it (protocol §4.2):
+# theirs come from one counter.
+_SESSION_IDS = itertools.count(1_000_000)
+
 
 class RawClient:
     def __init__(
@@ -30,7 +34,7 @@ class RawClient:
         self.connect = connect
         self.ws: ClientConnection | None = None
         self.welcome: dict[str, Any] = {}
-        self._ids = itertools.count(1000)
+        self._ids = _SESSION_IDS if session is not None else itertools.count(1000)
         self.backlog: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> RawClient:
@@ -76,6 +80,13 @@ class RawClient:
             message = await self.receive(timeout)
             if message.get("op") == op:
                 return message
+
+    async def expect_answer(self, request_id: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Skip messages until the result or error answering ``request_id`` arrives."""
+        while True:
+            answer = await self.receive(timeout)
+            if answer.get("id") == request_id and answer.get("op") in ("result", "error"):
+                return answer
 
     async def request(self, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         """Send with a fresh id; return the result or error answering it."""

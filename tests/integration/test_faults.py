@@ -108,7 +108,10 @@ class Load:
                 content = await stream.read()
                 break
             except wsq.ConnectionLost:
-                await asyncio.sleep(0.02)  # the read waits for the reconnect, then restarts
+                # A stream belongs to its connection (issue 9): get the data again, on
+                # the next connection (get_data waits for it), and read from the start.
+                await asyncio.sleep(0.02)
+                stream = (await task.get_data())["blob"]
         assert len(content) == stream.size
         self.executions.setdefault(task.id, []).append((task.run, sha256(content)))
 

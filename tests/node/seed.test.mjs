@@ -344,10 +344,7 @@ describe('queue', () => {
     })
   })
 
-  // TODO: fails until the server's listings agree with what a client was told (issue 9 §1,
-  // "Listings agree with events", a server fix): today active() inside a running handler
-  // can still return []. Marked todo so that it reports without failing the suite.
-  it('lists active tasks', { todo: 'server: listings lag the core (issue 9 §1)' }, (t, done) => {
+  it('lists active tasks', (t, done) => {
     const cli = new Client(server.url)
     others.push(cli)
     const queue = cli.queue('test7')

@@ -981,14 +981,17 @@ def test_failure_with_retries_left_requeues(h: Harness) -> None:
     effects = h.fail(task_id, "flaky")
     (failed,) = emits(effects, "task failed")
     assert failed.args[1] is True
+    assert failed.args[0]["error"] == "flaky"
     assert event_names(effects)[-2:] == ["task failed", "task queued"]
+    (queued,) = emits(effects, "task queued")
+    assert queued.args[0]["error"] is None  # as the original: requeued without its error
     (update,) = writes(effects)
     assert isinstance(update, Update) and update.expected == ACTIVE
     stored = h.store[task_id]
     assert (stored.state, stored.retries, stored.error, stored.worker) == (
         WAITING,
         1,
-        "flaky",
+        None,
         None,
     )
     assert stored.seq > seq

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import uuid
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ class _Limits:
     chunk: int = protocol.CHUNK
     inline: int = protocol.INLINE_MAX
     max_message: int = protocol.MAX_MESSAGE
+    batch: int = protocol.MAX_BATCH
     heartbeat: float = 5.0
 
 
@@ -111,7 +111,7 @@ class Client(Emitter):
         self._queues: dict[str, Queue] = {}
         self._workers: dict[str, Worker] = {}
         self._subscriptions: dict[str | None, int] = {}
-        self._watched: dict[str, weakref.WeakSet[Task]] = {}
+        self._watched: dict[str, set[Task]] = {}  # tasks with listeners, until final
         self._event_queues: set[asyncio.Queue[Event | None]] = set()
         self._downloads: dict[int, Downloading] = {}
         self._uploads: dict[int, Uploader] = {}
@@ -121,6 +121,8 @@ class Client(Emitter):
         self._connected: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._reopened: asyncio.Event | None = None  # set by connect() after close()
+        self._generation = 0  # counts connections; a wsq.Stream belongs to one
 
     def new_task_id(self) -> str:
         """A fresh task id: this client's random 64-bit prefix and a counter (a uuid4 per
@@ -134,19 +136,27 @@ class Client(Emitter):
         return self._ws is not None
 
     async def connect(self) -> None:
-        """Connect, retrying with :attr:`backoff` until the server answers."""
+        """Connect, retrying with :attr:`backoff` until the server answers. After
+        :meth:`close`, this connects again: workers, listeners and calls made meanwhile
+        carry on as before."""
         if self._closed:
-            raise WsqError("This client is closed.")
+            self._closed = False
+            self._runner = None
+            assert self._reopened is not None
+            self._reopened.set()
         await self._wait_connected()
 
     async def close(self) -> None:
-        """Disconnect for good. Running worker handlers are cancelled unreported (the
-        server times them out); use ``await worker.stop()`` first to let them finish."""
+        """Disconnect and stop reconnecting. Running worker handlers are cancelled
+        unreported (the server times them out); use ``await worker.stop()`` first to let
+        them finish. Calls made while closed wait for the next :meth:`connect`; requests
+        in flight fail."""
         if self._closed:
             return
         self._closed = True
+        self._reopened = asyncio.Event()
         for worker in self._workers.values():
-            worker.cancel()
+            worker.cancel_runs()
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -167,19 +177,21 @@ class Client(Emitter):
         await self.close()
 
     async def _wait_connected(self) -> None:
-        """Return once connected; raise if the client closes or cannot ever connect."""
-        if self._ws is not None:
-            return
-        self._ensure_running()
-        assert self._connected is not None and self._runner is not None
-        waiter = asyncio.ensure_future(self._connected.wait())
-        await asyncio.wait({waiter, self._runner}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter.done() and not self._closed:
-            return
-        waiter.cancel()
-        if self._runner.done() and not self._runner.cancelled() and self._runner.exception():
-            raise WsqError(f"Cannot connect to {self.address}: {self._runner.exception()}")
-        raise WsqError("This client is closed.")
+        """Return once connected; raise if the client can never connect. While the
+        client is closed, wait for the next :meth:`connect`."""
+        while self._ws is None:
+            if self._closed:
+                assert self._reopened is not None
+                await self._reopened.wait()
+                continue
+            self._ensure_running()
+            assert self._connected is not None and self._runner is not None
+            runner = self._runner
+            waiter = asyncio.ensure_future(self._connected.wait())
+            await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if runner.done() and not runner.cancelled() and runner.exception():
+                raise WsqError(f"Cannot connect to {self.address}: {runner.exception()}")
 
     async def _run(self) -> None:
         tries = 0
@@ -243,9 +255,11 @@ class Client(Emitter):
             chunk=limits.get("chunk", protocol.CHUNK),
             inline=limits.get("inline", protocol.INLINE_MAX),
             max_message=limits.get("max_message", protocol.MAX_MESSAGE),
+            batch=limits.get("batch", protocol.MAX_BATCH),
             heartbeat=welcome.get("heartbeat", 5.0),
         )
         self._ws = ws
+        self._generation += 1
         self._out.clear()
         self._restore()
         assert self._connected is not None
@@ -264,10 +278,9 @@ class Client(Emitter):
             self._connected.clear()
             self._out.clear()
             self._connection_lost()
+            self.emit("disconnect")
             with contextlib.suppress(Exception):
                 await ws.close()
-            if not self._closed:
-                self.emit("disconnect")
 
     def _restore(self) -> None:
         """After (re)connecting: listeners, workers, then requests that were waiting."""
@@ -345,12 +358,18 @@ class Client(Emitter):
                     await ws.send(self._out.popleft()[1], text=False)
 
     def _take_text(self) -> bytes:
-        """Queued text messages for one frame, within the server's message limit (a
-        single larger message goes alone, and gets its own too_large answer)."""
+        """Queued text messages for one frame, within the server's message limit and
+        batch size (a single larger message goes alone, and gets its own too_large
+        answer)."""
         parts = [self._out.popleft()[1]]
         size = len(parts[0])
         limit = self._limits.max_message - 2
-        while self._out and self._out[0][0] and size + len(self._out[0][1]) + 1 <= limit:
+        while (
+            self._out
+            and self._out[0][0]
+            and size + len(self._out[0][1]) + 1 <= limit
+            and len(parts) < self._limits.batch
+        ):
             data = self._out.popleft()[1]
             parts.append(data)
             size += len(data) + 1
@@ -501,9 +520,22 @@ class Client(Emitter):
         self._subscriptions[queue] = 1
         self._send({"op": "subscribe", "id": next(self._ids), "queue": queue})
 
-    def _watch_task(self, task: Task) -> None:
+    def _watch_task(self, task: Task) -> bool:
+        """Deliver the task's events to it until it is final (held strongly: a listener
+        fires even if the caller dropped the task; released when it is final). Returns
+        whether it was not watched before."""
         self._subscribe(task.queue)
-        self._watched.setdefault(task.id, weakref.WeakSet()).add(task)
+        watchers = self._watched.setdefault(task.id, set())
+        fresh = task not in watchers
+        watchers.add(task)
+        return fresh
+
+    def _unwatch_task(self, task: Task) -> None:
+        watchers = self._watched.get(task.id)
+        if watchers is not None:
+            watchers.discard(task)
+            if not watchers:
+                del self._watched[task.id]
 
     def _dispatch_event(self, name: str, args: list[Any]) -> None:
         first = args[0] if args else {}
@@ -525,9 +557,18 @@ class Client(Emitter):
             self.emit(name, task, *extra)
             if queue is not None:
                 queue.emit(name, task, *extra)
-        for watched in list(self._watched.get(info["id"], ())):
+        watchers = self._watched.get(info["id"])
+        if watchers is None:
+            return
+        if _is_final(name, info, extra):
+            del self._watched[info["id"]]
+        for watched in list(watchers):
             watched.update(info)
-            watched.emit(name[5:], watched, *extra)
+            # Listeners get the task as this event tells it (as the original does): an
+            # async listener that runs later must not see a newer event's fields.
+            snapshot = Task(self, info)
+            snapshot.listened = watched  # its retry() takes watched's listeners up again
+            watched.emit(name[5:], snapshot, *extra)
 
     # -- queues, workers, adds, downloads --------------------------------------------------
 
@@ -564,7 +605,8 @@ class Client(Emitter):
 
     async def _stop_worker(self, worker: Worker) -> None:
         try:
-            await self._request({"op": "stop", "worker": worker.id})
+            if not self._closed:  # a closed client's workers are registered nowhere
+                await self._request({"op": "stop", "worker": worker.id})
         finally:
             self._workers.pop(worker.id, None)
 
@@ -572,6 +614,9 @@ class Client(Emitter):
         self, queue: str, data: Any, options: dict[str, Any], task_id: str
     ) -> dict[str, Any]:
         plain, found = extract(data)
+        # Listen to the queue before the add reaches the server, so that a listener
+        # attached to the task as soon as add() returns misses none of its events.
+        self._subscribe(queue)
         message: dict[str, Any] = {"op": "add", "queue": queue, "options": options, "task": task_id}
         message["data"] = msgspec.Raw(_encoder.encode(plain))
         if not found:
@@ -588,6 +633,8 @@ class Client(Emitter):
     ) -> list[dict[str, Any]]:
         """Send the tasks in messages of at most ``batch`` tasks and half the message
         limit each, all in flight at once; answers come back in order."""
+        # Unlike add(), no subscription first: the bulk path would get two events back per
+        # task (docs/decisions.md, "Producers listen to the queues they add to").
         await self._wait_connected()
         limit = protocol.MAX_BATCH
         budget = self._limits.max_message // 2
@@ -653,8 +700,11 @@ class Client(Emitter):
             raise errors[0]
         return streams
 
-    async def _download(self, task_id: str, index: int) -> AsyncIterator[bytes]:
-        await self._wait_connected()
+    async def _download(self, task_id: str, index: int, generation: int) -> AsyncIterator[bytes]:
+        """Read a stream on the connection it was obtained on (``generation``): once that
+        connection is gone, raise ConnectionLost rather than wait for another."""
+        if self._ws is None or generation != self._generation:
+            raise ConnectionLost("The connection this stream was obtained on was lost.")
         stream = next(self._stream_ids)
         window = self._limits.window
         state = Downloading(stream, window)
@@ -673,6 +723,15 @@ class Client(Emitter):
         finally:
             if not finished and self._downloads.pop(stream, None) is not None:
                 self._send({"op": "cancel", "stream": stream})
+
+
+def _is_final(name: str, info: dict[str, Any], extra: list[Any]) -> bool:
+    """Whether no more events of this task will come (unless someone retries it)."""
+    if name == "task completed":
+        return not info.get("options", {}).get("autoremove", False)  # else 'deleted' follows
+    if name == "task failed":
+        return not (extra and extra[0])
+    return name == "task deleted"
 
 
 def _created(task_id: str, queue: str, options: dict[str, Any], when: float) -> dict[str, Any]:

@@ -130,7 +130,8 @@ class Worker:
         self.queue = queue
         self.concurrency = concurrency
         self._handler = handler
-        self._running: dict[str, tuple[Task, asyncio.Future[None]]] = {}
+        # Keyed by (task id, run): an old run's clean-up never touches a newer run.
+        self._running: dict[tuple[str, int], tuple[Task, asyncio.Future[None]]] = {}
         self._reports: set[asyncio.Future[Any]] = set()
         self._completed: list[list[Any]] = []
         self._idle = asyncio.Event()
@@ -159,6 +160,11 @@ class Worker:
     def cancel(self) -> None:
         """Stop at once: cancel running handlers without reporting (they time out)."""
         self.stopped = True
+        self.cancel_runs()
+
+    def cancel_runs(self) -> None:
+        """Cancel running handlers without reporting (the client is closing; the server
+        times the runs out). The worker registers again on the next connect."""
         for _, runner in self._running.values():
             runner.cancel()
 
@@ -180,8 +186,8 @@ class Worker:
 
     def abort(self, task_id: str, run: int, reason: str) -> None:
         """The server ended this run (timeout, removal): cancel the handler."""
-        entry = self._running.get(task_id)
-        if entry is None or entry[0].run != run:
+        entry = self._running.get((task_id, run))
+        if entry is None:
             return
         task, runner = entry
         task.aborted = True
@@ -199,7 +205,7 @@ class Worker:
             self._report(task, None)
             return
         runner = asyncio.ensure_future(self._finish(task, result))
-        self._running[task.id] = (task, runner)
+        self._running[task.id, task.run or 0] = (task, runner)
         self._idle.clear()
 
     async def _finish(self, task: Task, running: Awaitable[Any]) -> None:
@@ -208,7 +214,7 @@ class Worker:
             if not task.aborted:
                 self._report(task, error)
         finally:
-            self._running.pop(task.id, None)
+            self._running.pop((task.id, task.run or 0), None)
             self._check_idle()
 
     def _report(self, task: Task, error: str | None) -> None:

@@ -76,8 +76,10 @@ class Stream:
 
     Nothing is fetched until you iterate; each iteration reads the stream from the start
     (``async for chunk in stream``), holding at most one flow-control window in memory.
-    ``await stream.read()`` returns the whole stream as one ``bytes``. A connection lost
-    mid-read raises :class:`wsq.ConnectionLost`.
+    ``await stream.read()`` returns the whole stream as one ``bytes``. Once the
+    connection it was obtained on is lost, reading raises :class:`wsq.ConnectionLost`,
+    whether the read began before or after (it never waits for a reconnection; get the
+    data again with ``task.get_data()``).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Stream:
         self.index = index
         self.size = size
         self._inline = inline
+        self._generation = client._generation  # the connection it was obtained on
 
     def __repr__(self) -> str:
         return f"<wsq.Stream task={self.task_id} index={self.index} size={self.size}>"
@@ -95,7 +98,7 @@ class Stream:
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._inline is not None:
             return _once(self._inline)
-        return self._client._download(self.task_id, self.index)
+        return self._client._download(self.task_id, self.index, self._generation)
 
     async def read(self) -> bytes:
         """The whole stream. Mind the size (:attr:`size`) before calling this."""

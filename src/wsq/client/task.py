@@ -27,6 +27,8 @@ class Task(Emitter):
         self.data: Any = None
         self.aborted = False
         self.run: int | None = None
+        # For a task handed to a task listener: the task the listener is on.
+        self.listened: Task | None = None
         self.update(info)
 
     def update(self, info: dict[str, Any]) -> None:
@@ -71,7 +73,21 @@ class Task(Emitter):
 
     async def retry(self) -> None:
         """Move a failed task back to waiting with its failure count reset."""
-        self.update(await self._client._request({"op": "retry", "task": self.id}))
+        # Its listeners hear the new attempt too, from its 'queued' on: watched before
+        # the request leaves, and let go again if the retry is refused.
+        taken = [
+            task
+            for task in (self, self.listened)
+            if task is not None
+            and any(task.listens(event) for event in TASK_EVENTS)
+            and self._client._watch_task(task)
+        ]
+        try:
+            self.update(await self._client._request({"op": "retry", "task": self.id}))
+        except BaseException:
+            for task in taken:
+                self._client._unwatch_task(task)
+            raise
 
     async def get_data(self) -> Any:
         """The task's data with each stream as a :class:`wsq.Stream`."""

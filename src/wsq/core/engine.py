@@ -392,6 +392,7 @@ class Core:
         will_retry = limit == -1 or task.retries <= limit
         failed = self._event("task failed", task, will_retry)
         if will_retry:
+            task.error = None  # as the original: a task queued again carries no error
             return self._requeue(task, State.ACTIVE, now, announce=failed)
         effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
         return effects + self._dispatch_soon(self._queue(task.queue), now)

@@ -43,6 +43,7 @@ from wsq.server.connection import Connection
 from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.logs import log, logger
 from wsq.server.origins import OriginPolicy
+from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
 from wsq.wslog import TransportLog
@@ -166,6 +167,7 @@ class Server:
         self.core.defer_dispatch = True
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
+        self.replay = Replay()  # answers to requests a client may send again (§4.2)
         # Blobs stored while the start-up sweep runs; the sweep must not delete them.
         self._fresh_blobs: set[str] | None = set()
         self._ids = itertools.count(1)

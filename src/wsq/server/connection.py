@@ -40,6 +40,7 @@ from wsq.exceptions import (
 )
 from wsq.server.auth import EVERYONE, Principal
 from wsq.server.logs import log
+from wsq.server.replay import Entry, Key
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
 from wsq.storage.base import Delete, Insert
 
@@ -75,6 +76,8 @@ class Connection:
         # Uploads refused at open (max_uploads): an add naming one gets the same error.
         self._refused: dict[int, WsqError] = {}
         self._claimed: set[int] = set()  # uploads an add waits for (still in _uploads)
+        # Requests whose answer the server remembers (§4.2), until they are answered.
+        self._replaying: dict[int, tuple[Key, Entry]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             p.Hello: self._on_hello,
@@ -339,18 +342,56 @@ class Connection:
         """Answer once every write made so far is durable."""
         if request_id is not None:
             message = p.result(request_id, value)
-            self.server.later(lambda: self.send_text(message))
+            self.server.later(lambda: self._reply(request_id, message))
 
     def answer_now(self, request_id: int | None, value: Any = None) -> None:
         if request_id is not None:
-            self.send_text(p.result(request_id, value))
+            self._reply(request_id, p.result(request_id, value))
 
     def send_error(self, request_id: int | None, exc: WsqError) -> None:
         """Answer with ``exc``; an internal error's text (store paths, SQL) stays in the log."""
         if exc.code == "internal":
             log(logging.ERROR, "internal error", str(exc), connection=self.id)
             exc = ServerError("Internal server error.")
-        self.send_text(p.error(request_id, exc.code, str(exc)))
+        self._reply(request_id, p.error(request_id, exc.code, str(exc)))
+
+    def _reply(self, request_id: int | None, message: bytes) -> None:
+        """Send the answer to a request, remembering it if the request may be re-sent."""
+        tracked = self._replaying.pop(request_id, None) if request_id is not None else None
+        if tracked is not None:
+            tracked[1].settle(message)
+        self.send_text(message)
+
+    def _replayed(self, message: Any, request_id: int | None) -> bool:
+        """Whether this request was seen before in this session (§4.2): then it is
+        answered as the first time (at once, or when the first copy is answered) and not
+        done again. Otherwise its answer will be remembered."""
+        if self.session is None or request_id is None or type(message) not in _REPLAYED:
+            return False
+        key = (self.principal.name, self.session, request_id)
+        entry = self.server.replay.seen(key)
+        if entry is None:
+            self._replaying[request_id] = (key, self.server.replay.begin(key))
+            return False
+        if entry.answer is not None:
+            self.send_text(entry.answer)
+        else:
+            entry.waiters.append(functools.partial(self._first_copy_done, message))
+        return True
+
+    def _first_copy_done(self, message: Any, answer: bytes | None) -> None:
+        if answer is not None:
+            self.send_text(answer)
+        elif not self._closing:
+            self._dispatch(message)  # the first copy never acted: handle this one
+
+    def _abandon(self, request_id: int | None) -> None:
+        """A request dropped (its connection closed) before it acted."""
+        tracked = self._replaying.pop(request_id, None) if request_id is not None else None
+        if tracked is not None:
+            key, entry = tracked
+            self.server.replay.forget(key, entry)
+            entry.abandon()
 
     # -- incoming --------------------------------------------------------------------------
 
@@ -379,6 +420,8 @@ class Connection:
         try:
             if type(message) in _BOUNDED and self._in_flight() >= self.server.max_requests:
                 raise self._too_many_requests()
+            if self._replayed(message, request_id):
+                return
             self._handlers[type(message)](message)
         except WsqError as exc:
             self.send_error(request_id, exc)
@@ -389,7 +432,7 @@ class Connection:
                 f"{type(message).__name__}: {exc!r}",
                 connection=self.id,
             )
-            self.send_text(p.error(request_id, "internal", "Internal server error."))
+            self._reply(request_id, p.error(request_id, "internal", "Internal server error."))
 
     def _in_flight(self) -> int:
         """Requests that hold server resources: those waiting on a store, and downloads."""
@@ -423,9 +466,12 @@ class Connection:
                     self.answer_now(request_id, value)
             except WsqError as exc:
                 self.send_error(request_id, exc)
+            except asyncio.CancelledError:
+                self._abandon(request_id)  # requests act last, so this one did not
+                raise
             except Exception as exc:
                 log(logging.ERROR, "internal error", repr(exc), connection=self.id)
-                self.send_text(p.error(request_id, "internal", "Internal server error."))
+                self._reply(request_id, p.error(request_id, "internal", "Internal server error."))
 
         task = asyncio.create_task(run(), name=f"wsq-request-{self.id}-{request_id}")
         self._requests.add(task)
@@ -577,9 +623,9 @@ class Connection:
             self.server.apply(effects)
             self.answer(request_id, {"created": tasks[0].created, "tasks": [t.id for t in tasks]})
         else:
-            self._spawn(request_id, self._existing_many(tasks, outcome))
+            self._spawn(request_id, self._existing_many(request_id, tasks, outcome))
 
-    async def _existing_many(self, tasks: list[Task], inserted: list[bool]) -> Any:
+    async def _existing_many(self, request_id: int, tasks: list[Task], inserted: list[bool]) -> Any:
         """Some ids existed. If each is the same add sent again, answer their records in
         place of their ids and announce the new tasks; if one is in use elsewhere, the
         request is refused and the new tasks, stored but never announced, are deleted."""
@@ -605,12 +651,14 @@ class Connection:
         for task in new:
             effects += core.add(task, now)
         self.server.apply(effects)
-        await self._durable()
-        return {"created": tasks[0].created, "tasks": answers}
+        # Answered through the durable pipe, not after an await: once the tasks are
+        # announced, closing the connection cannot lose the answer (§4.2, re-sent).
+        self.answer(request_id, {"created": tasks[0].created, "tasks": answers})
+        return _NO_ANSWER
 
     async def _existing(self, task: Task) -> Any:
         """An add whose id exists: the same add sent again after a reconnect (§4.3)."""
-        stored = self.server.core.lookup(task.id) or await self.server.store.get(task.id)
+        stored = self.server.core.lookup(task.id) or await self._stored(task.id)
         if stored is None or stored.queue != task.queue or stored.owner != task.owner:
             raise InvalidArgument(f"Task id {task.id} is already in use.")
         return stored.to_json()
@@ -622,6 +670,7 @@ class Connection:
     async def _list(self, message: p.ListTasks) -> Any:
         after = int(message.cursor) if message.cursor is not None else None
         state = State(message.state) if message.state else None
+        await self._durable()  # listings show every transition anyone was told of
         # One more than asked for tells whether another page follows.
         tasks = await self.server.store.list(
             queue=message.queue, state=state, limit=message.limit + 1, after=after
@@ -640,6 +689,7 @@ class Connection:
         self._spawn(message.id, self._queues())
 
     async def _queues(self) -> Any:
+        await self._durable()
         names = set(await self.server.store.queues())
         names.update(self.server.core.queue_names())
         if self._checked and not self.principal.may("observe", None):
@@ -647,10 +697,17 @@ class Connection:
         return {"queues": sorted(names)}
 
     async def _find(self, task_id: str) -> Task:
-        task = self.server.core.lookup(task_id) or await self.server.store.get(task_id)
+        task = self.server.core.lookup(task_id) or await self._stored(task_id)
         if task is None:
             raise _not_found(task_id)
         return task
+
+    async def _stored(self, task_id: str) -> Task | None:
+        """The store's copy, once every write submitted before this read is durable (the
+        store's reads see only committed writes, and the core decides ahead of them)."""
+        await self._durable()
+        held = self.server.core.lookup(task_id)  # it may have been taken up meanwhile
+        return held or await self.server.store.get(task_id)
 
     def _on_get(self, message: p.Get) -> None:
         self._spawn(message.id, self._get(message.task))
@@ -665,29 +722,31 @@ class Connection:
         }
 
     def _on_remove(self, message: p.Remove) -> None:
-        self._spawn(message.id, self._remove(message.task))
+        self._spawn(message.id, self._remove(message.id, message.task))
 
-    async def _remove(self, task_id: str) -> Any:
+    async def _remove(self, request_id: int, task_id: str) -> Any:
         self._require_held("admin")
+        if self.server.core.lookup(task_id) is None:
+            await self._durable()  # the store's copy is read after the writes before us
         held = self.server.core.lookup(task_id)
         stored = None if held else await self.server.store.get(task_id)
         if held is None and stored is None:
             raise _not_found(task_id)
         self._require_admin_on(held or stored)  # type: ignore[arg-type]
         self.server.apply(self.server.core.remove(task_id, stored, time.time()))
-        await self._durable()
-        return None
+        self.answer(request_id)  # acting is the last step (see _spawn)
+        return _NO_ANSWER
 
     def _on_retry(self, message: p.Retry) -> None:
-        self._spawn(message.id, self._retry(message.task))
+        self._spawn(message.id, self._retry(message.id, message.task))
 
-    async def _retry(self, task_id: str) -> Any:
+    async def _retry(self, request_id: int, task_id: str) -> Any:
         self._require_held("admin")
         task = await self._find(task_id)
         self._require_admin_on(task)
         self.server.apply(self.server.core.retry(task, time.time()))
-        await self._durable()
-        return task.to_json()
+        self.answer(request_id, task.to_json())  # acting is the last step (see _spawn)
+        return _NO_ANSWER
 
     async def _durable(self) -> None:
         """Wait until every write made so far is durable (and sent in order before us)."""
@@ -904,7 +963,12 @@ class Connection:
             message.stream, source, p.WINDOW, p.CHUNK, self.send_text, self.send_binary
         )
         self._downloads[message.stream] = download
-        download.finished.add_done_callback(lambda _: self._downloads.pop(message.stream, None))
+        download.finished.add_done_callback(lambda _: self._forget_download(download))
+
+    def _forget_download(self, download: Download) -> None:
+        """Drop a finished download, unless its stream id already names a newer one."""
+        if self._downloads.get(download.stream) is download:
+            del self._downloads[download.stream]
 
     def _on_credit(self, message: p.Credit) -> None:
         download = self._downloads.get(message.stream)
@@ -913,7 +977,8 @@ class Connection:
 
     def _on_stats(self, message: p.Stats) -> None:
         stats = self.server.core.stats(self.may_observe if self._checked else None)
-        self.answer_now(message.id, {"queues": stats})
+        # The counts as of now, sent once the writes they count are durable.
+        self.answer(message.id, {"queues": stats})
 
     def _on_ping(self, message: p.Ping) -> None:
         self.answer_now(message.id)
@@ -929,6 +994,23 @@ _MAX_REFUSED = 1000
 
 _BOUNDED = (p.Add, p.AddMany, p.ListTasks, p.Queues, p.Get, p.Remove, p.Retry)
 """Requests that wait on the store: ``max_requests`` bounds how many may be in flight."""
+
+_REPLAYED = frozenset(
+    {
+        p.Add,
+        p.AddMany,
+        p.Remove,
+        p.Retry,
+        p.StopWork,
+        p.Ack,
+        p.Progress,
+        p.Touch,
+        p.Complete,
+        p.CompleteMany,
+        p.Fail,
+    }
+)
+"""Requests that change state: their answers are remembered per session (§4.2)."""
 
 
 class _NoAnswer:
