@@ -759,7 +759,14 @@ class Connection:
         upload.end()
 
     def _on_upload_abort(self, message: p.UploadAbort) -> None:
-        self._drop_upload(message.stream, message.error or "Aborted by the client.")
+        reason = message.error or "Aborted by the client."
+        upload = self._uploads.get(message.stream)
+        if upload is not None and message.stream in self._claimed:
+            # An add waits for it and owns its blob: stop it if it is still arriving (the
+            # add then fails), never delete what the add may already have stored.
+            upload.abort(reason)
+            return
+        self._drop_upload(message.stream, reason)
 
     def _drop_upload(self, stream: int, reason: str) -> None:
         """Forget an upload no task will hold: stop it, and delete its blob if stored."""
@@ -797,7 +804,12 @@ class Connection:
             message.stream, source, p.WINDOW, p.CHUNK, self.send_text, self.send_binary
         )
         self._downloads[message.stream] = download
-        download.finished.add_done_callback(lambda _: self._downloads.pop(message.stream, None))
+        download.finished.add_done_callback(lambda _: self._forget_download(download))
+
+    def _forget_download(self, download: Download) -> None:
+        """A download ended; its id may already name a newer download, which stays."""
+        if self._downloads.get(download.stream) is download:
+            del self._downloads[download.stream]
 
     def _on_credit(self, message: p.Credit) -> None:
         download = self._downloads.get(message.stream)
@@ -816,7 +828,17 @@ class Connection:
     def _on_cancel(self, message: p.Cancel) -> None:
         download = self._downloads.pop(message.stream, None)
         if download is not None:
+            # Stopped now, and its chunks not yet sent dropped: from here on the stream id
+            # is free for a new, independent download (§8.4).
+            download.cancel()
+            self._drop_queued_chunks(message.stream)
             self.server.spawn(download.close(), f"wsq-cancel-{self.id}")
+
+    def _drop_queued_chunks(self, stream: int) -> None:
+        prefix = stream.to_bytes(4, "big")
+        kept = deque(m for m in self._out if m[0] or not m[1].startswith(prefix))
+        self._out_bytes = sum(len(m[1]) for m in kept)
+        self._out = kept
 
 
 _MAX_REFUSED = 1000
