@@ -226,6 +226,18 @@ async def test_delete_removes_the_task_and_its_blob_keys(store: StateStore) -> N
     assert await store.submit([Delete("a")]) == [False]
 
 
+async def test_delete_with_expected_state_applies_only_in_that_state(store: StateStore) -> None:
+    keep = (StreamRef(path=("k",), size=1, blob="d" * 32),)
+    await insert(store, make("a", 1, streams=keep))
+    assert await store.submit([Delete("a", expected=State.FAILED)]) == [False]
+    assert await store.get("a") is not None
+    assert await store.blob_keys() == {"d" * 32}
+    assert await store.submit([Delete("a", expected=State.WAITING)]) == [True]
+    assert await store.get("a") is None
+    assert await store.blob_keys() == set()
+    assert await store.submit([Delete("a", expected=State.WAITING)]) == [False]
+
+
 # -- LoadWaiting -----------------------------------------------------------------------------
 
 

@@ -8,9 +8,14 @@ state is what the store says and that every acknowledged task is whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import wsq
 from tests.conftest import eventually
@@ -131,3 +136,109 @@ async def test_upload_abort_cannot_delete_the_blob_of_an_accepted_add(
         assert await _read_download(raw, 11) == first
         await raw.send({"op": "download", "stream": 12, "task": task_id, "index": 1, "offset": 0})
         assert await _read_download(raw, 12) == second
+
+
+# -- removes and retries racing ("Counts never drift", issue 9) -----------------------------
+
+STATES = ("waiting", "active", "completed", "failed")
+
+
+async def _store_counts(server: wsq.Server) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for task in await server.store.list(limit=1 << 30):
+        per_state = counts.setdefault(task.queue, dict.fromkeys(STATES, 0))
+        per_state[task.state.value] += 1
+    return counts
+
+
+async def _stats_counts(raw: RawClient) -> dict[str, dict[str, int]]:
+    answer = await raw.request({"op": "stats"})
+    return {
+        q["name"]: {s: q[s] for s in STATES}
+        for q in answer["result"]["queues"]
+        if any(q[s] for s in STATES)
+    }
+
+
+async def _stats_match_store(server: wsq.Server, raw: RawClient) -> bool:
+    return await _stats_counts(raw) == await _store_counts(server)
+
+
+async def _answers(raw: RawClient, ids: list[int]) -> dict[int, dict[str, Any]]:
+    found: dict[int, dict[str, Any]] = {}
+    while len(found) < len(ids):
+        message = await raw.receive(timeout=10)
+        if message.get("id") in ids and message["op"] in ("result", "error"):
+            found[message["id"]] = message
+    return found
+
+
+async def _failed_tasks(raw: RawClient, queue: str, count: int, window_fill: int = 0) -> list[str]:
+    """``count`` failed tasks of ``queue`` (a worker takes and fails each), then
+    ``window_fill`` waiting ones behind them."""
+    ids = []
+    for n in range(count):
+        answer = await raw.request({"op": "add", "queue": queue, "data": {"n": n}})
+        ids.append(answer["result"]["id"])
+    async with RawClient(raw.url) as worker:
+        work = {"op": "work", "queue": queue, "worker": "fw", "concurrency": count}
+        await worker.send({**work, "id": 1})
+        failed = 0
+        while failed < count:
+            message = await worker.receive(timeout=10)
+            for run in message.get("tasks", []) if message["op"] == "offer" else []:
+                task = {"task": run["task"]["id"], "run": run["run"]}
+                await worker.send({"op": "fail", "id": 2, **task, "error": "no"})
+                failed += 1
+        await worker.request({"op": "stop", "worker": "fw"})
+    for n in range(window_fill):
+        await raw.request({"op": "add", "queue": queue, "data": {"fill": n}})
+    return ids
+
+
+async def test_remove_then_retry_in_one_frame_never_runs_the_removed_task(
+    server: wsq.Server,
+) -> None:
+    async with RawClient(server.url) as raw, RawClient(server.url) as worker:
+        ids = await _failed_tasks(raw, "rr", 20)
+        await worker.request({"op": "work", "queue": "rr", "worker": "w", "concurrency": 100})
+        frame = []
+        for n, task_id in enumerate(ids):
+            frame += [
+                {"op": "remove", "id": 2 * n, "task": task_id},
+                {"op": "retry", "id": 2 * n + 1, "task": task_id},
+            ]
+        await raw.send(frame)
+        answers = await _answers(raw, list(range(2 * len(ids))))
+        assert all(answers[2 * n]["op"] == "result" for n in range(len(ids))), answers
+        assert all(answers[2 * n + 1]["op"] == "error" for n in range(len(ids))), answers
+        await raw.request({"op": "ping"})
+        with contextlib.suppress(TimeoutError):
+            offer = await worker.expect("offer", timeout=0.5)
+            raise AssertionError(f"a removed task was offered: {offer}")
+        await eventually(lambda: _stats_match_store(server, raw))
+        assert await _store_counts(server) == {}
+
+
+@pytest.fixture
+async def small_window(data_dir: Path) -> AsyncIterator[wsq.Server]:
+    async with wsq.Server(data_dir=data_dir, port=0, window=4) as server:
+        yield server
+
+
+async def test_double_remove_and_double_retry_keep_stats_equal_to_the_store(
+    small_window: wsq.Server,
+) -> None:
+    """In one frame each, also with the queue longer than the in-memory window."""
+    server = small_window
+    async with RawClient(server.url) as raw:
+        ids = await _failed_tasks(raw, "dd", 10, window_fill=12)
+        retries = [{"op": "retry", "id": n, "task": ids[n // 2]} for n in range(10)]
+        removes = [{"op": "remove", "id": 100 + n, "task": ids[5 + n // 2]} for n in range(10)]
+        await raw.send(retries + removes)
+        answers = await _answers(raw, [m["id"] for m in retries + removes])
+        ok = [n for n, a in answers.items() if a["op"] == "result"]
+        assert sorted(ok) == [0, 2, 4, 6, 8, 100, 102, 104, 106, 108], answers
+        await eventually(lambda: _stats_match_store(server, raw))
+        counts = await _store_counts(server)
+        assert counts == {"dd": {"waiting": 17, "active": 0, "completed": 0, "failed": 0}}

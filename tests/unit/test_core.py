@@ -88,6 +88,10 @@ class Harness:
         self.strict_fifo = True
         self.workers: dict[str, ConnectedWorker] = {}
         self.pending_loads: list[PendingLoad] = []
+        # Removes and retries whose store op applied (or not) and whose result the core
+        # has not heard yet: (kind, the copy read, the op, whether it applied).
+        self.pending_admin: list[tuple[str, Task, Delete | Update, bool]] = []
+        self.admin_op: Delete | Update | None = None  # the last one made
         self.log: list[Effect] = []
         self.offer_order: list[str] = []
         self.last: list[Effect] = []
@@ -198,12 +202,56 @@ class Harness:
         return self.tick(self.now + seconds)
 
     def remove(self, task_id: str) -> list[Effect]:
+        """A remove as the server makes it: the core's if it holds the task, else a
+        delete the store decides on, its result handed back at once."""
+        effects = self.core.remove(task_id, self.now)
+        if effects is not None:
+            return self._handle(effects)
         stored = self.store.get(task_id)
-        copy = replace(stored) if stored is not None else None
-        return self._handle(self.core.remove(task_id, copy, self.now))
+        if stored is None:
+            return []
+        self.begin_remove(replace(stored))
+        return self.finish_admin()
 
     def retry(self, task_id: str) -> list[Effect]:
-        return self._handle(self.core.retry(replace(self.store[task_id]), self.now))
+        held = self.core.lookup(task_id)
+        self.begin_retry(replace(held or self.store[task_id]))
+        return self.finish_admin()
+
+    def begin_remove(self, read: Task) -> None:
+        """The first half of a remove of a task the core does not hold, from a copy read
+        earlier (maybe out of date): the conditional delete reaches the store now, its
+        result reaches the core at :meth:`finish_admin`."""
+        op = self.admin_op = self.core.begin_delete(read)
+        assert op is not None, "begin_remove of a task whose add is not delivered"
+        self.pending_admin.append(("remove", read, op, self._decide(op)))
+        self.check()
+
+    def begin_retry(self, read: Task) -> None:
+        """The first half of a retry (raises InvalidState as the core does)."""
+        op = self.admin_op = self.core.begin_retry(read, self.now)
+        self.pending_admin.append(("retry", read, op, self._decide(op)))
+        self.check()
+
+    def finish_admin(self) -> list[Effect]:
+        """Hand the oldest pending remove or retry its store result."""
+        kind, read, op, applied = self.pending_admin.pop(0)
+        if kind == "remove":
+            return self._handle(self.core.deleted(read, applied, self.now))
+        assert isinstance(op, Update)
+        return self._handle(self.core.retried(op, applied, self.now))
+
+    def _decide(self, op: Delete | Update) -> bool:
+        """A conditional op as the store applies it: only to a task in the expected state."""
+        stored = self.store.get(op.task_id if isinstance(op, Delete) else op.task.id)
+        if stored is None or op.expected not in (None, stored.state):
+            return False
+        if isinstance(op, Delete):
+            del self.store[op.task_id]
+            self.deleted.add(op.task_id)
+        else:
+            self.store[op.task.id] = replace(op.task)
+        return True
 
     def answer_load(self) -> list[Effect]:
         """Hand the oldest pending Load's result to the core."""
@@ -219,6 +267,7 @@ class Harness:
         self.core = Core(worker_timeout=self.worker_timeout, window=self.window)
         self.workers.clear()
         self.pending_loads.clear()
+        self.pending_admin.clear()
         self.undelivered.clear()  # adds in flight die with the server; recovery loads them
         tasks = sorted(self.store.values(), key=lambda t: t.seq)
         recovery = Recovery(
@@ -375,13 +424,32 @@ class Harness:
         self._check_no_stall()
 
     def _check_counts(self) -> None:
-        """The core's counts are the store's, but for adds not yet handed to the core."""
+        """The core's counts are the store's, but for adds, removes and retries whose
+        store result the core has not heard yet."""
         expected: dict[str, dict[str, int]] = {}
+
+        def count(task: Task, state: State, delta: int) -> None:
+            per_state = expected.setdefault(task.queue, dict.fromkeys(STATE_NAMES, 0))
+            per_state[state.value] += delta
+
         for task in self.store.values():
             if task.id not in self.undelivered:
-                per_state = expected.setdefault(task.queue, dict.fromkeys(STATE_NAMES, 0))
-                per_state[task.state.value] += 1
+                count(task, task.state, 1)
+        for kind, read, _, applied in self.pending_admin:
+            if applied and kind == "remove":
+                count(read, read.state, 1)
+            elif applied:
+                count(read, WAITING, -1)
+                count(read, FAILED, 1)
+        expected = {q: c for q, c in expected.items() if any(c.values())}
         assert self.core.counts() == expected
+        for counts in self.core.counts().values():
+            assert min(counts.values()) >= 0, counts
+
+    def _unheard(self) -> set[str]:
+        """Ids of tasks waiting in the store that the core has not heard of yet."""
+        retried = {read.id for kind, read, _, ok in self.pending_admin if ok and kind == "retry"}
+        return set(self.undelivered) | retried
 
     def _check_windows(self) -> list[str]:
         core = self.core
@@ -404,7 +472,7 @@ class Harness:
         for task in self.store.values():
             if task.state == ACTIVE:
                 assert task.id in core._runs, f"{task.id} is active in the store only"
-            if task.state != WAITING or task.id in in_window or task.id in self.undelivered:
+            if task.state != WAITING or task.id in in_window or task.id in self._unheard():
                 continue
             queue = core._queues.get(task.queue)
             assert queue is not None and (queue.spilled or queue.loading), (
@@ -419,7 +487,8 @@ class Harness:
         for worker_id, worker in self.workers.items():
             if worker.queue in loading or len(self.held_by(worker_id)) >= worker.concurrency:
                 continue
-            waiting = [t for t in self.in_state(WAITING, worker.queue) if t not in self.undelivered]
+            unheard = self._unheard()
+            waiting = [t for t in self.in_state(WAITING, worker.queue) if t not in unheard]
             assert not waiting, f"{worker_id} has a free slot while {waiting} wait"
 
 
@@ -1088,8 +1157,9 @@ def test_retry_moves_failed_task_back_to_waiting(h: Harness) -> None:
     seq = h.store[task_id].seq
     h.now = 9.0
     effects = h.retry(task_id)
-    (update,) = writes(effects)
+    update = h.admin_op
     assert isinstance(update, Update) and update.expected == FAILED
+    assert not writes(effects)
     assert event_names(effects) == ["task queued"]
     stored = h.store[task_id]
     assert (stored.state, stored.retries, stored.error) == (WAITING, 0, None)
@@ -1203,7 +1273,7 @@ def test_remove_completed_task_from_its_stored_copy(h: Harness) -> None:
     task_id = h.add(blobs=["b1"])
     h.complete(task_id)
     effects = h.remove(task_id)
-    assert writes(effects) == [Delete(task_id)]
+    assert h.admin_op == Delete(task_id, expected=COMPLETED)
     assert of_type(effects, DeleteBlobs) == [DeleteBlobs(("b1",))]
     (deleted,) = emits(effects, "task deleted")
     assert deleted.args[0]["state"] == "completed"
@@ -1213,16 +1283,16 @@ def test_remove_failed_task(h: Harness) -> None:
     h.add_worker("w1")
     task_id = h.add()
     h.fail(task_id)
-    effects = h.remove(task_id)
-    assert writes(effects) == [Delete(task_id)]
+    h.remove(task_id)
+    assert h.admin_op == Delete(task_id, expected=FAILED)
     assert task_id in h.deleted
 
 
 def test_remove_spilled_waiting_task() -> None:
     h = Harness(window=4)
     ids = [h.add() for _ in range(6)]
-    effects = h.remove(ids[5])
-    assert writes(effects) == [Delete(ids[5])]
+    h.remove(ids[5])
+    assert h.admin_op == Delete(ids[5], expected=WAITING)
     h.add_worker("w1", concurrency=10)
     h.work_off()
     assert h.offer_order == ids[:5]
@@ -1230,6 +1300,95 @@ def test_remove_spilled_waiting_task() -> None:
 
 def test_remove_unknown_task_does_nothing(h: Harness) -> None:
     assert h.remove("nope") == []
+
+
+# -- removes and retries racing each other (the store decides) ----------------------------
+
+
+def test_two_removes_of_one_failed_task_count_it_once(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(blobs=["b1"])
+    h.fail(task_id)
+    read = replace(h.store[task_id])
+    h.begin_remove(replace(read))
+    h.begin_remove(replace(read))
+    first, second = h.finish_admin(), h.finish_admin()
+    assert event_names(first) == ["task deleted"] and of_type(first, DeleteBlobs)
+    assert second == []
+    assert h.core.counts() == {}
+
+
+def test_two_retries_of_a_spilled_failed_task_queue_it_once() -> None:
+    h = Harness(window=2)
+    h.add_worker("w1")
+    task_id = h.add()
+    h.fail(task_id)
+    h.remove_worker("w1")
+    for _ in range(5):  # the queue is longer than the window
+        h.add()
+    read = replace(h.store[task_id])
+    h.begin_retry(replace(read))
+    h.begin_retry(replace(read))
+    assert event_names(h.finish_admin()) == ["task queued"]
+    assert h.finish_admin() == []
+    assert h.core.counts() == {"q": {"waiting": 6, "active": 0, "completed": 0, "failed": 0}}
+    h.add_worker("w1", concurrency=10)
+    h.work_off()
+    assert h.offer_order.count(task_id) == 2  # the first run, and the retry once
+
+
+def test_remove_then_retry_never_runs_the_removed_task(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.fail(task_id)
+    read = replace(h.store[task_id])
+    h.begin_remove(replace(read))
+    h.begin_retry(replace(read))  # read before the remove took effect
+    h.finish_admin()
+    assert h.finish_admin() == []
+    assert h.offer_order == [task_id]
+    assert h.core.counts() == {}
+
+
+def test_retry_then_remove_removes_the_waiting_task(h: Harness) -> None:
+    task_id = h.add()
+    h.add_worker("w1")
+    h.fail(task_id)
+    h.remove_worker("w1")
+    read = replace(h.store[task_id])
+    h.begin_retry(replace(read))
+    h.begin_remove(replace(read))  # expects failed: too late
+    h.finish_admin()
+    assert h.finish_admin() == []
+    assert h.state(task_id) == WAITING
+    h.remove(task_id)  # read again: the core holds it now
+    assert h.state(task_id) is None and h.core.counts() == {}
+
+
+def test_remove_from_an_out_of_date_read_changes_nothing() -> None:
+    h = Harness(window=2)
+    ids = [h.add() for _ in range(4)]
+    read = replace(h.store[ids[3]])  # waiting, beyond the window
+    h.add_worker("w1", concurrency=4)
+    h.work_off()  # it ran and completed meanwhile
+    h.begin_remove(read)
+    effects = h.finish_admin()
+    assert not writes(effects) and not emits(effects)
+    assert h.state(ids[3]) == COMPLETED
+    assert h.core.counts() == {"q": {"waiting": 0, "active": 0, "completed": 4, "failed": 0}}
+
+
+def test_a_load_skips_a_task_being_removed() -> None:
+    h = Harness(window=4, auto_load=False)
+    ids = [h.add() for _ in range(8)]
+    h.add_worker("w1", concurrency=4)  # drains the window: a Load goes out
+    h.begin_remove(replace(h.store[ids[5]]))
+    h.answer_loads()
+    assert h.core.lookup(ids[5]) is None
+    h.finish_admin()
+    h.auto_load = True
+    h.work_off()
+    assert ids[5] not in h.offer_order and h.state(ids[5]) is None
 
 
 def test_report_after_remove_is_stale(h: Harness) -> None:
@@ -1763,6 +1922,7 @@ class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.h = Harness(worker_timeout=1.0, window=4, auto_load=False)
+        self.reads: list[Task] = []
 
     @rule(
         queue=st.sampled_from(QUEUES),
@@ -1860,6 +2020,39 @@ class CoreMachine(RuleBasedStateMachine):
             with pytest.raises(InvalidState):
                 self.h.retry(task_id)
 
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        """A remove or retry reads a task; it acts on the copy later (maybe stale)."""
+        if self.h.store:
+            task_id = data.draw(st.sampled_from(sorted(self.h.store)))
+            self.reads.append(replace(self.h.store[task_id]))
+
+    @rule(data=st.data(), kind=st.sampled_from(["remove", "retry"]))
+    def act_on_read(self, data: st.DataObject, kind: str) -> None:
+        """The second half of a racing remove or retry, as connection.py makes it: the
+        core's own path if it holds the task, else the store decides."""
+        if not self.reads:
+            return
+        read = self.reads.pop(data.draw(st.integers(0, len(self.reads) - 1)))
+        held = self.h.core.lookup(read.id)
+        if kind == "remove" and held is not None:
+            self.h.remove(read.id)
+        elif kind == "remove" and read.seq in self.h.core._adding:
+            # Its add (or retry) is not done: the server reads again once it is.
+            assert self.h.core.begin_delete(read) is None
+        elif kind == "remove":
+            self.h.begin_remove(read)
+        elif (held or read).state == FAILED:
+            self.h.begin_retry(read)
+        else:
+            with pytest.raises(InvalidState):
+                self.h.begin_retry(read)
+
+    @rule()
+    def finish_admin(self) -> None:
+        if self.h.pending_admin:
+            self.h.finish_admin()
+
     @rule()
     def answer_load(self) -> None:
         if self.h.pending_loads:
@@ -1877,6 +2070,8 @@ class CoreMachine(RuleBasedStateMachine):
         h = self.h
         while h.undelivered:
             h.deliver(next(iter(h.undelivered)))
+        while h.pending_admin:
+            h.finish_admin()
         for worker, (queue, concurrency) in WORKERS.items():
             if worker not in h.workers:
                 h.add_worker(worker, queue, concurrency)

@@ -90,6 +90,7 @@ class Core:
         self.defer_dispatch = False
         self._dirty: dict[str, None] = {}
         self._adding: set[int] = set()
+        self._removing: dict[str, int] = {}  # task id -> deletes in flight (begin_delete)
         self._counts: dict[str, list[int]] = {}  # queue -> tasks per state (_STATE_INDEX)
 
     # -- start-up and intake ---------------------------------------------------------------
@@ -239,31 +240,78 @@ class Core:
         current = self._runs.get(task_id)
         return current.task if current else self._waiting.get(task_id)
 
-    def remove(self, task_id: str, stored: Task | None, now: float) -> list[Effect]:
-        """Delete a task in any state; ``stored`` is the store's copy for tasks the core
-        does not hold. An active run is aborted first."""
+    def remove(self, task_id: str, now: float) -> list[Effect] | None:
+        """Delete a task the core holds; an active run is aborted first. ``None`` if the
+        core holds no task ``task_id``: then the store decides (:meth:`begin_delete`)."""
         current = self._runs.get(task_id)
         if current is not None:
             effects = self._abort(current, "Removed.")
             detached = self._detach(current)
             effects += self._delete(detached)
             return effects + self._dispatch_soon(self._queue(detached.queue), now)
-        task = self._waiting.get(task_id) or stored
+        task = self._waiting.get(task_id)
         if task is None:
-            return []
+            return None
         self._unplace(task)
         return self._delete(task)
 
-    def retry(self, task: Task, now: float) -> list[Effect]:
-        """Move a failed task (the store's copy) back to waiting, failure count reset."""
-        held = self.lookup(task.id)
-        if held is not None:
-            raise InvalidState(f"Task {task.id} is {held.state.value}; only failed tasks retry.")
-        check_transition(task.id, task.state, State.WAITING)
+    def begin_delete(self, stored: Task) -> Delete | None:
+        """Delete a task the core does not hold, as the store had it (the copy may be out
+        of date): submit the returned op, which applies only if the task is still in
+        ``stored.state``, and pass what it returned to :meth:`deleted`. Until then, loads
+        skip the task. ``None`` if the task's add is not done yet (:meth:`add` will come):
+        read it again once the writes made so far are durable."""
+        if stored.seq in self._adding:
+            return None
+        self._removing[stored.id] = self._removing.get(stored.id, 0) + 1
+        return Delete(stored.id, expected=stored.state)
+
+    def deleted(self, stored: Task, applied: bool, now: float) -> list[Effect]:
+        """The result of :meth:`begin_delete`'s op. Counts change only if it applied, so
+        two deletes of one task never count it twice."""
+        left = self._removing.pop(stored.id) - 1
+        if left:
+            self._removing[stored.id] = left
+        if applied:
+            self._unplace(stored)  # a load in flight may have read it
+            return self._forget(stored)
+        if stored.state is State.WAITING:
+            # Loads skipped it meanwhile: make sure the store is looked at again.
+            queue = self._queue(stored.queue)
+            queue.spilled = True
+            return self._dispatch_soon(queue, now)
+        return []
+
+    def begin_retry(self, stored: Task, now: float) -> Update:
+        """Move a failed task the core does not hold (as the store had it) back to waiting,
+        failure count reset: submit the returned op, which applies only if the task is
+        still failed, and pass it with what it returned to :meth:`retried`. Raises
+        :class:`InvalidState` unless the task is failed."""
+        held = self.lookup(stored.id)
+        state = held.state if held is not None else stored.state
+        if state is not State.FAILED:
+            raise InvalidState(f"Task {stored.id} is {state.value}; only failed tasks retry.")
+        task = stored.copy()
+        task.state = State.WAITING
+        task.seq = self.allocate_seq()  # loads skip it until retried()
         task.retries = 0
         task.error = None
         task.progress = 0.0
-        return self._requeue(task, State.FAILED, now)
+        task.worker = None
+        task.updated = now
+        return Update(task, expected=State.FAILED)
+
+    def retried(self, op: Update, applied: bool, now: float) -> list[Effect]:
+        """The result of :meth:`begin_retry`'s op: if it applied, the task waits again."""
+        self._adding.discard(op.task.seq)
+        if not applied:
+            return []
+        task = op.task.copy()
+        self._move(task.queue, State.FAILED, State.WAITING)
+        effects = self._event("task queued", task)
+        queue = self._queue(task.queue)
+        self._place(queue, task)
+        return effects + self._dispatch_soon(queue, now)
 
     # -- time ------------------------------------------------------------------------------
 
@@ -393,8 +441,12 @@ class Core:
         return effects + self._dispatch_soon(queue, now)
 
     def _delete(self, task: Task) -> list[Effect]:
+        return [Write(Delete(task.id)), *self._forget(task)]
+
+    def _forget(self, task: Task) -> list[Effect]:
+        """A deleted task: its count, its blobs and the event."""
         self._count(task.queue, task.state, -1)
-        effects: list[Effect] = [Write(Delete(task.id))]
+        effects: list[Effect] = []
         if task.blobs:
             effects.append(DeleteBlobs(tuple(task.blobs)))
         effects += self._event("task deleted", task)
@@ -460,6 +512,7 @@ class Core:
     def _is_new(self, queue: _Queue, task: Task) -> bool:
         return not (
             task.seq in self._adding
+            or task.id in self._removing
             or task.id in self._waiting
             or task.id in self._runs
             or task.id in queue.left_during_load

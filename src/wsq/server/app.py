@@ -38,6 +38,7 @@ from wsq.exceptions import ServerError
 from wsq.server import web
 from wsq.server.auth import Authenticator
 from wsq.server.connection import Connection
+from wsq.server.locks import TaskLocks
 from wsq.server.logs import log, logger
 from wsq.server.streams import BlobQuota, stream_json
 from wsq.storage.base import LoadWaiting, Op, StateStore
@@ -139,6 +140,7 @@ class Server:
         self.core.defer_dispatch = True
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
+        self.task_locks = TaskLocks()
         # Blobs stored while the start-up sweep runs; the sweep must not delete them.
         self._fresh_blobs: set[str] | None = set()
         self._ids = itertools.count(1)

@@ -25,12 +25,15 @@ from picows.websockets import ConnectionClosed, ServerConnection
 
 from wsq import protocol as p
 from wsq.blobs.base import BlobReader
+from wsq.core.effects import Effect
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import (
     Forbidden,
     InvalidArgument,
+    InvalidState,
     LimitExceeded,
     ProtocolError,
+    ServerError,
     StaleRun,
     TaskNotFound,
     TooLarge,
@@ -39,7 +42,7 @@ from wsq.exceptions import (
 from wsq.server.auth import EVERYONE, Principal
 from wsq.server.logs import log
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
-from wsq.storage.base import Delete, Insert
+from wsq.storage.base import Delete, Insert, Op
 
 if TYPE_CHECKING:
     from wsq.server.app import Outcome, Server
@@ -596,24 +599,85 @@ class Connection:
         self._spawn(message.id, self._remove(message.task))
 
     async def _remove(self, task_id: str) -> Any:
-        held = self.server.core.lookup(task_id)
-        stored = None if held else await self.server.store.get(task_id)
-        if held is None and stored is None:
+        async with self.server.task_locks.hold(task_id):
+            for _ in range(_ATTEMPTS):
+                if await self._remove_once(task_id):
+                    await self._durable()
+                    return None
+        raise InvalidState(f"Task {task_id} kept changing; try again.")
+
+    async def _remove_once(self, task_id: str) -> bool:
+        """One attempt at removing the task as the core or, failing that, the store has
+        it; whether it was removed. The store's delete applies only if the task is still
+        as read, so counts never move twice (docs/reliability.md)."""
+        core = self.server.core
+        held, stored = await self._current(task_id)
+        if held is not None:
+            self._require("admin", held.queue)
+            self.server.apply(core.remove(task_id, time.time()) or [])
+            return True
+        if stored is None:
             raise TaskNotFound(f"No task with id {task_id}.")
-        self._require("admin", (held or stored).queue)  # type: ignore[union-attr]
-        self.server.apply(self.server.core.remove(task_id, stored, time.time()))
-        await self._durable()
-        return None
+        self._require("admin", stored.queue)
+        op = core.begin_delete(stored)
+        if op is None:
+            return False  # its add is not done: read again
+        return await self._submit_one(op, lambda ok: core.deleted(stored, ok, time.time()))
 
     def _on_retry(self, message: p.Retry) -> None:
         self._spawn(message.id, self._retry(message.task))
 
     async def _retry(self, task_id: str) -> Any:
-        task = await self._find(task_id)
+        async with self.server.task_locks.hold(task_id):
+            for _ in range(_ATTEMPTS):
+                retried = await self._retry_once(task_id)
+                if retried is not None:
+                    await self._durable()
+                    return retried.to_json()
+        raise InvalidState(f"Task {task_id} kept changing; try again.")
+
+    async def _retry_once(self, task_id: str) -> Task | None:
+        """One attempt at retrying the task as the core or the store has it: the task
+        as retried, or ``None`` if it changed meanwhile (the store's update applies only
+        to a task still failed)."""
+        held, stored = await self._current(task_id)
+        task = held or stored
+        if task is None:
+            raise TaskNotFound(f"No task with id {task_id}.")
         self._require("admin", task.queue)
-        self.server.apply(self.server.core.retry(task, time.time()))
+        core = self.server.core
+        op = core.begin_retry(task, time.time())
+        if await self._submit_one(op, lambda ok: core.retried(op, ok, time.time())):
+            return op.task
+        return None
+
+    async def _current(self, task_id: str) -> tuple[Task | None, Task | None]:
+        """The core's task if it holds one, else the store's copy once every write made
+        so far is durable (or ``None``): ``(held, stored)``."""
+        held = self.server.core.lookup(task_id)
+        if held is not None:
+            return held, None
         await self._durable()
-        return task.to_json()
+        stored = await self.server.store.get(task_id)
+        held = self.server.core.lookup(task_id)  # it may have taken the task meanwhile
+        return (held, None) if held is not None else (None, stored)
+
+    async def _submit_one(self, op: Op, then: Callable[[bool], list[Effect]]) -> bool:
+        """Submit ``op``, hand whether it applied to ``then`` and apply its effects, even
+        if this request is cancelled meanwhile (the core must hear every result)."""
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Outcome) -> None:
+            applied = not isinstance(outcome, BaseException) and bool(outcome[0])
+            self.server.apply(then(applied))
+            if not done.done():
+                done.set_result(outcome)
+
+        self.server.submit([op], settle)
+        outcome = await done
+        if isinstance(outcome, BaseException):
+            raise ServerError(f"Could not store the change: {outcome}")
+        return bool(outcome[0])
 
     async def _durable(self) -> None:
         """Wait until every write made so far is durable (and sent in order before us)."""
@@ -843,6 +907,9 @@ class Connection:
 
 _MAX_REFUSED = 1000
 """Refused uploads remembered per connection, so that their adds fail alike."""
+
+_ATTEMPTS = 8
+"""Reads of a task a remove or retry makes while the task keeps changing under it."""
 
 _BOUNDED = (p.Add, p.AddMany, p.ListTasks, p.Queues, p.Get, p.Remove, p.Retry)
 """Requests that wait on the store: ``max_requests`` bounds how many may be in flight."""

@@ -52,9 +52,11 @@ class SetProgress:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """Delete the task and its blob records. Result: whether a task was deleted."""
+    """Delete the task and its blob records, if its stored state is ``expected`` (any
+    state when ``None``). Result: whether a task was deleted."""
 
     task_id: str
+    expected: State | None = None
 
 
 @dataclass(frozen=True, slots=True)

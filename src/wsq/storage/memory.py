@@ -141,6 +141,8 @@ class MemoryStateStore(StateStore):
             return False
         if isinstance(op, Update) and stored.state != op.expected:
             return False
+        if isinstance(op, Delete) and op.expected not in (None, stored.state):
+            return False
         if isinstance(op, SetProgress) and stored.state != State.ACTIVE:
             return False
         journal.append((task_id, stored))

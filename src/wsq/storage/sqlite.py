@@ -151,6 +151,7 @@ WHERE id = ? AND state = 'active'
 """
 SET_PROGRESS = "UPDATE tasks SET progress = ?, updated = ? WHERE id = ? AND state = 'active'"
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+DELETE_TASK_IN_STATE = "DELETE FROM tasks WHERE id = ? AND state = ?"
 DELETE_BLOBS = "DELETE FROM blobs WHERE task = ?"
 LOAD_WAITING = f"""
 SELECT {TASK_COLUMNS} FROM tasks
@@ -379,9 +380,13 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
 _FINISHED = (State.COMPLETED, State.FAILED)
 
 
-def _delete(conn: sqlite3.Connection, task_id: str) -> bool:
-    deleted = conn.execute(DELETE_TASK, (task_id,)).rowcount == 1
-    conn.execute(DELETE_BLOBS, (task_id,))
+def _delete(conn: sqlite3.Connection, task_id: str, expected: State | None) -> bool:
+    if expected is None:
+        deleted = conn.execute(DELETE_TASK, (task_id,)).rowcount == 1
+    else:
+        deleted = conn.execute(DELETE_TASK_IN_STATE, (task_id, expected.value)).rowcount == 1
+    if deleted:
+        conn.execute(DELETE_BLOBS, (task_id,))
     return bool(deleted)
 
 
@@ -394,8 +399,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return _update(conn, op)
         case SetProgress(task_id, progress, updated):
             return conn.execute(SET_PROGRESS, (progress, updated, task_id)).rowcount == 1
-        case Delete(task_id):
-            return _delete(conn, task_id)
+        case Delete(task_id, expected):
+            return _delete(conn, task_id, expected)
         case LoadWaiting(queue_, limit):
             rows = conn.execute(LOAD_WAITING, (queue_, _clamp(max(limit, 0))))
             return [_task_from_row(row) for row in rows]
