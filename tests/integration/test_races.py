@@ -242,3 +242,34 @@ async def test_double_remove_and_double_retry_keep_stats_equal_to_the_store(
         await eventually(lambda: _stats_match_store(server, raw))
         counts = await _store_counts(server)
         assert counts == {"dd": {"waiting": 17, "active": 0, "completed": 0, "failed": 0}}
+
+
+# -- a task cannot spin the server --------------------------------------------------------
+
+
+async def _add_with_timeout(raw: RawClient, timeout: float) -> dict[str, Any]:
+    return await raw.request(
+        {"op": "add", "queue": "floor", "data": 1, "options": {"timeout": timeout}}
+    )
+
+
+async def test_task_timeouts_under_the_floor_are_refused(server: wsq.Server) -> None:
+    assert server.min_task_timeout == 0.1
+    async with RawClient(server.url) as raw:
+        for timeout in (0.0, 0.01, 0.0999):
+            answer = await _add_with_timeout(raw, timeout)
+            assert answer["op"] == "error" and answer["code"] == "invalid_argument"
+            assert ">= 0.1" in answer["message"]
+        for timeout in (0.1, -1, 5):
+            assert (await _add_with_timeout(raw, timeout))["op"] == "result"
+    assert len(await server.store.list()) == 3
+
+
+async def test_the_floor_is_a_server_option(data_dir: Path) -> None:
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, min_task_timeout=0) as server,
+        RawClient(server.url) as raw,
+    ):
+        assert (await _add_with_timeout(raw, 0.0))["op"] == "result"
+    with pytest.raises(ValueError, match="min_task_timeout"):
+        wsq.Server(data_dir=data_dir, port=0, min_task_timeout=-1)

@@ -285,6 +285,9 @@ class Harness:
                 self.answer_load()
                 continue
             active = self.in_state(ACTIVE)
+            if not active and self.core._delayed:
+                self.tick(max(self.now, self.core.next_deadline() or self.now))
+                continue
             if not active:
                 return
             for task_id in active:
@@ -407,7 +410,10 @@ class Harness:
         assert not set(window_ids) & set(core._runs), "a task is both waiting and active"
         for task_id, run in core._runs.items():
             assert run.task.state == ACTIVE and run.task.id == task_id
-        for task_id in [*window_ids, *core._runs]:
+        assert not set(core._delayed) & (set(window_ids) | set(core._runs))
+        for task_id, task in core._delayed.items():
+            assert task.state == WAITING and task.id == task_id
+        for task_id in [*window_ids, *core._runs, *core._delayed]:
             stored = self.store.get(task_id)
             assert stored is not None, (
                 f"the core holds {task_id}, which the store "
@@ -449,7 +455,7 @@ class Harness:
     def _unheard(self) -> set[str]:
         """Ids of tasks waiting in the store that the core has not heard of yet."""
         retried = {read.id for kind, read, _, ok in self.pending_admin if ok and kind == "retry"}
-        return set(self.undelivered) | retried
+        return set(self.undelivered) | retried | set(self.core._delayed)
 
     def _check_windows(self) -> list[str]:
         core = self.core
@@ -867,8 +873,98 @@ def test_worker_timeout_is_a_failure_that_may_retry(h: Harness) -> None:
     effects = h.tick(1.0)
     (failed,) = emits(effects, "task failed")
     assert failed.args[1] is True
-    # Requeued and offered again at once: run 2.
+    # Requeued, and offered again once its back-off is over: run 2.
+    assert h.state(task_id) == WAITING
+    h.advance(0.1)
     assert h.state(task_id) == ACTIVE and h.store[task_id].run == 2
+
+
+# -- back-off after an expired run ---------------------------------------------------------
+
+
+def test_timed_out_task_waits_out_a_back_off_before_its_next_offer(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(timeout=1.0, retries=-1)
+    h.ack(task_id)
+    h.tick(1.0)
+    assert h.state(task_id) == WAITING and h.core.lookup(task_id) is not None
+    assert h.core.next_deadline() == pytest.approx(1.1)
+    h.tick(1.09)
+    assert h.state(task_id) == WAITING
+    h.tick(1.1)
+    assert h.state(task_id) == ACTIVE
+
+
+def test_back_off_doubles_with_each_expiry_in_a_row_up_to_its_cap() -> None:
+    h = Harness()
+    h.core.max_backoff = 1.0
+    h.add_worker("w1")
+    task_id = h.add(timeout=1.0, retries=-1)
+    waits = []
+    for _ in range(6):
+        h.ack(task_id)
+        h.advance(1.0)  # the run expires
+        expired = h.now
+        while h.state(task_id) != ACTIVE:
+            h.tick(h.core.next_deadline())
+        waits.append(round(h.now - expired, 6))
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_a_task_that_always_times_out_costs_little(h: Harness) -> None:
+    """retries -1, the smallest timeout: ten minutes of fake time hold few runs."""
+    h.add_worker("w1")
+    task_id = h.add(timeout=0.1, retries=-1)
+    runs = 0
+    while h.now < 600:
+        if h.state(task_id) == ACTIVE and h.store[task_id].run > runs:
+            runs = h.store[task_id].run
+            h.ack(task_id)
+        h.tick(h.core.next_deadline())
+    assert runs < 30  # without the back-off: 6,000
+
+
+def test_a_failure_the_worker_reports_requeues_at_once(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(retries=-1)
+    h.fail(task_id)
+    assert h.state(task_id) == ACTIVE and h.store[task_id].run == 2
+
+
+def test_a_task_in_back_off_frees_its_slot_for_others(h: Harness) -> None:
+    h.add_worker("w1")
+    first = h.add(timeout=1.0, retries=-1)
+    second = h.add()
+    h.ack(first)
+    h.tick(1.0)
+    assert h.state(second) == ACTIVE and h.state(first) == WAITING
+
+
+def test_a_task_in_back_off_can_be_removed_not_retried(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(timeout=1.0, retries=-1)
+    h.ack(task_id)
+    h.tick(1.0)
+    with pytest.raises(InvalidState):
+        h.retry(task_id)
+    h.remove(task_id)
+    assert h.state(task_id) is None and h.core.counts() == {}
+    assert h.core.next_deadline() is None
+    assert h.tick(5.0) == []
+
+
+def test_loads_read_past_tasks_in_back_off() -> None:
+    """More tasks in back-off than the window holds never make a load read nothing new."""
+    h = Harness(window=4)
+    h.add_worker("w1", concurrency=6)
+    slow = [h.add(timeout=1.0, retries=-1) for _ in range(6)]
+    for task_id in slow:
+        h.ack(task_id)
+    h.remove_worker("w1")
+    h.tick(1.0)  # six tasks in back-off, waiting in the store
+    fresh = [h.add() for _ in range(6)]
+    h.add_worker("w2", concurrency=20)
+    assert set(fresh) <= set(h.in_state(ACTIVE))
 
 
 # -- the run timeout (after ack) ---------------------------------------------------------
@@ -1569,6 +1665,7 @@ def test_report_of_timed_out_run_is_stale_after_requeue(h: Harness) -> None:
     task_id = h.add(retries=1, timeout=1.0)
     h.ack(task_id)
     h.tick(1.0)
+    h.advance(0.1)  # the back-off
     assert h.store[task_id].run == 2
     before = snapshot_of(h)
     with pytest.raises(StaleRun):

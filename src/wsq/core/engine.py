@@ -29,6 +29,11 @@ from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
+BACKOFF = 0.1
+"""Seconds a task waits after its first expired run before it is offered again; each
+further expiry in a row doubles it, up to :data:`MAX_BACKOFF` (docs/protocol.md §6.2)."""
+MAX_BACKOFF = 60.0
+
 _STATE_NAMES = tuple(state.value for state in State)
 _STATE_INDEX = {state: index for index, state in enumerate(State)}
 
@@ -61,17 +66,28 @@ class _Queue:
     loading: bool = False
     refused_during_load: bool = False
     left_during_load: set[str] = field(default_factory=set)
+    # Tasks of this queue waiting out a back-off: loads read past them (they skip them).
+    delayed: int = 0
 
     @property
     def idle(self) -> bool:
-        return not (self.window or self.workers or self.spilled or self.loading)
+        return not (self.window or self.workers or self.spilled or self.loading or self.delayed)
 
 
 class Core:
     """The scheduler. See the module docstring for the calling contract."""
 
-    def __init__(self, *, worker_timeout: float = 1.0, window: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        worker_timeout: float = 1.0,
+        window: int = 1000,
+        backoff: float = BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+    ) -> None:
         self.worker_timeout = worker_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
         self.window_size = window
         self.low_water = max(1, window // 4)
         self._next_seq = 1
@@ -81,6 +97,10 @@ class Core:
         self._by_worker: dict[str, set[str]] = {}
         self._waiting: dict[str, Task] = {}
         self._deadlines: list[tuple[float, str, int]] = []
+        # Tasks re-queued after an expired run wait out a back-off here, then join their
+        # window: id -> task, and a heap of (when, id, seq).
+        self._delayed: dict[str, Task] = {}
+        self._delays: list[tuple[float, str, int]] = []
         # Whether anyone (a listener, the log) wants task events of a queue; the server
         # sets this so that unobserved queues cost no snapshots.
         self.observed: Callable[[str], bool] = lambda queue: True
@@ -91,6 +111,7 @@ class Core:
         self._dirty: dict[str, None] = {}
         self._adding: set[int] = set()
         self._removing: dict[str, int] = {}  # task id -> deletes in flight (begin_delete)
+        self._skipped: set[str] = set()  # tasks being deleted that a load skipped
         self._counts: dict[str, list[int]] = {}  # queue -> tasks per state (_STATE_INDEX)
 
     # -- start-up and intake ---------------------------------------------------------------
@@ -238,7 +259,9 @@ class Core:
     def lookup(self, task_id: str) -> Task | None:
         """The task if the core holds it (active, or waiting in a window)."""
         current = self._runs.get(task_id)
-        return current.task if current else self._waiting.get(task_id)
+        if current is not None:
+            return current.task
+        return self._waiting.get(task_id) or self._delayed.get(task_id)
 
     def remove(self, task_id: str, now: float) -> list[Effect] | None:
         """Delete a task the core holds; an active run is aborted first. ``None`` if the
@@ -249,6 +272,12 @@ class Core:
             detached = self._detach(current)
             effects += self._delete(detached)
             return effects + self._dispatch_soon(self._queue(detached.queue), now)
+        task = self._delayed.pop(task_id, None)
+        if task is not None:
+            queue = self._queue(task.queue)
+            queue.delayed -= 1
+            self._forget_if_idle(queue)
+            return self._delete(task)
         task = self._waiting.get(task_id)
         if task is None:
             return None
@@ -273,14 +302,17 @@ class Core:
         if left:
             self._removing[stored.id] = left
         if applied:
+            self._skipped.discard(stored.id)
             self._unplace(stored)  # a load in flight may have read it
             return self._forget(stored)
-        if stored.state is State.WAITING:
-            # Loads skipped it meanwhile: make sure the store is looked at again.
-            queue = self._queue(stored.queue)
-            queue.spilled = True
-            return self._dispatch_soon(queue, now)
-        return []
+        if stored.id not in self._skipped:
+            return []
+        # A load skipped the task meanwhile, and it may wait in the store after all (the
+        # copy was out of date): make sure the store is looked at again.
+        self._skipped.discard(stored.id)
+        queue = self._queue(stored.queue)
+        queue.spilled = True
+        return self._dispatch_soon(queue, now)
 
     def begin_retry(self, stored: Task, now: float) -> Update:
         """Move a failed task the core does not hold (as the store had it) back to waiting,
@@ -319,16 +351,20 @@ class Core:
         """When :meth:`tick` should next be called, or ``None`` if nothing is timed."""
         while self._deadlines and not self._is_live(self._deadlines[0]):
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        while self._delays and not self._is_delayed(self._delays[0]):
+            heapq.heappop(self._delays)
+        times = [heap[0][0] for heap in (self._deadlines, self._delays) if heap]
+        return min(times) if times else None
 
     def tick(self, now: float) -> list[Effect]:
         """Fail every run whose deadline has passed: unacknowledged offers with the
-        worker's "didn't respond", started runs with "Timed out."."""
+        worker's "didn't respond", started runs with "Timed out.". An expired run that
+        will retry waits out its back-off first; tasks whose back-off is over wait again."""
+        effects = self._release_delayed(now)
         expired: list[tuple[float, str, int]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             expired.append(heapq.heappop(self._deadlines))
         # Runs started by this tick's own failures wait for the next tick.
-        effects: list[Effect] = []
         for entry in expired:
             if not self._is_live(entry):
                 continue
@@ -338,8 +374,25 @@ class Core:
             else:
                 reason = f"Worker {current.task.worker} didn't respond."
             effects += self._abort(current, reason)
-            effects += self._fail(current, reason, now)
+            effects += self._fail(current, reason, now, expired=True)
         return effects
+
+    def _release_delayed(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        while self._delays and self._delays[0][0] <= now:
+            entry = heapq.heappop(self._delays)
+            if not self._is_delayed(entry):
+                continue
+            task = self._delayed.pop(entry[1])
+            queue = self._queue(task.queue)
+            queue.delayed -= 1
+            self._place(queue, task)
+            effects += self._dispatch_soon(queue, now)
+        return effects
+
+    def _is_delayed(self, entry: tuple[float, str, int]) -> bool:
+        task = self._delayed.get(entry[1])
+        return task is not None and task.seq == entry[2]
 
     # -- internals: runs -------------------------------------------------------------------
 
@@ -411,7 +464,9 @@ class Core:
             return []
         return [Abort(worker.connection, worker.id, task.id, task.run, reason)]
 
-    def _fail(self, current: _Run, error: str, now: float) -> list[Effect]:
+    def _fail(
+        self, current: _Run, error: str, now: float, *, expired: bool = False
+    ) -> list[Effect]:
         task = self._end(current, State.FAILED, now)
         task.retries += 1
         task.error = error
@@ -419,12 +474,22 @@ class Core:
         will_retry = limit == -1 or task.retries <= limit
         failed = self._event("task failed", task, will_retry)
         if will_retry:
-            return self._requeue(task, State.ACTIVE, now, announce=failed)
+            delay = self._backoff(task.retries) if expired else 0.0
+            return self._requeue(task, State.ACTIVE, now, announce=failed, delay=delay)
         effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
 
+    def _backoff(self, failures: int) -> float:
+        """The wait before the next offer after ``failures`` failed attempts in a row."""
+        return min(self.backoff * 2.0 ** min(failures - 1, 64), self.max_backoff)
+
     def _requeue(
-        self, task: Task, expected: State, now: float, announce: list[Effect] | None = None
+        self,
+        task: Task,
+        expected: State,
+        now: float,
+        announce: list[Effect] | None = None,
+        delay: float = 0.0,
     ) -> list[Effect]:
         self._move(task.queue, task.state, State.WAITING)
         task.state = State.WAITING
@@ -436,6 +501,12 @@ class Core:
             *(announce or []),
             *self._event("task queued", task),
         ]
+        if delay > 0:
+            self._delayed[task.id] = task
+            heapq.heappush(self._delays, (now + delay, task.id, task.seq))
+            queue = self._queue(task.queue)
+            queue.delayed += 1
+            return effects + self._dispatch_soon(queue, now)  # its slot is free
         queue = self._queue(task.queue)
         self._place(queue, task)
         return effects + self._dispatch_soon(queue, now)
@@ -510,9 +581,12 @@ class Core:
             del self._queues[queue.name]
 
     def _is_new(self, queue: _Queue, task: Task) -> bool:
+        if task.id in self._removing:
+            self._skipped.add(task.id)
+            return False
         return not (
             task.seq in self._adding
-            or task.id in self._removing
+            or task.id in self._delayed
             or task.id in self._waiting
             or task.id in self._runs
             or task.id in queue.left_during_load
@@ -554,7 +628,7 @@ class Core:
         if queue.spilled and not queue.loading and len(queue.window) <= self.low_water:
             queue.loading = True
             queue.refused_during_load = False
-            return [Load(queue.name, self.window_size)]
+            return [Load(queue.name, self.window_size + queue.delayed)]
         return []
 
     def _free_slots(self, worker: _Worker) -> int:

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -109,9 +110,13 @@ class Server:
         max_connections: int = 10_000,
         max_requests: int = 10_000,
         max_uploads: int = 100,
+        min_task_timeout: float = 0.1,
     ) -> None:
         if worker_timeout <= 0 or heartbeat_interval <= 0:
             raise ValueError("worker_timeout and heartbeat_interval must be positive seconds")
+        if not 0 <= min_task_timeout < math.inf:
+            raise ValueError("min_task_timeout must be a number of seconds >= 0")
+        self.min_task_timeout = min_task_timeout
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port

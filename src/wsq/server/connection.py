@@ -370,7 +370,7 @@ class Connection:
         uploads = [s.upload for s in message.streams if s.upload is not None]
         try:
             self._require("produce", message.queue)
-            options = _options(message.options)
+            options = _options(message.options, self.server.min_task_timeout)
             _check_stream_paths(message.data, message.streams)
             if len(set(uploads)) != len(uploads):
                 raise InvalidArgument("An upload can hold only one stream of the data.")
@@ -477,7 +477,7 @@ class Connection:
     def _on_add_many(self, message: p.AddMany) -> None:
         """Several tasks in one message, one store job and one answer (§4.3)."""
         self._require("produce", message.queue)
-        options = [_options(spec.options) for spec in message.tasks]
+        options = [_options(spec.options, self.server.min_task_timeout) for spec in message.tasks]
         for spec in message.tasks:
             if any(stream.upload is not None for stream in spec.streams):
                 raise InvalidArgument("add_many takes inline streams only; use add to upload.")
@@ -922,15 +922,18 @@ class _NoAnswer:
 _NO_ANSWER = _NoAnswer()
 
 
-def _options(options: p.OptionsIn) -> Options:
-    return _checked_options(options.timeout, options.retries, options.autoremove)
+def _options(options: p.OptionsIn, floor: float) -> Options:
+    return _checked_options(options.timeout, options.retries, options.autoremove, floor)
 
 
 @functools.lru_cache(maxsize=256)
-def _checked_options(timeout: float, retries: int, autoremove: bool) -> Options:
-    """Options are immutable and most tasks share a few: one object per combination."""
-    if not math.isfinite(timeout) or (timeout < 0 and timeout != -1):
-        raise InvalidArgument(f"timeout must be -1 or a number of seconds >= 0, not {timeout}.")
+def _checked_options(timeout: float, retries: int, autoremove: bool, floor: float) -> Options:
+    """Options are immutable and most tasks share a few: one object per combination.
+    ``floor`` is the server's ``min_task_timeout``: a shorter timeout would let one task
+    keep the server busy timing it out (docs/protocol.md §4.3)."""
+    if not math.isfinite(timeout) or (timeout < floor and timeout != -1):
+        text = f"timeout must be -1 or a number of seconds >= {floor:g}, not {timeout}."
+        raise InvalidArgument(text)
     return Options(timeout=timeout, retries=retries, autoremove=autoremove)
 
 
