@@ -273,3 +273,58 @@ async def test_the_floor_is_a_server_option(data_dir: Path) -> None:
         assert (await _add_with_timeout(raw, 0.0))["op"] == "result"
     with pytest.raises(ValueError, match="min_task_timeout"):
         wsq.Server(data_dir=data_dir, port=0, min_task_timeout=-1)
+
+
+# -- worker ids are scoped to their principal ----------------------------------------------
+
+ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789", "admin-token-0123456789"
+WORKERS_AUTH = f"""
+[tokens.alice]
+token = "{ALICE}"
+work = ["jobs"]
+produce = ["jobs"]
+
+[tokens.bob]
+token = "{BOB}"
+work = ["jobs"]
+
+[tokens.admin]
+token = "{ADMIN}"
+admin = ["*"]
+"""
+
+
+@pytest.fixture
+async def two_principals(tmp_path: Path) -> AsyncIterator[wsq.Server]:
+    auth = tmp_path / "auth.toml"
+    auth.write_text(WORKERS_AUTH)
+    async with wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server:
+        yield server
+
+
+async def test_a_worker_id_of_another_principal_is_a_fresh_worker(
+    two_principals: wsq.Server,
+) -> None:
+    """Alice's worker "w" holds a run and disconnects; Bob registers "w": he gets the
+    waiting task at once (Alice's run does not count against him) and never her abort."""
+    server = two_principals
+    async with RawClient(server.url, token=ALICE) as alice:
+        first = (await alice.request({"op": "add", "queue": "jobs", "data": 1}))["result"]
+        await alice.request({"op": "work", "queue": "jobs", "worker": "w", "concurrency": 1})
+        offer = await alice.expect("offer")
+        assert offer["tasks"][0]["task"]["id"] == first["id"]
+        ack = {"op": "ack", "runs": [[first["id"], 1]]}
+        answer = await alice.request(ack)
+        assert answer["op"] == "result", answer
+        second = (await alice.request({"op": "add", "queue": "jobs", "data": 2}))["result"]
+    async with RawClient(server.url, token=BOB) as bob, RawClient(server.url, token=ADMIN) as admin:
+        await eventually(lambda: len(server.connections) == 2)
+        work = {"op": "work", "queue": "jobs", "worker": "w", "concurrency": 1}
+        assert (await bob.request(work))["result"] == {"worker": "w"}
+        offer = await bob.expect("offer")
+        assert [t["task"]["id"] for t in offer["tasks"]] == [second["id"]]
+        assert (await admin.request({"op": "remove", "task": first["id"]}))["op"] == "result"
+        await bob.request({"op": "ping"})
+        with contextlib.suppress(TimeoutError):
+            message = await bob.expect("abort", timeout=0.5)
+            raise AssertionError(f"Bob got Alice's abort: {message}")

@@ -1595,6 +1595,30 @@ def test_reregistered_worker_gets_aborts_for_its_old_runs(h: Harness) -> None:
     assert abort.connection == h.workers["w1"].connection  # the new connection
 
 
+def test_a_run_ending_frees_the_slot_on_the_queue_its_worker_serves_now(h: Harness) -> None:
+    h.add_worker("w1", queue="a")
+    old_run = h.add("a")
+    h.ack(old_run)
+    h.remove_worker("w1")
+    h.add_worker("w1", queue="b")  # the same worker, now on another queue
+    waiting = h.add("b")
+    assert h.state(waiting) == WAITING  # its one slot is still taken
+    h.complete(old_run)
+    assert h.state(waiting) == ACTIVE
+
+
+def test_offers_and_aborts_carry_the_worker_s_own_name() -> None:
+    core = Core()
+    effects = core.add_worker("c9", "alice/w", "q", 1, 0.0, name="w")
+    assert emits(effects, "worker added")[0].args[0]["id"] == "w"
+    task = make_task("t1")
+    core.allocate_seq()
+    (offer,) = of_type(core.add(task, 0.0), Offer)
+    assert offer.worker == "w" and offer.tasks[0].worker == "alice/w"
+    (abort,) = of_type(core.remove("t1", 0.0) or [], Abort)
+    assert abort.worker == "w"
+
+
 def test_duplicate_worker_id_is_rejected(h: Harness) -> None:
     h.add_worker("w1")
     with pytest.raises(InvalidArgument):

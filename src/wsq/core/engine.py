@@ -40,13 +40,14 @@ _STATE_INDEX = {state: index for index, state in enumerate(State)}
 
 @dataclass(slots=True)
 class _Worker:
-    id: str
+    id: str  # the key the core knows it by (unique in the server)
     queue: str
     connection: str
     concurrency: int
+    name: str  # the id its client gave it, which offers and aborts carry
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "queue": self.queue, "concurrency": self.concurrency}
+        return {"id": self.name, "queue": self.queue, "concurrency": self.concurrency}
 
 
 @dataclass(slots=True)
@@ -110,6 +111,7 @@ class Core:
         self.defer_dispatch = False
         self._dirty: dict[str, None] = {}
         self._adding: set[int] = set()
+        self._freed: dict[str, None] = {}  # queues whose workers' slots ended elsewhere
         self._removing: dict[str, int] = {}  # task id -> deletes in flight (begin_delete)
         self._skipped: set[str] = set()  # tasks being deleted that a load skipped
         self._counts: dict[str, list[int]] = {}  # queue -> tasks per state (_STATE_INDEX)
@@ -175,13 +177,22 @@ class Core:
     # -- workers ---------------------------------------------------------------------------
 
     def add_worker(
-        self, connection: str, worker_id: str, queue_name: str, concurrency: int, now: float
+        self,
+        connection: str,
+        worker_id: str,
+        queue_name: str,
+        concurrency: int,
+        now: float,
+        *,
+        name: str | None = None,
     ) -> list[Effect]:
-        """Register a worker; its runs still active from an earlier connection count
-        against ``concurrency``."""
+        """Register a worker under the key ``worker_id``; its runs still active from an
+        earlier connection count against ``concurrency``. ``name`` (default: the key) is
+        the id its client knows it by, which offers and aborts carry; the caller makes
+        keys that separate what must not share runs (docs/security.md)."""
         if worker_id in self._workers:
-            raise InvalidArgument(f"Worker id {worker_id} is already connected.")
-        worker = _Worker(worker_id, queue_name, connection, concurrency)
+            raise InvalidArgument(f"Worker id {name or worker_id} is already connected.")
+        worker = _Worker(worker_id, queue_name, connection, concurrency, name or worker_id)
         self._workers[worker_id] = worker
         queue = self._queue(queue_name)
         queue.workers[worker_id] = worker
@@ -455,6 +466,10 @@ class Core:
             owned.discard(task.id)
             if not owned:
                 del self._by_worker[task.worker or ""]
+        worker = self._workers.get(task.worker or "")
+        if worker is not None and worker.queue != task.queue:
+            # Registered again on another queue since: the freed slot serves that one.
+            self._freed[worker.queue] = None
         return task
 
     def _abort(self, current: _Run, reason: str) -> list[Effect]:
@@ -462,7 +477,7 @@ class Core:
         worker = self._workers.get(task.worker or "")
         if worker is None:
             return []
-        return [Abort(worker.connection, worker.id, task.id, task.run, reason)]
+        return [Abort(worker.connection, worker.name, task.id, task.run, reason)]
 
     def _fail(
         self, current: _Run, error: str, now: float, *, expired: bool = False
@@ -635,11 +650,19 @@ class Core:
         return worker.concurrency - len(self._by_worker.get(worker.id, ()))
 
     def _dispatch_soon(self, queue: _Queue, now: float) -> list[Effect]:
-        """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`."""
-        if not self.defer_dispatch:
-            return self._dispatch(queue, now)
-        self._dirty[queue.name] = None
-        return []
+        """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`; also
+        on the queues where a run's end freed a slot."""
+        names = [queue.name, *self._freed]
+        self._freed.clear()
+        if self.defer_dispatch:
+            self._dirty.update(dict.fromkeys(names))
+            return []
+        effects = self._dispatch(queue, now)
+        for name in names[1:]:
+            other = self._queues.get(name)
+            if other is not None and other is not queue:
+                effects += self._dispatch(other, now)
+        return effects
 
     def flush(self, now: float) -> list[Effect]:
         """Dispatch every queue that changed since the last flush (see
@@ -687,5 +710,5 @@ class Core:
             snapshot = task.copy()
             snapshots.append(snapshot)
             effects.append(Write(Update(snapshot, expected=State.WAITING)))
-        effects.append(Offer(worker.connection, worker.id, tuple(snapshots)))
+        effects.append(Offer(worker.connection, worker.name, tuple(snapshots)))
         return effects

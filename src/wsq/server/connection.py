@@ -707,7 +707,8 @@ class Connection:
 
     def _on_work(self, message: p.Work) -> None:
         self._require("work", message.queue)
-        worker_id = message.worker or uuid.uuid4().hex
+        name = message.worker or uuid.uuid4().hex
+        worker_id = self._worker_key(name)
         core = self.server.core
         holder = core.worker_connection(worker_id)
         if holder is not None and holder != self.id:
@@ -720,19 +721,26 @@ class Connection:
                 and previous.session == self.session
                 and previous.principal.name == self.principal.name
             ):
-                raise InvalidArgument(f"Worker id {worker_id} is already connected.")
+                raise InvalidArgument(f"Worker id {name} is already connected.")
             self.server.apply(core.remove_worker(worker_id))
-            log(logging.INFO, "worker moved", connection=self.id, worker=worker_id)
+            log(logging.INFO, "worker moved", connection=self.id, worker=name)
         effects = core.add_worker(
-            self.id, worker_id, message.queue, message.concurrency, time.time()
+            self.id, worker_id, message.queue, message.concurrency, time.time(), name=name
         )
-        self.answer(message.id, {"worker": worker_id})
+        self.answer(message.id, {"worker": name})
         self.server.apply(effects)
 
+    def _worker_key(self, name: str) -> str:
+        """The core's key for this principal's worker ``name``: ids are scoped to their
+        principal, so another token using the same id gets a worker of its own and never
+        the runs or aborts of this one (docs/security.md)."""
+        return f"{self.principal.name}/{name}" if self._checked else name
+
     def _on_stop(self, message: p.StopWork) -> None:
-        if message.worker not in self.server.core.workers_of(self.id):
+        worker_id = self._worker_key(message.worker)
+        if worker_id not in self.server.core.workers_of(self.id):
             raise InvalidArgument(f"Worker {message.worker} is not registered on this connection.")
-        self.server.apply(self.server.core.remove_worker(message.worker))
+        self.server.apply(self.server.core.remove_worker(worker_id))
         self.answer(message.id)
 
     def _on_ack(self, message: p.Ack) -> None:
