@@ -33,6 +33,10 @@ BACKOFF = 0.1
 """Seconds a task waits after its first expired run before it is offered again; each
 further expiry in a row doubles it, up to :data:`MAX_BACKOFF` (docs/protocol.md §6.2)."""
 MAX_BACKOFF = 60.0
+WINDOW_BYTES = 64 << 20
+"""Bytes of task payloads all windows together keep in memory (docs/architecture.md)."""
+PAYLOAD_CAP = 16 << 10
+"""The largest payload (data and inline streams) of one task a window keeps in memory."""
 
 _STATE_NAMES = tuple(state.value for state in State)
 _STATE_INDEX = {state: index for index, state in enumerate(State)}
@@ -85,8 +89,16 @@ class Core:
         window: int = 1000,
         backoff: float = BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        window_bytes: int = WINDOW_BYTES,
+        payload_cap: int = PAYLOAD_CAP,
     ) -> None:
         self.worker_timeout = worker_timeout
+        # Payloads (data and inline streams) held in memory: each at most payload_cap
+        # bytes, all windows together at most window_bytes; beyond that the window
+        # holds ids and order only, and offers read the payload from the store.
+        self.window_bytes = window_bytes
+        self.payload_cap = payload_cap
+        self._held_bytes = 0
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.window_size = window
@@ -266,6 +278,11 @@ class Core:
         return effects + self._fail(current, error, now)
 
     # -- requests about any task -----------------------------------------------------------
+
+    def is_current(self, task_id: str, run: int) -> bool:
+        """Whether run ``run`` of the task is still active."""
+        current = self._runs.get(task_id)
+        return current is not None and current.task.run == run
 
     def lookup(self, task_id: str) -> Task | None:
         """The task if the core holds it (active, or waiting in a window)."""
@@ -616,6 +633,7 @@ class Core:
             self._insert(queue, task)
 
     def _insert(self, queue: _Queue, task: Task) -> None:
+        self._hold(task)
         self._waiting[task.id] = task
         if not queue.window or queue.window[-1].seq < task.seq:
             queue.window.append(task)
@@ -630,11 +648,28 @@ class Core:
             return
         assert queue is not None
         queue.window.remove(task)
+        self._release(task)
+
+    def _hold(self, task: Task) -> None:
+        """Keep the payload of a task entering a window if the budget allows."""
+        if task.data is None:
+            return
+        size = task.payload_size
+        if size > self.payload_cap or self._held_bytes + size > self.window_bytes:
+            task.strip()
+        else:
+            self._held_bytes += size
+
+    def _release(self, task: Task) -> None:
+        """A task left its window: its payload no longer counts (a run keeps none)."""
+        if task.data is not None:
+            self._held_bytes -= task.payload_size
 
     def _take(self, queue: _Queue, count: int) -> list[Task]:
         taken, queue.window = queue.window[:count], queue.window[count:]
         for task in taken:
             del self._waiting[task.id]
+            self._release(task)
             if queue.loading:
                 queue.left_during_load.add(task.id)
         return taken
@@ -643,7 +678,7 @@ class Core:
         if queue.spilled and not queue.loading and len(queue.window) <= self.low_water:
             queue.loading = True
             queue.refused_during_load = False
-            return [Load(queue.name, self.window_size + queue.delayed)]
+            return [Load(queue.name, self.window_size + queue.delayed, self.payload_cap)]
         return []
 
     def _free_slots(self, worker: _Worker) -> int:
@@ -708,6 +743,7 @@ class Core:
             self._by_worker.setdefault(worker.id, set()).add(task.id)
             self._arm(current, now)
             snapshot = task.copy()
+            task.strip()  # the offer carries the payload; the run needs none
             snapshots.append(snapshot)
             effects.append(Write(Update(snapshot, expected=State.WAITING)))
         effects.append(Offer(worker.connection, worker.name, tuple(snapshots)))

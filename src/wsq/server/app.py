@@ -35,6 +35,7 @@ from wsq import protocol
 from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
+from wsq.core.task import Task
 from wsq.exceptions import ServerError
 from wsq.server import web
 from wsq.server.auth import Authenticator
@@ -312,7 +313,7 @@ class Server:
                 ops.append(effect.op)
             elif isinstance(effect, Load):
                 loads.append((len(ops), effect))
-                ops.append(LoadWaiting(effect.queue, effect.limit))
+                ops.append(LoadWaiting(effect.queue, effect.limit, effect.max_payload))
         if ops:
             self.submit(ops, (lambda outcome: self._loaded(outcome, loads)) if loads else None)
         for effect in effects:
@@ -356,17 +357,48 @@ class Server:
             connection.send_text(message)
 
     def _send_offer(self, offer: Offer) -> None:
+        if offer.connection not in self.connections:
+            return  # The ack timeout fails these runs.
+        if any(task.data is None for task in offer.tasks):
+            self.spawn(self._send_offer_read(offer), f"wsq-offer-{offer.connection}")
+            return
+        self._send_offer_now(offer, offer.tasks)
+
+    async def _send_offer_read(self, offer: Offer) -> None:
+        """An offer of tasks whose payloads the window did not keep: one read of the
+        store for all of them (the reader sees every insert, all durable by now), then
+        the runs still current."""
+        missing = [task.id for task in offer.tasks if task.data is None]
+        try:
+            stored = await self.store.get_many(missing)
+        except Exception as exc:  # the runs time out and are offered again
+            log(logging.ERROR, "store failed", f"Reading offered tasks failed: {exc}")
+            return
+        tasks = []
+        for task in offer.tasks:
+            if task.data is None:
+                full = stored.get(task.id)
+                if full is None:
+                    continue  # removed meanwhile
+                task = task.copy()
+                task.data, task.streams = full.data, full.streams
+            if self.core.is_current(task.id, task.run):
+                tasks.append(task)
+        if tasks:
+            self._send_offer_now(offer, tasks)
+
+    def _send_offer_now(self, offer: Offer, offered: Sequence[Task]) -> None:
         connection = self.connections.get(offer.connection)
         if connection is None:
-            return  # The ack timeout fails these runs.
+            return
         tasks = [
             {
                 "task": task.to_json(),
                 "run": task.run,
-                "data": msgspec.Raw(task.data),
+                "data": msgspec.Raw(task.data or b"null"),
                 "streams": [stream_json(ref) for ref in task.streams],
             }
-            for task in offer.tasks
+            for task in offered
         ]
         connection.send_text(
             protocol.encode({"op": "offer", "worker": offer.worker, "tasks": tasks})

@@ -578,7 +578,16 @@ class Connection:
         return {"queues": sorted(names)}
 
     async def _find(self, task_id: str) -> Task:
-        task = self.server.core.lookup(task_id) or await self.server.store.get(task_id)
+        """The task as the core holds it (else as stored), with its payload."""
+        held = self.server.core.lookup(task_id)
+        task = held if held is not None and held.data is not None else None
+        if task is None:
+            stored = await self.server.store.get(task_id)
+            if stored is not None and held is not None:  # the core's state, the payload
+                task = held.copy()
+                task.data, task.streams = stored.data, stored.streams
+            else:
+                task = stored
         if task is None:
             raise TaskNotFound(f"No task with id {task_id}.")
         return task
@@ -591,7 +600,7 @@ class Connection:
         self._require_read(task)
         return {
             "task": task.to_json(),
-            "data": msgspec.Raw(task.data),
+            "data": msgspec.Raw(task.data or b"null"),
             "streams": [stream_json(ref) for ref in task.streams],
         }
 
