@@ -687,13 +687,16 @@ class Core:
     def _dispatch_soon(self, queue: _Queue, now: float) -> list[Effect]:
         """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`; also
         on the queues where a run's end freed a slot."""
-        names = [queue.name, *self._freed]
-        self._freed.clear()
+        freed: list[str] = []
+        if self._freed:  # rare: a worker moved to another queue while running
+            freed = list(self._freed)
+            self._freed.clear()
         if self.defer_dispatch:
-            self._dirty.update(dict.fromkeys(names))
+            self._dirty[queue.name] = None
+            self._dirty.update(dict.fromkeys(freed))
             return []
         effects = self._dispatch(queue, now)
-        for name in names[1:]:
+        for name in freed:
             other = self._queues.get(name)
             if other is not None and other is not queue:
                 effects += self._dispatch(other, now)

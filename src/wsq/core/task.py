@@ -120,13 +120,16 @@ class Task:
     @property
     def payload_size(self) -> int:
         """Bytes of data and inline streams this record holds in memory."""
-        inline = sum(len(ref.inline) for ref in self.streams if ref.inline is not None)
-        return len(self.data or b"") + inline
+        size = len(self.data or b"")
+        if self.streams:
+            size += sum(len(ref.inline) for ref in self.streams if ref.inline is not None)
+        return size
 
     def strip(self) -> None:
         """Drop the payload from memory (see ``data``); keep the blob refs."""
         self.data = None
-        self.streams = tuple(ref for ref in self.streams if ref.blob is not None)
+        if self.streams:
+            self.streams = tuple(ref for ref in self.streams if ref.blob is not None)
 
     @property
     def blobs(self) -> list[str]:
