@@ -30,8 +30,9 @@ from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
 BACKOFF = 0.1
-"""Seconds a task waits after its first expired run before it is offered again; each
-further expiry in a row doubles it, up to :data:`MAX_BACKOFF` (docs/protocol.md §6.2)."""
+"""Seconds a task waits after an expired run before it is offered again, doubled for
+each earlier failure of the task (``retries``), up to :data:`MAX_BACKOFF`
+(docs/protocol.md §6.2)."""
 MAX_BACKOFF = 60.0
 WINDOW_BYTES = 64 << 20
 """Bytes of task payloads all windows together keep in memory (docs/architecture.md)."""
