@@ -133,9 +133,11 @@ class Harness:
         autoremove: bool = False,
         blobs: Sequence[str] = (),
         inline: bool = False,
+        big: bool = False,
     ) -> str:
         """The first half of an add: the durable insert, with a seq from the core. Until
-        :meth:`deliver`, Loads see the task and the core does not know it."""
+        :meth:`deliver`, Loads see the task and the core does not know it. ``big`` data
+        is over the payload a window keeps in memory."""
         task_id = f"t{next(self._ids)}"
         streams = tuple(StreamRef(("files", i), 1, blob=key) for i, key in enumerate(blobs))
         if inline:
@@ -145,7 +147,7 @@ class Harness:
             queue,
             WAITING,
             self.core.allocate_seq(),
-            b"{}",
+            b'"%s"' % (b"x" * PAYLOAD_CAP) if big else b"{}",
             streams,
             Options(timeout, retries, autoremove),
             created=self.now,
@@ -159,8 +161,13 @@ class Harness:
     def deliver(self, task_id: str) -> None:
         """The second half of an add: :meth:`Core.add`, once the insert is durable."""
         task = self.undelivered.pop(task_id)
-        # Concurrent adds may finish out of seq order; FIFO then holds only loosely.
+        # Concurrent adds may finish out of seq order, and a task queued again meanwhile
+        # (a failure, a retry) may have a later seq than an add still on its way; FIFO
+        # then holds only loosely.
         if any(t.queue == task.queue and t.seq < task.seq for t in self.undelivered.values()):
+            self.strict_fifo = False
+        newer = (t for t in self.store.values() if t.queue == task.queue and t.seq > task.seq)
+        if any(t.state == WAITING and t.id not in self.undelivered for t in newer):
             self.strict_fifo = False
         self.last = self._handle(self.core.add(task, self.now))
 
@@ -354,7 +361,10 @@ class Harness:
             assert stored.state == op.expected, (
                 f"Update of {op.task.id} expects {op.expected}, the store has {stored.state}"
             )
-            assert op.task.state in TRANSITIONS[stored.state], op
+            # A task whose back-off ended moves to the back: waiting -> waiting, new seq.
+            assert op.task.state in TRANSITIONS[stored.state] or (
+                op.task.state == stored.state == WAITING and op.task.seq > stored.seq
+            ), op
             self.store[op.task.id] = replace(op.task)
         elif isinstance(op, SetProgress):
             stored = self.store[op.task_id]
@@ -2068,6 +2078,7 @@ class CoreMachine(RuleBasedStateMachine):
         blob=st.booleans(),
         count=st.integers(1, 6),
         deliver=st.booleans(),
+        big=st.booleans(),
     )
     def add(
         self,
@@ -2078,12 +2089,13 @@ class CoreMachine(RuleBasedStateMachine):
         blob: bool,
         count: int,
         deliver: bool,
+        big: bool,
     ) -> None:
         """Insert tasks; hand them to the core now, or later (:meth:`deliver`)."""
         blobs = ["b"] if blob else []
         for _ in range(count):
             options = {"timeout": timeout, "retries": retries, "autoremove": autoremove}
-            task_id = self.h.insert(queue, blobs=blobs, **options)
+            task_id = self.h.insert(queue, blobs=blobs, big=big, **options)
             if deliver:
                 self.h.deliver(task_id)
 
@@ -2097,6 +2109,13 @@ class CoreMachine(RuleBasedStateMachine):
         if worker not in self.h.workers:
             queue, concurrency = WORKERS[worker]
             self.h.add_worker(worker, queue, concurrency)
+
+    @rule(worker=st.sampled_from(sorted(WORKERS)))
+    def connect_elsewhere(self, worker: str) -> None:
+        """The same worker id on the other queue (its runs there still count)."""
+        if worker not in self.h.workers:
+            queue, concurrency = WORKERS[worker]
+            self.h.add_worker(worker, QUEUES[1 - QUEUES.index(queue)], concurrency)
 
     @rule(worker=st.sampled_from(sorted(WORKERS)))
     def disconnect(self, worker: str) -> None:
@@ -2209,6 +2228,8 @@ class CoreMachine(RuleBasedStateMachine):
         while h.pending_admin:
             h.finish_admin()
         for worker, (queue, concurrency) in WORKERS.items():
+            if worker in h.workers and h.workers[worker].queue != queue:
+                h.remove_worker(worker)
             if worker not in h.workers:
                 h.add_worker(worker, queue, concurrency)
         h.work_off()

@@ -413,6 +413,9 @@ class Core:
             if not self._is_delayed(entry):
                 continue
             task = self._delayed.pop(entry[1])
+            # Queued again at the back as its back-off ends (FIFO by seq, §6.1).
+            task.seq = self._allocate()
+            effects.append(Write(Update(task.copy(), expected=State.WAITING)))
             queue = self._queue(task.queue)
             queue.delayed -= 1
             self._place(queue, task)
