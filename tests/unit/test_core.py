@@ -978,6 +978,36 @@ def test_a_task_in_back_off_can_be_removed_not_retried(h: Harness) -> None:
     assert h.tick(5.0) == []
 
 
+def _a_task_in_back_off_behind_a_load_in_flight() -> tuple[Harness, str]:
+    h = Harness(window=4, auto_load=False)
+    h.add_worker("w1")
+    slow = h.add(timeout=1.0, retries=-1)
+    h.ack(slow)
+    for _ in range(5):
+        h.add()
+    h.remove_worker("w1")
+    h.tick(1.0)  # in back-off, waiting in the store
+    h.add_worker("w2", concurrency=3)  # drains the window: a Load reads the store
+    assert h.pending_loads and slow in [t.id for t in h.pending_loads[0].snapshot]
+    return h, slow
+
+
+def test_a_task_removed_in_back_off_is_not_brought_back_by_a_load() -> None:
+    h, slow = _a_task_in_back_off_behind_a_load_in_flight()
+    h.remove(slow)
+    h.answer_loads()
+    assert h.core.lookup(slow) is None and h.state(slow) is None
+
+
+def test_a_task_whose_back_off_ends_during_a_load_joins_with_its_new_seq() -> None:
+    h, slow = _a_task_in_back_off_behind_a_load_in_flight()
+    h.tick(1.1)
+    h.answer_loads()  # the load read its old seq: skipped, read again later
+    h.auto_load = True
+    h.work_off()
+    assert h.offer_order.count(slow) == 2
+
+
 def test_loads_read_past_tasks_in_back_off() -> None:
     """More tasks in back-off than the window holds never make a load read nothing new."""
     h = Harness(window=4)

@@ -305,6 +305,8 @@ class Core:
         if task is not None:
             queue = self._queue(task.queue)
             queue.delayed -= 1
+            if queue.loading:  # a load in flight may have read it
+                queue.left_during_load.add(task.id)
             self._forget_if_idle(queue)
             return self._delete(task)
         task = self._waiting.get(task_id)
@@ -418,6 +420,8 @@ class Core:
             effects.append(Write(Update(task.copy(), expected=State.WAITING)))
             queue = self._queue(task.queue)
             queue.delayed -= 1
+            if queue.loading:  # a load in flight may have read it with its old seq
+                queue.left_during_load.add(task.id)
             self._place(queue, task)
             effects += self._dispatch_soon(queue, now)
         return effects

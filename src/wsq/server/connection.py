@@ -360,6 +360,9 @@ class Connection:
         task = asyncio.create_task(run(), name=f"wsq-request-{self.id}-{request_id}")
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
+        # A request cancelled before it started (its connection closed) never awaits
+        # ``coro``: close it, so that it neither warns nor keeps the connection alive.
+        task.add_done_callback(lambda _: coro.close())
 
     # -- handlers: tasks -------------------------------------------------------------------
 
