@@ -228,6 +228,14 @@ _limit_options = _stacked(
         help="Workers registered at once per connection.",
     ),
     click.option(
+        "--min-task-timeout",
+        type=click.FloatRange(min=0, max=86_400),
+        default=0.1,
+        envvar="WSQ_MIN_TASK_TIMEOUT",
+        show_default=True,
+        help="Smallest task timeout (seconds) an add may ask for; -1 (none) is always allowed.",
+    ),
+    click.option(
         "--max-outgoing",
         metavar="BYTES",
         callback=_size,

@@ -226,6 +226,18 @@ async def test_delete_removes_the_task_and_its_blob_keys(store: StateStore) -> N
     assert await store.submit([Delete("a")]) == [False]
 
 
+async def test_delete_with_expected_state_applies_only_in_that_state(store: StateStore) -> None:
+    keep = (StreamRef(path=("k",), size=1, blob="d" * 32),)
+    await insert(store, make("a", 1, streams=keep))
+    assert await store.submit([Delete("a", expected=State.FAILED)]) == [False]
+    assert await store.get("a") is not None
+    assert await store.blob_keys() == {"d" * 32}
+    assert await store.submit([Delete("a", expected=State.WAITING)]) == [True]
+    assert await store.get("a") is None
+    assert await store.blob_keys() == set()
+    assert await store.submit([Delete("a", expected=State.WAITING)]) == [False]
+
+
 # -- LoadWaiting -----------------------------------------------------------------------------
 
 
@@ -260,6 +272,36 @@ async def test_load_waiting_sees_writes_submitted_before_it(store: StateStore) -
     assert await first == [True, True]
     assert [t.id for t in (await second)[1]] == ["d", "b", "c"]
     assert [t.id for t in (await third)[0]] == ["d", "b", "c"]
+
+
+async def test_load_waiting_strips_payloads_over_max_payload(store: StateStore) -> None:
+    """Big payloads stay in the store: data None, only the blob refs (for deletes)."""
+    streams = (
+        StreamRef(path=("a",), size=5, blob="e" * 32),
+        StreamRef(path=("b",), size=3, inline=b"xyz"),
+    )
+    big = make("big", 1, streams=streams)
+    big.data = b'{"pad": "%s"}' % (b"p" * 100_000)
+    await insert(store, big, make("small", 2))
+    (loaded,) = await store.submit([LoadWaiting("q", 10, max_payload=1000)])
+    assert [t.id for t in loaded] == ["big", "small"]
+    assert loaded[0].data is None and loaded[0].blobs == ["e" * 32]
+    assert [ref.inline for ref in loaded[0].streams] == [None]
+    assert loaded[1] == make("small", 2)
+    (whole,) = await store.submit([LoadWaiting("q", 10)])
+    assert whole[0] == big
+    assert await store.get_many(["big", "nope", "small"]) == {
+        "big": big,
+        "small": make("small", 2),
+    }
+
+
+async def test_recovery_holds_active_tasks_without_their_payloads(store: StateStore) -> None:
+    keep = (StreamRef(path=("k",), size=1, blob="f" * 32),)
+    await insert(store, make("a", 1, state=State.ACTIVE, streams=keep, worker="w", run=1))
+    recovery = await reopen(store)
+    (active,) = recovery.active
+    assert (active.id, active.data, active.blobs, active.worker) == ("a", None, ["f" * 32], "w")
 
 
 # -- list, queues, blob keys ------------------------------------------------------------------
@@ -422,7 +464,10 @@ async def test_recovery_after_close_and_open(store: StateStore) -> None:
     )
     recovery = await reopen(store)
     assert recovery.next_seq == 43
-    assert recovery.active == active
+    stripped = [replace(task) for task in active]
+    for task in stripped:
+        task.strip()  # active tasks come back without their payloads
+    assert recovery.active == stripped
     assert recovery.waiting_queues == ["also-waits", "waits"]
     assert await store.get("w1") == make("w1", 41, queue="waits")
     assert recovery.counts == {
@@ -475,7 +520,9 @@ async def test_sqlite_data_persists_across_instances(tmp_path: Path) -> None:
     recovery = await second.open()
     try:
         assert recovery.next_seq == 10
-        assert recovery.active == [full_task()]
+        stripped = full_task()
+        stripped.strip()
+        assert recovery.active == [stripped]
         assert recovery.waiting_queues == ["later"]
         assert await second.get("full") == full_task()
         assert await second.blob_keys() == {"0" * 32}

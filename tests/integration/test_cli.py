@@ -54,9 +54,12 @@ async def test_environment_and_json_logs(tmp_path: Path) -> None:
     server = ServerProcess(data_dir)
     env = {"PORT": str(server.port), "WSQ_DATA_DIR": str(data_dir)}
     env |= {"WSQ_LOG_FORMAT": "json", "WSQ_WORKER_TIMEOUT": "0.5"}
+    env |= {"WSQ_MIN_TASK_TIMEOUT": "2"}
     await server.start(env)
     async with wsq.Client(server.url) as client:
         await client.queue("logged").add(1)
+        with pytest.raises(wsq.InvalidArgument, match=">= 2"):
+            await client.queue("logged").add(1, timeout=1.5)
     assert server.stop() == 0
     assert (data_dir / "wsq.db").exists()
     records = [json.loads(line) for line in server.log.read_text().splitlines() if line]

@@ -147,7 +147,7 @@ json_values = st.recursive(
 options = st.fixed_dictionaries(
     {},
     optional={
-        "timeout": st.sampled_from([0, 0.5, 5, 60, -1]),
+        "timeout": st.sampled_from([0.1, 0.5, 5, 60, -1]),
         "retries": st.sampled_from([-1, 0, 1, 2]),
         "autoremove": st.booleans(),
     },
@@ -543,7 +543,15 @@ def _bad_option(b: Builder, m: dict[str, Any]) -> frozenset[str] | None:
         return None
     home = m if m["op"] == "add" else _pick(b, m["tasks"])
     name, value = _pick(
-        b, [("timeout", -5), ("timeout", -0.5), ("retries", -2), ("retries", 2**31)]
+        b,
+        # Under the server's floor (--min-task-timeout, 0.1 s) too.
+        [
+            ("timeout", -5),
+            ("timeout", -0.5),
+            ("timeout", 0.05),
+            ("retries", -2),
+            ("retries", 2**31),
+        ],
     )
     home["options"] = {**home.get("options", {}), name: value}
     return frozenset({"invalid_argument"}) if name == "timeout" else BAD
@@ -753,6 +761,30 @@ def frame_work_flow(b: Builder) -> None:
         _send_valid(b, message)
 
 
+def frame_admin_race(b: Builder) -> None:
+    """A task being worked on, then one frame racing removes and retries of it against
+    the worker's reports (§6.3: each acts on the task as it is when it takes effect)."""
+    task = b.draw(task_ids)
+    _send_valid(b, {"op": "remove", "id": b.rid(), "task": task}, wait=True)  # a fresh task
+    work = {**_make(b, "work"), "queue": TASK_HOMES[task], "concurrency": 100}
+    _send_valid(b, work)
+    add = {**_make(b, "add"), "queue": TASK_HOMES[task], "task": task}
+    add.pop("streams", None)
+    _send_valid(b, add)
+    b.frames.append(Wait(task=task))
+    kinds = st.sampled_from(["remove", "retry", "complete", "fail", "progress"])
+    items: list[Any] = []
+    owed: list[Owed] = []
+    for op in b.draw(st.lists(kinds, min_size=2, max_size=6)):
+        message = _make(b, op)
+        message["task"] = task
+        if "run" in message:
+            message["run"] = b.draw(st.sampled_from([1, 2]))
+        items.append(message)
+        owed.append(owed_for_valid(b, message))
+    b.text(items, owed)
+
+
 def frame_special(b: Builder) -> None:
     """Rarer, larger inputs: a text frame over max_message (too_large, §3), a batch over
     the batch limit, JSON nested 10,000 deep."""
@@ -775,6 +807,7 @@ FRAME_KINDS: list[Callable[[Builder], None]] = [
     *[frame_batch] * 3,
     *[frame_upload_flow] * 2,
     *[frame_work_flow] * 2,
+    *[frame_admin_race] * 2,
     *[frame_not_json] * 2,
     frame_not_message,
     *[frame_binary] * 3,
@@ -817,7 +850,10 @@ def _short(frame: Frame) -> str:
 class Example:
     """The frames of one example and what the server owes for them."""
 
-    def __init__(self, b: Builder, closing: Closing | None) -> None:
+    def __init__(
+        self, b: Builder, closing: Closing | None, admin: list[dict[str, Any]] | None = None
+    ) -> None:
+        self.admin = admin or []  # sent at once from another connection (an admin's)
         self.frames = b.frames
         self.owed = b.owed
         self.echo_ids = b.echo_ids
@@ -828,6 +864,8 @@ class Example:
 
     def __repr__(self) -> str:
         lines = [f"  {_short(frame)}," for frame in self.frames]
+        if self.admin:
+            lines.append(f"  admin, from another connection: {self.admin!r},")
         if self.closing is not None:
             lines.append(f"  {self.closing!r},")
         return "Example([\n" + "\n".join(lines) + "\n])"
@@ -842,7 +880,11 @@ def examples(draw: Callable[[Any], Any]) -> Example:
     for make in draw(st.lists(st.sampled_from(FRAME_KINDS), min_size=1, max_size=6)):
         make(b)
     closing = draw(st.sampled_from([None] * 30 + [InvalidUtf8(), OverHardLimit()]))
-    return Example(b, closing)
+    admin_ops = st.fixed_dictionaries(
+        {"op": st.sampled_from(["remove", "retry"]), "task": task_ids}
+    )
+    admin = draw(st.lists(admin_ops, max_size=4))
+    return Example(b, closing, [{**m, "id": n} for n, m in enumerate(admin, 1)])
 
 
 # -- running one example ---------------------------------------------------------------------
@@ -1168,11 +1210,18 @@ class Run:
 
     async def example(self, example: Example) -> None:
         logged = len(self.errors)
-        async with RawClient(self.server.url) as raw:
+        async with RawClient(self.server.url) as raw, RawClient(self.server.url) as admin:
             connection_id = raw.welcome["connection"]
-            self.connections.append(connection_id)
+            self.connections += [connection_id, admin.welcome["connection"]]
+            admin_answers = asyncio.create_task(_admin_race(admin, example.admin))
             received = await collect(raw, example)
+            await admin_answers
         await self.cleanups.wait(connection_id)
+        await self.cleanups.wait(self.connections[-1])
+        await settles(
+            lambda: _stats_match_store(self.server),
+            lambda: "stats differ from the store's counts (docs/reliability.md)",
+        )
         # Only what this example made the server log (earlier failures stay blamed on
         # their own examples while Hypothesis shrinks).
         assert_no_server_errors(self.errors[logged:])
@@ -1182,6 +1231,35 @@ class Run:
         self.examples += 1
         if self.examples == WARM_UP:
             self.warm = (_rss(), _server_objects())
+
+
+async def _admin_race(admin: RawClient, messages: list[dict[str, Any]]) -> None:
+    """Removes and retries from another connection, racing the example's frames; each
+    is answered with a result or the errors its op may give."""
+    if not messages:
+        return
+    await admin.send(messages)
+    answers: dict[int, dict[str, Any]] = {}
+    while len(answers) < len(messages):
+        message = await admin.receive(timeout=ANSWER_TIMEOUT)
+        if message.get("op") in ("result", "error"):
+            answers[message["id"]] = message
+    for message in messages:
+        answer = answers[message["id"]]
+        if answer["op"] == "error":
+            assert answer["code"] in VALID_CODES[message["op"]], (message, answer)
+
+
+STATES = ("waiting", "active", "completed", "failed")
+
+
+async def _stats_match_store(server: wsq.Server) -> bool:
+    """The core's counts (what stats shows) equal the store's, once writes are done."""
+    stored: dict[str, dict[str, int]] = {}
+    for task in await server.store.list(limit=1 << 30):
+        per_state = stored.setdefault(task.queue, dict.fromkeys(STATES, 0))
+        per_state[task.state.value] += 1
+    return server.core.counts() == stored
 
 
 def _fds() -> dict[int, str]:

@@ -182,12 +182,12 @@ async def test_only_the_same_principal_takes_a_worker_id_over(tmp_path: Path) ->
         async with first, stranger, again:
             work = {"op": "work", "queue": "videos", "worker": "enc-1"}
             assert (await first.request(work))["op"] == "result"
-            refused = await stranger.request(work)
-            assert (refused["code"], refused["message"]) == (
-                "invalid_argument",
-                "Worker id enc-1 is already connected.",
-            )
+            # Another principal's "enc-1" is a worker of its own (issue 10: worker ids
+            # are scoped to their principal), not a takeover and not a clash.
+            assert (await stranger.request(work))["result"] == {"worker": "enc-1"}
             assert (await again.request(work))["op"] == "result"
+            keys = sorted(w for c in server.connections for w in server.core.workers_of(c))
+            assert keys == ["encoder/enc-1", "encoder2/enc-1"]
 
 
 async def test_observe_lists_and_watches_only_its_queues(secured: wsq.Server) -> None:

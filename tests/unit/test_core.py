@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
-from wsq.core.engine import Core
+from wsq.core.engine import PAYLOAD_CAP, Core
 from wsq.core.task import TRANSITIONS, Options, State, StreamRef, Task
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 from wsq.storage.base import Delete, Op, Recovery, SetProgress, Update
@@ -88,6 +88,10 @@ class Harness:
         self.strict_fifo = True
         self.workers: dict[str, ConnectedWorker] = {}
         self.pending_loads: list[PendingLoad] = []
+        # Removes and retries whose store op applied (or not) and whose result the core
+        # has not heard yet: (kind, the copy read, the op, whether it applied).
+        self.pending_admin: list[tuple[str, Task, Delete | Update, bool]] = []
+        self.admin_op: Delete | Update | None = None  # the last one made
         self.log: list[Effect] = []
         self.offer_order: list[str] = []
         self.last: list[Effect] = []
@@ -129,9 +133,11 @@ class Harness:
         autoremove: bool = False,
         blobs: Sequence[str] = (),
         inline: bool = False,
+        big: bool = False,
     ) -> str:
         """The first half of an add: the durable insert, with a seq from the core. Until
-        :meth:`deliver`, Loads see the task and the core does not know it."""
+        :meth:`deliver`, Loads see the task and the core does not know it. ``big`` data
+        is over the payload a window keeps in memory."""
         task_id = f"t{next(self._ids)}"
         streams = tuple(StreamRef(("files", i), 1, blob=key) for i, key in enumerate(blobs))
         if inline:
@@ -141,7 +147,7 @@ class Harness:
             queue,
             WAITING,
             self.core.allocate_seq(),
-            b"{}",
+            b'"%s"' % (b"x" * PAYLOAD_CAP) if big else b"{}",
             streams,
             Options(timeout, retries, autoremove),
             created=self.now,
@@ -155,8 +161,13 @@ class Harness:
     def deliver(self, task_id: str) -> None:
         """The second half of an add: :meth:`Core.add`, once the insert is durable."""
         task = self.undelivered.pop(task_id)
-        # Concurrent adds may finish out of seq order; FIFO then holds only loosely.
+        # Concurrent adds may finish out of seq order, and a task queued again meanwhile
+        # (a failure, a retry) may have a later seq than an add still on its way; FIFO
+        # then holds only loosely.
         if any(t.queue == task.queue and t.seq < task.seq for t in self.undelivered.values()):
+            self.strict_fifo = False
+        newer = (t for t in self.store.values() if t.queue == task.queue and t.seq > task.seq)
+        if any(t.state == WAITING and t.id not in self.undelivered for t in newer):
             self.strict_fifo = False
         self.last = self._handle(self.core.add(task, self.now))
 
@@ -201,12 +212,56 @@ class Harness:
         return self.tick(self.now + seconds)
 
     def remove(self, task_id: str) -> list[Effect]:
+        """A remove as the server makes it: the core's if it holds the task, else a
+        delete the store decides on, its result handed back at once."""
+        effects = self.core.remove(task_id, self.now)
+        if effects is not None:
+            return self._handle(effects)
         stored = self.store.get(task_id)
-        copy = replace(stored) if stored is not None else None
-        return self._handle(self.core.remove(task_id, copy, self.now))
+        if stored is None:
+            return []
+        self.begin_remove(replace(stored))
+        return self.finish_admin()
 
     def retry(self, task_id: str) -> list[Effect]:
-        return self._handle(self.core.retry(replace(self.store[task_id]), self.now))
+        held = self.core.lookup(task_id)
+        self.begin_retry(replace(held or self.store[task_id]))
+        return self.finish_admin()
+
+    def begin_remove(self, read: Task) -> None:
+        """The first half of a remove of a task the core does not hold, from a copy read
+        earlier (maybe out of date): the conditional delete reaches the store now, its
+        result reaches the core at :meth:`finish_admin`."""
+        op = self.admin_op = self.core.begin_delete(read)
+        assert op is not None, "begin_remove of a task whose add is not delivered"
+        self.pending_admin.append(("remove", read, op, self._decide(op)))
+        self.check()
+
+    def begin_retry(self, read: Task) -> None:
+        """The first half of a retry (raises InvalidState as the core does)."""
+        op = self.admin_op = self.core.begin_retry(read, self.now)
+        self.pending_admin.append(("retry", read, op, self._decide(op)))
+        self.check()
+
+    def finish_admin(self) -> list[Effect]:
+        """Hand the oldest pending remove or retry its store result."""
+        kind, read, op, applied = self.pending_admin.pop(0)
+        if kind == "remove":
+            return self._handle(self.core.deleted(read, applied, self.now))
+        assert isinstance(op, Update)
+        return self._handle(self.core.retried(op, applied, self.now))
+
+    def _decide(self, op: Delete | Update) -> bool:
+        """A conditional op as the store applies it: only to a task in the expected state."""
+        stored = self.store.get(op.task_id if isinstance(op, Delete) else op.task.id)
+        if stored is None or op.expected not in (None, stored.state):
+            return False
+        if isinstance(op, Delete):
+            del self.store[op.task_id]
+            self.deleted.add(op.task_id)
+        else:
+            self.store[op.task.id] = replace(op.task)
+        return True
 
     def answer_load(self) -> list[Effect]:
         """Hand the oldest pending Load's result to the core."""
@@ -222,6 +277,7 @@ class Harness:
         self.core = Core(worker_timeout=self.worker_timeout, window=self.window)
         self.workers.clear()
         self.pending_loads.clear()
+        self.pending_admin.clear()
         self.undelivered.clear()  # adds in flight die with the server; recovery loads them
         tasks = sorted(self.store.values(), key=lambda t: t.seq)
         recovery = Recovery(
@@ -239,6 +295,9 @@ class Harness:
                 self.answer_load()
                 continue
             active = self.in_state(ACTIVE)
+            if not active and self.core._delayed:
+                self.tick(max(self.now, self.core.next_deadline() or self.now))
+                continue
             if not active:
                 return
             for task_id in active:
@@ -285,6 +344,9 @@ class Harness:
                 self._write(effect.op)
             elif isinstance(effect, Load):
                 snapshot = self._first_waiting(effect.queue, effect.limit)
+                for task in snapshot:
+                    if effect.max_payload is not None and task.payload_size > effect.max_payload:
+                        task.strip()
                 self.pending_loads.append(PendingLoad(effect.queue, effect.limit, snapshot))
             elif isinstance(effect, Offer):
                 self._check_offer(effect)
@@ -302,7 +364,10 @@ class Harness:
             assert stored.state == op.expected, (
                 f"Update of {op.task.id} expects {op.expected}, the store has {stored.state}"
             )
-            assert op.task.state in TRANSITIONS[stored.state], op
+            # A task whose back-off ended moves to the back: waiting -> waiting, new seq.
+            assert op.task.state in TRANSITIONS[stored.state] or (
+                op.task.state == stored.state == WAITING and op.task.seq > stored.seq
+            ), op
             self.store[op.task.id] = replace(op.task)
         elif isinstance(op, SetProgress):
             stored = self.store[op.task_id]
@@ -328,7 +393,7 @@ class Harness:
         for task in offer.tasks:
             assert task.queue == worker.queue, f"{task.id} offered to a worker of another queue"
             assert task.state == ACTIVE and task.worker == offer.worker
-            assert self.store[task.id] == task, "offered before its Update was written"
+            assert as_held(self.store[task.id], task) == task, "offered before its Update"
             self.offer_order.append(task.id)
 
     def _check_abort(self, abort: Abort) -> None:
@@ -361,13 +426,19 @@ class Harness:
         assert not set(window_ids) & set(core._runs), "a task is both waiting and active"
         for task_id, run in core._runs.items():
             assert run.task.state == ACTIVE and run.task.id == task_id
-        for task_id in [*window_ids, *core._runs]:
+        assert not set(core._delayed) & (set(window_ids) | set(core._runs))
+        for task_id, task in core._delayed.items():
+            assert task.state == WAITING and task.id == task_id
+        for task_id in [*window_ids, *core._runs, *core._delayed]:
             stored = self.store.get(task_id)
             assert stored is not None, (
                 f"the core holds {task_id}, which the store "
                 f"{'deleted' if task_id in self.deleted else 'never had'}"
             )
-            assert stored == core.lookup(task_id), f"store and core disagree on {task_id}"
+            held = core.lookup(task_id)
+            assert held is not None and as_held(stored, held) == held, (
+                f"store and core disagree on {task_id}"
+            )
         self._check_store_is_known(window_ids)
         for worker_id, worker in self.workers.items():
             held = self.held_by(worker_id)
@@ -378,13 +449,32 @@ class Harness:
         self._check_no_stall()
 
     def _check_counts(self) -> None:
-        """The core's counts are the store's, but for adds not yet handed to the core."""
+        """The core's counts are the store's, but for adds, removes and retries whose
+        store result the core has not heard yet."""
         expected: dict[str, dict[str, int]] = {}
+
+        def count(task: Task, state: State, delta: int) -> None:
+            per_state = expected.setdefault(task.queue, dict.fromkeys(STATE_NAMES, 0))
+            per_state[state.value] += delta
+
         for task in self.store.values():
             if task.id not in self.undelivered:
-                per_state = expected.setdefault(task.queue, dict.fromkeys(STATE_NAMES, 0))
-                per_state[task.state.value] += 1
+                count(task, task.state, 1)
+        for kind, read, _, applied in self.pending_admin:
+            if applied and kind == "remove":
+                count(read, read.state, 1)
+            elif applied:
+                count(read, WAITING, -1)
+                count(read, FAILED, 1)
+        expected = {q: c for q, c in expected.items() if any(c.values())}
         assert self.core.counts() == expected
+        for counts in self.core.counts().values():
+            assert min(counts.values()) >= 0, counts
+
+    def _unheard(self) -> set[str]:
+        """Ids of tasks waiting in the store that the core has not heard of yet."""
+        retried = {read.id for kind, read, _, ok in self.pending_admin if ok and kind == "retry"}
+        return set(self.undelivered) | retried | set(self.core._delayed)
 
     def _check_windows(self) -> list[str]:
         core = self.core
@@ -407,7 +497,7 @@ class Harness:
         for task in self.store.values():
             if task.state == ACTIVE:
                 assert task.id in core._runs, f"{task.id} is active in the store only"
-            if task.state != WAITING or task.id in in_window or task.id in self.undelivered:
+            if task.state != WAITING or task.id in in_window or task.id in self._unheard():
                 continue
             queue = core._queues.get(task.queue)
             assert queue is not None and (queue.spilled or queue.loading), (
@@ -422,11 +512,21 @@ class Harness:
         for worker_id, worker in self.workers.items():
             if worker.queue in loading or len(self.held_by(worker_id)) >= worker.concurrency:
                 continue
-            waiting = [t for t in self.in_state(WAITING, worker.queue) if t not in self.undelivered]
+            unheard = self._unheard()
+            waiting = [t for t in self.in_state(WAITING, worker.queue) if t not in unheard]
             assert not waiting, f"{worker_id} has a free slot while {waiting} wait"
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+def as_held(stored: Task, held: Task) -> Task:
+    """The store's copy as the core may hold it: without its payload if the core's
+    copy has none (the window keeps ids and order beyond a budget; runs keep none)."""
+    copy = replace(stored)
+    if held.data is None:
+        copy.strip()
+    return copy
 
 
 def emits(effects: Iterable[Effect], event: str | None = None) -> list[Emit]:
@@ -801,8 +901,128 @@ def test_worker_timeout_is_a_failure_that_may_retry(h: Harness) -> None:
     effects = h.tick(1.0)
     (failed,) = emits(effects, "task failed")
     assert failed.args[1] is True
-    # Requeued and offered again at once: run 2.
+    # Requeued, and offered again once its back-off is over: run 2.
+    assert h.state(task_id) == WAITING
+    h.advance(0.1)
     assert h.state(task_id) == ACTIVE and h.store[task_id].run == 2
+
+
+# -- back-off after an expired run ---------------------------------------------------------
+
+
+def test_timed_out_task_waits_out_a_back_off_before_its_next_offer(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(timeout=1.0, retries=-1)
+    h.ack(task_id)
+    h.tick(1.0)
+    assert h.state(task_id) == WAITING and h.core.lookup(task_id) is not None
+    assert h.core.next_deadline() == pytest.approx(1.1)
+    h.tick(1.09)
+    assert h.state(task_id) == WAITING
+    h.tick(1.1)
+    assert h.state(task_id) == ACTIVE
+
+
+def test_back_off_doubles_with_each_expiry_in_a_row_up_to_its_cap() -> None:
+    h = Harness()
+    h.core.max_backoff = 1.0
+    h.add_worker("w1")
+    task_id = h.add(timeout=1.0, retries=-1)
+    waits = []
+    for _ in range(6):
+        h.ack(task_id)
+        h.advance(1.0)  # the run expires
+        expired = h.now
+        while h.state(task_id) != ACTIVE:
+            h.tick(h.core.next_deadline())
+        waits.append(round(h.now - expired, 6))
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_a_task_that_always_times_out_costs_little(h: Harness) -> None:
+    """retries -1, the smallest timeout: ten minutes of fake time hold few runs."""
+    h.add_worker("w1")
+    task_id = h.add(timeout=0.1, retries=-1)
+    runs = 0
+    while h.now < 600:
+        if h.state(task_id) == ACTIVE and h.store[task_id].run > runs:
+            runs = h.store[task_id].run
+            h.ack(task_id)
+        h.tick(h.core.next_deadline())
+    assert runs < 30  # without the back-off: 6,000
+
+
+def test_a_failure_the_worker_reports_requeues_at_once(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(retries=-1)
+    h.fail(task_id)
+    assert h.state(task_id) == ACTIVE and h.store[task_id].run == 2
+
+
+def test_a_task_in_back_off_frees_its_slot_for_others(h: Harness) -> None:
+    h.add_worker("w1")
+    first = h.add(timeout=1.0, retries=-1)
+    second = h.add()
+    h.ack(first)
+    h.tick(1.0)
+    assert h.state(second) == ACTIVE and h.state(first) == WAITING
+
+
+def test_a_task_in_back_off_can_be_removed_not_retried(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(timeout=1.0, retries=-1)
+    h.ack(task_id)
+    h.tick(1.0)
+    with pytest.raises(InvalidState):
+        h.retry(task_id)
+    h.remove(task_id)
+    assert h.state(task_id) is None and h.core.counts() == {}
+    assert h.core.next_deadline() is None
+    assert h.tick(5.0) == []
+
+
+def _a_task_in_back_off_behind_a_load_in_flight() -> tuple[Harness, str]:
+    h = Harness(window=4, auto_load=False)
+    h.add_worker("w1")
+    slow = h.add(timeout=1.0, retries=-1)
+    h.ack(slow)
+    for _ in range(5):
+        h.add()
+    h.remove_worker("w1")
+    h.tick(1.0)  # in back-off, waiting in the store
+    h.add_worker("w2", concurrency=3)  # drains the window: a Load reads the store
+    assert h.pending_loads and slow in [t.id for t in h.pending_loads[0].snapshot]
+    return h, slow
+
+
+def test_a_task_removed_in_back_off_is_not_brought_back_by_a_load() -> None:
+    h, slow = _a_task_in_back_off_behind_a_load_in_flight()
+    h.remove(slow)
+    h.answer_loads()
+    assert h.core.lookup(slow) is None and h.state(slow) is None
+
+
+def test_a_task_whose_back_off_ends_during_a_load_joins_with_its_new_seq() -> None:
+    h, slow = _a_task_in_back_off_behind_a_load_in_flight()
+    h.tick(1.1)
+    h.answer_loads()  # the load read its old seq: skipped, read again later
+    h.auto_load = True
+    h.work_off()
+    assert h.offer_order.count(slow) == 2
+
+
+def test_loads_read_past_tasks_in_back_off() -> None:
+    """More tasks in back-off than the window holds never make a load read nothing new."""
+    h = Harness(window=4)
+    h.add_worker("w1", concurrency=6)
+    slow = [h.add(timeout=1.0, retries=-1) for _ in range(6)]
+    for task_id in slow:
+        h.ack(task_id)
+    h.remove_worker("w1")
+    h.tick(1.0)  # six tasks in back-off, waiting in the store
+    fresh = [h.add() for _ in range(6)]
+    h.add_worker("w2", concurrency=20)
+    assert set(fresh) <= set(h.in_state(ACTIVE))
 
 
 # -- the run timeout (after ack) ---------------------------------------------------------
@@ -1094,8 +1314,9 @@ def test_retry_moves_failed_task_back_to_waiting(h: Harness) -> None:
     seq = h.store[task_id].seq
     h.now = 9.0
     effects = h.retry(task_id)
-    (update,) = writes(effects)
+    update = h.admin_op
     assert isinstance(update, Update) and update.expected == FAILED
+    assert not writes(effects)
     assert event_names(effects) == ["task queued"]
     stored = h.store[task_id]
     assert (stored.state, stored.retries, stored.error) == (WAITING, 0, None)
@@ -1209,7 +1430,7 @@ def test_remove_completed_task_from_its_stored_copy(h: Harness) -> None:
     task_id = h.add(blobs=["b1"])
     h.complete(task_id)
     effects = h.remove(task_id)
-    assert writes(effects) == [Delete(task_id)]
+    assert h.admin_op == Delete(task_id, expected=COMPLETED)
     assert of_type(effects, DeleteBlobs) == [DeleteBlobs(("b1",))]
     (deleted,) = emits(effects, "task deleted")
     assert deleted.args[0]["state"] == "completed"
@@ -1219,16 +1440,16 @@ def test_remove_failed_task(h: Harness) -> None:
     h.add_worker("w1")
     task_id = h.add()
     h.fail(task_id)
-    effects = h.remove(task_id)
-    assert writes(effects) == [Delete(task_id)]
+    h.remove(task_id)
+    assert h.admin_op == Delete(task_id, expected=FAILED)
     assert task_id in h.deleted
 
 
 def test_remove_spilled_waiting_task() -> None:
     h = Harness(window=4)
     ids = [h.add() for _ in range(6)]
-    effects = h.remove(ids[5])
-    assert writes(effects) == [Delete(ids[5])]
+    h.remove(ids[5])
+    assert h.admin_op == Delete(ids[5], expected=WAITING)
     h.add_worker("w1", concurrency=10)
     h.work_off()
     assert h.offer_order == ids[:5]
@@ -1236,6 +1457,95 @@ def test_remove_spilled_waiting_task() -> None:
 
 def test_remove_unknown_task_does_nothing(h: Harness) -> None:
     assert h.remove("nope") == []
+
+
+# -- removes and retries racing each other (the store decides) ----------------------------
+
+
+def test_two_removes_of_one_failed_task_count_it_once(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(blobs=["b1"])
+    h.fail(task_id)
+    read = replace(h.store[task_id])
+    h.begin_remove(replace(read))
+    h.begin_remove(replace(read))
+    first, second = h.finish_admin(), h.finish_admin()
+    assert event_names(first) == ["task deleted"] and of_type(first, DeleteBlobs)
+    assert second == []
+    assert h.core.counts() == {}
+
+
+def test_two_retries_of_a_spilled_failed_task_queue_it_once() -> None:
+    h = Harness(window=2)
+    h.add_worker("w1")
+    task_id = h.add()
+    h.fail(task_id)
+    h.remove_worker("w1")
+    for _ in range(5):  # the queue is longer than the window
+        h.add()
+    read = replace(h.store[task_id])
+    h.begin_retry(replace(read))
+    h.begin_retry(replace(read))
+    assert event_names(h.finish_admin()) == ["task queued"]
+    assert h.finish_admin() == []
+    assert h.core.counts() == {"q": {"waiting": 6, "active": 0, "completed": 0, "failed": 0}}
+    h.add_worker("w1", concurrency=10)
+    h.work_off()
+    assert h.offer_order.count(task_id) == 2  # the first run, and the retry once
+
+
+def test_remove_then_retry_never_runs_the_removed_task(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.fail(task_id)
+    read = replace(h.store[task_id])
+    h.begin_remove(replace(read))
+    h.begin_retry(replace(read))  # read before the remove took effect
+    h.finish_admin()
+    assert h.finish_admin() == []
+    assert h.offer_order == [task_id]
+    assert h.core.counts() == {}
+
+
+def test_retry_then_remove_removes_the_waiting_task(h: Harness) -> None:
+    task_id = h.add()
+    h.add_worker("w1")
+    h.fail(task_id)
+    h.remove_worker("w1")
+    read = replace(h.store[task_id])
+    h.begin_retry(replace(read))
+    h.begin_remove(replace(read))  # expects failed: too late
+    h.finish_admin()
+    assert h.finish_admin() == []
+    assert h.state(task_id) == WAITING
+    h.remove(task_id)  # read again: the core holds it now
+    assert h.state(task_id) is None and h.core.counts() == {}
+
+
+def test_remove_from_an_out_of_date_read_changes_nothing() -> None:
+    h = Harness(window=2)
+    ids = [h.add() for _ in range(4)]
+    read = replace(h.store[ids[3]])  # waiting, beyond the window
+    h.add_worker("w1", concurrency=4)
+    h.work_off()  # it ran and completed meanwhile
+    h.begin_remove(read)
+    effects = h.finish_admin()
+    assert not writes(effects) and not emits(effects)
+    assert h.state(ids[3]) == COMPLETED
+    assert h.core.counts() == {"q": {"waiting": 0, "active": 0, "completed": 4, "failed": 0}}
+
+
+def test_a_load_skips_a_task_being_removed() -> None:
+    h = Harness(window=4, auto_load=False)
+    ids = [h.add() for _ in range(8)]
+    h.add_worker("w1", concurrency=4)  # drains the window: a Load goes out
+    h.begin_remove(replace(h.store[ids[5]]))
+    h.answer_loads()
+    assert h.core.lookup(ids[5]) is None
+    h.finish_admin()
+    h.auto_load = True
+    h.work_off()
+    assert ids[5] not in h.offer_order and h.state(ids[5]) is None
 
 
 def test_report_after_remove_is_stale(h: Harness) -> None:
@@ -1346,6 +1656,30 @@ def test_reregistered_worker_gets_aborts_for_its_old_runs(h: Harness) -> None:
     assert abort.connection == h.workers["w1"].connection  # the new connection
 
 
+def test_a_run_ending_frees_the_slot_on_the_queue_its_worker_serves_now(h: Harness) -> None:
+    h.add_worker("w1", queue="a")
+    old_run = h.add("a")
+    h.ack(old_run)
+    h.remove_worker("w1")
+    h.add_worker("w1", queue="b")  # the same worker, now on another queue
+    waiting = h.add("b")
+    assert h.state(waiting) == WAITING  # its one slot is still taken
+    h.complete(old_run)
+    assert h.state(waiting) == ACTIVE
+
+
+def test_offers_and_aborts_carry_the_worker_s_own_name() -> None:
+    core = Core()
+    effects = core.add_worker("c9", "alice/w", "q", 1, 0.0, name="w")
+    assert emits(effects, "worker added")[0].args[0]["id"] == "w"
+    task = make_task("t1")
+    core.allocate_seq()
+    (offer,) = of_type(core.add(task, 0.0), Offer)
+    assert offer.worker == "w" and offer.tasks[0].worker == "alice/w"
+    (abort,) = of_type(core.remove("t1", 0.0) or [], Abort)
+    assert abort.worker == "w"
+
+
 def test_duplicate_worker_id_is_rejected(h: Harness) -> None:
     h.add_worker("w1")
     with pytest.raises(InvalidArgument):
@@ -1417,6 +1751,7 @@ def test_report_of_timed_out_run_is_stale_after_requeue(h: Harness) -> None:
     task_id = h.add(retries=1, timeout=1.0)
     h.ack(task_id)
     h.tick(1.0)
+    h.advance(0.1)  # the back-off
     assert h.store[task_id].run == 2
     before = snapshot_of(h)
     with pytest.raises(StaleRun):
@@ -1505,7 +1840,7 @@ def test_load_when_window_drains_to_low_water() -> None:
     h.add_worker("w1", concurrency=5)  # window: 3 left, above low water (2)
     assert not h.pending_loads
     effects = h.complete(ids[0])  # window: 2 left
-    assert of_type(effects, Load) == [Load("q", 8)]
+    assert of_type(effects, Load) == [Load("q", 8, PAYLOAD_CAP)]
 
 
 def test_only_one_load_in_flight_per_queue() -> None:
@@ -1596,7 +1931,7 @@ def test_add_refused_during_load_keeps_queue_spilled_and_loads_again() -> None:
     assert h.core.lookup(late) is None
     effects = h.answer_load()
     assert h.window_of() == [ids[4]]
-    assert of_type(effects, Load) == [Load("q", 4)]  # window at low water: load again
+    assert of_type(effects, Load) == [Load("q", 4, PAYLOAD_CAP)]  # window at low water: load again
     h.answer_load()
     assert h.window_of() == [ids[4], late]
 
@@ -1715,7 +2050,7 @@ def test_recover_restores_active_runs_with_fresh_timers() -> None:
 def test_recover_marks_waiting_queues_spilled_and_loads_them() -> None:
     core = Core(window=16)
     effects = core.recover(Recovery(next_seq=9, waiting_queues=["a", "b"]), 0.0)
-    assert effects == [Load("a", 16), Load("b", 16)]
+    assert effects == [Load("a", 16, PAYLOAD_CAP), Load("b", 16, PAYLOAD_CAP)]
 
 
 def test_restart_resumes_waiting_tasks_in_order() -> None:
@@ -1770,6 +2105,7 @@ class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.h = Harness(worker_timeout=1.0, window=4, auto_load=False)
+        self.reads: list[Task] = []
 
     @rule(
         queue=st.sampled_from(QUEUES),
@@ -1779,6 +2115,7 @@ class CoreMachine(RuleBasedStateMachine):
         blob=st.booleans(),
         count=st.integers(1, 6),
         deliver=st.booleans(),
+        big=st.booleans(),
     )
     def add(
         self,
@@ -1789,12 +2126,13 @@ class CoreMachine(RuleBasedStateMachine):
         blob: bool,
         count: int,
         deliver: bool,
+        big: bool,
     ) -> None:
         """Insert tasks; hand them to the core now, or later (:meth:`deliver`)."""
         blobs = ["b"] if blob else []
         for _ in range(count):
             options = {"timeout": timeout, "retries": retries, "autoremove": autoremove}
-            task_id = self.h.insert(queue, blobs=blobs, **options)
+            task_id = self.h.insert(queue, blobs=blobs, big=big, **options)
             if deliver:
                 self.h.deliver(task_id)
 
@@ -1808,6 +2146,13 @@ class CoreMachine(RuleBasedStateMachine):
         if worker not in self.h.workers:
             queue, concurrency = WORKERS[worker]
             self.h.add_worker(worker, queue, concurrency)
+
+    @rule(worker=st.sampled_from(sorted(WORKERS)))
+    def connect_elsewhere(self, worker: str) -> None:
+        """The same worker id on the other queue (its runs there still count)."""
+        if worker not in self.h.workers:
+            queue, concurrency = WORKERS[worker]
+            self.h.add_worker(worker, QUEUES[1 - QUEUES.index(queue)], concurrency)
 
     @rule(worker=st.sampled_from(sorted(WORKERS)))
     def disconnect(self, worker: str) -> None:
@@ -1882,6 +2227,39 @@ class CoreMachine(RuleBasedStateMachine):
             with pytest.raises(InvalidState):
                 self.h.retry(task_id)
 
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        """A remove or retry reads a task; it acts on the copy later (maybe stale)."""
+        if self.h.store:
+            task_id = data.draw(st.sampled_from(sorted(self.h.store)))
+            self.reads.append(replace(self.h.store[task_id]))
+
+    @rule(data=st.data(), kind=st.sampled_from(["remove", "retry"]))
+    def act_on_read(self, data: st.DataObject, kind: str) -> None:
+        """The second half of a racing remove or retry, as connection.py makes it: the
+        core's own path if it holds the task, else the store decides."""
+        if not self.reads:
+            return
+        read = self.reads.pop(data.draw(st.integers(0, len(self.reads) - 1)))
+        held = self.h.core.lookup(read.id)
+        if kind == "remove" and held is not None:
+            self.h.remove(read.id)
+        elif kind == "remove" and read.seq in self.h.core._adding:
+            # Its add (or retry) is not done: the server reads again once it is.
+            assert self.h.core.begin_delete(read) is None
+        elif kind == "remove":
+            self.h.begin_remove(read)
+        elif (held or read).state == FAILED:
+            self.h.begin_retry(read)
+        else:
+            with pytest.raises(InvalidState):
+                self.h.begin_retry(read)
+
+    @rule()
+    def finish_admin(self) -> None:
+        if self.h.pending_admin:
+            self.h.finish_admin()
+
     @rule()
     def answer_load(self) -> None:
         if self.h.pending_loads:
@@ -1899,7 +2277,11 @@ class CoreMachine(RuleBasedStateMachine):
         h = self.h
         while h.undelivered:
             h.deliver(next(iter(h.undelivered)))
+        while h.pending_admin:
+            h.finish_admin()
         for worker, (queue, concurrency) in WORKERS.items():
+            if worker in h.workers and h.workers[worker].queue != queue:
+                h.remove_worker(worker)
             if worker not in h.workers:
                 h.add_worker(worker, queue, concurrency)
         h.work_off()

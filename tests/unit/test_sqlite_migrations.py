@@ -116,8 +116,9 @@ def test_the_query_planner_uses_the_indexes(conn: sqlite3.Connection) -> None:
     def plan(sql: str, *params: object) -> str:
         return " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
 
-    assert "tasks_queue_state_seq" in plan(store.LOAD_WAITING, "q", 10)
-    assert "tasks_state_seq" in plan(store.GET_ACTIVE_TASKS)
+    assert "tasks_queue_state_seq" in plan(store.LOAD_WAITING, 9, 9, "q", 10)
+    assert "tasks_state_seq" in plan(store.GET_ACTIVE_TASKS, -1, -1)
+    assert "USING INDEX sqlite_autoindex_tasks_1" in plan(store.GET_TASKS, '["a"]')
     assert "SCAN tasks" not in plan(store.GET_WAITING_QUEUES).replace("SCAN names", "")
     assert "SCAN tasks" not in plan(store.GET_NEXT_SEQ)
 

@@ -21,15 +21,19 @@ class Write:
 @dataclass(frozen=True, slots=True)
 class Load:
     """Read the first ``limit`` waiting tasks of ``queue`` through the store's ordered pipe
-    and hand them to :meth:`Core.loaded`."""
+    and hand them to :meth:`Core.loaded`, each with its payload only if that is at most
+    ``max_payload`` bytes (else ``data`` is ``None``)."""
 
     queue: str
     limit: int
+    max_payload: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Offer:
-    """Send these runs (snapshots of active tasks) to ``worker`` on ``connection``."""
+    """Send these runs (snapshots of active tasks) to ``worker`` on ``connection``. A
+    snapshot whose ``data`` is ``None`` needs its payload read from the store first; a
+    run that is no longer current by then (:meth:`Core.is_current`) is left out."""
 
     connection: str
     worker: str

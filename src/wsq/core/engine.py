@@ -29,19 +29,30 @@ from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
+BACKOFF = 0.1
+"""Seconds a task waits after an expired run before it is offered again, doubled for
+each earlier failure of the task (``retries``), up to :data:`MAX_BACKOFF`
+(docs/protocol.md §6.2)."""
+MAX_BACKOFF = 60.0
+WINDOW_BYTES = 64 << 20
+"""Bytes of task payloads all windows together keep in memory (docs/architecture.md)."""
+PAYLOAD_CAP = 16 << 10
+"""The largest payload (data and inline streams) of one task a window keeps in memory."""
+
 _STATE_NAMES = tuple(state.value for state in State)
 _STATE_INDEX = {state: index for index, state in enumerate(State)}
 
 
 @dataclass(slots=True)
 class _Worker:
-    id: str
+    id: str  # the key the core knows it by (unique in the server)
     queue: str
     connection: str
     concurrency: int
+    name: str  # the id its client gave it, which offers and aborts carry
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "queue": self.queue, "concurrency": self.concurrency}
+        return {"id": self.name, "queue": self.queue, "concurrency": self.concurrency}
 
 
 @dataclass(slots=True)
@@ -61,17 +72,36 @@ class _Queue:
     loading: bool = False
     refused_during_load: bool = False
     left_during_load: set[str] = field(default_factory=set)
+    # Tasks of this queue waiting out a back-off: loads read past them (they skip them).
+    delayed: int = 0
 
     @property
     def idle(self) -> bool:
-        return not (self.window or self.workers or self.spilled or self.loading)
+        return not (self.window or self.workers or self.spilled or self.loading or self.delayed)
 
 
 class Core:
     """The scheduler. See the module docstring for the calling contract."""
 
-    def __init__(self, *, worker_timeout: float = 1.0, window: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        worker_timeout: float = 1.0,
+        window: int = 1000,
+        backoff: float = BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+        window_bytes: int = WINDOW_BYTES,
+        payload_cap: int = PAYLOAD_CAP,
+    ) -> None:
         self.worker_timeout = worker_timeout
+        # Payloads (data and inline streams) held in memory: each at most payload_cap
+        # bytes, all windows together at most window_bytes; beyond that the window
+        # holds ids and order only, and offers read the payload from the store.
+        self.window_bytes = window_bytes
+        self.payload_cap = payload_cap
+        self._held_bytes = 0
+        self.backoff = backoff
+        self.max_backoff = max_backoff
         self.window_size = window
         self.low_water = max(1, window // 4)
         self._next_seq = 1
@@ -81,6 +111,10 @@ class Core:
         self._by_worker: dict[str, set[str]] = {}
         self._waiting: dict[str, Task] = {}
         self._deadlines: list[tuple[float, str, int]] = []
+        # Tasks re-queued after an expired run wait out a back-off here, then join their
+        # window: id -> task, and a heap of (when, id, seq).
+        self._delayed: dict[str, Task] = {}
+        self._delays: list[tuple[float, str, int]] = []
         # Whether anyone (a listener, the log) wants task events of a queue; the server
         # sets this so that unobserved queues cost no snapshots.
         self.observed: Callable[[str], bool] = lambda queue: True
@@ -90,6 +124,9 @@ class Core:
         self.defer_dispatch = False
         self._dirty: dict[str, None] = {}
         self._adding: set[int] = set()
+        self._freed: dict[str, None] = {}  # queues whose workers' slots ended elsewhere
+        self._removing: dict[str, int] = {}  # task id -> deletes in flight (begin_delete)
+        self._skipped: set[str] = set()  # tasks being deleted that a load skipped
         self._counts: dict[str, list[int]] = {}  # queue -> tasks per state (_STATE_INDEX)
 
     # -- start-up and intake ---------------------------------------------------------------
@@ -153,13 +190,22 @@ class Core:
     # -- workers ---------------------------------------------------------------------------
 
     def add_worker(
-        self, connection: str, worker_id: str, queue_name: str, concurrency: int, now: float
+        self,
+        connection: str,
+        worker_id: str,
+        queue_name: str,
+        concurrency: int,
+        now: float,
+        *,
+        name: str | None = None,
     ) -> list[Effect]:
-        """Register a worker; its runs still active from an earlier connection count
-        against ``concurrency``."""
+        """Register a worker under the key ``worker_id``; its runs still active from an
+        earlier connection count against ``concurrency``. ``name`` (default: the key) is
+        the id its client knows it by, which offers and aborts carry; the caller makes
+        keys that separate what must not share runs (docs/security.md)."""
         if worker_id in self._workers:
-            raise InvalidArgument(f"Worker id {worker_id} is already connected.")
-        worker = _Worker(worker_id, queue_name, connection, concurrency)
+            raise InvalidArgument(f"Worker id {name or worker_id} is already connected.")
+        worker = _Worker(worker_id, queue_name, connection, concurrency, name or worker_id)
         self._workers[worker_id] = worker
         queue = self._queue(queue_name)
         queue.workers[worker_id] = worker
@@ -255,36 +301,101 @@ class Core:
 
     # -- requests about any task -----------------------------------------------------------
 
+    def is_current(self, task_id: str, run: int) -> bool:
+        """Whether run ``run`` of the task is still active."""
+        current = self._runs.get(task_id)
+        return current is not None and current.task.run == run
+
     def lookup(self, task_id: str) -> Task | None:
         """The task if the core holds it (active, or waiting in a window)."""
         current = self._runs.get(task_id)
-        return current.task if current else self._waiting.get(task_id)
+        if current is not None:
+            return current.task
+        return self._waiting.get(task_id) or self._delayed.get(task_id)
 
-    def remove(self, task_id: str, stored: Task | None, now: float) -> list[Effect]:
-        """Delete a task in any state; ``stored`` is the store's copy for tasks the core
-        does not hold. An active run is aborted first."""
+    def remove(self, task_id: str, now: float) -> list[Effect] | None:
+        """Delete a task the core holds; an active run is aborted first. ``None`` if the
+        core holds no task ``task_id``: then the store decides (:meth:`begin_delete`)."""
         current = self._runs.get(task_id)
         if current is not None:
             effects = self._abort(current, "Removed.")
             detached = self._detach(current)
             effects += self._delete(detached)
             return effects + self._dispatch_soon(self._queue(detached.queue), now)
-        task = self._waiting.get(task_id) or stored
+        task = self._delayed.pop(task_id, None)
+        if task is not None:
+            queue = self._queue(task.queue)
+            queue.delayed -= 1
+            if queue.loading:  # a load in flight may have read it
+                queue.left_during_load.add(task.id)
+            self._forget_if_idle(queue)
+            return self._delete(task)
+        task = self._waiting.get(task_id)
         if task is None:
-            return []
+            return None
         self._unplace(task)
         return self._delete(task)
 
-    def retry(self, task: Task, now: float) -> list[Effect]:
-        """Move a failed task (the store's copy) back to waiting, failure count reset."""
-        held = self.lookup(task.id)
-        if held is not None:
-            raise InvalidState(f"Task {task.id} is {held.state.value}; only failed tasks retry.")
-        check_transition(task.id, task.state, State.WAITING)
+    def begin_delete(self, stored: Task) -> Delete | None:
+        """Delete a task the core does not hold, as the store had it (the copy may be out
+        of date): submit the returned op, which applies only if the task is still in
+        ``stored.state``, and pass what it returned to :meth:`deleted`. Until then, loads
+        skip the task. ``None`` if the task's add is not done yet (:meth:`add` will come):
+        read it again once the writes made so far are durable."""
+        if stored.seq in self._adding:
+            return None
+        self._removing[stored.id] = self._removing.get(stored.id, 0) + 1
+        return Delete(stored.id, expected=stored.state)
+
+    def deleted(self, stored: Task, applied: bool, now: float) -> list[Effect]:
+        """The result of :meth:`begin_delete`'s op. Counts change only if it applied, so
+        two deletes of one task never count it twice."""
+        left = self._removing.pop(stored.id) - 1
+        if left:
+            self._removing[stored.id] = left
+        if applied:
+            self._skipped.discard(stored.id)
+            self._unplace(stored)  # a load in flight may have read it
+            return self._forget(stored)
+        if stored.id not in self._skipped:
+            return []
+        # A load skipped the task meanwhile, and it may wait in the store after all (the
+        # copy was out of date): make sure the store is looked at again.
+        self._skipped.discard(stored.id)
+        queue = self._queue(stored.queue)
+        queue.spilled = True
+        return self._dispatch_soon(queue, now)
+
+    def begin_retry(self, stored: Task, now: float) -> Update:
+        """Move a failed task the core does not hold (as the store had it) back to waiting,
+        failure count reset: submit the returned op, which applies only if the task is
+        still failed, and pass it with what it returned to :meth:`retried`. Raises
+        :class:`InvalidState` unless the task is failed."""
+        held = self.lookup(stored.id)
+        state = held.state if held is not None else stored.state
+        if state is not State.FAILED:
+            raise InvalidState(f"Task {stored.id} is {state.value}; only failed tasks retry.")
+        task = stored.copy()
+        task.state = State.WAITING
+        task.seq = self.allocate_seq()  # loads skip it until retried()
         task.retries = 0
         task.error = None
         task.progress = 0.0
-        return self._requeue(task, State.FAILED, now)
+        task.worker = None
+        task.updated = now
+        return Update(task, expected=State.FAILED)
+
+    def retried(self, op: Update, applied: bool, now: float) -> list[Effect]:
+        """The result of :meth:`begin_retry`'s op: if it applied, the task waits again."""
+        self._adding.discard(op.task.seq)
+        if not applied:
+            return []
+        task = op.task.copy()
+        self._move(task.queue, State.FAILED, State.WAITING)
+        effects = self._event("task queued", task)
+        queue = self._queue(task.queue)
+        self._place(queue, task)
+        return effects + self._dispatch_soon(queue, now)
 
     # -- time ------------------------------------------------------------------------------
 
@@ -292,16 +403,20 @@ class Core:
         """When :meth:`tick` should next be called, or ``None`` if nothing is timed."""
         while self._deadlines and not self._is_live(self._deadlines[0]):
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        while self._delays and not self._is_delayed(self._delays[0]):
+            heapq.heappop(self._delays)
+        times = [heap[0][0] for heap in (self._deadlines, self._delays) if heap]
+        return min(times) if times else None
 
     def tick(self, now: float) -> list[Effect]:
         """Fail every run whose deadline has passed: unacknowledged offers with the
-        worker's "didn't respond", started runs with "Timed out."."""
+        worker's "didn't respond", started runs with "Timed out.". An expired run that
+        will retry waits out its back-off first; tasks whose back-off is over wait again."""
+        effects = self._release_delayed(now)
         expired: list[tuple[float, str, int]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             expired.append(heapq.heappop(self._deadlines))
         # Runs started by this tick's own failures wait for the next tick.
-        effects: list[Effect] = []
         for entry in expired:
             if not self._is_live(entry):
                 continue
@@ -311,8 +426,30 @@ class Core:
             else:
                 reason = f"Worker {current.task.worker} didn't respond."
             effects += self._abort(current, reason)
-            effects += self._fail(current, reason, now)
+            effects += self._fail(current, reason, now, expired=True)
         return effects
+
+    def _release_delayed(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        while self._delays and self._delays[0][0] <= now:
+            entry = heapq.heappop(self._delays)
+            if not self._is_delayed(entry):
+                continue
+            task = self._delayed.pop(entry[1])
+            # Queued again at the back as its back-off ends (FIFO by seq, §6.1).
+            task.seq = self._allocate()
+            effects.append(Write(Update(task.copy(), expected=State.WAITING)))
+            queue = self._queue(task.queue)
+            queue.delayed -= 1
+            if queue.loading:  # a load in flight may have read it with its old seq
+                queue.left_during_load.add(task.id)
+            self._place(queue, task)
+            effects += self._dispatch_soon(queue, now)
+        return effects
+
+    def _is_delayed(self, entry: tuple[float, str, int]) -> bool:
+        task = self._delayed.get(entry[1])
+        return task is not None and task.seq == entry[2]
 
     # -- internals: runs -------------------------------------------------------------------
 
@@ -375,6 +512,10 @@ class Core:
             owned.discard(task.id)
             if not owned:
                 del self._by_worker[task.worker or ""]
+        worker = self._workers.get(task.worker or "")
+        if worker is not None and worker.queue != task.queue:
+            # Registered again on another queue since: the freed slot serves that one.
+            self._freed[worker.queue] = None
         return task
 
     def _abort(self, current: _Run, reason: str) -> list[Effect]:
@@ -382,9 +523,11 @@ class Core:
         worker = self._workers.get(task.worker or "")
         if worker is None:
             return []
-        return [Abort(worker.connection, worker.id, task.id, task.run, reason)]
+        return [Abort(worker.connection, worker.name, task.id, task.run, reason)]
 
-    def _fail(self, current: _Run, error: str, now: float) -> list[Effect]:
+    def _fail(
+        self, current: _Run, error: str, now: float, *, expired: bool = False
+    ) -> list[Effect]:
         task = self._end(current, State.FAILED, now)
         task.retries += 1
         task.error = error
@@ -393,12 +536,22 @@ class Core:
         failed = self._event("task failed", task, will_retry)
         if will_retry:
             task.error = None  # as the original: a task queued again carries no error
-            return self._requeue(task, State.ACTIVE, now, announce=failed)
+            delay = self._backoff(task.retries) if expired else 0.0
+            return self._requeue(task, State.ACTIVE, now, announce=failed, delay=delay)
         effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
 
+    def _backoff(self, failures: int) -> float:
+        """The wait before the next offer after ``failures`` failed attempts in a row."""
+        return min(self.backoff * 2.0 ** min(failures - 1, 64), self.max_backoff)
+
     def _requeue(
-        self, task: Task, expected: State, now: float, announce: list[Effect] | None = None
+        self,
+        task: Task,
+        expected: State,
+        now: float,
+        announce: list[Effect] | None = None,
+        delay: float = 0.0,
     ) -> list[Effect]:
         self._move(task.queue, task.state, State.WAITING)
         task.state = State.WAITING
@@ -410,13 +563,23 @@ class Core:
             *(announce or []),
             *self._event("task queued", task),
         ]
+        if delay > 0:
+            self._delayed[task.id] = task
+            heapq.heappush(self._delays, (now + delay, task.id, task.seq))
+            queue = self._queue(task.queue)
+            queue.delayed += 1
+            return effects + self._dispatch_soon(queue, now)  # its slot is free
         queue = self._queue(task.queue)
         self._place(queue, task)
         return effects + self._dispatch_soon(queue, now)
 
     def _delete(self, task: Task) -> list[Effect]:
+        return [Write(Delete(task.id)), *self._forget(task)]
+
+    def _forget(self, task: Task) -> list[Effect]:
+        """A deleted task: its count, its blobs and the event."""
         self._count(task.queue, task.state, -1)
-        effects: list[Effect] = [Write(Delete(task.id))]
+        effects: list[Effect] = []
         if task.blobs:
             effects.append(DeleteBlobs(tuple(task.blobs)))
         effects += self._event("task deleted", task)
@@ -483,8 +646,12 @@ class Core:
             del self._queues[queue.name]
 
     def _is_new(self, queue: _Queue, task: Task) -> bool:
+        if task.id in self._removing:
+            self._skipped.add(task.id)
+            return False
         return not (
             task.seq in self._adding
+            or task.id in self._delayed
             or task.id in self._waiting
             or task.id in self._runs
             or task.id in queue.left_during_load
@@ -509,6 +676,7 @@ class Core:
         self._insert(queue, task)
 
     def _insert(self, queue: _Queue, task: Task) -> None:
+        self._hold(task)
         self._waiting[task.id] = task
         if not queue.window or queue.window[-1].seq < task.seq:
             queue.window.append(task)
@@ -519,6 +687,7 @@ class Core:
         """Drop the window's newest task back to the store only (it stays waiting there)."""
         task = queue.window.pop()
         del self._waiting[task.id]
+        self._release(task)
         queue.spilled = True
         queue.refused_during_load |= queue.loading
 
@@ -530,11 +699,28 @@ class Core:
             return
         assert queue is not None
         queue.window.remove(task)
+        self._release(task)
+
+    def _hold(self, task: Task) -> None:
+        """Keep the payload of a task entering a window if the budget allows."""
+        if task.data is None:
+            return
+        size = task.payload_size
+        if size > self.payload_cap or self._held_bytes + size > self.window_bytes:
+            task.strip()
+        else:
+            self._held_bytes += size
+
+    def _release(self, task: Task) -> None:
+        """A task left its window: its payload no longer counts (a run keeps none)."""
+        if task.data is not None:
+            self._held_bytes -= task.payload_size
 
     def _take(self, queue: _Queue, count: int) -> list[Task]:
         taken, queue.window = queue.window[:count], queue.window[count:]
         for task in taken:
             del self._waiting[task.id]
+            self._release(task)
             if queue.loading:
                 queue.left_during_load.add(task.id)
         return taken
@@ -543,18 +729,29 @@ class Core:
         if queue.spilled and not queue.loading and len(queue.window) <= self.low_water:
             queue.loading = True
             queue.refused_during_load = False
-            return [Load(queue.name, self.window_size)]
+            return [Load(queue.name, self.window_size + queue.delayed, self.payload_cap)]
         return []
 
     def _free_slots(self, worker: _Worker) -> int:
         return worker.concurrency - len(self._by_worker.get(worker.id, ()))
 
     def _dispatch_soon(self, queue: _Queue, now: float) -> list[Effect]:
-        """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`."""
-        if not self.defer_dispatch:
-            return self._dispatch(queue, now)
-        self._dirty[queue.name] = None
-        return []
+        """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`; also
+        on the queues where a run's end freed a slot."""
+        freed: list[str] = []
+        if self._freed:  # rare: a worker moved to another queue while running
+            freed = list(self._freed)
+            self._freed.clear()
+        if self.defer_dispatch:
+            self._dirty[queue.name] = None
+            self._dirty.update(dict.fromkeys(freed))
+            return []
+        effects = self._dispatch(queue, now)
+        for name in freed:
+            other = self._queues.get(name)
+            if other is not None and other is not queue:
+                effects += self._dispatch(other, now)
+        return effects
 
     def flush(self, now: float) -> list[Effect]:
         """Dispatch every queue that changed since the last flush (see
@@ -600,7 +797,8 @@ class Core:
             self._by_worker.setdefault(worker.id, set()).add(task.id)
             self._arm(current, now)
             snapshot = task.copy()
+            task.strip()  # the offer carries the payload; the run needs none
             snapshots.append(snapshot)
             effects.append(Write(Update(snapshot, expected=State.WAITING)))
-        effects.append(Offer(worker.connection, worker.id, tuple(snapshots)))
+        effects.append(Offer(worker.connection, worker.name, tuple(snapshots)))
         return effects

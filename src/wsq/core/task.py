@@ -79,7 +79,7 @@ class Task:
     queue: str
     state: State
     seq: int
-    data: bytes
+    data: bytes | None
     streams: tuple[StreamRef, ...] = ()
     options: Options = field(default_factory=Options)
     progress: float = 0.0
@@ -90,7 +90,12 @@ class Task:
     created: float = 0.0
     updated: float = 0.0
     owner: str | None = None
-    """The name of the principal that added it, when the server has an auth file."""
+    """The name of the principal that added it, when the server has an auth file.
+
+    ``data`` is ``None`` when the task's payload is not held in memory (the core keeps
+    ids and order, not data, beyond a small budget): then ``streams`` lists only the
+    streams held in blobs (what deleting the task needs), and the full task is in the
+    state store."""
 
     def copy(self) -> Task:
         """A snapshot (much faster than ``dataclasses.replace`` on this hot path)."""
@@ -111,6 +116,20 @@ class Task:
             self.updated,
             self.owner,
         )
+
+    @property
+    def payload_size(self) -> int:
+        """Bytes of data and inline streams this record holds in memory."""
+        size = len(self.data or b"")
+        if self.streams:
+            size += sum(len(ref.inline) for ref in self.streams if ref.inline is not None)
+        return size
+
+    def strip(self) -> None:
+        """Drop the payload from memory (see ``data``); keep the blob refs."""
+        self.data = None
+        if self.streams:
+            self.streams = tuple(ref for ref in self.streams if ref.blob is not None)
 
     @property
     def blobs(self) -> list[str]:

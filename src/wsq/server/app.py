@@ -35,12 +35,14 @@ from wsq import protocol
 from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
+from wsq.core.task import Task
 from wsq.exceptions import ServerError
 from wsq.server import web
 from wsq.server.auth import Authenticator
 from wsq.server.budget import Budget
 from wsq.server.connection import Connection
 from wsq.server.listen import Gate, GuardedSocket, listening_sockets
+from wsq.server.locks import TaskLocks
 from wsq.server.logs import log, logger
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
@@ -121,11 +123,17 @@ class Server:
         max_uploads: int = 100,
         max_pending: int = 1024,
         max_workers: int = 1000,
+        min_task_timeout: float = 0.1,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 to 65535, not {port!r}")
+        if not 0 <= min_task_timeout < math.inf:
+            raise ValueError(
+                f"min_task_timeout must be a number of seconds >= 0, not {min_task_timeout!r}"
+            )
+        self.min_task_timeout = min_task_timeout
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
@@ -168,6 +176,7 @@ class Server:
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
         self.replay = Replay()  # answers to requests a client may send again (§4.2)
+        self.task_locks = TaskLocks()
         # Blobs stored while the start-up sweep runs; the sweep must not delete them.
         self._fresh_blobs: set[str] | None = set()
         self._ids = itertools.count(1)
@@ -377,7 +386,7 @@ class Server:
                 ops.append(effect.op)
             elif isinstance(effect, Load):
                 loads.append((len(ops), effect))
-                ops.append(LoadWaiting(effect.queue, effect.limit))
+                ops.append(LoadWaiting(effect.queue, effect.limit, effect.max_payload))
         if ops:
             self.submit(ops, (lambda outcome: self._loaded(outcome, loads)) if loads else None)
         for effect in effects:
@@ -421,17 +430,48 @@ class Server:
             connection.send_text(message)
 
     def _send_offer(self, offer: Offer) -> None:
+        if offer.connection not in self.connections:
+            return  # The ack timeout fails these runs.
+        if any(task.data is None for task in offer.tasks):
+            self.spawn(self._send_offer_read(offer), f"wsq-offer-{offer.connection}")
+            return
+        self._send_offer_now(offer, offer.tasks)
+
+    async def _send_offer_read(self, offer: Offer) -> None:
+        """An offer of tasks whose payloads the window did not keep: one read of the
+        store for all of them (the reader sees every insert, all durable by now), then
+        the runs still current."""
+        missing = [task.id for task in offer.tasks if task.data is None]
+        try:
+            stored = await self.store.get_many(missing)
+        except Exception as exc:  # the runs time out and are offered again
+            log(logging.ERROR, "store failed", f"Reading offered tasks failed: {exc}")
+            return
+        tasks = []
+        for task in offer.tasks:
+            if task.data is None:
+                full = stored.get(task.id)
+                if full is None:
+                    continue  # removed meanwhile
+                task = task.copy()
+                task.data, task.streams = full.data, full.streams
+            if self.core.is_current(task.id, task.run):
+                tasks.append(task)
+        if tasks:
+            self._send_offer_now(offer, tasks)
+
+    def _send_offer_now(self, offer: Offer, offered: Sequence[Task]) -> None:
         connection = self.connections.get(offer.connection)
         if connection is None:
-            return  # The ack timeout fails these runs.
+            return
         tasks = [
             {
                 "task": task.to_json(),
                 "run": task.run,
-                "data": msgspec.Raw(task.data),
+                "data": msgspec.Raw(task.data or b"null"),
                 "streams": [stream_json(ref) for ref in task.streams],
             }
-            for task in offer.tasks
+            for task in offered
         ]
         connection.send_text(
             protocol.encode({"op": "offer", "worker": offer.worker, "tasks": tasks})

@@ -25,6 +25,7 @@ from picows.websockets import ConnectionClosed, ServerConnection
 
 from wsq import protocol as p
 from wsq.blobs.base import BlobReader
+from wsq.core.effects import Effect
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import (
     Forbidden,
@@ -42,7 +43,7 @@ from wsq.server.auth import EVERYONE, Principal
 from wsq.server.logs import log
 from wsq.server.replay import Entry, Key
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
-from wsq.storage.base import Delete, Insert
+from wsq.storage.base import Delete, Insert, Op
 
 if TYPE_CHECKING:
     from wsq.server.app import Outcome, Server
@@ -476,6 +477,9 @@ class Connection:
         task = asyncio.create_task(run(), name=f"wsq-request-{self.id}-{request_id}")
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
+        # A request cancelled before it started (its connection closed) never awaits
+        # ``coro``: close it, so that it neither warns nor keeps the connection alive.
+        task.add_done_callback(lambda _: coro.close())
 
     # -- handlers: tasks -------------------------------------------------------------------
 
@@ -486,7 +490,7 @@ class Connection:
         uploads = [s.upload for s in message.streams if s.upload is not None]
         try:
             self._require("produce", message.queue)
-            options = _options(message.options)
+            options = _options(message.options, self.server.min_task_timeout)
             _check_stream_paths(message.data, message.streams)
             if len(set(uploads)) != len(uploads):
                 raise InvalidArgument("An upload can hold only one stream of the data.")
@@ -592,7 +596,7 @@ class Connection:
     def _on_add_many(self, message: p.AddMany) -> None:
         """Several tasks in one message, one store job and one answer (§4.3)."""
         self._require("produce", message.queue)
-        options = [_options(spec.options) for spec in message.tasks]
+        options = [_options(spec.options, self.server.min_task_timeout) for spec in message.tasks]
         for spec in message.tasks:
             if any(stream.upload is not None for stream in spec.streams):
                 raise InvalidArgument("add_many takes inline streams only; use add to upload.")
@@ -697,7 +701,19 @@ class Connection:
         return {"queues": sorted(names)}
 
     async def _find(self, task_id: str) -> Task:
-        task = self.server.core.lookup(task_id) or await self._stored(task_id)
+        """The task as the core holds it (else as stored, read after the writes before
+        this request), with its payload."""
+        held = self.server.core.lookup(task_id)
+        if held is not None and held.data is not None:
+            return held
+        if held is None:
+            await self._durable()  # the store's copy is read after the writes before us
+        stored = await self.server.store.get(task_id)
+        held = self.server.core.lookup(task_id)  # it may have been taken up meanwhile
+        task = stored
+        if held is not None and stored is not None:  # the core's state, the payload
+            task = held.copy()
+            task.data, task.streams = stored.data, stored.streams
         if task is None:
             raise _not_found(task_id)
         return task
@@ -717,7 +733,7 @@ class Connection:
         self._require_read(task)
         return {
             "task": task.to_json(),
-            "data": msgspec.Raw(task.data),
+            "data": msgspec.Raw(task.data or b"null"),
             "streams": [stream_json(ref) for ref in task.streams],
         }
 
@@ -726,27 +742,86 @@ class Connection:
 
     async def _remove(self, request_id: int, task_id: str) -> Any:
         self._require_held("admin")
-        if self.server.core.lookup(task_id) is None:
-            await self._durable()  # the store's copy is read after the writes before us
-        held = self.server.core.lookup(task_id)
-        stored = None if held else await self.server.store.get(task_id)
-        if held is None and stored is None:
+        async with self.server.task_locks.hold(task_id):
+            for _ in range(_ATTEMPTS):
+                if await self._remove_once(task_id):
+                    self.answer(request_id)  # acting is the last step (see _spawn)
+                    return _NO_ANSWER
+        raise InvalidState(f"Task {task_id} kept changing; try again.")
+
+    async def _remove_once(self, task_id: str) -> bool:
+        """One attempt at removing the task as the core or, failing that, the store has
+        it; whether it was removed. The store's delete applies only if the task is still
+        as read, so counts never move twice (docs/reliability.md)."""
+        core = self.server.core
+        held, stored = await self._current(task_id)
+        if held is not None:
+            self._require_admin_on(held)
+            self.server.apply(core.remove(task_id, time.time()) or [])
+            return True
+        if stored is None:
             raise _not_found(task_id)
-        self._require_admin_on(held or stored)  # type: ignore[arg-type]
-        self.server.apply(self.server.core.remove(task_id, stored, time.time()))
-        self.answer(request_id)  # acting is the last step (see _spawn)
-        return _NO_ANSWER
+        self._require_admin_on(stored)
+        op = core.begin_delete(stored)
+        if op is None:
+            return False  # its add is not done: read again
+        return await self._submit_one(op, lambda ok: core.deleted(stored, ok, time.time()))
 
     def _on_retry(self, message: p.Retry) -> None:
         self._spawn(message.id, self._retry(message.id, message.task))
 
     async def _retry(self, request_id: int, task_id: str) -> Any:
         self._require_held("admin")
-        task = await self._find(task_id)
+        async with self.server.task_locks.hold(task_id):
+            for _ in range(_ATTEMPTS):
+                retried = await self._retry_once(task_id)
+                if retried is not None:
+                    self.answer(request_id, retried.to_json())  # acting is the last step
+                    return _NO_ANSWER
+        raise InvalidState(f"Task {task_id} kept changing; try again.")
+
+    async def _retry_once(self, task_id: str) -> Task | None:
+        """One attempt at retrying the task as the core or the store has it: the task
+        as retried, or ``None`` if it changed meanwhile (the store's update applies only
+        to a task still failed)."""
+        held, stored = await self._current(task_id)
+        task = held or stored
+        if task is None:
+            raise _not_found(task_id)
         self._require_admin_on(task)
-        self.server.apply(self.server.core.retry(task, time.time()))
-        self.answer(request_id, task.to_json())  # acting is the last step (see _spawn)
-        return _NO_ANSWER
+        core = self.server.core
+        op = core.begin_retry(task, time.time())
+        if await self._submit_one(op, lambda ok: core.retried(op, ok, time.time())):
+            return op.task
+        return None
+
+    async def _current(self, task_id: str) -> tuple[Task | None, Task | None]:
+        """The core's task if it holds one, else the store's copy once every write made
+        so far is durable (or ``None``): ``(held, stored)``."""
+        held = self.server.core.lookup(task_id)
+        if held is not None:
+            return held, None
+        await self._durable()
+        stored = await self.server.store.get(task_id)
+        held = self.server.core.lookup(task_id)  # it may have taken the task meanwhile
+        return (held, None) if held is not None else (None, stored)
+
+    async def _submit_one(self, op: Op, then: Callable[[bool], list[Effect]]) -> bool:
+        """Submit ``op``, hand whether it applied to ``then`` and apply its effects, even
+        if this request is cancelled meanwhile (the core must hear every result)."""
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Outcome) -> None:
+            applied = not isinstance(outcome, BaseException) and bool(outcome[0])
+            self.server.apply(then(applied))
+            if not done.done():
+                done.set_result(outcome)
+
+        self.server.submit([op], settle)
+        outcome = await done
+        if isinstance(outcome, BaseException):
+            raise ServerError(f"Could not store the change: {outcome}")
+        return bool(outcome[0])
 
     async def _durable(self) -> None:
         """Wait until every write made so far is durable (and sent in order before us)."""
@@ -780,7 +855,8 @@ class Connection:
 
     def _on_work(self, message: p.Work) -> None:
         self._require("work", message.queue)
-        worker_id = message.worker or uuid.uuid4().hex
+        name = message.worker or uuid.uuid4().hex
+        worker_id = self._worker_key(name)
         if worker_id not in self._workers and len(self._workers) >= self.server.max_workers:
             limit = self.server.max_workers
             raise LimitExceeded(f"More than {limit} workers registered on this connection.")
@@ -796,24 +872,31 @@ class Connection:
                 and previous.session == self.session
                 and previous.principal.name == self.principal.name
             ):
-                raise InvalidArgument(f"Worker id {worker_id} is already connected.")
+                raise InvalidArgument(f"Worker id {name} is already connected.")
             if previous is not None:
                 previous._workers.discard(worker_id)
             self.server.apply(core.remove_worker(worker_id))
-            log(logging.INFO, "worker moved", connection=self.id, worker=worker_id)
+            log(logging.INFO, "worker moved", connection=self.id, worker=name)
         effects = core.add_worker(
-            self.id, worker_id, message.queue, message.concurrency, time.time()
+            self.id, worker_id, message.queue, message.concurrency, time.time(), name=name
         )
         self._workers.add(worker_id)
-        self.answer(message.id, {"worker": worker_id})
+        self.answer(message.id, {"worker": name})
         self.server.apply(effects)
 
+    def _worker_key(self, name: str) -> str:
+        """The core's key for this principal's worker ``name``: ids are scoped to their
+        principal, so another token using the same id gets a worker of its own and never
+        the runs or aborts of this one (docs/security.md)."""
+        return f"{self.principal.name}/{name}" if self._checked else name
+
     def _on_stop(self, message: p.StopWork) -> None:
+        worker_id = self._worker_key(message.worker)
         core = self.server.core
-        if message.worker not in self._workers or core.worker_connection(message.worker) != self.id:
+        if worker_id not in self._workers or core.worker_connection(worker_id) != self.id:
             raise InvalidArgument(f"Worker {message.worker} is not registered on this connection.")
-        self._workers.discard(message.worker)
-        self.server.apply(self.server.core.remove_worker(message.worker))
+        self._workers.discard(worker_id)
+        self.server.apply(core.remove_worker(worker_id))
         self.answer(message.id)
 
     def _on_ack(self, message: p.Ack) -> None:
@@ -921,7 +1004,14 @@ class Connection:
         upload.end()
 
     def _on_upload_abort(self, message: p.UploadAbort) -> None:
-        self._drop_upload(message.stream, message.error or "Aborted by the client.")
+        reason = message.error or "Aborted by the client."
+        upload = self._uploads.get(message.stream)
+        if upload is not None and message.stream in self._claimed:
+            # An add waits for it and owns its blob: stop it if it is still arriving (the
+            # add then fails), never delete what the add may already have stored.
+            upload.abort(reason)
+            return
+        self._drop_upload(message.stream, reason)
 
     def _drop_upload(self, stream: int, reason: str) -> None:
         """Forget an upload no task will hold: stop it, and delete its blob if stored."""
@@ -986,11 +1076,24 @@ class Connection:
     def _on_cancel(self, message: p.Cancel) -> None:
         download = self._downloads.pop(message.stream, None)
         if download is not None:
+            # Stopped now, and its chunks not yet sent dropped: from here on the stream id
+            # is free for a new, independent download (§8.4).
+            download.cancel()
+            self._drop_queued_chunks(message.stream)
             self.server.spawn(download.close(), f"wsq-cancel-{self.id}")
+
+    def _drop_queued_chunks(self, stream: int) -> None:
+        prefix = stream.to_bytes(4, "big")
+        kept = deque(m for m in self._out if m[0] or not m[1].startswith(prefix))
+        self._out_bytes = sum(len(m[1]) for m in kept)
+        self._out = kept
 
 
 _MAX_REFUSED = 1000
 """Refused uploads remembered per connection, so that their adds fail alike."""
+
+_ATTEMPTS = 8
+"""Reads of a task a remove or retry makes while the task keeps changing under it."""
 
 _BOUNDED = (p.Add, p.AddMany, p.ListTasks, p.Queues, p.Get, p.Remove, p.Retry)
 """Requests that wait on the store: ``max_requests`` bounds how many may be in flight."""
@@ -1020,15 +1123,18 @@ class _NoAnswer:
 _NO_ANSWER = _NoAnswer()
 
 
-def _options(options: p.OptionsIn) -> Options:
-    return _checked_options(options.timeout, options.retries, options.autoremove)
+def _options(options: p.OptionsIn, floor: float) -> Options:
+    return _checked_options(options.timeout, options.retries, options.autoremove, floor)
 
 
 @functools.lru_cache(maxsize=256)
-def _checked_options(timeout: float, retries: int, autoremove: bool) -> Options:
-    """Options are immutable and most tasks share a few: one object per combination."""
-    if not math.isfinite(timeout) or (timeout < 0 and timeout != -1):
-        raise InvalidArgument(f"timeout must be -1 or a number of seconds >= 0, not {timeout}.")
+def _checked_options(timeout: float, retries: int, autoremove: bool, floor: float) -> Options:
+    """Options are immutable and most tasks share a few: one object per combination.
+    ``floor`` is the server's ``min_task_timeout``: a shorter timeout would let one task
+    keep the server busy timing it out (docs/protocol.md §4.3)."""
+    if not math.isfinite(timeout) or (timeout < floor and timeout != -1):
+        text = f"timeout must be -1 or a number of seconds >= {floor:g}, not {timeout}."
+        raise InvalidArgument(text)
     return Options(timeout=timeout, retries=retries, autoremove=autoremove)
 
 

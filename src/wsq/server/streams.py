@@ -223,8 +223,12 @@ class Download:
         self._credit += count
         self._wake.set()
 
-    async def close(self) -> None:
+    def cancel(self) -> None:
+        """Stop at once: nothing more is sent for this download after this call."""
         self._task.cancel()
+
+    async def close(self) -> None:
+        self.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
 

@@ -52,18 +52,23 @@ class SetProgress:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """Delete the task and its blob records. Result: whether a task was deleted."""
+    """Delete the task and its blob records, if its stored state is ``expected`` (any
+    state when ``None``). Result: whether a task was deleted."""
 
     task_id: str
+    expected: State | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LoadWaiting:
     """Read the first ``limit`` waiting tasks of ``queue`` in ``seq`` order, as of this
-    point in the pipe. Result: ``list[Task]``."""
+    point in the pipe. Result: ``list[Task]``, each with its payload (data and inline
+    streams) only if that is at most ``max_payload`` bytes, else stripped
+    (:meth:`Task.strip`: ``data`` is ``None``, blob refs kept); ``None``: every payload."""
 
     queue: str
     limit: int
+    max_payload: int | None = None
 
 
 Op = Insert | Update | SetProgress | Delete | LoadWaiting
@@ -72,8 +77,9 @@ Op = Insert | Update | SetProgress | Delete | LoadWaiting
 @dataclass(slots=True)
 class Recovery:
     """What the server needs from the store to start: the next free ``seq``, every active
-    task, the names of queues that hold waiting tasks, and how many tasks each queue holds
-    in each state (the core keeps these counts from then on)."""
+    task (stripped of its payload: :meth:`Task.strip`), the names of queues that hold
+    waiting tasks, and how many tasks each queue holds in each state (the core keeps these
+    counts from then on)."""
 
     next_seq: int = 1
     active: list[Task] = field(default_factory=list)
@@ -98,6 +104,11 @@ class StateStore(ABC):
     @abstractmethod
     async def get(self, task_id: str) -> Task | None:
         """The committed task with this id, or ``None``."""
+
+    @abstractmethod
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """The committed tasks with these ids (with their payloads), by id; ids with no
+        task are left out. One read, however many ids."""
 
     @abstractmethod
     async def list(

@@ -84,7 +84,7 @@ class MemoryStateStore(StateStore):
         active = sorted((t for t in self._tasks.values() if t.state == State.ACTIVE), key=_key)
         return Recovery(
             next_seq=max((t.seq for t in self._tasks.values()), default=0) + 1,
-            active=[_copy(t) for t in active],
+            active=[_stripped(t, -1) for t in active],
             waiting_queues=sorted(q for q, keys in self._waiting.items() if keys),
             counts=dict(Counter((t.queue, t.state) for t in self._tasks.values())),
         )
@@ -120,7 +120,7 @@ class MemoryStateStore(StateStore):
 
     def _apply(self, op: Op, journal: builtins.list[tuple[str, Task | None]]) -> Any:
         if isinstance(op, LoadWaiting):
-            return self._load_waiting(op.queue, op.limit)
+            return self._load_waiting(op.queue, op.limit, op.max_payload)
         if isinstance(op, Insert):
             if op.task.id in self._tasks:
                 return False
@@ -141,6 +141,8 @@ class MemoryStateStore(StateStore):
             return False
         if isinstance(op, Update) and stored.state != op.expected:
             return False
+        if isinstance(op, Delete) and op.expected not in (None, stored.state):
+            return False
         if isinstance(op, SetProgress) and stored.state != State.ACTIVE:
             return False
         journal.append((task_id, stored))
@@ -151,9 +153,9 @@ class MemoryStateStore(StateStore):
             self._put(dataclasses.replace(stored, progress=op.progress, updated=op.updated))
         return True
 
-    def _load_waiting(self, queue: str, limit: int) -> builtins.list[Task]:
+    def _load_waiting(self, queue: str, limit: int, max_payload: int | None) -> builtins.list[Task]:
         keys = self._waiting.get(queue, [])[: max(limit, 0)]
-        return [_copy(self._tasks[task_id]) for _, task_id in keys]
+        return [_stripped(self._tasks[task_id], max_payload) for _, task_id in keys]
 
     # -- indexes ---------------------------------------------------------------------------
 
@@ -192,6 +194,11 @@ class MemoryStateStore(StateStore):
         task = self._tasks.get(task_id)
         return None if task is None else _copy(task)
 
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """Copies of the stored tasks with these ids, by id. Raises ServerError if closed."""
+        self._check_open()
+        return {i: _copy(self._tasks[i]) for i in task_ids if i in self._tasks}
+
     async def queues(self) -> builtins.list[str]:
         """Sorted names of queues holding at least one task. Raises ServerError if closed."""
         self._check_open()
@@ -222,6 +229,14 @@ class MemoryStateStore(StateStore):
             if (queue is None or task.queue == queue) and (state is None or task.state == state):
                 found.append(_copy(task))
         return found
+
+
+def _stripped(task: Task, max_payload: int | None) -> Task:
+    """A copy of ``task``, its payload dropped if over ``max_payload`` (None: never)."""
+    copy = _copy(task)
+    if max_payload is not None and copy.payload_size > max_payload:
+        copy.strip()
+    return copy
 
 
 def _updated(stored: Task, new: Task) -> Task:

@@ -151,12 +151,26 @@ WHERE id = ? AND state = 'active'
 """
 SET_PROGRESS = "UPDATE tasks SET progress = ?, updated = ? WHERE id = ? AND state = 'active'"
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+DELETE_TASK_IN_STATE = "DELETE FROM tasks WHERE id = ? AND state = ?"
 DELETE_BLOBS = "DELETE FROM blobs WHERE task = ?"
+# The payload (data, inline streams) only if it fits in the first parameter's bytes;
+# else data is NULL and streams lists the blob refs alone (Task.strip). length() of a
+# BLOB reads no overflow page, so a stripped row costs little however big its data.
+_FITS = "length(data) + coalesce(length(streams), 0) <= ?"
+_BLOB_REFS = (
+    "(SELECT json_group_array(json(value)) FROM json_each(tasks.streams)"
+    " WHERE json_type(value, '$.blob') = 'text')"
+)
+TASK_COLUMNS_STRIPPED = TASK_COLUMNS.replace(
+    "data, streams",
+    f"CASE WHEN {_FITS} THEN data END, CASE WHEN {_FITS} THEN streams ELSE {_BLOB_REFS} END",
+)
 LOAD_WAITING = f"""
-SELECT {TASK_COLUMNS} FROM tasks
+SELECT {TASK_COLUMNS_STRIPPED} FROM tasks
 WHERE queue = ? AND state = 'waiting'
 ORDER BY seq LIMIT ?
 """
+GET_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
 
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
 LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?"
@@ -195,7 +209,8 @@ ORDER BY queue
 """
 GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM tasks"
 GET_COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
-GET_ACTIVE_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' ORDER BY seq"
+GET_ACTIVE_TASKS = f"SELECT {TASK_COLUMNS_STRIPPED} FROM tasks WHERE state = 'active' ORDER BY seq"
+_NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 
 # SQLite's integers are 64-bit: "seq > _MIN_INT" is every task, "seq > _MAX_INT" none.
 # Cursors and limits are clamped to this range, so that any Python int means what it says.
@@ -320,7 +335,8 @@ def _connect_reader(path: str, busy_timeout: float) -> sqlite3.Connection:
 
 def _recover(conn: sqlite3.Connection) -> Recovery:
     (next_seq,) = conn.execute(GET_NEXT_SEQ).fetchone()
-    active = [_task_from_row(row) for row in conn.execute(GET_ACTIVE_TASKS)]
+    rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
+    active = [_task_from_row(row) for row in rows]
     waiting_queues = [name for (name,) in conn.execute(GET_WAITING_QUEUES)]
     counts = {(queue, _STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
     return Recovery(next_seq=next_seq, active=active, waiting_queues=waiting_queues, counts=counts)
@@ -379,9 +395,13 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
 _FINISHED = (State.COMPLETED, State.FAILED)
 
 
-def _delete(conn: sqlite3.Connection, task_id: str) -> bool:
-    deleted = conn.execute(DELETE_TASK, (task_id,)).rowcount == 1
-    conn.execute(DELETE_BLOBS, (task_id,))
+def _delete(conn: sqlite3.Connection, task_id: str, expected: State | None) -> bool:
+    if expected is None:
+        deleted = conn.execute(DELETE_TASK, (task_id,)).rowcount == 1
+    else:
+        deleted = conn.execute(DELETE_TASK_IN_STATE, (task_id, expected.value)).rowcount == 1
+    if deleted:
+        conn.execute(DELETE_BLOBS, (task_id,))
     return bool(deleted)
 
 
@@ -394,10 +414,11 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return _update(conn, op)
         case SetProgress(task_id, progress, updated):
             return conn.execute(SET_PROGRESS, (progress, updated, task_id)).rowcount == 1
-        case Delete(task_id):
-            return _delete(conn, task_id)
-        case LoadWaiting(queue_, limit):
-            rows = conn.execute(LOAD_WAITING, (queue_, _clamp(max(limit, 0))))
+        case Delete(task_id, expected):
+            return _delete(conn, task_id, expected)
+        case LoadWaiting(queue_, limit, max_payload):
+            fits = _MAX_INT if max_payload is None else _clamp(max_payload)
+            rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, _clamp(max(limit, 0))))
             return [_task_from_row(row) for row in rows]
     raise TypeError(f"Not a state store op: {op!r}")
 
@@ -773,6 +794,15 @@ class SqliteStateStore(StateStore):
         def query(conn: sqlite3.Connection) -> Task | None:
             row = conn.execute(GET_TASK, (task_id,)).fetchone()
             return None if row is None else _task_from_row(row)
+
+        return await self._read(query)
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """The committed tasks with these ids, by id. Raises ServerError if closed."""
+        ids = _encode_json(list(task_ids)).decode()
+
+        def query(conn: sqlite3.Connection) -> dict[str, Task]:
+            return {row[0]: _task_from_row(row) for row in conn.execute(GET_TASKS, (ids,))}
 
         return await self._read(query)
 
