@@ -35,7 +35,8 @@ VECTORS = runner.all_vectors()
 PROTOCOL_MD = Path(__file__).parents[2] / "docs" / "protocol.md"
 SERVER_OPS = {"welcome", "result", "error", "event", "offer", "abort", "credit", "end"}
 SERVER_OPS |= {"stream_error"}
-UNPROVOKABLE = {"internal", "upload_failed"}  # a server fault; a blob store failing to store
+UNPROVOKABLE = {"internal", "upload_failed", "unavailable"}  # a server fault; a blob store failing
+# to store; a blob store (S3) that cannot be reached (tests/integration/test_s3_storage.py)
 
 
 def sends(vector: runner.Vector) -> list[tuple[int, str, Any]]:
