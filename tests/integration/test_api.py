@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 import wsq
 from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.rawclient import RawClient
+from wsq.blobs.memory import MemoryBlobStore
 
 
 async def test_touch_resets_the_timeout(client: wsq.Client) -> None:
@@ -360,3 +364,26 @@ async def test_a_started_run_cannot_be_released(client: wsq.Client) -> None:
         assert answer["result"] == {"stale": [run]}
         (active,) = await queue.active()
         assert active.id == run[0]
+
+
+class _BlobsThatCannotDelete(MemoryBlobStore):
+    """A blob store whose deletes fail, as an unreachable S3's do."""
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        raise wsq.Unavailable("the blob store is unreachable")
+
+
+async def test_a_failed_background_delete_is_one_log_line(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    blobs = _BlobsThatCannotDelete()
+    async with wsq.Server(data_dir=data_dir, port=0, blob_store=blobs) as server:  # noqa: SIM117
+        async with wsq.Client(server.url) as client:
+            task = await client.queue("undeletable").add({"file": b"x" * 100_000})
+            await task.remove()  # the record goes; its blob cannot
+            assert await client.queue("undeletable").all() == []
+            await eventually(lambda: "wsq-delete-blobs failed" in caplog.text)
+    assert "never retrieved" not in caplog.text
+    (record,) = [r for r in caplog.records if "wsq-delete-blobs failed" in r.getMessage()]
+    assert "unreachable" in record.getMessage() and record.levelno == logging.ERROR

@@ -317,8 +317,17 @@ class Server:
         """Run ``coro`` in the background; it is cancelled on close."""
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        """A background task ended: a failure is one log line (e.g. blobs a store could
+        not delete: the start-up sweep removes them later), never asyncio's "exception
+        was never retrieved" traceback."""
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            text = f"{task.get_name()} failed: {exc!r}"
+            log(logging.ERROR, "background task failed", text)
 
     def next_id(self) -> str:
         return f"c{next(self._ids)}"
