@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { after, before, test } from 'node:test'
-import { Proxy, ServerProcess, budget } from './server.mjs'
+import { Proxy, ServerProcess, budget, eventually } from './server.mjs'
 
 let server
 let proxy
@@ -24,7 +24,7 @@ const { Client } = await import(process.argv[1])
 if (globalThis.WebSocket === undefined) throw new Error('no global WebSocket')
 const client = new Client(process.argv[2], { backoff: () => 100 })
 let errors = 0
-client.on('error', () => { errors += 1 })
+client.on('error', () => { errors += 1; console.log('refused') })
 await client.ready()
 const task = await client.queue('global-ws').add({ n: 1, bytes: new Uint8Array(100000) })
 const data = await task.getData()
@@ -42,7 +42,9 @@ test('the global WebSocket connects after refusals and moves streams', async () 
   let output = ''
   child.stdout.on('data', (data) => { output += data })
   child.stderr.on('data', (data) => { output += data })
-  await new Promise((resolve) => setTimeout(resolve, 700))
+  // Listen again only once the client has been refused twice (a loaded machine may take
+  // a while to start it).
+  await eventually(() => output.split('\n').filter((line) => line === 'refused').length >= 2, 30000)
   await proxy.listen(port)
   const code = await new Promise((resolve) => {
     const timer = setTimeout(() => child.kill(), budget(30000))
