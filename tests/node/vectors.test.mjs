@@ -141,7 +141,7 @@ class Fed {
     }
     // A refusal: the client reports it with its code and does not count as connected.
     assert.equal(message.op, 'error', this.where(message))
-    await withTimeout(eventually(() => client.errors.some((e) => e.code === message.code)), this.where(message))
+    await withTimeout(eventually(() => client.errors.some((e) => e.code === message.code && e.message === message.message)), this.where(message))
     assert.equal(client.connected, false)
     client.errors.length = 0
   }
@@ -476,7 +476,7 @@ class RecordingRelay {
         else pending.push([data, isBinary])
       })
       up.on('message', (data, isBinary) => {
-        if (this.held) this.held.push([down, data, isBinary])
+        if (this.held) { this.held.push([down, data, isBinary]); if (this.onHeld) this.onHeld() }
         else if (down.readyState === WebSocket.OPEN) down.send(data, { binary: isBinary })
       })
       const end = () => { down.terminate(); up.terminate() }
@@ -491,7 +491,14 @@ class RecordingRelay {
   /** Keep what the server sends back, until release() delivers it in order. */
   hold () { this.held = [] }
 
-  holding (text) { return (this.held ?? []).some(([, data, isBinary]) => !isBinary && data.toString().includes(text)) }
+  /** Resolves once a held frame holds `text`. */
+  holding (text) {
+    const found = () => (this.held ?? []).some(([, data, isBinary]) => !isBinary && data.toString().includes(text))
+    return new Promise((resolve) => {
+      this.onHeld = () => { if (found()) { this.onHeld = null; resolve() } }
+      this.onHeld()
+    })
+  }
 
   release () {
     const held = this.held ?? []
@@ -589,7 +596,7 @@ async function session (relay) {
     const waiting = await queue.add({ n: 4 })
     relay.hold()
     const stopped = queue.process(async () => {})
-    await eventually(() => relay.holding('"op":"offer"'))
+    await withTimeout(relay.holding('"op":"offer"'), 'the offer to the worker')
     const stopping = stopped.stop()
     relay.release()
     await stopping
@@ -604,7 +611,10 @@ describe('the encoder: wsq.js sends what the vectors send', () => {
   let server
   let relay
   before(async () => {
-    server = await new ServerProcess().start()
+    // Pings every 250 ms (so the session sends some, and a loaded machine does not pass
+    // for a dead peer); a worker may take 5 s to answer an offer (the relay holds one back
+    // for a moment).
+    server = await new ServerProcess({ args: ['--heartbeat-interval', '0.25', '--worker-timeout', '5'] }).start()
     relay = await new RecordingRelay(server.url).listen()
   })
   after(async () => {
