@@ -93,7 +93,13 @@ class ScriptedServer {
           if (isBinary) return
           const decoded = JSON.parse(data.toString())
           for (const message of Array.isArray(decoded) ? decoded : [decoded]) {
-            if (!greeted) { greeted = true; ws.send(JSON.stringify(greeting)); resolve({ client, ws }) } else if (message.op === 'ping') ws.send(JSON.stringify({ op: 'result', id: message.id, result: null }))
+            if (!greeted) {
+              greeted = true
+              ws.send(JSON.stringify(greeting))
+              resolve({ client, ws })
+            } else if (message.op === 'ping') {
+              ws.send(JSON.stringify({ op: 'result', id: message.id, result: null }))
+            }
           }
         })
       })
@@ -601,6 +607,8 @@ async function session (relay) {
     relay.release()
     await stopping
     await eventually(async () => (await queue.waiting()).some((task) => task.id === waiting.id))
+    // The heartbeat (§9): a ping within an interval, however short the session was.
+    await eventually(() => relay.messages().some((message) => message.op === 'ping'))
     assert.deepEqual(errors.map(String), [])
   } finally {
     await client.close()
