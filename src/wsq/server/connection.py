@@ -925,36 +925,33 @@ class Connection:
         self.answer(message.id)
 
     def _on_complete_many(self, message: p.CompleteMany) -> None:
-        """Several completions in one message; the answer lists the refused (stale) runs,
-        among them those of tasks on queues this principal does not work on."""
-        core, now = self.server.core, time.time()
-        effects = []
-        stale = []
-        self._require_held("work")
-        for ref in message.runs:
-            try:
-                self._require_work_on(ref.task, ref.run)
-                effects += core.complete(ref.task, ref.run, now)
-            except StaleRun:
-                stale.append([ref.task, ref.run])
-        self.server.apply(effects)
-        self.answer(message.id, {"stale": stale})
+        """Several completions in one message."""
+        self._each_run(message.id, message.runs, self.server.core.complete)
 
     def _on_release(self, message: p.Release) -> None:
-        """Offered runs a stopped worker declines; the answer lists those that could not be
-        released (not active, or already started)."""
-        core, now = self.server.core, time.time()
-        effects = []
+        """Offered runs a stopped worker declines (§4.5)."""
+        self._each_run(message.id, message.runs, self.server.core.release)
+
+    def _each_run(
+        self,
+        request_id: int | None,
+        runs: list[p.RunRef],
+        act: Callable[[str, int, float], list[Effect]],
+    ) -> None:
+        """``act`` on each run; the answer lists the refused ones as stale: not active, of
+        tasks on queues this principal does not work on, or (a release) already started."""
+        now = time.time()
+        effects: list[Effect] = []
         stale = []
         self._require_held("work")
-        for ref in message.runs:
+        for ref in runs:
             try:
                 self._require_work_on(ref.task, ref.run)
-                effects += core.release(ref.task, ref.run, now)
+                effects += act(ref.task, ref.run, now)
             except (StaleRun, InvalidState):
                 stale.append([ref.task, ref.run])
         self.server.apply(effects)
-        self.answer(message.id, {"stale": stale})
+        self.answer(request_id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
         self._require_work_on(message.task, message.run)
