@@ -11,6 +11,7 @@ within ``--connect-timeout``; 130 interrupted.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import importlib
@@ -38,6 +39,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 import wsq
+import wsq.sync
 from wsq.client.streams import Stream
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -624,17 +626,22 @@ def worker(
     Ctrl-C."""
     handler = load_handler(handler_spec)
     if not inspect.iscoroutinefunction(handler):
-        handler = _in_thread(handler)
+        handler = _in_thread(handler, concurrency)
     client = wsq.Client(kwargs["url"], token=kwargs["token"], ca_file=kwargs["ca_file"])
     run(_work(client, queue_name, handler, concurrency, grace))
 
 
-def _in_thread(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """A sync handler runs in a thread, so it may block without stalling the connection."""
+def _in_thread(handler: Callable[..., Any], concurrency: int) -> Callable[..., Awaitable[Any]]:
+    """A sync handler runs in a thread of its own pool, so it may block without stalling
+    the connection; it gets a :mod:`wsq.sync` view of the task (blocking
+    ``update_progress()``, streams as files)."""
+    threads = concurrent.futures.ThreadPoolExecutor(concurrency, "wsq-worker")
 
     @functools.wraps(handler)
     async def threaded(task: wsq.Task) -> Any:
-        return await asyncio.to_thread(handler, task)
+        loop = asyncio.get_running_loop()
+        view = wsq.sync.task_in_thread(task, loop)
+        return await loop.run_in_executor(threads, handler, view)
 
     return threaded
 

@@ -33,13 +33,56 @@ from wsq.client.streams import Stream as AsyncStream
 from wsq.client.task import Task as AsyncTask
 from wsq.exceptions import WsqError
 
-__all__ = ["Client", "Queue", "Stream", "Task", "TaskList", "Worker"]
+__all__ = ["Client", "Queue", "Stream", "Task", "TaskList", "Worker", "task_in_thread"]
 
 T = TypeVar("T")
 SyncHandler = Callable[..., Any]
 
 
-class Client:
+class _Bridge:
+    """Calls from threads into an event loop that runs a :class:`wsq.Client`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._closed = False
+        # Event handlers run here, one at a time and in order, so they may call the client.
+        self._handlers = concurrent.futures.ThreadPoolExecutor(1, "wsq-sync-events")
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coroutine`` on the client's loop and return its result (its exception is
+        raised here). For the async API this class does not wrap."""
+        if self._on_loop_thread():
+            coroutine.close()
+            raise RuntimeError("wsq.sync: called from the client's own event loop thread")
+        if self._closed:
+            coroutine.close()
+            raise WsqError("This client is closed.")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _relay(self, handler: SyncHandler) -> Callable[..., None]:
+        """An async-side handler that hands the event to the event thread."""
+
+        def relay(*args: Any) -> None:
+            wrapped = [Task(self, a) if isinstance(a, AsyncTask) else a for a in args]
+            self._handlers.submit(handler, *wrapped)
+
+        return relay
+
+
+def task_in_thread(task: AsyncTask, loop: asyncio.AbstractEventLoop) -> Task:
+    """A :class:`Task` view of ``task`` for code running in a thread while ``loop`` runs
+    the task's client: blocking ``update_progress()`` and ``touch()``, streams as files.
+    ``wsq worker`` hands this to synchronous handlers."""
+    return Task(_Bridge(loop), task)
+
+
+class Client(_Bridge):
     """A connection to a wsq server, for synchronous code. See the module docstring.
 
     Takes the arguments of :class:`wsq.Client`. ``with wsq.sync.Client(url) as client:``
@@ -56,16 +99,13 @@ class Client:
         ssl: SSLContext | None = None,
         ca_file: str | None = None,
     ) -> None:
-        self._loop = asyncio.new_event_loop()
+        super().__init__(asyncio.new_event_loop())
         # Named, so that what the client runs in threads (file reads) is recognisably its.
         self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(None, "wsq-sync-io"))
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="wsq-sync-loop", daemon=True
         )
         self._thread.start()
-        # Event handlers run here, one at a time and in order, so they may call the client.
-        self._handlers = concurrent.futures.ThreadPoolExecutor(1, "wsq-sync-events")
-        self._closed = False
         self._lock = threading.Lock()
 
         async def make() -> AsyncClient:
@@ -82,17 +122,6 @@ class Client:
     @property
     def connected(self) -> bool:
         return self._client.connected
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coroutine`` on the client's loop and return its result (its exception is
-        raised here). For the async API this class does not wrap."""
-        if threading.current_thread() is self._thread:
-            coroutine.close()
-            raise RuntimeError("wsq.sync: called from the client's own event loop thread")
-        if self._closed:
-            coroutine.close()
-            raise WsqError("This client is closed.")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def connect(self) -> None:
         """Connect, retrying with the backoff until the server answers."""
@@ -146,15 +175,6 @@ class Client:
         return handler
 
     # -- internals -------------------------------------------------------------------------
-
-    def _relay(self, handler: SyncHandler) -> Callable[..., None]:
-        """An async-side handler that hands the event to the event thread."""
-
-        def relay(*args: Any) -> None:
-            wrapped = [Task(self, a) if isinstance(a, AsyncTask) else a for a in args]
-            self._handlers.submit(handler, *wrapped)
-
-        return relay
 
     def _sync_iterables(self, data: Any) -> Any:
         """``data`` with each generator of bytes made an async iterable (read in a thread)
@@ -290,7 +310,7 @@ class Worker:
 class Task:
     """A task (see :class:`wsq.Task`); its fields are read through to the async task."""
 
-    def __init__(self, client: Client, task: AsyncTask) -> None:
+    def __init__(self, client: _Bridge, task: AsyncTask) -> None:
         self._client = client
         self._task = task
         self._data: Any = None
@@ -360,7 +380,7 @@ class Task:
         return handler
 
 
-def _sync_streams(client: Client, data: Any) -> Any:
+def _sync_streams(client: _Bridge, data: Any) -> Any:
     if isinstance(data, AsyncStream):
         return Stream(client, data)
     if isinstance(data, dict):
@@ -376,7 +396,7 @@ class Stream(io.RawIOBase):
     fetched as they are read, one flow-control window at most; a lost connection raises
     :class:`wsq.ConnectionLost`. Closing it stops the download."""
 
-    def __init__(self, client: Client, stream: AsyncStream) -> None:
+    def __init__(self, client: _Bridge, stream: AsyncStream) -> None:
         super().__init__()
         self._client = client
         self._stream = stream

@@ -137,11 +137,18 @@ async def test_watch_prints_events_until_a_signal(client: wsq.Client) -> None:
 
 
 HANDLERS = """
-import asyncio, pathlib, time
+import asyncio, hashlib, pathlib, time
 
 def checksum(task):  # sync: runs in a thread
     time.sleep(task.data.get("sleep", 0))
     pathlib.Path(task.data["out"]).write_text(str(sum(task.data["numbers"])))
+
+def digest(task):  # sync, with a stream read as a file and progress reported
+    hashed = hashlib.sha256()
+    while chunk := task.data["file"].read(1 << 20):
+        hashed.update(chunk)
+        task.update_progress(0.5)
+    pathlib.Path(task.data["out"]).write_text(hashed.hexdigest())
 
 async def slow(task):
     await asyncio.sleep(task.data["sleep"])
@@ -202,3 +209,23 @@ async def _failed_with(queue: wsq.Queue, error: str) -> bool:
 async def test_shell_completion_scripts(shell: str) -> None:
     code, out, _ = await cli(env={"_WSQ_COMPLETE": f"{shell}_source"})
     assert code == 0 and "_WSQ_COMPLETE" in out
+
+
+async def test_a_sync_handler_reads_streams_as_files_and_reports_progress(
+    client: wsq.Client, tmp_path: Path
+) -> None:
+    (tmp_path / "jobs.py").write_text(HANDLERS)
+    queue = client.queue("digests")
+    blob = os.urandom(3 << 20)
+    await queue.add({"file": blob, "out": str(tmp_path / "digest")})
+    progressed = asyncio.Event()
+    queue.on("task progress", lambda task, fraction: progressed.set())
+    args = ("worker", "jobs:digest", "-q", "digests")
+    worker = await _start(*args, url=client.address, cwd=tmp_path)
+    try:
+        await eventually(lambda: completed_count_is(queue, 1), timeout=30)
+        assert (tmp_path / "digest").read_text() == hashlib.sha256(blob).hexdigest()
+        assert progressed.is_set()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), budget(30)) == 0
