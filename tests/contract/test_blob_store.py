@@ -25,9 +25,10 @@ import pytest
 import wsq
 from tests.s3emulator import MotoServer
 from wsq.blobs.base import BlobNotFound, BlobStore, check_key, new_key
-from wsq.blobs.files import READ_AHEAD, WRITE_BUFFER, FileBlobStore
+from wsq.blobs.files import WRITE_BUFFER, FileBlobStore
 from wsq.blobs.memory import MemoryBlobStore
 from wsq.blobs.s3 import S3BlobStore
+from wsq.blobs.threads import READ_AHEAD
 from wsq.exceptions import InvalidArgument
 
 T = TypeVar("T")

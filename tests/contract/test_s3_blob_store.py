@@ -20,7 +20,8 @@ from tests.s3emulator import MotoServer
 from wsq.blobs import blob_store_from_url, check_storage_url
 from wsq.blobs.base import BlobNotFound, new_key
 from wsq.blobs.files import FileBlobStore
-from wsq.blobs.s3 import PART_SIZE, READ_AHEAD, S3BlobStore
+from wsq.blobs.s3 import PART_SIZE, S3BlobStore
+from wsq.blobs.threads import READ_AHEAD
 from wsq.exceptions import InvalidArgument, Unavailable
 
 PREFIX = "wsq/blobs"

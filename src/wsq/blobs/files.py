@@ -33,46 +33,20 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from wsq.blobs.base import BlobNotFound, BlobReader, BlobStore, BlobWriter, check_key, new_key
-from wsq.blobs.memory import check_offset, check_read_size
+from wsq.blobs.base import BlobNotFound, BlobStore, BlobWriter, check_key, new_key
+from wsq.blobs.memory import check_offset
+from wsq.blobs.threads import Lane, ReadAheadReader
 
 T = TypeVar("T")
 
 WRITE_BUFFER = 1 << 20
 """A writer hands its buffer to a thread once it holds this many bytes."""
 
-READ_AHEAD = 1 << 20
-"""A reader reads at least this many bytes per thread hop."""
-
 _FANOUT = re.compile(r"^[0-9a-f]{2}$")
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 _OPEN, _BROKEN, _COMMITTED, _ABORTED = "open", "broken", "committed", "aborted"
-
-
-class _Lane:
-    """Runs the blocking calls on one file in the pool, each after the previous one ended."""
-
-    def __init__(self, executor: concurrent.futures.Executor) -> None:
-        self._executor = executor
-        self._last: concurrent.futures.Future[Any] | None = None
-
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` in a thread once earlier calls finished. If the caller is cancelled
-        the call still runs to its end, so later calls (a close) never overlap it."""
-        future = self._executor.submit(_after, self._last, fn, *args)
-        self._last = future
-        result = await asyncio.shield(asyncio.wrap_future(future))
-        if self._last is future:
-            self._last = None  # it ended; do not keep its result (a read's bytes) alive
-        return result
-
-
-def _after(previous: concurrent.futures.Future[Any] | None, fn: Callable[..., T], *args: Any) -> T:
-    if previous is not None:
-        concurrent.futures.wait([previous])
-    return fn(*args)
 
 
 class FileBlobWriter(BlobWriter):
@@ -87,7 +61,7 @@ class FileBlobWriter(BlobWriter):
         self.key = key
         self._store = store
         self._file = file
-        self._lane = _Lane(store._executor)
+        self._lane = Lane(store._executor)
         self._buffer = bytearray()
         self._size = 0
         self._state = _OPEN
@@ -176,45 +150,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class FileBlobReader(BlobReader):
-    """Reads one committed file with ``pread`` from a position kept here, so a cancelled
-    :meth:`read` loses nothing: the next call reads the same bytes again."""
+class FileBlobReader(ReadAheadReader):
+    """Reads one committed file with ``pread`` (OSError on a read error)."""
 
     def __init__(self, store: FileBlobStore, file: io.FileIO, size: int, offset: int) -> None:
-        self.size = size
+        super().__init__(store._executor, size, offset)
         self._file = file
-        self._lane = _Lane(store._executor)
-        self._next = offset  # file offset of the first byte not yet in the buffer
-        self._buffer = b""
-        self._taken = 0  # bytes of the buffer already returned
-        self._closed = False
 
-    async def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes, fewer only at the end, ``b""`` at the end. Holds at most
-        ``n + READ_AHEAD`` bytes. Raise InvalidArgument if ``n < 1``, RuntimeError after
-        :meth:`close`, OSError on a read error."""
-        check_read_size(n)
-        if self._closed:
-            raise RuntimeError("Blob reader is closed")
-        if len(self._buffer) - self._taken < n and self._next < self.size:
-            await self._fill(n)
-        chunk = self._buffer[self._taken : self._taken + n]
-        self._taken += len(chunk)
-        return chunk
+    def _read_sync(self, at: int, want: int) -> bytes:
+        return _pread_all(self._file, want, at)
 
-    async def _fill(self, n: int) -> None:
-        rest = self._buffer[self._taken :]
-        want = max(n - len(rest), READ_AHEAD)
-        data = await self._lane.run(_pread_all, self._file, want, self._next)
-        self._next += len(data)
-        self._buffer, self._taken = rest + data, 0
-
-    async def close(self) -> None:
-        """Close the file (in a thread, after any read in flight). Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._buffer = b""
-            await self._lane.run(self._file.close)
+    def _release_sync(self) -> None:
+        self._file.close()
 
 
 def _pread_all(file: io.FileIO, n: int, offset: int) -> bytes:

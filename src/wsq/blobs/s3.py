@@ -48,9 +48,9 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from wsq.blobs.base import BlobNotFound, BlobReader, BlobStore, BlobWriter, check_key, new_key
-from wsq.blobs.files import _Lane
-from wsq.blobs.memory import check_offset, check_read_size
+from wsq.blobs.base import BlobNotFound, BlobStore, BlobWriter, check_key, new_key
+from wsq.blobs.memory import check_offset
+from wsq.blobs.threads import Lane, ReadAheadReader
 from wsq.exceptions import Unavailable
 
 if TYPE_CHECKING:
@@ -63,9 +63,6 @@ T = TypeVar("T")
 PART_SIZE = 8 << 20
 """Bytes of one multipart part (S3's minimum is 5 MiB, except for the last part). Past each
 1,000 parts it grows by as much, so the 10,000-part limit is reached only at 440 GB."""
-
-READ_AHEAD = 1 << 20
-"""A reader takes at least this many bytes per thread hop."""
 
 STALE_UPLOAD_AGE = 24 * 3600.0
 """Seconds after which open() takes an unfinished multipart upload for a dead server's."""
@@ -88,7 +85,7 @@ class S3BlobWriter(BlobWriter):
     def __init__(self, store: S3BlobStore, key: str) -> None:
         self.key = key
         self._store = store
-        self._lane = _Lane(store._executor)
+        self._lane = Lane(store._executor)
         self._buffer = bytearray()
         self._size = 0
         self._upload_id: str | None = None
@@ -167,49 +164,18 @@ class S3BlobWriter(BlobWriter):
             raise RuntimeError(f"Blob writer {self.key} is {self._state}")
 
 
-class S3BlobReader(BlobReader):
-    """Reads one object from an offset through a ranged GET kept open between reads."""
+class S3BlobReader(ReadAheadReader):
+    """Reads one object from an offset through a ranged GET kept open between reads;
+    Unavailable if S3 fails (twice in a row) or the blob was deleted before this reader
+    had it whole."""
 
     def __init__(self, store: S3BlobStore, key: str, size: int, offset: int) -> None:
-        self.size = size
+        super().__init__(store._executor, size, offset)
         self._store = store
         self._key = key
-        self._lane = _Lane(store._executor)
-        self._next = offset  # object offset of the first byte not yet in the buffer
-        self._buffer = b""
-        self._taken = 0  # bytes of the buffer already returned
-        self._closed = False
         # Touched only in the lane's thread calls:
         self._body: StreamingBody | None = None
         self._body_at = 0  # object offset of the body's next byte
-
-    async def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes, fewer only at the end, ``b""`` at the end. Holds at most
-        ``n + READ_AHEAD`` bytes. Raise InvalidArgument if ``n < 1``, RuntimeError after
-        :meth:`close`, Unavailable if S3 fails (twice in a row) or the blob was deleted
-        before this reader had it whole."""
-        check_read_size(n)
-        if self._closed:
-            raise RuntimeError("Blob reader is closed")
-        if len(self._buffer) - self._taken < n and self._next < self.size:
-            await self._fill(n)
-        chunk = self._buffer[self._taken : self._taken + n]
-        self._taken += len(chunk)
-        return chunk
-
-    async def _fill(self, n: int) -> None:
-        rest = self._buffer[self._taken :]
-        want = min(max(n - len(rest), READ_AHEAD), self.size - self._next)
-        data = await self._lane.run(self._read_sync, self._next, want)
-        self._next += len(data)
-        self._buffer, self._taken = rest + data, 0
-
-    async def close(self) -> None:
-        """Drop the open GET (after any read in flight). Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._buffer = b""
-            await self._lane.run(self._drop_body)
 
     def _read_sync(self, at: int, want: int) -> bytes:
         """In a thread: ``want`` bytes from offset ``at``, over the open GET if it stands
@@ -229,6 +195,9 @@ class S3BlobReader(BlobReader):
             self._body_at += len(data)
             return data
         raise AssertionError("unreachable")
+
+    def _release_sync(self) -> None:
+        self._drop_body()
 
     def _drop_body(self) -> None:
         if self._body is not None:
