@@ -17,6 +17,8 @@ import itertools
 import logging
 import math
 import os
+import re
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -43,7 +45,7 @@ from wsq.server.budget import Budget
 from wsq.server.connection import Connection
 from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.locks import TaskLocks
-from wsq.server.logs import log, logger
+from wsq.server.logs import log, logger, name_node
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
@@ -124,6 +126,7 @@ class Server:
         max_pending: int = 1024,
         max_workers: int = 1000,
         min_task_timeout: float = 0.1,
+        node_name: str | None = None,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
@@ -134,6 +137,12 @@ class Server:
                 f"min_task_timeout must be a number of seconds >= 0, not {min_task_timeout!r}"
             )
         self.min_task_timeout = min_task_timeout
+        if node_name is not None:
+            check_node_name(node_name)
+        self._named = node_name is not None
+        # This node's name in logs, stats and the welcome; by default host and port, known
+        # once the port is bound.
+        self.node_name = node_name or f"{socket.gethostname()}:{port}"
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
@@ -214,13 +223,16 @@ class Server:
         host, port = sockets[0].getsockname()[:2]
         self.port = port
         self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
+        if not self._named:
+            self.node_name = f"{socket.gethostname()}:{port}"
+        name_node(self.node_name, shown=self._named)
         bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
         log(
             logging.INFO,
             "listening",
-            f"wsq server listening on {self.url}",
+            f"wsq server {self.node_name} listening on {self.url}",
             data=str(self.data_dir),
         )
 
@@ -631,6 +643,20 @@ class Server:
         """An upload was stored; keep the start-up sweep (if still running) off it."""
         if self._fresh_blobs is not None:
             self._fresh_blobs.add(key)
+
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}\Z")
+
+
+def check_node_name(name: str) -> str:
+    """``name`` if it is a valid node name (1-100 letters, digits and ``_.:@-``, starting
+    with a letter or digit), else ValueError."""
+    if not isinstance(name, str) or not _NODE_NAME.match(name):
+        raise ValueError(
+            f"node name must be 1-100 letters, digits or _.:@- (starting with a letter or "
+            f"digit), not {name!r}"
+        )
+    return name
 
 
 def _lock_data_dir(data_dir: Path) -> int:

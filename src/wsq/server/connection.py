@@ -196,7 +196,11 @@ class Connection:
         if server.gate is not None:
             server.gate.greeted(self.ws.remote_address)
         welcome = p.welcome(
-            self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
+            self.id,
+            f"wsq/{_version()}",
+            server.heartbeat_interval,
+            server.max_message_size,
+            node=server.node_name,
         )
         await self.ws.send(welcome, text=True)
         log(
@@ -1061,6 +1065,10 @@ class Connection:
     def _on_stats(self, message: p.Stats) -> None:
         patterns = self.principal.patterns("observe") if self._checked else None
         stats = self.server.core.stats(patterns)
+        node = self.server.node_name
+        for queue in stats:
+            for worker in queue["workers"]:
+                worker["node"] = node  # a cluster's stats name each worker's node
         # The counts as of now, sent once the writes they count are durable.
         self.answer(message.id, {"queues": stats})
 

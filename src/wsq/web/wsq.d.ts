@@ -84,8 +84,13 @@ export type TaskList = Task[] & { cursor: string | null }
  * Events: 'connect', 'disconnect', 'error', and the server events ('task added', ...).
  */
 export class Client extends EventEmitter {
-  constructor (address: string, options?: ClientOptions)
+  /** One address, or a cluster's nodes: each reconnection moves to the next one. */
+  constructor (address: string | string[], options?: ClientOptions)
+  /** The address in use (or tried next). */
   readonly address: string
+  readonly addresses: string[]
+  /** The name of the node last connected to (the server's --node-name), or null. */
+  readonly node: string | null
   readonly connected: boolean
   readonly closed: boolean
   queue (name: string): Queue
