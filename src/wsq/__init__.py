@@ -22,9 +22,10 @@ from wsq.exceptions import (
     UploadFailed,
     WsqError,
 )
+from wsq._version import VERSION
 from wsq.server.app import Server
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "Client",
