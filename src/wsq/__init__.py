@@ -1,5 +1,6 @@
 """wsq: a WebSocket task queue whose tasks can carry streaming data."""
 
+from wsq._version import VERSION
 from wsq.client.client import Client
 from wsq.client.events import Event
 from wsq.client.queue import Queue, TaskList, Worker
@@ -22,7 +23,6 @@ from wsq.exceptions import (
     UploadFailed,
     WsqError,
 )
-from wsq._version import VERSION
 from wsq.server.app import Server
 
 __version__ = VERSION

@@ -26,9 +26,9 @@ from typing import Any
 
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.names import NameIndex
+from wsq.core.ops import Delete, Recovery, SetProgress, Update
 from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
-from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
 BACKOFF = 0.1
 """Seconds a task waits after an expired run before it is offered again, doubled for
