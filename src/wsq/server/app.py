@@ -34,6 +34,7 @@ from picows.websockets import Request, Response, ServerConnection, ServerHandsha
 from picows.websockets import Server as WsServer
 
 from wsq import protocol
+from wsq.blobs import STALE_UPLOAD_AGE
 from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
@@ -127,6 +128,7 @@ class Server:
         max_workers: int = 1000,
         min_task_timeout: float = 0.1,
         node_name: str | None = None,
+        sweep_grace: float | None = None,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
@@ -178,6 +180,15 @@ class Server:
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
         self.blobs = blob_store or _blob_store(storage, self.data_dir)
+        # The orphan sweep deletes blobs no task references. A store named by --storage may
+        # be shared with other servers, whose uploads in progress are unreferenced for a
+        # while: there it spares blobs younger than the grace and runs again every quarter
+        # of it. The default store is this server's alone: swept whole, once, at start.
+        if sweep_grace is None:
+            sweep_grace = STALE_UPLOAD_AGE if storage is not None else 0.0
+        if not 0 <= sweep_grace < math.inf:
+            raise ValueError(f"sweep_grace must be seconds >= 0, not {sweep_grace!r}")
+        self.sweep_grace = sweep_grace
         self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.core.observed = self._observed
@@ -623,21 +634,34 @@ class Server:
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
 
     async def _sweep_orphans(self) -> None:
-        """Delete blobs no task references, left by a crash between upload and insert."""
-        try:
+        """Delete blobs no task references, left by a crash between upload and insert: at
+        start, and with a shared store (:attr:`sweep_grace`) every quarter of the grace."""
+        while True:
+            try:
+                await self._sweep_once()
+            except Exception as exc:
+                if not self.sweep_grace:
+                    raise
+                log(logging.WARNING, "sweep failed", f"The orphan sweep failed: {exc}")
+            finally:
+                self._fresh_blobs = None
+            if not self.sweep_grace:
+                return
+            await asyncio.sleep(self.sweep_grace / 4)
+            self._fresh_blobs = set()  # blobs stored while this round runs are spared
+
+    async def _sweep_once(self) -> None:
+        referenced = await self.store.blob_keys()
+        fresh = self._fresh_blobs
+        assert fresh is not None
+        listing = self.blobs.keys(self.sweep_grace)
+        orphans = [k async for k in listing if k not in referenced and k not in fresh]
+        if orphans:
+            # Keys made since the listing began may have been claimed meanwhile.
             referenced = await self.store.blob_keys()
-            fresh = self._fresh_blobs
-            assert fresh is not None
-            listing = self.blobs.keys()
-            orphans = [k async for k in listing if k not in referenced and k not in fresh]
-            if orphans:
-                # Keys made since the listing began may have been claimed meanwhile.
-                referenced = await self.store.blob_keys()
-                orphans = [k for k in orphans if k not in referenced and k not in fresh]
-                await self.blobs.delete(orphans)
-                log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
-        finally:
-            self._fresh_blobs = None
+            orphans = [k for k in orphans if k not in referenced and k not in fresh]
+            await self.blobs.delete(orphans)
+            log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
 
     def blob_stored(self, key: str) -> None:
         """An upload was stored; keep the start-up sweep (if still running) off it."""
