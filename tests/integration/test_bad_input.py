@@ -694,8 +694,8 @@ class _GatedBlobs(BlobStore):
     async def delete(self, keys: Any) -> None:
         await self.inner.delete(keys)
 
-    def keys(self) -> AsyncIterator[str]:
-        return self.inner.keys()
+    def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
+        return self.inner.keys(min_age)
 
     async def close(self) -> None:
         self.gate.set()
