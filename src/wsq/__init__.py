@@ -1,5 +1,6 @@
 """wsq: a WebSocket task queue whose tasks can carry streaming data."""
 
+from wsq._version import VERSION
 from wsq.client.client import Client
 from wsq.client.events import Event
 from wsq.client.queue import Queue, TaskList, Worker
@@ -24,7 +25,7 @@ from wsq.exceptions import (
 )
 from wsq.server.app import Server
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "Client",

@@ -98,6 +98,13 @@ _server_options = _stacked(
         help="Seconds a worker has to acknowledge an offered task.",
     ),
     click.option(
+        "--node-name",
+        default=None,
+        envvar="WSQ_NODE_NAME",
+        callback=lambda ctx, param, value: _node_name(value),
+        help="This node's name in logs, stats and the dashboard [default: HOST:PORT].",
+    ),
+    click.option(
         "--log-level", type=_LEVELS, default="info", envvar="WSQ_LOG_LEVEL", show_default=True
     ),
     click.option(
@@ -109,6 +116,15 @@ _server_options = _stacked(
         help="json: one JSON object per line.",
     ),
 )
+
+
+def _node_name(value: str | None) -> str | None:
+    from wsq.server.app import check_node_name
+
+    try:
+        return None if value is None else check_node_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _storage(value: str | None) -> str | None:

@@ -63,7 +63,13 @@ class Refused(click.ClickException):
 def client_options(func: F) -> F:
     """The options every verb shares (see the module docstring)."""
     options = [
-        click.option("--url", envvar="WSQ_URL", default="ws://127.0.0.1:4242", show_default=True),
+        click.option(
+            "--url",
+            envvar="WSQ_URL",
+            default="ws://127.0.0.1:4242",
+            show_default=True,
+            help="The server, or a cluster's nodes separated by commas (tried in turn).",
+        ),
         click.option("--token", envvar="WSQ_TOKEN", help="The client's token (docs/security.md)."),
         click.option(
             "--ca-file",
@@ -86,12 +92,20 @@ def client_options(func: F) -> F:
     return func
 
 
+def addresses(url: str) -> list[str]:
+    """``--url``'s value as the client's addresses: one, or several separated by commas."""
+    return [one.strip() for one in url.split(",") if one.strip()] or [url]
+
+
 class Session:
     """What a verb needs: a connected client, how to print, and the run of its body."""
 
     def __init__(self, url: str, token: str | None, ca_file: str | None, timeout: float) -> None:
         self.client = wsq.Client(
-            url, backoff=lambda tries: min(0.05 * 2**tries, 1.0), token=token, ca_file=ca_file
+            addresses(url),
+            backoff=lambda tries: min(0.05 * 2**tries, 1.0),
+            token=token,
+            ca_file=ca_file,
         )
         self.timeout = timeout
 
@@ -100,7 +114,8 @@ class Session:
             await asyncio.wait_for(self.client.connect(), self.timeout)
         except TimeoutError:
             await self.client.close()
-            raise Unreachable(f"no wsq server answered at {self.client.address}") from None
+            where = ", ".join(self.client.addresses)
+            raise Unreachable(f"no wsq server answered at {where}") from None
         except wsq.Unauthorized as exc:
             await self.client.close()
             raise Refused(str(exc)) from None
@@ -627,7 +642,7 @@ def worker(
     handler = load_handler(handler_spec)
     if not inspect.iscoroutinefunction(handler):
         handler = _in_thread(handler, concurrency)
-    client = wsq.Client(kwargs["url"], token=kwargs["token"], ca_file=kwargs["ca_file"])
+    client = wsq.Client(addresses(kwargs["url"]), token=kwargs["token"], ca_file=kwargs["ca_file"])
     run(_work(client, queue_name, handler, concurrency, grace))
 
 

@@ -364,13 +364,18 @@ def join_frame(parts: list[bytes]) -> bytes:
 
 
 def welcome(
-    connection: str, server: str, heartbeat: float, max_message: int = MAX_MESSAGE
+    connection: str,
+    server: str,
+    heartbeat: float,
+    max_message: int = MAX_MESSAGE,
+    node: str | None = None,
 ) -> bytes:
     return encode(
         {
             "op": "welcome",
             "protocol": PROTOCOL_VERSION,
             "server": server,
+            **({"node": node} if node is not None else {}),
             "connection": connection,
             "heartbeat": heartbeat,
             "limits": {

@@ -20,7 +20,7 @@ import concurrent.futures
 import inspect
 import io
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from ssl import SSLContext
 from types import TracebackType
 from typing import Any, TypeVar
@@ -92,7 +92,7 @@ class Client(_Bridge):
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         backoff: Callable[[int], float] | None = None,
         *,
         token: str | None = None,

@@ -363,6 +363,56 @@ async def test_non_string_key_is_rejected(store: BlobStore, key: object) -> None
         await store.delete([key])  # type: ignore[list-item]
 
 
+async def test_keys_with_a_min_age_leave_out_young_blobs(store: BlobStore) -> None:
+    """A node sweeping a store other nodes share asks only for blobs older than a grace."""
+    key, _ = await put(store, [b"young"])
+    assert key in await all_keys(store)
+    assert key not in {k async for k in store.keys(3600)}
+    assert key in {k async for k in store.keys(0)}
+
+
+async def test_keys_with_a_min_age_include_old_blobs(tmp_path: Path) -> None:
+    """Ages come from the blob's own time: a file last modified two hours ago counts."""
+    files = FileBlobStore(tmp_path / "b")
+    memory = MemoryBlobStore()
+    for store in (files, memory):
+        await store.open()
+        old, _ = await put(store, [b"old"])
+        await put(store, [b"young"])
+        if store is files:
+            path = files.root / old[:2] / old
+            os.utime(path, (time.time() - 7200, time.time() - 7200))
+        else:
+            memory._committed[old] -= 7200
+        assert {k async for k in store.keys(3600)} == {old}
+        await store.close()
+
+
+async def test_a_shared_folder_keeps_other_servers_uploads_in_progress(tmp_path: Path) -> None:
+    """With ``stale_upload_age`` (a folder several servers share), open() deletes only
+    unfinished writes that old; by default, all of them."""
+    first = FileBlobStore(tmp_path / "shared")
+    await first.open()
+    writer = await first.create()
+    await writer.write(b"in progress")
+    stale = await first.create()
+    await stale.write(b"abandoned")
+    old = time.time() - 2 * 86400
+    os.utime(first.root / "tmp" / stale.key, (old, old))
+    second = FileBlobStore(tmp_path / "shared", stale_upload_age=86400)
+    await second.open()
+    assert sorted(p.name for p in (first.root / "tmp").iterdir()) == [writer.key]
+    await writer.write(b" and done")
+    await writer.commit()
+    assert await get(second, writer.key) == b"in progress and done"
+    await stale.abort()
+    alone = FileBlobStore(tmp_path / "shared")
+    await alone.open()
+    assert list((first.root / "tmp").iterdir()) == []
+    for store in (first, second, alone):
+        await store.close()
+
+
 async def test_hostile_keys_never_touch_the_filesystem(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")

@@ -121,6 +121,8 @@ async def test_a_second_server_on_the_same_folder_or_port_is_refused(tmp_path: P
         (["--max-message", "0"], {}, "--max-message"),
         (["--log-format", "xml"], {}, "--log-format"),
         (["--tls-cert", __file__], {}, "--tls-key"),
+        (["--node-name", "bad name\nforged"], {}, "--node-name"),
+        ([], {"WSQ_NODE_NAME": "-leading-dash"}, "--node-name"),
     ],
 )
 @pytest.mark.parametrize("command", ["server", "demo"])

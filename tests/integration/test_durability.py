@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -296,6 +297,35 @@ async def test_one_gib_stream_round_trip_with_bounded_memory(data_dir: Path) -> 
         server.stop()
     assert peaks["server"] < 150 << 20, f"server peak RSS {peaks['server'] >> 20} MiB"
     assert peaks["client"] < 150 << 20, f"client RSS grew {peaks['client'] >> 20} MiB"
+
+
+async def test_a_shared_storage_sweep_spares_other_servers_pending_blobs(tmp_path: Path) -> None:
+    """Two servers on one ``--storage`` folder: a blob another server committed for an add
+    it has not inserted yet is unreferenced here, and must survive this server's start-up
+    sweep; an unreferenced blob older than the grace is an orphan and goes."""
+    from wsq.blobs.files import FileBlobStore
+
+    shared = tmp_path / "shared"
+    other = FileBlobStore(shared)
+    await other.open()
+    pending = await other.create()
+    await pending.write(b"another server's upload, its add not inserted yet")
+    await pending.commit()
+    orphan = await other.create()
+    await orphan.write(b"left by a crash long ago")
+    await orphan.commit()
+    old = time.time() - 2 * 86400
+    os.utime(shared / orphan.key[:2] / orphan.key, (old, old))
+    uploading = await other.create()  # an upload still in progress there
+    await uploading.write(b"half")
+    storage = f"file://{shared}"
+    async with wsq.Server(data_dir=tmp_path / "d", port=0, storage=storage) as server:
+        assert server.sweep_grace == 86400
+        await eventually(lambda: not (shared / orphan.key[:2] / orphan.key).exists())
+        assert (shared / pending.key[:2] / pending.key).exists()
+        assert (shared / "tmp" / uploading.key).exists()
+    await uploading.abort()
+    await other.close()
 
 
 async def test_orphaned_blobs_are_swept_at_start(data_dir: Path) -> None:

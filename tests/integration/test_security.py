@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import ssl
@@ -214,6 +215,37 @@ async def test_observe_lists_and_watches_only_its_queues(secured: wsq.Server) ->
         assert (await raw.request({"op": "subscribe", "queue": "videos"}))["op"] == "result"
         # Every queue: allowed, and filtered to the queues this token observes.
         assert (await raw.request({"op": "subscribe"}))["op"] == "result"
+
+
+async def test_listings_cost_only_the_queues_a_token_may_see(
+    secured: wsq.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``queues`` and ``stats`` for a token limited to a few patterns match only names under
+    those patterns' literal heads: thousands of other queues cost no pattern matches."""
+    async with RawClient(secured.url, token=ADMIN) as admin:
+        for start in range(0, 3000, 500):
+            batch = [
+                {"op": "add", "id": n, "queue": f"other-{n}", "data": n}
+                for n in range(start, start + 500)
+            ]
+            await admin.send(json.dumps(batch))
+            for _ in range(500):
+                assert (await admin.expect("result"))["op"] == "result"
+    async with fast(secured.url, PRODUCER) as producer, fast(secured.url, OBSERVER) as watcher:
+        await producer.queue("thumbs-small").add({"n": 0})
+        await producer.queue("videos").add({"n": 1})
+        matches = 0
+        real = fnmatch.fnmatchcase
+
+        def counting(name: str, pattern: str) -> bool:
+            nonlocal matches
+            matches += 1
+            return real(name, pattern)
+
+        monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+        assert [q.name for q in await producer.list_queues()] == ["thumbs-small", "videos"]
+        assert [q["name"] for q in await watcher.stats()] == ["videos"]
+        assert matches < 10
 
 
 async def test_admin_removes_and_retries(secured: wsq.Server) -> None:

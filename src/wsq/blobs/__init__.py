@@ -22,6 +22,12 @@ def check_storage_url(url: str) -> str:
     return url
 
 
+STALE_UPLOAD_AGE = 24 * 3600.0
+"""Seconds after which an unfinished upload in a store named by URL (which several servers
+may share) is taken for a dead server's and deleted; and the age below which the orphan
+sweep spares an unreferenced blob there (another server's add may be about to claim it)."""
+
+
 def blob_store_from_url(url: str) -> BlobStore:
     """``s3://bucket/prefix``: the S3 blob store (endpoint, region and credentials from the
     standard AWS variables); ``file:///path``: the files store at that path. Raise
@@ -30,7 +36,9 @@ def blob_store_from_url(url: str) -> BlobStore:
     if scheme == "file":
         from wsq.blobs.files import FileBlobStore
 
-        return FileBlobStore(where)
+        # A folder named by URL may be shared by several servers (a network file system):
+        # a starting server must not delete the others' uploads in progress.
+        return FileBlobStore(where, stale_upload_age=STALE_UPLOAD_AGE)
     from wsq.blobs.s3 import S3BlobStore
 
     return S3BlobStore(where, prefix)

@@ -94,8 +94,10 @@ class BlobStore(ABC):
         """Delete these blobs; keys that do not exist are ignored."""
 
     @abstractmethod
-    def keys(self) -> AsyncIterator[str]:
-        """Every committed key (for the orphan sweep)."""
+    def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
+        """Every committed key (for the orphan sweep); with ``min_age``, only those
+        committed at least that many seconds ago, measured on the store's own clock (a
+        node sweeping a store other nodes share spares their uploads in progress)."""
 
     @abstractmethod
     async def close(self) -> None:

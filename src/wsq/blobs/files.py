@@ -2,7 +2,8 @@
 
 Layout::
 
-    root/tmp/<key>            being written; open() deletes whatever is left here
+    root/tmp/<key>            being written; open() deletes what is left here (only what is
+                              older than stale_upload_age when given: a shared folder)
     root/<key[:2]>/<key>      committed (256 fan-out folders, so 1M blobs make ~4k per folder)
 
 A blob is durable once :meth:`FileBlobWriter.commit` returns: the file is fsynced, renamed into
@@ -29,8 +30,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import io
+import math
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -193,11 +196,22 @@ class FileBlobStore(BlobStore):
     while no writer of this root exists (it deletes unfinished writes). Call :meth:`close`
     after every writer and reader is done; it waits for I/O in flight.
 
-    ``max_workers`` bounds the threads doing disk I/O for this store.
+    ``max_workers`` bounds the threads doing disk I/O for this store. ``stale_upload_age``
+    (seconds) is for a folder several servers share (``--storage file:///path``): then
+    :meth:`open` deletes only unfinished writes untouched for that long, not the other
+    servers' uploads in progress; by default it deletes them all (the folder is this
+    server's alone).
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, max_workers: int = 8) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_workers: int = 8,
+        stale_upload_age: float | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.stale_upload_age = stale_upload_age
         self._tmp = self.root / "tmp"
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="wsq-blobs"
@@ -207,16 +221,20 @@ class FileBlobStore(BlobStore):
         self.used_bytes = 0
 
     async def open(self) -> None:
-        """Create ``root`` (durably) and ``root/tmp``; delete everything in ``tmp``; add
-        up the sizes of the committed blobs (one ``stat`` each: about 1 s per million)."""
+        """Create ``root`` (durably) and ``root/tmp``; delete what is left in ``tmp`` (with
+        ``stale_upload_age``, only what is that old); add up the sizes of the committed
+        blobs (one ``stat`` each: about 1 s per million)."""
         self.used_bytes = await self._run(self._open_sync)
 
     def _open_sync(self) -> int:
         _make_dirs_durably(self.root)
         self._tmp.mkdir(exist_ok=True)
+        age = self.stale_upload_age
+        cutoff = time.time() - age if age is not None else math.inf
         with os.scandir(self._tmp) as entries:
             for entry in entries:
-                _remove_leftover(Path(entry.path))
+                if age is None or _modified(entry) <= cutoff:
+                    _remove_leftover(Path(entry.path))
         return sum(_folder_bytes(fanout) for fanout in _list_fanouts(self.root))
 
     async def create(self) -> FileBlobWriter:
@@ -247,11 +265,12 @@ class FileBlobStore(BlobStore):
         if paths:
             self.used_bytes -= await self._run(_unlink_all, paths)
 
-    async def keys(self) -> AsyncIterator[str]:
-        """Every committed key, one fan-out folder (one thread hop) at a time. Files whose
-        names are not keys, or that sit in the wrong folder, are skipped."""
+    async def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
+        """Every committed key (with ``min_age``: whose file was last modified at least
+        that many seconds ago), one fan-out folder (one thread hop) at a time. Files
+        whose names are not keys, or that sit in the wrong folder, are skipped."""
         for fanout in await self._run(_list_fanouts, self.root):
-            for key in await self._run(_list_keys, fanout):
+            for key in await self._run(_list_keys, fanout, min_age):
                 yield key
 
     async def close(self) -> None:
@@ -356,7 +375,8 @@ def _list_fanouts(root: Path) -> list[Path]:
         )
 
 
-def _list_keys(folder: Path) -> list[str]:
+def _list_keys(folder: Path, min_age: float = 0.0) -> list[str]:
+    cutoff = time.time() - min_age
     try:
         with os.scandir(folder) as entries:
             return [
@@ -365,6 +385,14 @@ def _list_keys(folder: Path) -> list[str]:
                 if _KEY.match(e.name)
                 and e.name.startswith(folder.name)
                 and e.is_file(follow_symlinks=False)
+                and (min_age <= 0 or _modified(e) <= cutoff)
             ]
     except FileNotFoundError:
         return []
+
+
+def _modified(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return math.inf  # deleted meanwhile: not an orphan to sweep

@@ -8,6 +8,7 @@ misuse. Nothing is durable: the blobs live as long as the store object.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable
 
 from wsq.blobs.base import BlobNotFound, BlobReader, BlobStore, BlobWriter, check_key, new_key
@@ -37,6 +38,7 @@ class MemoryBlobWriter(BlobWriter):
         blob = b"".join(self._chunks)
         self._chunks = []
         self._store._blobs[self.key] = blob
+        self._store._committed[self.key] = time.time()
         self._store.used_bytes += len(blob)
         self._state = _COMMITTED
         return len(blob)
@@ -84,6 +86,7 @@ class MemoryBlobStore(BlobStore):
 
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
+        self._committed: dict[str, float] = {}  # key -> when it was committed
         self.used_bytes = 0
 
     async def open(self) -> None:
@@ -112,13 +115,17 @@ class MemoryBlobStore(BlobStore):
         InvalidArgument before anything is deleted."""
         for key in [check_key(key) for key in keys]:
             blob = self._blobs.pop(key, None)
+            self._committed.pop(key, None)
             if blob is not None:
                 self.used_bytes -= len(blob)
 
-    async def keys(self) -> AsyncIterator[str]:
-        """Every committed key, as of the first iteration."""
-        for key in list(self._blobs):
-            yield key
+    async def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
+        """Every committed key (at least ``min_age`` seconds old), as of the first
+        iteration."""
+        cutoff = time.time() - min_age
+        for key, committed in list(self._committed.items()):
+            if min_age <= 0 or committed <= cutoff:
+                yield key
 
     async def close(self) -> None:
         """Nothing to release."""

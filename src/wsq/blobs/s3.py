@@ -301,10 +301,11 @@ class S3BlobStore(BlobStore):
             await self._run(self._delete_batch, batch)
             self.used_bytes -= sum(self._sizes.pop(key, 0) for key in batch)
 
-    async def keys(self) -> AsyncIterator[str]:
-        """Every committed key, one LIST page (1,000 keys, one thread hop) at a time.
+    async def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
+        """Every committed key (with ``min_age``: whose object is at least that many
+        seconds old on S3's clock), one LIST page (1,000 keys, one thread hop) at a time.
         Objects under the prefix whose names are not keys are skipped."""
-        pages = await self._run(self._object_pages)
+        pages = await self._run(self._object_pages, min_age)
         while (page := await self._run(_next_page, pages)) is not None:
             for key in page:
                 yield key
@@ -445,20 +446,31 @@ class S3BlobStore(BlobStore):
                 f" s3://{self.bucket}/{self._base}: {first.get('Code')} {first.get('Message')}"
             )
 
-    def _object_pages(self) -> Iterator[dict[str, int]]:
-        """An iterator of LIST pages, each ``{key: size}`` (consume it in a thread)."""
+    def _object_pages(self, min_age: float = 0.0) -> Iterator[dict[str, int]]:
+        """An iterator of LIST pages, each ``{key: size}`` of the objects at least
+        ``min_age`` seconds old on S3's clock (its Date header against LastModified);
+        consume it in a thread."""
         paginator = self._s3.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self._base)
         with self._errors("list", None):
             for page in pages:
-                yield self._page_keys(page.get("Contents", []))
+                cutoff = None
+                if min_age > 0:
+                    cutoff = _server_time(page) - datetime.timedelta(seconds=min_age)
+                yield self._page_keys(page.get("Contents", []), cutoff)
 
-    def _page_keys(self, contents: Iterable[Any]) -> dict[str, int]:
+    def _page_keys(
+        self, contents: Iterable[Any], cutoff: datetime.datetime | None = None
+    ) -> dict[str, int]:
         found: dict[str, int] = {}
         for item in contents:
             name = item["Key"][len(self._base) :]
-            if _KEY.match(name):
-                found[name] = item.get("Size", 0)
+            if not _KEY.match(name):
+                continue
+            modified = item.get("LastModified")
+            if cutoff is not None and (modified is None or modified > cutoff):
+                continue
+            found[name] = item.get("Size", 0)
         return found
 
     def _abort_stale_uploads(self) -> int:

@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ssl import SSLContext, create_default_context
 from types import TracebackType
@@ -60,6 +60,17 @@ def default_backoff(tries: int) -> float:
     return min((tries * 10) ** 2, 60_000) / 1000
 
 
+def _addresses(address: str | Sequence[str]) -> tuple[str, ...]:
+    """``Client``'s address argument as a non-empty tuple of ``ws://``/``wss://`` URLs."""
+    found = (address,) if isinstance(address, str) else tuple(address)
+    if not found:
+        raise ValueError("wsq.Client needs at least one address.")
+    for one in found:
+        if not isinstance(one, str):
+            raise TypeError(f"wsq.Client: an address must be a string, not {one!r}.")
+    return found
+
+
 @dataclass(slots=True)
 class _Request:
     message: dict[str, Any]
@@ -78,16 +89,20 @@ class _Limits:
 
 
 class Client(Emitter):
-    """A connection to a wsq server at ``address`` (``ws://host:port``).
+    """A connection to a wsq server at ``address`` (``ws://host:port``), or to one of the
+    nodes of a cluster given as a list of addresses: each reconnection moves to the next
+    address, so a dead node is left at once (one address behind a load balancer works too).
 
-    ``backoff(tries)`` returns the seconds to wait before reconnect attempt ``tries``.
+    ``backoff(tries)`` returns the seconds to wait before reconnect attempt ``tries``; with
+    several addresses it is waited once a whole round of them failed (``tries`` counts
+    rounds), and not between the addresses of a round.
     Events: ``'connect'``, ``'disconnect'``, ``'error'`` and every server event name;
     handlers may be sync or async. Task events call ``handler(task, *extra)``.
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         backoff: Callable[[int], float] | None = None,
         *,
         token: str | None = None,
@@ -95,7 +110,10 @@ class Client(Emitter):
         ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        self.address = address
+        self.addresses = _addresses(address)
+        self.address = self.addresses[0]  # the one in use, or tried next
+        self._address_index = 0
+        self.node: str | None = None  # the name of the node this client last greeted
         self.backoff = backoff or default_backoff
         self._token = token
         if ssl is None and ca_file is not None:
@@ -206,27 +224,43 @@ class Client(Emitter):
                 tries += 1
                 if self.listens("error"):
                     self.emit("error", exc)
-                await asyncio.sleep(self.backoff(tries))
+                self._next_address()
+                rounds, rest = divmod(tries, len(self.addresses))
+                if not rest:  # every address failed once more: back off
+                    await asyncio.sleep(self.backoff(rounds))
                 continue
             tries = 0
             await self._session(ws, welcome)
+            self._next_address()  # the node may be gone: the next one is tried first
+
+    def _next_address(self) -> None:
+        self._address_index = (self._address_index + 1) % len(self.addresses)
+        self.address = self.addresses[self._address_index]
 
     def _tls(self) -> dict[str, Any]:
         """``connect``'s ``ssl`` argument: a custom context, if one was given."""
         return {"ssl": self._ssl} if self._ssl is not None else {}
 
     async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
-        ws = await connect(
-            self.address,
-            max_size=None,
-            compression=None,
-            ping_interval=None,
-            open_timeout=10,
-            close_timeout=CLOSE_TIMEOUT,
-            user_agent_header=f"wsq-python/{_version()}",
-            logger=_transport_log,
-            **self._tls(),
-        )
+        try:
+            ws = await connect(
+                self.address,
+                max_size=None,
+                compression=None,
+                ping_interval=None,
+                open_timeout=10,
+                close_timeout=CLOSE_TIMEOUT,
+                user_agent_header=f"wsq-python/{_version()}",
+                logger=_transport_log,
+                **self._tls(),
+            )
+        except AssertionError:
+            # picows 2.3's websockets-compatible connect() asserts when the peer closes the
+            # TCP connection before answering the upgrade (a node shutting down, a load
+            # balancer with no backend): an ordinary refused connection (docs/decisions.md).
+            raise ConnectionError(
+                f"{self.address} closed the connection before the handshake"
+            ) from None
         try:
             hello: dict[str, Any] = {
                 "op": "hello",
@@ -249,6 +283,8 @@ class Client(Emitter):
             raise
 
     async def _session(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+        node = welcome.get("node")
+        self.node = node if isinstance(node, str) else None
         limits = welcome.get("limits", {})
         self._limits = _Limits(
             window=limits.get("window", protocol.WINDOW),

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from wsq.core.ops import Op
 from wsq.core.task import Task
-from wsq.storage.base import Op
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
+from wsq.core.names import NameIndex
+from wsq.core.ops import Delete, Recovery, SetProgress, Update
 from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
-from wsq.storage.base import Delete, Recovery, SetProgress, Update
 
 BACKOFF = 0.1
 """Seconds a task waits after an expired run before it is offered again, doubled for
@@ -131,6 +132,9 @@ class Core:
         self._removing: dict[str, int] = {}  # task id -> deletes in flight (begin_delete)
         self._skipped: set[str] = set()  # tasks being deleted that a load skipped
         self._counts: dict[str, list[int]] = {}  # queue -> tasks per state (_STATE_INDEX)
+        # Every name in _counts or _queues, sorted: what a principal's patterns match is
+        # found without reading the names of every other queue (core/names.py).
+        self._names = NameIndex()
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -237,6 +241,12 @@ class Core:
     def queue_names(self) -> list[str]:
         """Queues the core holds anything for (workers, waiting or active tasks)."""
         return list(self._queues)
+
+    def names(self, patterns: Iterable[str] | None = None) -> list[str]:
+        """Sorted names of the queues that hold tasks (in any state) or have workers,
+        only those ``patterns`` match when given (shell-style, as in the auth file). Costs
+        the names that share a pattern's literal head, not every queue's."""
+        return self._names.matching(patterns)
 
     def worker_json(self, worker_id: str) -> dict[str, Any] | None:
         worker = self._workers.get(worker_id)
@@ -600,17 +610,17 @@ class Core:
             if any(counts)
         }
 
-    def stats(self, visible: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
-        """Every queue holding tasks or workers (only those ``visible`` accepts): its
+    def stats(self, patterns: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Every queue holding tasks or workers (only those ``patterns`` match): its
         counts by state and its workers, each with how many runs it holds. Costs nothing
         per task (counts are kept as they move), nor for the queues left out."""
-        names = set(self._counts) | {name for name, queue in self._queues.items() if queue.workers}
         out = []
-        for name in sorted(names):
-            if visible is not None and not visible(name):
-                continue
-            counts = self._counts.get(name) or [0] * len(_STATE_NAMES)
+        for name in self._names.matching(patterns):
+            counts = self._counts.get(name)
             queue = self._queues.get(name)
+            if counts is None and not (queue and queue.workers):
+                continue  # a window with no tasks counted and no workers: not a queue yet
+            counts = counts or [0] * len(_STATE_NAMES)
             workers = [
                 {**worker.to_json(), "running": len(self._by_worker.get(worker.id, ()))}
                 for worker in (queue.workers.values() if queue else ())
@@ -649,6 +659,7 @@ class Core:
         counts = self._counts.get(queue)
         if counts is None:
             counts = self._counts[queue] = [0] * len(_STATE_NAMES)
+            self._names.hold(queue)
         return counts
 
     def _count(self, queue: str, state: State, delta: int) -> None:
@@ -656,6 +667,7 @@ class Core:
         counts[_STATE_INDEX[state]] += delta
         if delta < 0 and not any(counts):
             del self._counts[queue]  # names of gone queues do not pile up
+            self._names.drop(queue)
 
     def _move(self, queue: str, old: State, new: State) -> None:
         counts = self._counts_of(queue)
@@ -668,11 +680,13 @@ class Core:
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = _Queue(name)
+            self._names.hold(name)
         return queue
 
     def _forget_if_idle(self, queue: _Queue) -> None:
         if queue.idle:
             del self._queues[queue.name]
+            self._names.drop(queue.name)
 
     def _is_new(self, queue: _Queue, task: Task) -> bool:
         if task.id in self._removing:

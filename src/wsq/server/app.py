@@ -17,6 +17,8 @@ import itertools
 import logging
 import math
 import os
+import re
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ from picows.websockets import Request, Response, ServerConnection, ServerHandsha
 from picows.websockets import Server as WsServer
 
 from wsq import protocol
+from wsq.blobs import STALE_UPLOAD_AGE
 from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
@@ -43,7 +46,7 @@ from wsq.server.budget import Budget
 from wsq.server.connection import Connection
 from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.locks import TaskLocks
-from wsq.server.logs import log, logger
+from wsq.server.logs import log, logger, name_node
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
@@ -124,6 +127,8 @@ class Server:
         max_pending: int = 1024,
         max_workers: int = 1000,
         min_task_timeout: float = 0.1,
+        node_name: str | None = None,
+        sweep_grace: float | None = None,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
@@ -134,6 +139,12 @@ class Server:
                 f"min_task_timeout must be a number of seconds >= 0, not {min_task_timeout!r}"
             )
         self.min_task_timeout = min_task_timeout
+        if node_name is not None:
+            check_node_name(node_name)
+        self._named = node_name is not None
+        # This node's name in logs, stats and the welcome; by default host and port, known
+        # once the port is bound.
+        self.node_name = node_name or f"{socket.gethostname()}:{port}"
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
@@ -169,6 +180,15 @@ class Server:
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
         self.blobs = blob_store or _blob_store(storage, self.data_dir)
+        # The orphan sweep deletes blobs no task references. A store named by --storage may
+        # be shared with other servers, whose uploads in progress are unreferenced for a
+        # while: there it spares blobs younger than the grace and runs again every quarter
+        # of it. The default store is this server's alone: swept whole, once, at start.
+        if sweep_grace is None:
+            sweep_grace = STALE_UPLOAD_AGE if storage is not None else 0.0
+        if not 0 <= sweep_grace < math.inf:
+            raise ValueError(f"sweep_grace must be seconds >= 0, not {sweep_grace!r}")
+        self.sweep_grace = sweep_grace
         self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.core.observed = self._observed
@@ -214,13 +234,16 @@ class Server:
         host, port = sockets[0].getsockname()[:2]
         self.port = port
         self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
+        if not self._named:
+            self.node_name = f"{socket.gethostname()}:{port}"
+        name_node(self.node_name, shown=self._named)
         bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
         log(
             logging.INFO,
             "listening",
-            f"wsq server listening on {self.url}",
+            f"wsq server {self.node_name} listening on {self.url}",
             data=str(self.data_dir),
         )
 
@@ -611,26 +634,53 @@ class Server:
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
 
     async def _sweep_orphans(self) -> None:
-        """Delete blobs no task references, left by a crash between upload and insert."""
-        try:
+        """Delete blobs no task references, left by a crash between upload and insert: at
+        start, and with a shared store (:attr:`sweep_grace`) every quarter of the grace."""
+        while True:
+            try:
+                await self._sweep_once()
+            except Exception as exc:
+                if not self.sweep_grace:
+                    raise
+                log(logging.WARNING, "sweep failed", f"The orphan sweep failed: {exc}")
+            finally:
+                self._fresh_blobs = None
+            if not self.sweep_grace:
+                return
+            await asyncio.sleep(self.sweep_grace / 4)
+            self._fresh_blobs = set()  # blobs stored while this round runs are spared
+
+    async def _sweep_once(self) -> None:
+        referenced = await self.store.blob_keys()
+        fresh = self._fresh_blobs
+        assert fresh is not None
+        listing = self.blobs.keys(self.sweep_grace)
+        orphans = [k async for k in listing if k not in referenced and k not in fresh]
+        if orphans:
+            # Keys made since the listing began may have been claimed meanwhile.
             referenced = await self.store.blob_keys()
-            fresh = self._fresh_blobs
-            assert fresh is not None
-            listing = self.blobs.keys()
-            orphans = [k async for k in listing if k not in referenced and k not in fresh]
-            if orphans:
-                # Keys made since the listing began may have been claimed meanwhile.
-                referenced = await self.store.blob_keys()
-                orphans = [k for k in orphans if k not in referenced and k not in fresh]
-                await self.blobs.delete(orphans)
-                log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
-        finally:
-            self._fresh_blobs = None
+            orphans = [k for k in orphans if k not in referenced and k not in fresh]
+            await self.blobs.delete(orphans)
+            log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
 
     def blob_stored(self, key: str) -> None:
         """An upload was stored; keep the start-up sweep (if still running) off it."""
         if self._fresh_blobs is not None:
             self._fresh_blobs.add(key)
+
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}\Z")
+
+
+def check_node_name(name: str) -> str:
+    """``name`` if it is a valid node name (1-100 letters, digits and ``_.:@-``, starting
+    with a letter or digit), else ValueError."""
+    if not isinstance(name, str) or not _NODE_NAME.match(name):
+        raise ValueError(
+            f"node name must be 1-100 letters, digits or _.:@- (starting with a letter or "
+            f"digit), not {name!r}"
+        )
+    return name
 
 
 def _lock_data_dir(data_dir: Path) -> int:

@@ -66,6 +66,14 @@ class Principal:
         """Whether this principal holds any role on ``queue``."""
         return any(self.may(role, queue) for role in ROLES)
 
+    def patterns(self, *roles: str) -> tuple[str, ...] | None:
+        """The queue-name patterns on which this principal holds any of ``roles`` (or
+        ``admin``); ``None`` when one of them is ``*`` (every queue)."""
+        found: dict[str, None] = {}
+        for role in (*roles, "admin"):
+            found.update(dict.fromkeys(self.grants.get(role, ())))
+        return None if "*" in found else tuple(found)
+
     def holds(self, role: str) -> bool:
         """Whether this principal holds ``role`` (or ``admin``) on at least one pattern."""
         return bool(self.grants.get(role) or self.grants.get("admin"))

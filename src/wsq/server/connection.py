@@ -39,7 +39,7 @@ from wsq.exceptions import (
     TooLarge,
     WsqError,
 )
-from wsq.server.auth import EVERYONE, Principal
+from wsq.server.auth import EVERYONE, ROLES, Principal
 from wsq.server.logs import log
 from wsq.server.replay import Entry, Key
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
@@ -199,7 +199,11 @@ class Connection:
         if server.gate is not None:
             server.gate.greeted(self.ws.remote_address)
         welcome = p.welcome(
-            self.id, f"wsq/{_version()}", server.heartbeat_interval, server.max_message_size
+            self.id,
+            f"wsq/{_version()}",
+            server.heartbeat_interval,
+            server.max_message_size,
+            node=server.node_name,
         )
         await self.ws.send(welcome, text=True)
         log(
@@ -693,15 +697,11 @@ class Connection:
         return held if held is not None and held.state == task.state else task
 
     def _on_queues(self, message: p.Queues) -> None:
-        self._spawn(message.id, self._queues())
-
-    async def _queues(self) -> Any:
-        await self._durable()
-        names = set(await self.server.store.queues())
-        names.update(self.server.core.queue_names())
-        if self._checked and not self.principal.may("observe", None):
-            names = {name for name in names if self.principal.may_any(name)}
-        return {"queues": sorted(names)}
+        # The core knows every queue that holds a task (its counts) or a worker; the names
+        # as of now, sent once the writes that made them are durable. A restricted token
+        # costs only the names its patterns can match (core/names.py).
+        patterns = self.principal.patterns(*ROLES) if self._checked else None
+        self.answer(message.id, {"queues": self.server.core.names(patterns)})
 
     async def _find(self, task_id: str) -> Task:
         """The task as the core holds it (else as stored, read after the writes before
@@ -1066,7 +1066,12 @@ class Connection:
             download.grant(message.bytes)
 
     def _on_stats(self, message: p.Stats) -> None:
-        stats = self.server.core.stats(self.may_observe if self._checked else None)
+        patterns = self.principal.patterns("observe") if self._checked else None
+        stats = self.server.core.stats(patterns)
+        node = self.server.node_name
+        for queue in stats:
+            for worker in queue["workers"]:
+                worker["node"] = node  # a cluster's stats name each worker's node
         # The counts as of now, sent once the writes they count are durable.
         self.answer(message.id, {"queues": stats})
 
@@ -1076,6 +1081,7 @@ class Connection:
         visible = self.may_observe if self._checked else None
         workers = self.server.core.workers(visible, message.queue)
         for worker in workers:
+            worker["node"] = self.server.node_name
             # The core knows connections by key; observers see what the key stands for.
             holder = self.server.connections.get(worker.pop("connection"))
             worker["client"] = holder.client if holder is not None else ""

@@ -2,7 +2,8 @@
 
 Every record the server writes carries a stable ``action`` key (``connect``,
 ``task completed``, ...) and, where one applies, ``connection``, ``queue``, ``task`` and
-``worker``; the text format appends them as ``key=value``.
+``worker``; the text format appends them as ``key=value``. JSON records carry ``node``,
+the server's node name (``--node-name``); text lines carry it when it was given.
 
 Much of what is logged comes from clients (client names, queue names, error texts). In
 the text format every record is one line that no client can forge: characters that are
@@ -22,7 +23,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 logger = logging.getLogger("wsq.server")
 
-_FIELDS = ("action", "connection", "queue", "task", "worker", "error", "will_retry")
+_FIELDS = ("action", "node", "connection", "queue", "task", "worker", "error", "will_retry")
 
 
 MESSAGE_MAX = 2000
@@ -77,9 +78,39 @@ def _escaped(char: str) -> str:
     return repr(char)[1:-1] if repr(char)[1:-1] != char else f"\\u{ord(char):04x}"
 
 
+class _Node(logging.Filter):
+    """Adds ``node`` (this server's node name) to every record: JSON records always carry
+    it, text lines only when the name was given (``--node-name``), so a single server's
+    lines stay short."""
+
+    name_: str | None = None
+    shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.name_ is not None and not hasattr(record, "node"):
+            record.node = self.name_ if self.shown or self.json else None
+        return True
+
+    def __init__(self, json: bool) -> None:
+        super().__init__()
+        self.json = json
+
+
+_node_filters: list[_Node] = []
+
+
+def name_node(name: str, *, shown: bool) -> None:
+    """Name the node in the records of the handlers :func:`configure` installed."""
+    for node in _node_filters:
+        node.name_, node.shown = name, shown
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send wsq's logs to stderr at ``level`` in ``fmt`` (``text`` or ``json``)."""
     handler = logging.StreamHandler(sys.stderr)
+    node = _Node(json=fmt == "json")
+    handler.addFilter(node)
+    _node_filters[:] = [node]
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(

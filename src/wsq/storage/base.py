@@ -1,11 +1,13 @@
 """The state store interface: where tasks live (docs/architecture.md).
 
-The queue core decides; a state store remembers. Writes go through :meth:`StateStore.submit`,
-one ordered pipe whose batches are group-committed: the returned future resolves only once
-every op in it is durable (committed and synced), and ops submitted later never become
-visible before ops submitted earlier. :class:`LoadWaiting` travels the same pipe so that it
-sees every write submitted before it. Reads that need no ordering (:meth:`get`,
-:meth:`list`, :meth:`queues`) see committed data and run off the event loop.
+The queue core decides; a state store remembers. The ops (:mod:`wsq.core.ops`, re-exported
+here) are the core's: it emits them, and a store applies them. Writes go through
+:meth:`StateStore.submit`, one ordered pipe whose batches are group-committed: the
+returned future resolves only once every op in it is durable (committed and synced), and
+ops submitted later never become visible before ops submitted earlier.
+:class:`LoadWaiting` travels the same pipe so that it sees every write submitted before
+it. Reads that need no ordering (:meth:`get`, :meth:`list`, :meth:`queues`) see
+committed data and run off the event loop.
 
 Backends: :mod:`wsq.storage.memory` (tests, ephemeral servers) and
 :mod:`wsq.storage.sqlite` (the embedded default). One contract suite
@@ -18,73 +20,21 @@ import asyncio
 import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from wsq.core.ops import Delete, Insert, LoadWaiting, Op, Recovery, SetProgress, Update
 from wsq.core.task import State, Task
 
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    """Insert a new task (and record its blobs). Result: ``True``, or ``False`` if a task
-    with that id already exists (nothing is written then)."""
-
-    task: Task
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """Overwrite the task's mutable fields (state, seq, progress, retries, error, run,
-    worker, updated) if its stored state is ``expected``. Result: whether it applied."""
-
-    task: Task
-    expected: State
-
-
-@dataclass(frozen=True, slots=True)
-class SetProgress:
-    """Set ``progress`` and ``updated`` of an active task. Result: whether it applied."""
-
-    task_id: str
-    progress: float
-    updated: float
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    """Delete the task and its blob records, if its stored state is ``expected`` (any
-    state when ``None``). Result: whether a task was deleted."""
-
-    task_id: str
-    expected: State | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LoadWaiting:
-    """Read the first ``limit`` waiting tasks of ``queue`` in ``seq`` order, as of this
-    point in the pipe. Result: ``list[Task]``, each with its payload (data and inline
-    streams) only if that is at most ``max_payload`` bytes, else stripped
-    (:meth:`Task.strip`: ``data`` is ``None``, blob refs kept); ``None``: every payload."""
-
-    queue: str
-    limit: int
-    max_payload: int | None = None
-
-
-Op = Insert | Update | SetProgress | Delete | LoadWaiting
-
-
-@dataclass(slots=True)
-class Recovery:
-    """What the server needs from the store to start: the next free ``seq``, every active
-    task (stripped of its payload: :meth:`Task.strip`), the names of queues that hold
-    waiting tasks, and how many tasks each queue holds in each state (the core keeps these
-    counts from then on)."""
-
-    next_seq: int = 1
-    active: list[Task] = field(default_factory=list)
-    waiting_queues: list[str] = field(default_factory=list)
-    counts: dict[tuple[str, State], int] = field(default_factory=dict)
+__all__ = [
+    "Delete",
+    "Insert",
+    "LoadWaiting",
+    "Op",
+    "Recovery",
+    "SetProgress",
+    "StateStore",
+    "Update",
+]
 
 
 class StateStore(ABC):

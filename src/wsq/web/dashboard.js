@@ -431,10 +431,9 @@ function workerRow (worker) {
   link.href = queueHref(worker.queue)
   link.textContent = worker.queue
   queue.append(link)
-  // No node names yet: the server this page talks to is the node.
+  // A server older than node names: the server this page talks to is the node.
   const node = cell(tr, worker.node ?? location.host)
   node.className = 'node'
-  node.title = worker.node ? 'node' : 'the server (no node name)'
   const client = cell(tr, worker.client || '—')
   client.className = 'client'
   const peer = document.createElement('small')

@@ -86,8 +86,8 @@ export interface WorkerInfo {
   /** What its connection's hello said it is, and that connection's remote address. */
   client: string
   peer: string
-  /** The server node it is connected to, when the server has a node name. */
-  node?: string
+  /** The server node it is connected to (--node-name; by default host:port). */
+  node: string
   /** The runs it holds, oldest first; offered/started are null for a run recovered after
    *  a server restart, started until the worker acknowledged it. */
   runs: { task: string, run: number, offered: number | null, started: number | null, progress: number }[]
@@ -101,8 +101,13 @@ export type TaskList = Task[] & { cursor: string | null }
  * Events: 'connect', 'disconnect', 'error', and the server events ('task added', ...).
  */
 export class Client extends EventEmitter {
-  constructor (address: string, options?: ClientOptions)
+  /** One address, or a cluster's nodes: each reconnection moves to the next one. */
+  constructor (address: string | string[], options?: ClientOptions)
+  /** The address in use (or tried next). */
   readonly address: string
+  readonly addresses: string[]
+  /** The name of the node last connected to (the server's --node-name), or null. */
+  readonly node: string | null
   readonly connected: boolean
   readonly closed: boolean
   queue (name: string): Queue

@@ -17,15 +17,19 @@ const CLIENT_OPTIONS = ['backoff', 'token']
  */
 export class Client extends Connection {
   constructor (address, options = {}) {
-    checkType('new Client: the address', address, 'string')
-    if (!/^wss?:\/\/[^/?#\s]+/i.test(address)) throw new TypeError(`new Client: the address must be a ws:// or wss:// URL, not '${address}'.`)
+    const addresses = Array.isArray(address) ? address : [address]
+    if (addresses.length === 0) throw new TypeError('new Client: the address list is empty.')
+    for (const one of addresses) {
+      checkType('new Client: the address', one, 'string')
+      if (!/^wss?:\/\/[^/?#\s]+/i.test(one)) throw new TypeError(`new Client: the address must be a ws:// or wss:// URL, not '${one}'.`)
+    }
     if (options == null || typeof options !== 'object') throw new TypeError(`new Client: options must be an object, not ${describe(options)}.`)
     for (const key of Object.keys(options)) {
       if (!CLIENT_OPTIONS.includes(key)) throw new TypeError(`new Client: unknown option '${key}' (known: ${CLIENT_OPTIONS.join(', ')}).`)
     }
     if (options.backoff != null) checkType('new Client: backoff', options.backoff, 'function')
     if (options.token != null) checkType('new Client: token', options.token, 'string')
-    super(address, { backoff: options.backoff ?? undefined, token: options.token ?? null })
+    super(addresses, { backoff: options.backoff ?? undefined, token: options.token ?? null })
     this._idPrefix = randomHex(8)
     this._taskCounter = 0
     this._streamIds = 0

@@ -15,9 +15,15 @@ const CLOSE_WAIT = 2000 // ms close() waits for the closing handshake
 const DEAD_FLOOR = 1000 // ms of silence before a connection counts as dead, at least
 
 export class Connection extends platform.EventEmitter {
-  constructor (address, { backoff = defaultBackoff, token = null } = {}) {
+  constructor (addresses, { backoff = defaultBackoff, token = null } = {}) {
     super()
-    this.address = address
+    // A cluster's nodes: each reconnection moves to the next address (a dead node is left
+    // at once); backoff is waited once every address failed in a row, with tries counting
+    // such rounds.
+    this.addresses = Array.isArray(addresses) ? [...addresses] : [addresses]
+    this.address = this.addresses[0] // the one in use, or tried next
+    this._addressIndex = 0
+    this.node = null // the name of the node last greeted (welcome.node)
     this.backoff = backoff
     this.token = token
     this.connected = false
@@ -143,6 +149,7 @@ export class Connection extends platform.EventEmitter {
 
   _start (welcome) {
     this._tries = 0
+    this.node = typeof welcome.node === 'string' ? welcome.node : null
     this.limits = { ...DEFAULT_LIMITS, ...(welcome.limits || {}) }
     this.heartbeat = welcome.heartbeat ?? 5
     this.connected = true
@@ -180,8 +187,12 @@ export class Connection extends platform.EventEmitter {
   _retry () {
     if (this.closed || this._fatal) return
     this._tries += 1
+    this._addressIndex = (this._addressIndex + 1) % this.addresses.length
+    this.address = this.addresses[this._addressIndex]
+    const rest = this._tries % this.addresses.length
+    const delay = rest ? 0 : this.backoff(this._tries / this.addresses.length)
     clearTimeout(this._retryTimer)
-    this._retryTimer = setTimeout(() => this._open(), this.backoff(this._tries))
+    this._retryTimer = setTimeout(() => this._open(), delay)
   }
 
   /** A socket error: expected while the server is down, so reported only to listeners. */

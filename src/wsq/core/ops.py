@@ -1,0 +1,73 @@
+"""The writes the core decides and the state a store gives back at start-up: plain data,
+no I/O. The core emits these ops (inside :class:`wsq.core.effects.Write` and ``Load``
+effects); every :class:`wsq.storage.base.StateStore` applies them with the semantics
+written here, checked by ``tests/contract/test_state_store.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wsq.core.task import State, Task
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """Insert a new task (and record its blobs). Result: ``True``, or ``False`` if a task
+    with that id already exists (nothing is written then)."""
+
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """Overwrite the task's mutable fields (state, seq, progress, retries, error, run,
+    worker, updated) if its stored state is ``expected``. Result: whether it applied."""
+
+    task: Task
+    expected: State
+
+
+@dataclass(frozen=True, slots=True)
+class SetProgress:
+    """Set ``progress`` and ``updated`` of an active task. Result: whether it applied."""
+
+    task_id: str
+    progress: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete the task and its blob records, if its stored state is ``expected`` (any
+    state when ``None``). Result: whether a task was deleted."""
+
+    task_id: str
+    expected: State | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadWaiting:
+    """Read the first ``limit`` waiting tasks of ``queue`` in ``seq`` order, as of this
+    point in the pipe. Result: ``list[Task]``, each with its payload (data and inline
+    streams) only if that is at most ``max_payload`` bytes, else stripped
+    (:meth:`Task.strip`: ``data`` is ``None``, blob refs kept); ``None``: every payload."""
+
+    queue: str
+    limit: int
+    max_payload: int | None = None
+
+
+Op = Insert | Update | SetProgress | Delete | LoadWaiting
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What the server needs from the store to start: the next free ``seq``, every active
+    task (stripped of its payload: :meth:`Task.strip`), the names of queues that hold
+    waiting tasks, and how many tasks each queue holds in each state (the core keeps these
+    counts from then on)."""
+
+    next_seq: int = 1
+    active: list[Task] = field(default_factory=list)
+    waiting_queues: list[str] = field(default_factory=list)
+    counts: dict[tuple[str, State], int] = field(default_factory=dict)

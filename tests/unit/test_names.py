@@ -1,0 +1,64 @@
+"""The sorted name index the core answers ``queues`` and ``stats`` from (core/names.py)."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wsq.core.names import NameIndex, literal_head
+
+
+@pytest.mark.parametrize(
+    ("pattern", "head"),
+    [("videos", "videos"), ("thumbs-*", "thumbs-"), ("a?c", "a"), ("x[ab]*", "x"), ("*", "")],
+)
+def test_the_literal_head_is_the_text_before_the_first_wildcard(pattern: str, head: str) -> None:
+    assert literal_head(pattern) == head
+
+
+def test_a_name_stays_while_any_holder_holds_it() -> None:
+    index = NameIndex()
+    index.hold("q")
+    index.hold("q")
+    index.drop("q")
+    assert index.matching(None) == ["q"]
+    index.drop("q")
+    assert index.matching(None) == []
+    index.drop("q")  # dropping an absent name is harmless
+    assert "q" not in index
+
+
+def test_matching_reads_only_the_range_of_a_patterns_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = NameIndex()
+    for n in range(10_000):
+        index.hold(f"other-{n:05}")
+    for name in ("thumbs-a", "thumbs-b", "videos"):
+        index.hold(name)
+    calls = 0
+    real = fnmatch.fnmatchcase
+
+    def counting(name: str, pattern: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(name, pattern)
+
+    monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+    assert index.matching(["videos", "thumbs-*", "absent"]) == ["thumbs-a", "thumbs-b", "videos"]
+    assert calls == 2  # the two names under "thumbs-"; "videos" and "absent" are lookups
+
+
+names = st.text(alphabet="ab-*?[]", min_size=0, max_size=5)
+
+
+@given(st.sets(st.text(alphabet="ab-[]", min_size=1, max_size=5)), st.lists(names, max_size=4))
+def test_matching_agrees_with_fnmatch(held: set[str], patterns: list[str]) -> None:
+    index = NameIndex()
+    for name in held:
+        index.hold(name)
+    expected = sorted(n for n in held if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    assert index.matching(patterns) == expected
