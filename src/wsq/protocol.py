@@ -219,6 +219,11 @@ class Stats(_Msg, tag="stats"):
     id: RequestId
 
 
+class Workers(_Msg, tag="workers"):
+    id: RequestId
+    queue: QueueName | None = None
+
+
 class Ping(_Msg, tag="ping"):
     """An application-level heartbeat, for clients that cannot send WebSocket pings."""
 
@@ -253,6 +258,7 @@ ClientMessage = (
     | Cancel
     | Ping
     | Stats
+    | Workers
 )
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)

@@ -168,6 +168,10 @@ class Client(_Bridge):
         """Per queue: counts by state and workers, as the dashboard shows them."""
         return self.call(self._client.stats())
 
+    def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """The workers connected now, with the runs each holds (``wsq.Client.workers``)."""
+        return self.call(self._client.workers(queue))
+
     def on(self, event: str, handler: SyncHandler) -> SyncHandler:
         """Listen to a server event (or 'connect', 'disconnect', 'error'). The handler runs
         on the client's event thread, in order; task events pass a :class:`Task`."""

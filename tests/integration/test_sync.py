@@ -61,6 +61,8 @@ def test_add_list_process_and_stats_without_an_event_loop(url: str) -> None:
 
         worker = queue.process(handler)
         assert done.wait(budget(10))
+        (listed,) = client.workers("sync")
+        assert listed["id"] == worker.id and listed["client"] == "wsq-python"
         worker.stop()
         assert sorted(seen) == [1, 2, 3]
         _eventually(lambda: len(queue.completed()) == 3)

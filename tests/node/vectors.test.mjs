@@ -371,6 +371,15 @@ function apiRequest (client, sent) {
     return { promise: client.listQueues(), check: (queues, result, where) => assert.deepEqual(queues.map((q) => q.name), result.queues, where) }
   }
   if (op === 'stats') return { promise: client.stats(), check: exact }
+  if (op === 'workers') {
+    return {
+      promise: client.workers(sent.queue ?? null),
+      check: (workers, result, where) => {
+        assert.deepEqual(workers.map((w) => [w.id, w.queue, w.since / 1000, w.runs.map((r) => [r.task, r.started == null])]),
+          result.workers.map((w) => [w.id, w.queue, w.since, w.runs.map((r) => [r.task, r.started == null])]), where)
+      },
+    }
+  }
   if (op === 'get' && typeof sent.task === 'string') {
     return {
       promise: client._getData(sent.task),
@@ -573,6 +582,9 @@ async function session (relay) {
     await queue.failed()
     await client.listQueues()
     await client.stats()
+    await client.workers()
+    await client.workers(queue.name)
+    assert.equal((await client.getTask(first.id)).data.big.size, big.length)
     const data = await first.getData()
     let size = 0
     for await (const chunk of data.big) size += chunk.length
@@ -648,7 +660,7 @@ describe('the encoder: wsq.js sends what the vectors send', () => {
       }
     }
     // What the API above must have sent.
-    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'get', 'remove', 'retry', 'subscribe',
+    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'workers', 'get', 'remove', 'retry', 'subscribe',
       'unsubscribe', 'work', 'stop', 'ack', 'progress', 'touch', 'complete_many', 'fail', 'upload',
       'upload_end', 'upload_abort', 'download', 'credit', 'cancel', 'release', 'ping']
     // Ops of the vectors this session did not send: reported, not a failure. wsq.js has no

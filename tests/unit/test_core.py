@@ -624,6 +624,50 @@ def test_offer_snapshots_are_copies(h: Harness) -> None:
     assert offer.tasks[0] is not h.core.lookup(task_id)
 
 
+# -- listing workers ---------------------------------------------------------------------
+
+
+def test_workers_lists_each_worker_with_its_runs_offered_and_started(h: Harness) -> None:
+    h.now = 10.0
+    h.add_worker("w1", "q", concurrency=2)
+    h.add_worker("w2", "other")
+    h.now = 11.0
+    first, second = h.add(), h.add()
+    h.now = 12.5
+    h.ack(first)
+    h.progress(first, 0.5)
+    (w1,) = h.core.workers(queue="q")
+    assert {k: w1[k] for k in ("id", "queue", "concurrency", "since")} == {
+        "id": "w1",
+        "queue": "q",
+        "concurrency": 2,
+        "since": 10.0,
+    }
+    assert w1["connection"] == h.workers["w1"].connection
+    assert w1["runs"] == [
+        {"task": first, "run": 1, "offered": 11.0, "started": 12.5, "progress": 0.5},
+        {"task": second, "run": 1, "offered": 11.0, "started": None, "progress": 0.0},
+    ]
+    assert [w["id"] for w in h.core.workers()] == ["w1", "w2"]
+    assert [w["id"] for w in h.core.workers(lambda queue: queue == "other")] == ["w2"]
+    h.complete(first)
+    assert [r["task"] for r in h.core.workers(queue="q")[0]["runs"]] == [second]
+    h.remove_worker("w1")
+    assert h.core.workers(queue="q") == []
+
+
+def test_workers_shows_a_recovered_run_with_no_times(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.ack(task_id)
+    h.restart()
+    h.add_worker("w1")
+    (w1,) = h.core.workers()
+    assert w1["runs"] == [
+        {"task": task_id, "run": 1, "offered": None, "started": None, "progress": 0.0}
+    ]
+
+
 # -- ack and start -----------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ from wsq.protocol import (
     UploadAbort,
     UploadEnd,
     Work,
+    Workers,
     decode_frame,
     error,
     join_frame,
@@ -158,6 +159,8 @@ VALID: list[tuple[str, dict[str, Any], Any]] = [
     ("cancel", {"stream": 2}, Cancel(stream=2)),
     ("ping", {"id": 9}, Ping(id=9)),
     ("stats", {"id": 9}, Stats(id=9)),
+    ("workers", {"id": 9}, Workers(id=9)),
+    ("workers", {"id": 9, "queue": "q"}, Workers(id=9, queue="q")),
     (
         "add_many",
         {"id": 1, "queue": "q", "tasks": [{"task": "t1"}]},

@@ -627,6 +627,17 @@ class Client(Emitter):
         queues: list[dict[str, Any]] = answer["queues"]
         return queues
 
+    async def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """The workers connected now, of ``queue`` or of every queue this client may
+        observe, each with the runs it holds (docs/protocol.md, ``workers``; times are
+        Unix seconds)."""
+        message: dict[str, Any] = {"op": "workers"}
+        if queue is not None:
+            message["queue"] = queue
+        answer = await self._request(message)
+        workers: list[dict[str, Any]] = answer["workers"]
+        return workers
+
     def _ensure_running(self) -> None:
         """Start connecting in the background if nobody called :meth:`connect` yet."""
         if self._runner is None and not self._closed:

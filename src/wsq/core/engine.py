@@ -51,6 +51,7 @@ class _Worker:
     connection: str
     concurrency: int
     name: str  # the id its client gave it, which offers and aborts carry
+    since: float = 0.0  # when it was registered
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.name, "queue": self.queue, "concurrency": self.concurrency}
@@ -61,6 +62,8 @@ class _Run:
     task: Task
     acked: bool
     deadline: float | None
+    offered: float | None = None  # None: recovered after a restart
+    started: float | None = None  # when the worker acknowledged it
 
 
 @dataclass(slots=True)
@@ -209,7 +212,7 @@ class Core:
         keys that separate what must not share runs (docs/security.md)."""
         if worker_id in self._workers:
             raise InvalidArgument(f"Worker id {name or worker_id} is already connected.")
-        worker = _Worker(worker_id, queue_name, connection, concurrency, name or worker_id)
+        worker = _Worker(worker_id, queue_name, connection, concurrency, name or worker_id, now)
         self._workers[worker_id] = worker
         queue = self._queue(queue_name)
         queue.workers[worker_id] = worker
@@ -479,6 +482,7 @@ class Core:
         if current.acked:
             return []
         current.acked = True
+        current.started = now
         self._arm(current, now)
         task = current.task
         if not self.observed(task.queue):
@@ -623,6 +627,31 @@ class Core:
             ]
             out.append(
                 {"name": name, **dict(zip(_STATE_NAMES, counts, strict=True)), "workers": workers}
+            )
+        return out
+
+    def workers(
+        self, visible: Callable[[str], bool] | None = None, queue: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Connected workers (of ``queue``, or of every queue ``visible`` accepts), each
+        with its connection key, when it registered, and the runs it holds: task, run,
+        when offered and when started (``None`` for a run recovered after a restart or
+        not acknowledged yet), and progress (docs/protocol.md, ``workers``)."""
+        out = []
+        for worker in self._workers.values():
+            if (queue is not None and worker.queue != queue) or (
+                visible is not None and not visible(worker.queue)
+            ):
+                continue
+            runs = [self._runs[task_id] for task_id in self._by_worker.get(worker.id, ())]
+            runs.sort(key=lambda run: (run.offered or 0.0, run.task.id))
+            out.append(
+                {
+                    **worker.to_json(),
+                    "connection": worker.connection,
+                    "since": worker.since,
+                    "runs": [_run_json(run) for run in runs],
+                }
             )
         return out
 
@@ -806,7 +835,7 @@ class Core:
             task.run += 1
             task.worker = worker.id
             task.updated = now
-            current = _Run(task, acked=False, deadline=None)
+            current = _Run(task, acked=False, deadline=None, offered=now)
             self._runs[task.id] = current
             self._by_worker.setdefault(worker.id, set()).add(task.id)
             self._arm(current, now)
@@ -816,3 +845,14 @@ class Core:
             effects.append(Write(Update(snapshot, expected=State.WAITING)))
         effects.append(Offer(worker.connection, worker.name, tuple(snapshots)))
         return effects
+
+
+def _run_json(run: _Run) -> dict[str, Any]:
+    task = run.task
+    return {
+        "task": task.id,
+        "run": task.run,
+        "offered": run.offered,
+        "started": run.started,
+        "progress": task.progress,
+    }

@@ -62,6 +62,7 @@ class Connection:
         self.id = connection_id
         self.principal: Principal = EVERYONE
         self.session: str | None = None  # the client instance, across its reconnections
+        self.client = ""  # what its hello says it is
         self._checked = server.auth is not None  # False: every check passes, skip them
         self._out: deque[tuple[bool, bytes]] = deque()
         self._out_bytes = 0
@@ -108,6 +109,7 @@ class Connection:
             p.Cancel: self._on_cancel,
             p.Ping: self._on_ping,
             p.Stats: self._on_stats,
+            p.Workers: self._on_workers,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -186,6 +188,7 @@ class Connection:
                 return await self._refuse("unauthorized", text, close_code=1008)
             self.principal = principal
         self.session = hello.session
+        self.client = hello.client
         server = self.server
         # Only greeted connections count: silent ones cannot take the places of clients.
         if len(server.connections) >= server.max_connections:
@@ -1071,6 +1074,20 @@ class Connection:
                 worker["node"] = node  # a cluster's stats name each worker's node
         # The counts as of now, sent once the writes they count are durable.
         self.answer(message.id, {"queues": stats})
+
+    def _on_workers(self, message: p.Workers) -> None:
+        if message.queue is not None:
+            self._require("observe", message.queue)
+        visible = self.may_observe if self._checked else None
+        workers = self.server.core.workers(visible, message.queue)
+        for worker in workers:
+            worker["node"] = self.server.node_name
+            # The core knows connections by key; observers see what the key stands for.
+            holder = self.server.connections.get(worker.pop("connection"))
+            worker["client"] = holder.client if holder is not None else ""
+            worker["peer"] = _peer(holder.ws) if holder is not None else "unknown"
+        # Sent once the writes before it are durable, as stats is (§4.2).
+        self.answer(message.id, {"workers": workers})
 
     def _on_ping(self, message: p.Ping) -> None:
         self.answer_now(message.id)

@@ -1,20 +1,34 @@
-// The wsq dashboard: queues, tasks by state, live progress, and actions. It uses wsq.js
-// like any page would, listens to the server's events and never polls.
+// The wsq dashboard: queues, tasks by state, workers, a page per task, live progress, and
+// actions. It uses wsq.js like any page would, listens to the server's events and never
+// polls. Everything shown from the server (task data, queue names, errors, worker names)
+// is set as text (textContent, attributes), never parsed as HTML.
+//
+// Routes (location.hash): #/ the queues, #/queue/<name> one queue's tasks, #/workers the
+// workers, #/task/<id> one task.
 
 import { Client } from '/wsq.js'
+import { Charts } from '/charts.js'
 
 const PAGE = 50
+const BULK_PAGE = 500 // failed tasks listed at a time by a bulk action
+const BULK_BATCH = 100 // their retries or removes in flight at a time
+const DATA_SHOWN = 100_000 // characters of a task's data shown on its page
+const TASK_ID = /^[A-Za-z0-9_.:-]{1,64}$/ // docs/protocol.md §3
 const $ = (selector) => document.querySelector(selector)
 const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/`
 
 const view = {
+  page: 'overview', // overview | workers | task
   queue: null, // selected queue name
   state: 'waiting', // selected state tab ('' for all)
   cursors: [null], // cursor of each page seen; the last is the current page's
   rows: new Map(), // task id -> {task, tr}
   stats: [],
+  task: null, // the id on the task page
+  bulk: false, // a bulk action is running
 }
 
+const charts = new Charts()
 let client = null
 
 function connect (token) {
@@ -24,6 +38,7 @@ function connect (token) {
     setStatus('connected')
     refreshStats()
     refreshTasks()
+    refreshPage()
   })
   client.on('disconnect', () => setStatus('disconnected'))
   client.on('error', (error) => {
@@ -33,10 +48,10 @@ function connect (token) {
     }
   })
   for (const name of ['task added', 'task queued', 'task started', 'task completed',
-    'task failed', 'task deleted', 'worker added', 'worker removed']) {
-    client.on(name, (subject) => onChange(subject && subject.queue))
+    'task failed', 'task deleted', 'worker added', 'worker removed', 'worker started']) {
+    client.on(name, (subject) => onChange(name, subject))
   }
-  client.on('task progress', (task, progress) => showProgress(task.id, progress))
+  client.on('task progress', (task, progress) => showProgress(task, progress))
   window.wsqClient = client // for the console
 }
 
@@ -47,18 +62,60 @@ function setStatus (text) {
   status.className = `status ${text.replace(/\s+/g, '-')}`
 }
 
+// -- routes ---------------------------------------------------------------------------------
+
+function route () {
+  const [, page = '', ...rest] = location.hash.split('/')
+  const arg = rest.length ? safeDecode(rest.join('/')) : null
+  view.page = page === 'workers' ? 'workers' : page === 'task' ? 'task' : 'overview'
+  for (const main of document.querySelectorAll('main.view')) main.hidden = true
+  $(view.page === 'overview' ? '#overview' : `#${view.page}-view`).hidden = false
+  for (const link of document.querySelectorAll('#views a')) {
+    link.classList.toggle('selected', link.dataset.view === view.page)
+  }
+  if (view.page === 'task') {
+    view.task = arg
+    loadTask(arg)
+  } else {
+    view.task = null
+  }
+  if (view.page === 'workers') refreshWorkers()
+  if (view.page === 'overview' && page === 'queue' && arg !== null && arg !== view.queue) selectQueue(arg)
+  if (view.page === 'overview') drawCharts()
+}
+
+function safeDecode (text) {
+  try {
+    return decodeURIComponent(text)
+  } catch {
+    return text
+  }
+}
+
+function refreshPage () {
+  if (view.page === 'workers') refreshWorkers()
+  if (view.page === 'task' && view.task !== null) loadTask(view.task)
+}
+
 // -- refreshing, driven by events (batched so a burst costs one request) --------------------
 
-const pending = { stats: null, tasks: null }
+const pending = { stats: null, tasks: null, workers: null, run: null, charts: null }
 
 function later (what, fn, ms) {
   if (pending[what]) return
   pending[what] = setTimeout(() => { pending[what] = null; fn() }, ms)
 }
 
-function onChange (queue) {
+function onChange (name, subject) {
+  const queue = subject && subject.queue
+  if (name === 'task added') charts.count(queue, 'added')
+  if (name === 'task completed') charts.count(queue, 'completed')
+  if (name === 'task failed') charts.count(queue, 'failed')
+  if (queue === view.queue) later('charts', drawCharts, 200)
   later('stats', refreshStats, 150)
   if (queue === view.queue) later('tasks', refreshTasks, 150)
+  if (view.page === 'workers') later('workers', refreshWorkers, 150)
+  if (view.page === 'task' && name.startsWith('task ') && subject.id === view.task) onTaskEvent(name, subject)
 }
 
 async function refreshStats () {
@@ -78,6 +135,7 @@ async function refreshStats () {
     ? `${workers.length} worker${workers.length > 1 ? 's' : ''}: ` +
       workers.map((w) => `${w.id.slice(0, 8)} (${w.running}/${w.concurrency})`).join(', ')
     : 'No workers.'
+  showBulk(current ? current.failed : 0)
 }
 
 function queueRow (queue) {
@@ -88,7 +146,7 @@ function queueRow (queue) {
   const button = document.createElement('button')
   button.className = 'link'
   button.textContent = queue.name
-  button.addEventListener('click', () => selectQueue(queue.name))
+  button.addEventListener('click', () => { location.hash = queueHref(queue.name) })
   name.append(button)
   for (const state of ['waiting', 'active', 'completed', 'failed']) {
     cell(tr, String(queue[state])).dataset.count = state
@@ -99,6 +157,9 @@ function queueRow (queue) {
   return tr
 }
 
+function queueHref (name) { return `#/queue/${encodeURIComponent(name)}` }
+function taskHref (id) { return `#/task/${encodeURIComponent(id)}` }
+
 function selectQueue (name) {
   view.queue = name
   view.cursors = [null]
@@ -106,6 +167,8 @@ function selectQueue (name) {
   $('#queue-name').textContent = name
   $('#add-queue').value = name
   $('#task-data').hidden = true
+  $('#bulk-result').textContent = ''
+  drawCharts()
   refreshStats()
   refreshTasks()
 }
@@ -138,11 +201,7 @@ function taskRow (task) {
   const tr = document.createElement('tr')
   tr.dataset.task = task.id
   tr.dataset.state = task.state
-  const id = cell(tr, '')
-  const code = document.createElement('code')
-  code.textContent = task.id
-  code.title = task.id
-  id.append(code)
+  cell(tr, '').append(taskLink(task.id))
   cell(tr, task.state).className = `state ${task.state}`
   const bar = document.createElement('progress')
   bar.max = 1
@@ -152,9 +211,7 @@ function taskRow (task) {
   progress.append(bar, ` ${Math.round(task.progress * 100)}%`)
   cell(tr, String(task.retries))
   cell(tr, task.error || '').className = 'error'
-  const o = task.options
-  cell(tr, `timeout ${o.timeout === -1 ? 'none' : o.timeout / 1000 + ' s'}, retries ${o.retries}` +
-    (o.autoremove ? ', autoremove' : ''))
+  cell(tr, describeOptions(task.options))
   cell(tr, new Date(task.updated).toLocaleTimeString())
   const actions = cell(tr, '')
   actions.className = 'actions'
@@ -167,11 +224,32 @@ function taskRow (task) {
   return tr
 }
 
-function showProgress (id, value) {
-  const row = view.rows.get(id)
-  if (!row) return
-  row.bar.value = value
-  row.label.lastChild.textContent = ` ${Math.round(value * 100)}%`
+function taskLink (id) {
+  const link = document.createElement('a')
+  link.href = taskHref(id)
+  link.className = 'task-link'
+  const code = document.createElement('code')
+  code.textContent = id
+  code.title = id
+  link.append(code)
+  return link
+}
+
+function describeOptions (o) {
+  return `timeout ${o.timeout === -1 ? 'none' : o.timeout / 1000 + ' s'}, retries ${o.retries === -1 ? 'forever' : o.retries}` +
+    (o.autoremove ? ', autoremove' : '')
+}
+
+function showProgress (task, value) {
+  const row = view.rows.get(task.id)
+  if (row) {
+    row.bar.value = value
+    row.label.lastChild.textContent = ` ${Math.round(value * 100)}%`
+  }
+  for (const bar of document.querySelectorAll('#worker-list progress[data-task]')) {
+    if (bar.dataset.task === task.id) bar.value = value
+  }
+  if (view.page === 'task' && task.id === view.task) setTaskProgress(value)
 }
 
 function cell (tr, text) {
@@ -181,9 +259,9 @@ function cell (tr, text) {
   return td
 }
 
-function action (label, fn) {
+function action (label, fn, text = label) {
   const button = document.createElement('button')
-  button.textContent = label
+  button.textContent = text
   button.dataset.action = label
   button.addEventListener('click', async () => {
     button.disabled = true
@@ -200,22 +278,49 @@ function action (label, fn) {
 
 async function showData (task) {
   const data = await task.getData()
-  const streams = []
-  const json = JSON.stringify(data, (key, value) => {
-    if (value instanceof ReadableStream) {
-      streams.push({ path: key, stream: value })
-      return `<stream ${streams.length}>`
-    }
-    return value
-  }, 2)
+  const streams = streamsOf(data)
   $('#data-task').textContent = task.id
-  $('#data-json').textContent = json
+  $('#data-json').textContent = dataJson(data, streams)
   $('#data-streams').replaceChildren(...streams.map(({ path, stream }, i) => {
     const li = document.createElement('li')
-    li.append(action(`download stream ${i + 1} (${path})`, () => download(stream, `${task.id}-${path || i + 1}`)))
+    li.append(action(`download stream ${i + 1} (${pathText(path)})`, () => download(stream, fileName(task.id, path))))
     return li
   }))
   $('#task-data').hidden = false
+}
+
+/** The streams in task data, with the path (keys and indexes) leading to each. */
+function streamsOf (data, path = [], out = []) {
+  if (data instanceof ReadableStream) out.push({ path, stream: data })
+  else if (Array.isArray(data)) data.forEach((value, i) => streamsOf(value, [...path, i], out))
+  else if (data !== null && typeof data === 'object') {
+    for (const [key, value] of Object.entries(data)) streamsOf(value, [...path, key], out)
+  }
+  return out
+}
+
+function dataJson (data, streams) {
+  const names = new Map(streams.map(({ stream }, i) => [stream, `<stream ${i + 1}: ${formatBytes(stream.size)}>`]))
+  return JSON.stringify(data, (key, value) => names.get(value) ?? value, 2) ?? 'null'
+}
+
+function pathText (path) {
+  if (!path.length) return 'the data'
+  return path.map((p, i) => typeof p === 'number' ? `[${p}]` : i ? `.${p}` : p).join('')
+}
+
+function fileName (id, path) {
+  return `${id}-${path.length ? path.join('.') : 'data'}`.replace(/[^A-Za-z0-9_.-]/g, '_')
+}
+
+function formatBytes (n) {
+  if (n == null) return '? bytes'
+  if (n < 1024) return `${n} bytes`
+  const units = ['KiB', 'MiB', 'GiB', 'TiB']
+  let value = n / 1024
+  let unit = 0
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit++ }
+  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]} (${n.toLocaleString('en')} bytes)`
 }
 
 async function download (stream, name) {
@@ -227,6 +332,307 @@ async function download (stream, name) {
   link.click()
   link.remove()
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000)
+}
+
+// -- bulk retry / remove of a queue's failed tasks ------------------------------------------
+
+function showBulk (failed) {
+  $('#bulk').hidden = !failed && !view.bulk
+  $('#bulk-retry').textContent = `retry all failed (${failed})`
+  $('#bulk-remove').textContent = `remove all failed (${failed})`
+  for (const button of document.querySelectorAll('#bulk button')) button.disabled = view.bulk || !failed
+}
+
+async function bulk (kind) {
+  const name = view.queue
+  const current = view.stats.find((q) => q.name === name)
+  const total = current ? current.failed : 0
+  if (!total || view.bulk) return
+  const verb = kind === 'retry' ? 'Retry' : 'Remove'
+  if (!confirm(`${verb} all ${total} failed tasks of queue "${name}"?`)) return
+  view.bulk = true
+  showBulk(total)
+  const out = $('#bulk-result')
+  const tally = { done: 0, gone: 0, errors: 0, last: null }
+  const show = (end) => {
+    out.textContent = `${kind === 'retry' ? 'Retried' : 'Removed'} ${tally.done} of ${total}` +
+      (tally.gone ? `, ${tally.gone} no longer failed` : '') +
+      (tally.errors ? `, ${tally.errors} refused (${tally.last})` : '') + (end ? '.' : '…')
+  }
+  show(false)
+  try {
+    await eachFailed(name, total, kind, tally, () => show(false))
+  } catch (error) {
+    tally.errors += 1
+    tally.last = error.message
+  } finally {
+    view.bulk = false
+    show(true)
+    refreshStats()
+    refreshTasks()
+  }
+}
+
+/** Act on the failed tasks of `name`, at most `total` (the count confirmed: tasks that
+ *  fail again meanwhile wait for the next bulk action), a page at a time, with at most
+ *  BULK_BATCH requests in flight. */
+async function eachFailed (name, total, kind, tally, progress) {
+  const queue = client.queue(name)
+  let cursor = null
+  let seen = 0
+  while (seen < total) {
+    const page = await queue.failed({ limit: Math.min(BULK_PAGE, total - seen), cursor })
+    for (let at = 0; at < page.length; at += BULK_BATCH) {
+      const batch = page.slice(at, at + BULK_BATCH)
+      const results = await Promise.allSettled(batch.map((task) => kind === 'retry' ? task.retry() : task.remove()))
+      for (const result of results) {
+        if (result.status === 'fulfilled') tally.done += 1
+        else if (['not_found', 'invalid_state'].includes(result.reason.code)) tally.gone += 1
+        else { tally.errors += 1; tally.last = result.reason.message }
+      }
+      progress()
+    }
+    seen += page.length
+    if (!page.cursor || !page.length) break
+    cursor = page.cursor
+  }
+}
+
+// -- charts ---------------------------------------------------------------------------------
+
+// Counted from the events this page hears, so they start when it opens. To start them
+// from the server's per-second history instead: on selecting a queue, read it and hand
+// each series to charts.seed(queue, series, startMs, perSecondValues).
+function drawCharts () {
+  if (view.page !== 'overview' || view.queue === null) return
+  charts.render($('#queue-charts'), view.queue)
+}
+
+// -- workers --------------------------------------------------------------------------------
+
+async function refreshWorkers () {
+  if (!client || !client.connected || view.page !== 'workers') return
+  const workers = await client.workers()
+  $('#worker-list tbody').replaceChildren(...workers.map(workerRow))
+  $('#no-workers').hidden = workers.length > 0
+}
+
+function workerRow (worker) {
+  const tr = document.createElement('tr')
+  tr.dataset.worker = worker.id
+  tr.dataset.queue = worker.queue
+  const id = cell(tr, '')
+  const code = document.createElement('code')
+  code.textContent = worker.id
+  code.title = worker.id
+  id.append(code)
+  const queue = cell(tr, '')
+  const link = document.createElement('a')
+  link.href = queueHref(worker.queue)
+  link.textContent = worker.queue
+  queue.append(link)
+  // A server older than node names: the server this page talks to is the node.
+  const node = cell(tr, worker.node ?? location.host)
+  node.className = 'node'
+  const client = cell(tr, worker.client || '—')
+  client.className = 'client'
+  const peer = document.createElement('small')
+  peer.textContent = worker.peer
+  client.append(document.createElement('br'), peer)
+  cell(tr, '').append(since(worker.since))
+  cell(tr, `${worker.runs.length}/${worker.concurrency}`).className = 'slots'
+  const runs = cell(tr, '')
+  runs.className = 'runs'
+  const list = document.createElement('ul')
+  list.append(...worker.runs.map(runItem))
+  if (worker.runs.length) runs.append(list)
+  else runs.textContent = 'idle'
+  return tr
+}
+
+function runItem (run) {
+  const li = document.createElement('li')
+  li.dataset.task = run.task
+  const bar = document.createElement('progress')
+  bar.max = 1
+  bar.value = run.progress
+  bar.dataset.task = run.task
+  const when = run.started ?? run.offered
+  li.append(taskLink(run.task), ` run ${run.run} `, bar, ' ')
+  if (when == null) li.append('since the server restarted')
+  else li.append(run.started == null ? 'offered ' : 'started ', since(when))
+  return li
+}
+
+/** A time as "12 s ago" (kept current by the clock below), the date in its title. */
+function since (ms) {
+  const time = document.createElement('time')
+  time.dateTime = new Date(ms).toISOString()
+  time.title = new Date(ms).toLocaleString()
+  time.dataset.since = String(ms)
+  time.textContent = ago(ms)
+  return time
+}
+
+function ago (ms) {
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000))
+  if (s < 60) return `${s} s ago`
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s ago`
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min ago`
+  return `${Math.floor(s / 86400)} d ago`
+}
+
+function tick () {
+  for (const time of document.querySelectorAll('time[data-since]')) time.textContent = ago(Number(time.dataset.since))
+  drawCharts()
+}
+
+// -- the task page --------------------------------------------------------------------------
+
+const page = { task: null, loading: 0 }
+
+async function loadTask (id) {
+  $('#task-id').textContent = id ?? ''
+  if (!client || !client.connected) return
+  const loading = ++page.loading
+  page.task = null
+  if (!id || !TASK_ID.test(id)) {
+    return missing(`"${id ?? ''}" is not a task id: 1 to 64 letters, digits, or _ . : -`)
+  }
+  let task
+  try {
+    task = await client.getTask(id)
+  } catch (error) {
+    if (loading !== page.loading) return
+    return missing(error.code === 'not_found' ? `No task with id ${id}.` : `Could not read task ${id}: ${error.message}`)
+  }
+  if (loading !== page.loading) return
+  page.task = task
+  $('#task-missing').hidden = true
+  $('#task-body').hidden = false
+  showRecord(task)
+  const streams = streamsOf(task.data)
+  showTaskData(task.data, streams)
+  showStreams(id, streams)
+  if (task.state === 'active') later('run', showRun, 0)
+}
+
+function missing (text) {
+  $('#task-missing').textContent = text
+  $('#task-missing').hidden = false
+  $('#task-body').hidden = true
+}
+
+function showRecord (task) {
+  const state = $('#task-state')
+  state.textContent = task.state
+  state.className = `state ${task.state}`
+  setTaskProgress(task.progress)
+  const fields = [
+    ['queue', queueLink(task.queue)],
+    ['state', task.state],
+    ['failed attempts', `${task.retries} (retries allowed: ${task.options.retries === -1 ? 'forever' : task.options.retries})`],
+    ['worker', task.worker ?? '—'],
+    ['created', dateAndAgo(task.created)],
+    ['updated', dateAndAgo(task.updated)],
+    ['options', describeOptions(task.options)],
+  ]
+  $('#task-fields').replaceChildren(...fields.flatMap(([name, value]) => {
+    const dt = document.createElement('dt')
+    dt.textContent = name
+    const dd = document.createElement('dd')
+    dd.dataset.field = name
+    dd.append(value)
+    return [dt, dd]
+  }))
+  $('#task-error').textContent = task.error ?? ''
+  $('#task-error-box').hidden = task.error == null
+  // Tasks carry no result yet: shown once the record has one.
+  $('#task-result').textContent = task.result === undefined ? '' : JSON.stringify(task.result, null, 2)
+  $('#task-result-box').hidden = task.result === undefined
+  $('#task-retry').disabled = task.state !== 'failed'
+  $('#task-remove').disabled = false
+}
+
+function queueLink (name) {
+  const link = document.createElement('a')
+  link.href = queueHref(name)
+  link.textContent = name
+  return link
+}
+
+function dateAndAgo (ms) {
+  const span = document.createElement('span')
+  if (ms == null || !Number.isFinite(ms)) { span.textContent = '—'; return span }
+  span.append(`${new Date(ms).toLocaleString()} (`, since(ms), ')')
+  return span
+}
+
+function setTaskProgress (value) {
+  $('#task-progress').value = value
+  $('#task-percent').textContent = `${Math.round(value * 100)}%`
+}
+
+function showTaskData (data, streams) {
+  const json = dataJson(data, streams)
+  const cut = json.length > DATA_SHOWN
+  $('#task-data-json').textContent = cut ? json.slice(0, DATA_SHOWN) + '\n…' : json
+  $('#task-data-cut').textContent = cut ? `Cut: the first ${DATA_SHOWN.toLocaleString('en')} of ${json.length.toLocaleString('en')} characters.` : ''
+  $('#task-data-cut').hidden = !cut
+}
+
+function showStreams (id, streams) {
+  $('#task-streams tbody').replaceChildren(...streams.map(({ path, stream }, i) => {
+    const tr = document.createElement('tr')
+    tr.dataset.stream = String(i)
+    cell(tr, pathText(path)).className = 'path'
+    cell(tr, formatBytes(stream.size))
+    // Read again when asked: the streams of an earlier answer end with their connection.
+    cell(tr, '').append(action('download', async () => {
+      const fresh = await client.getTask(id)
+      const found = streamsOf(fresh.data).find((s) => pathText(s.path) === pathText(path))
+      if (!found) throw new Error('the stream is gone')
+      await download(found.stream, fileName(id, path))
+    }))
+    return tr
+  }))
+  $('#task-streams').hidden = !streams.length
+  $('#task-no-streams').hidden = streams.length > 0
+}
+
+/** The active run's times, from the workers listing (the task record has none). */
+async function showRun () {
+  const task = page.task
+  if (!task || task.state !== 'active') return
+  const workers = await client.workers(task.queue).catch(() => [])
+  for (const worker of workers) {
+    const run = worker.runs.find((r) => r.task === task.id)
+    if (!run || page.task !== task) continue
+    const dd = $('#task-fields dd[data-field="worker"]')
+    dd.replaceChildren(`${worker.id} · run ${run.run} `)
+    const when = run.started ?? run.offered
+    if (when != null) dd.append(run.started == null ? 'offered ' : 'started ', since(when))
+  }
+}
+
+function onTaskEvent (name, task) {
+  if (name === 'task deleted') {
+    page.task = null
+    return missing(`Task ${task.id} was removed.`)
+  }
+  if (!page.task) return loadTask(task.id)
+  const shown = page.task
+  for (const key of ['state', 'progress', 'retries', 'error', 'worker', 'updated', 'created']) shown[key] = task[key]
+  showRecord(shown)
+  if (name === 'task started') later('run', showRun, 0)
+}
+
+async function taskAction (kind) {
+  const task = page.task
+  if (!task) return
+  if (kind === 'retry') return task.retry()
+  if (task.state === 'active' && !confirm('Remove an active task? Its run is aborted.')) return
+  await task.remove()
 }
 
 // -- adding ---------------------------------------------------------------------------------
@@ -259,7 +665,7 @@ async function addTask (event) {
       onUploadProgress: (sent) => { bar.value = total ? sent / total : 1 },
     })
     result.textContent = `Added ${task.id}.`
-    if (view.queue === null) selectQueue(task.queue)
+    if (view.queue === null) location.hash = queueHref(task.queue)
   } catch (error) {
     result.textContent = `Not added: ${error.message}`
   } finally {
@@ -278,6 +684,28 @@ $('#next-page').addEventListener('click', () => {
 })
 $('#first-page').addEventListener('click', () => { view.cursors = [null]; refreshTasks() })
 $('#add-form').addEventListener('submit', addTask)
+$('#bulk-retry').addEventListener('click', () => bulk('retry'))
+$('#bulk-remove').addEventListener('click', () => bulk('remove'))
+for (const kind of ['retry', 'remove']) {
+  const button = $(`#task-${kind}`)
+  button.addEventListener('click', async () => {
+    button.disabled = true
+    try {
+      await taskAction(kind)
+    } catch (error) {
+      alert(`${kind} failed: ${error.message}`)
+    } finally {
+      button.disabled = kind === 'retry' && (!page.task || page.task.state !== 'failed')
+    }
+  })
+}
+$('#search').addEventListener('submit', (event) => {
+  event.preventDefault()
+  const id = $('#search-id').value.trim()
+  const target = taskHref(id)
+  if (location.hash === target) loadTask(id)
+  else location.hash = target
+})
 $('#token-form').addEventListener('submit', (event) => {
   event.preventDefault()
   const token = $('#token').value
@@ -286,5 +714,8 @@ $('#token-form').addEventListener('submit', (event) => {
   setStatus('connecting')
   connect(token)
 })
+window.addEventListener('hashchange', route)
+setInterval(tick, 1000)
 selectState('waiting')
 connect(sessionStorage.getItem('wsq-token'))
+route()

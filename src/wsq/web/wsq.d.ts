@@ -76,6 +76,23 @@ export interface QueueStats {
   workers: { id: string, queue: string, concurrency: number, running: number }[]
 }
 
+/** A connected worker as `client.workers()` lists it; times in ms. */
+export interface WorkerInfo {
+  id: string
+  queue: string
+  concurrency: number
+  /** When it registered. */
+  since: number
+  /** What its connection's hello said it is, and that connection's remote address. */
+  client: string
+  peer: string
+  /** The server node it is connected to (--node-name; by default host:port). */
+  node: string
+  /** The runs it holds, oldest first; offered/started are null for a run recovered after
+   *  a server restart, started until the worker acknowledged it. */
+  runs: { task: string, run: number, offered: number | null, started: number | null, progress: number }[]
+}
+
 export interface Page { limit?: number; cursor?: string | null }
 export type TaskList = Task[] & { cursor: string | null }
 
@@ -98,6 +115,14 @@ export class Client extends EventEmitter {
   listQueues (callback: Callback<Queue[]>): void
   stats (): Promise<{ queues: QueueStats[] }>
   stats (callback: Callback<{ queues: QueueStats[] }>): void
+  /** The workers connected now, of `queue` or of every queue the token may observe. */
+  workers (queue?: string | null): Promise<WorkerInfo[]>
+  workers (callback: Callback<WorkerInfo[]>): void
+  workers (queue: string | null, callback: Callback<WorkerInfo[]>): void
+  /** The task as the server has it now, with its data (streams read lazily); rejects with
+   *  code 'not_found' if there is none. */
+  getTask (id: string): Promise<Task>
+  getTask (id: string, callback: Callback<Task>): void
   /** Every server event as {event, args}: a ReadableStream in browsers, an object-mode
    *  Readable in Node. */
   getEventStream (): ReadableStream<{ event: string, args: Json[] }> | NodeReadable
@@ -154,7 +179,7 @@ export class Task extends EventEmitter {
   created: number | null
   updated: number
   options: { timeout: number, retries: number, autoremove: boolean }
-  /** In a handler: the data, each stream a TaskStream. */
+  /** In a handler and from client.getTask(): the data, each stream a TaskStream. */
   data: any
   /** In a handler: the run number of this attempt. */
   run: number | null

@@ -26,6 +26,9 @@ export async function sample (file: Blob, readable: AsyncIterable<Uint8Array> & 
   await worker.stop()
   await queue.add({ readable })
   console.log((await client.listQueues()).map((q) => q.name), (await client.stats()).queues[0]?.waiting)
+  for (const worker of await client.workers('video')) console.log(worker.id, worker.node, worker.peer, worker.runs[0]?.started)
+  const found = await client.getTask('some-id')
+  console.log(found.state, found.data)
   await client.close()
   await client.connect()
 }

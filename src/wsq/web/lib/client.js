@@ -71,6 +71,30 @@ export class Client extends Connection {
     return settle(this._request({ op: 'stats' }), callback)
   }
 
+  /** The workers connected now (of `queue`, or of every queue), each with the runs it
+   *  holds; times in ms (docs/protocol.md, `workers`). */
+  workers (queue = null, callback = undefined) {
+    if (typeof queue === 'function') { callback = queue; queue = null }
+    if (queue != null) checkType('client.workers: the queue', queue, 'string')
+    checkCallback('client.workers', callback)
+    const message = queue == null ? { op: 'workers' } : { op: 'workers', queue }
+    const listed = this._request(message).then((result) => result.workers.map(workerInfo))
+    return settle(listed, callback)
+  }
+
+  /** The task `id` as the server has it now, its `data` fetched (streams read lazily).
+   *  Rejects with code 'not_found' if there is none. */
+  getTask (id, callback) {
+    checkType('client.getTask: the id', id, 'string')
+    checkCallback('client.getTask', callback)
+    const got = this._request({ op: 'get', task: id }).then((result) => {
+      const task = new Task(this, result.task)
+      task.data = resolveStreams(this, id, result.data, result.streams)
+      return task
+    })
+    return settle(got, callback)
+  }
+
   /** Every server event as `{event, args}`: a ReadableStream (browsers) or an object-mode
    *  Readable (Node). */
   getEventStream () {
@@ -332,6 +356,16 @@ Client.prototype._receivers = {
   credit: Client.prototype._onCredit,
   end: Client.prototype._onEnd,
   stream_error: Client.prototype._onStreamError,
+}
+
+/** A worker of the `workers` answer, its times in ms as the rest of this API has them. */
+function workerInfo (json) {
+  const ms = (seconds) => seconds == null ? null : seconds * 1000
+  return {
+    ...json,
+    since: ms(json.since),
+    runs: json.runs.map((run) => ({ ...run, offered: ms(run.offered), started: ms(run.started) })),
+  }
 }
 
 function taskOrValue (client, value) {
