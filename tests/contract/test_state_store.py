@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import wsq
+from tests.pg import Schema
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
@@ -35,19 +36,28 @@ from wsq.storage.base import (
     Update,
 )
 from wsq.storage.memory import MemoryStateStore
+from wsq.storage.postgres import PostgresStateStore
 from wsq.storage.sqlite import SqliteStateStore
 
 SRC = Path(wsq.__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    backend: StateStore = (
-        MemoryStateStore() if request.param == "memory" else SqliteStateStore(tmp_path / "s.db")
-    )
+    backend: StateStore
+    schema: Schema | None = None
+    if request.param == "memory":
+        backend = MemoryStateStore()
+    elif request.param == "sqlite":
+        backend = SqliteStateStore(tmp_path / "s.db")
+    else:  # a fresh schema per test (tests/pg.py)
+        schema = await Schema(request.getfixturevalue("postgres_dsn")).create()
+        backend = PostgresStateStore(schema.base, schema=schema.name)
     await backend.open()
     yield backend
     await backend.close()
+    if schema is not None:
+        await schema.drop()
 
 
 @pytest.fixture
