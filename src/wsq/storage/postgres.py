@@ -43,11 +43,10 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
 
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import ServerError, Unavailable
@@ -61,6 +60,9 @@ from wsq.storage.base import (
     StateStore,
     Update,
 )
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 T = TypeVar("T")
 
@@ -512,8 +514,8 @@ async def _run_steps(conn: asyncpg.Connection, steps: list[_Step]) -> builtins.l
 
 # -- errors and connections -----------------------------------------------------------------
 
-_Reader = PoolConnectionProxy[asyncpg.Record]  # a connection of the read pool
-_AnyConnection = asyncpg.Connection | _Reader
+_Reader: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"  # a connection of the read pool
+_AnyConnection: TypeAlias = "asyncpg.Connection | _Reader"
 
 # Errors that say PostgreSQL is out of reach or out of service (SQLSTATE classes 08, 53
 # and 57), not that an op was wrong: worth trying again later.
