@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 
@@ -43,6 +43,19 @@ class Schema:
         self.name = f"wsq_test_{uuid.uuid4().hex[:16]}"
         separator = "&" if "?" in base else "?"
         self.dsn = f"{base}{separator}options={quote(f'-csearch_path={self.name}')}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port of the server (to put a proxy in front of it)."""
+        parts = urlsplit(self.base)
+        return parts.hostname or "127.0.0.1", parts.port or 5432
+
+    def dsn_at(self, host: str, port: int) -> str:
+        """:attr:`dsn` with another address (a proxy's, a closed port)."""
+        parts = urlsplit(self.dsn)
+        auth = parts.netloc.rpartition("@")[0]
+        netloc = f"{auth}@{host}:{port}" if auth else f"{host}:{port}"
+        return parts._replace(netloc=netloc).geturl()
 
     async def execute(self, sql: str) -> None:
         """Run ``sql`` in this schema (a fresh connection)."""

@@ -205,6 +205,20 @@ async def test_update_overwrites_only_the_mutable_fields(store: StateStore) -> N
     assert await store.get("full") == expected
 
 
+async def test_error_text_round_trips_every_character(store: StateStore) -> None:
+    """A worker's error message is any JSON string: NUL (which PostgreSQL text cannot
+    hold), control characters, any plane."""
+    task = make("a", 1, state=State.ACTIVE)
+    await insert(store, task)
+    text = "nul\x00 tab\t bell\x07 \u00e9 \U0001f600 \\ '\""
+    failed = replace(task, state=State.FAILED, error=text, updated=2.0)
+    assert await store.submit([Update(failed, State.ACTIVE)]) == [True]
+    assert await store.get("a") == failed
+    again = replace(failed, state=State.WAITING, seq=2, error=text + "!")
+    assert await store.submit([Update(again, State.FAILED)]) == [True]
+    assert await store.get("a") == again
+
+
 async def test_update_of_a_missing_task_is_false(store: StateStore) -> None:
     assert await store.submit([Update(make("a", 1), expected=State.WAITING)]) == [False]
     assert await store.get("a") is None
@@ -632,9 +646,10 @@ CHILD = textwrap.dedent(
 )
 
 
-async def run_child_until_killed(path: Path, acks: int) -> list[str]:
-    """Run CHILD against ``path``, SIGKILL it once it acknowledged ``acks`` inserts, and
-    return every task id it acknowledged (a line is printed after its future resolved)."""
+async def run_child_until_killed(path: Path | str, acks: int, child: str = CHILD) -> list[str]:
+    """Run ``child`` (CHILD by default) against ``path``, SIGKILL it once it acknowledged
+    ``acks`` inserts, and return every task id it acknowledged (a line is printed after
+    its future resolved)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
@@ -642,7 +657,7 @@ async def run_child_until_killed(path: Path, acks: int) -> list[str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        CHILD,
+        child,
         str(path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -547,11 +547,13 @@ def _store_error(exc: BaseException, conn: _AnyConnection | None = None) -> Base
 
 
 async def _connect(dsn: str, schema: str | None, timeout: float) -> asyncpg.Connection:
-    return await asyncpg.connect(dsn, timeout=timeout, server_settings=_settings(schema))
+    return await asyncpg.connect(dsn, timeout=timeout, server_settings=_settings(dsn, schema))
 
 
-def _settings(schema: str | None) -> dict[str, str]:
-    settings = {"application_name": "wsq"}
+def _settings(dsn: str, schema: str | None) -> dict[str, str]:
+    """Settings of wsq's sessions: its name in pg_stat_activity unless the DSN gives one,
+    and ``schema`` first in the search path when given."""
+    settings = {} if "application_name" in dsn else {"application_name": "wsq"}
     if schema is not None:
         settings["search_path"] = quote_ident(schema)
     return settings
@@ -826,7 +828,7 @@ class PostgresStateStore(StateStore):
             min_size=0,
             max_size=self.readers,
             timeout=self.connect_timeout,
-            server_settings=_settings(self.schema),
+            server_settings=_settings(self.dsn, self.schema),
         )
         return recovery
 
@@ -878,12 +880,23 @@ class PostgresStateStore(StateStore):
         pool = self._pool
         if pool is None or self._closing is not None:
             raise ServerError("The state store is closed.")
-        conn: _Reader | None = None
         try:
             async with asyncio.timeout(self.timeout), pool.acquire() as conn:
-                return await query(conn)
-        except Exception as exc:
-            error = _store_error(exc, conn)
+                try:
+                    return await query(conn)
+                except BaseException as exc:  # decided while conn is still ours
+                    error = _store_error(exc, conn)
+                    if isinstance(error, Unavailable | asyncio.CancelledError):
+                        # Its state is unknown; returned as it is, the pool would wait
+                        # on a cancel request to a server that may not answer.
+                        conn.terminate()
+                    if error is exc:
+                        raise
+                    raise error from exc
+        except (Unavailable, ServerError):
+            raise
+        except Exception as exc:  # acquiring (connecting), the timeout, or a bug
+            error = _store_error(exc)
             if error is exc:
                 raise
             raise error from exc
