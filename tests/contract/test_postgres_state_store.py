@@ -64,13 +64,14 @@ EXPECTED_INDEXES = {
     ("wsq_blobs", "CREATE UNIQUE INDEX wsq_blobs_pkey ON {s}.wsq_blobs USING btree (key)"),
     (
         "wsq_schema_version",
-        "CREATE UNIQUE INDEX wsq_schema_version_pkey ON {s}.wsq_schema_version USING btree (version)",
-    ),  # noqa: E501
+        "CREATE UNIQUE INDEX wsq_schema_version_pkey"
+        " ON {s}.wsq_schema_version USING btree (version)",
+    ),
     ("wsq_tasks", "CREATE UNIQUE INDEX wsq_tasks_pkey ON {s}.wsq_tasks USING btree (id)"),
     (
         "wsq_tasks",
         "CREATE INDEX wsq_tasks_queue_state_seq ON {s}.wsq_tasks USING btree (queue, state, seq)",
-    ),  # noqa: E501
+    ),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_state_seq ON {s}.wsq_tasks USING btree (state, seq)"),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_seq ON {s}.wsq_tasks USING btree (seq)"),
 }
