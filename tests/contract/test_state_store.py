@@ -235,6 +235,20 @@ async def test_set_progress_applies_to_active_tasks_only(store: StateStore) -> N
     assert await store.get("w") == make("w", 1)
 
 
+async def test_runs_of_progress_keep_the_last_value(store: StateStore) -> None:
+    """A worker reports progress often; every report applies while the task is active."""
+    await insert(store, make("a", 1, state=State.ACTIVE), make("b", 2, state=State.ACTIVE))
+    reports = [SetProgress(task_id, n / 10, float(n)) for n in range(1, 6) for task_id in "ab"]
+    done = replace(make("b", 2), state=State.COMPLETED, progress=1.0, updated=9.0)
+    first = store.submit([*reports, Update(done, State.ACTIVE), SetProgress("b", 0.9, 10.0)])
+    second = store.submit([SetProgress("a", 0.75, 11.0), SetProgress("a", 0.8, 12.0)])
+    assert await first == [True] * 10 + [True, False]
+    assert await second == [True, True]
+    a, b = await store.get("a"), await store.get("b")
+    assert a is not None and (a.progress, a.updated) == (0.8, 12.0)
+    assert b is not None and (b.state, b.progress, b.updated) == (State.COMPLETED, 1.0, 9.0)
+
+
 async def test_delete_removes_the_task_and_its_blob_keys(store: StateStore) -> None:
     streams = (
         StreamRef(path=("a",), size=1, blob="a" * 32),

@@ -411,7 +411,7 @@ def _task_from_row(row: asyncpg.Record) -> Task:
 
 
 @dataclass(slots=True)
-class _Writes:
+class Writes:
     """Write ops on distinct tasks, so that they commute: one statement applies them all.
     ``slots`` is, per op in order, its kind and task id; ``rows`` the parameters per
     kind, one tuple per op."""
@@ -419,12 +419,24 @@ class _Writes:
     slots: list[tuple[str, str]] = field(default_factory=list)
     rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     blobs: list[tuple[str, str]] = field(default_factory=list)  # (key, task) of inserts
-    ids: set[str] = field(default_factory=set)
+    # Task id -> index of its row in rows["progress"] for a SetProgress, else -1.
+    ids: dict[str, int] = field(default_factory=dict)
 
-    def add(self, kind: str, task_id: str, row: tuple[Any, ...]) -> None:
+    def add(self, kind: str, task_id: str, row: tuple[Any, ...]) -> bool:
+        """Take the op, unless this step already writes to its task: then only a progress
+        after a progress is taken (a worker's reports come in runs): the later value
+        replaces the earlier, and both apply or neither (nothing between them here)."""
+        index = self.ids.get(task_id)
+        if index is not None:
+            if kind != "progress" or index < 0:
+                return False
+            self.rows[kind][index] = row
+        else:
+            rows = self.rows.setdefault(kind, [])
+            self.ids[task_id] = len(rows) if kind == "progress" else -1
+            rows.append(row)
         self.slots.append((kind, task_id))
-        self.rows.setdefault(kind, []).append(row)
-        self.ids.add(task_id)
+        return True
 
     def statement(self) -> tuple[str, list[Any]]:
         kinds = tuple(kind for kind in _KINDS if kind in self.rows)
@@ -437,7 +449,7 @@ class _Writes:
         return write_statement(kinds), params
 
 
-_Step = _Writes | LoadWaiting
+Step = Writes | LoadWaiting
 
 
 def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
@@ -474,28 +486,29 @@ def _update_row(task: Task, expected: State) -> tuple[Any, ...]:
     )
 
 
-def plan(ops: Sequence[Op]) -> list[_Step]:
+def plan(ops: Sequence[Op]) -> list[Step]:
     """``ops`` as steps to run in order: each :class:`LoadWaiting` alone, and between them
-    runs of writes on distinct tasks (a second write to a task starts a new run). Raises
+    runs of writes on distinct tasks (a second write to a task starts a new run, but for
+    progress after progress: :meth:`Writes.add`). Raises
     TypeError for something that is no op (before anything runs)."""
-    steps: list[_Step] = []
-    writes: _Writes | None = None
+    steps: list[Step] = []
+    writes: Writes | None = None
     for op in ops:
         if isinstance(op, LoadWaiting):
             steps.append(op)
             writes = None
             continue
         kind, task_id, row = _write(op)
-        if writes is None or task_id in writes.ids:
-            writes = _Writes()
+        if writes is None or not writes.add(kind, task_id, row):
+            writes = Writes()
             steps.append(writes)
-        writes.add(kind, task_id, row)
+            writes.add(kind, task_id, row)
         if kind == "insert" and isinstance(op, Insert) and op.task.streams:
             writes.blobs.extend((key, task_id) for key in op.task.blobs)
     return steps
 
 
-async def _run_step(conn: asyncpg.Connection, step: _Step) -> builtins.list[Any]:
+async def _run_step(conn: asyncpg.Connection, step: Step) -> builtins.list[Any]:
     """Results of the ops of ``step``, run on ``conn``."""
     if isinstance(step, LoadWaiting):
         fits = _MAX_INT if step.max_payload is None else _clamp(step.max_payload)
@@ -506,7 +519,7 @@ async def _run_step(conn: asyncpg.Connection, step: _Step) -> builtins.list[Any]
     return [(_KIND_CODES[kind], task_id) in applied for kind, task_id in step.slots]
 
 
-async def _run_steps(conn: asyncpg.Connection, steps: list[_Step]) -> builtins.list[Any]:
+async def _run_steps(conn: asyncpg.Connection, steps: list[Step]) -> builtins.list[Any]:
     results: builtins.list[Any] = []
     for step in steps:
         results += await _run_step(conn, step)
