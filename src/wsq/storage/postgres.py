@@ -647,6 +647,7 @@ class _Writer:
                 await _close(conn)
 
     async def _run(self) -> None:
+        batch: builtins.list[_Job] = []
         try:
             while self._inbox or not self._stopping:
                 if not self._inbox:
@@ -661,8 +662,9 @@ class _Writer:
                     "State store writer failed.", extra={"action": "store_writer_failed"}
                 )
             self.accepting = False
-            while self._inbox:
-                self._inbox.popleft().settle(ServerError("The state store writer stopped."))
+            for job in [*batch, *self._inbox]:  # settling twice does nothing
+                job.settle(ServerError("The state store writer stopped."))
+            self._inbox.clear()
             raise
 
     def _take(self) -> builtins.list[_Job]:
@@ -683,7 +685,7 @@ class _Writer:
                 conn = self._conn = await self._connect()
             async with asyncio.timeout(self._timeout):
                 return await self._transact(conn, batch)
-        except BaseException as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             error = _store_error(exc, conn)
             if isinstance(error, Unavailable) or isinstance(exc, asyncio.CancelledError):
                 await self._drop()
