@@ -688,12 +688,12 @@ class _Writer:
         except (Exception, asyncio.CancelledError) as exc:
             error = _store_error(exc, conn)
             if isinstance(error, Unavailable) or isinstance(exc, asyncio.CancelledError):
-                await self._drop()
+                self._drop()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return [error] * len(batch)
 
-    async def _drop(self) -> None:
+    def _drop(self) -> None:
         """Forget the connection (its state is unknown); the next batch makes another."""
         conn, self._conn = self._conn, None
         if conn is not None:
