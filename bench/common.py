@@ -107,6 +107,34 @@ def wsq_server(
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def postgres_schema(dsn: str) -> Iterator[str]:
+    """A schema of its own in the database at ``dsn`` for the block (dropped after);
+    yields a URL whose connections use it, for ``wsq server --database``."""
+    import asyncio
+    from urllib.parse import quote
+
+    import asyncpg
+
+    from wsq.storage.postgres import quote_ident
+
+    name = f"wsq_bench_{os.urandom(6).hex()}"
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(execute(f"CREATE SCHEMA {quote_ident(name)}"))
+    try:
+        separator = "&" if "?" in dsn else "?"
+        yield f"{dsn}{separator}options={quote(f'-csearch_path={name}')}"
+    finally:
+        asyncio.run(execute(f"DROP SCHEMA {quote_ident(name)} CASCADE"))
+
+
 def run_json(args: list[str], timeout: float = 600) -> Any:
     """Run a child that prints one JSON document as its last stdout line; return it."""
     done = subprocess.run(

@@ -1,6 +1,7 @@
 """Workloads 1 and 2 for wsq: throughput of no-op tasks, and enqueue->start latency.
 
     python -m bench.wsq_tasks [--quick] [--json PATH] [--tasks N] [--runs R]
+                              [--database postgresql://...]
 
 Throughput: a producer process adds N no-op tasks (many adds in flight on its one
 connection), then one worker process (concurrency 100) drains them; then a producer adds
@@ -10,15 +11,20 @@ A fresh server and data folder per run; the median of R runs.
 Latency: a worker process waits idle; a producer adds 1,000 tasks one at a time, 5 ms
 apart, stamping each just before ``add``; the handler stamps on entry (both
 ``time.monotonic()``, the same clock on Linux).
+
+``--database URL``: the server keeps its state in that PostgreSQL database, a fresh
+schema per run (dropped after), instead of SQLite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench.common import (
@@ -29,6 +35,7 @@ from bench.common import (
     cpu_seconds,
     median,
     percentile,
+    postgres_schema,
     run_role,
     write_results,
     wsq_server,
@@ -146,13 +153,27 @@ def run_child(role: str, url: str, count: int) -> dict[str, Any]:
     return result
 
 
+DATABASE: str | None = None  # --database
+
+
+@contextlib.contextmanager
+def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A fresh server: SQLite in a new folder, or a new schema of ``--database``."""
+    if DATABASE is None:
+        with wsq_server() as started:
+            yield started
+        return
+    with postgres_schema(DATABASE) as url, wsq_server(None, "--database", url) as started:
+        yield started
+
+
 def throughput_run(count: int) -> dict[str, Any]:
-    with wsq_server() as (url, server):
-        before = cpu_seconds(server.pid)
+    with server() as (url, server_proc):
+        before = cpu_seconds(server_proc.pid)
         produced = run_child("produce", url, count)
-        middle = cpu_seconds(server.pid)
+        middle = cpu_seconds(server_proc.pid)
         drained = run_child("drain", url, count)
-        after = cpu_seconds(server.pid)
+        after = cpu_seconds(server_proc.pid)
         bulk = run_child("produce-bulk", url, count)
     cpu = {
         "server_cpu_us_per_add": (middle - before) / count * 1e6,
@@ -162,7 +183,7 @@ def throughput_run(count: int) -> dict[str, Any]:
 
 
 def latency_run(count: int) -> dict[str, Any]:
-    with wsq_server() as (url, _):
+    with server() as (url, _):
         worker = subprocess.Popen(
             child("latency-worker", url, count), stdout=subprocess.PIPE, text=True, cwd=ROOT
         )
@@ -180,10 +201,13 @@ def main() -> None:
     parser = arguments(__doc__ or "")
     parser.add_argument("--tasks", type=int, default=None)
     parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--database", default=None)
     add_role_arguments(parser, ROLES)
     args = parser.parse_args()
     if run_role(args, ROLES):
         return
+    global DATABASE
+    DATABASE = args.database
     tasks = args.tasks or (500 if args.quick else 20_000)
     runs = args.runs or (1 if args.quick else 3)
     latency_tasks = 50 if args.quick else 1000

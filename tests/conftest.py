@@ -7,6 +7,7 @@ machines; no test asserts on speed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 import wsq
+from tests.pg import Schema, base_dsn, check_reachable
 
 TIME_FACTOR = float(os.environ.get("WSQ_TEST_TIME_FACTOR", "1"))
 
@@ -73,3 +75,21 @@ async def make_client(server: wsq.Server) -> AsyncIterator[Callable[..., Awaitab
     yield make
     for c in clients:
         await c.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    """The test PostgreSQL (tests/pg.py); the session fails at once if none answers."""
+    dsn = base_dsn()
+    # In a thread of its own: an async test may be running its loop in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, check_reachable(dsn)).result()
+    return dsn
+
+
+@pytest.fixture
+async def pg_schema(postgres_dsn: str) -> AsyncIterator[Schema]:
+    """An empty schema of the test PostgreSQL, dropped after the test (tests/pg.py)."""
+    schema = await Schema(postgres_dsn).create()
+    yield schema
+    await schema.drop()

@@ -9,6 +9,7 @@ import resource
 import signal
 import ssl
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import click
@@ -69,6 +70,15 @@ _server_options = _stacked(
         envvar="WSQ_DATA_DIR",
         show_default=True,
         help="Where the SQLite database and blobs live.",
+    ),
+    click.option(
+        "--database",
+        metavar="URL",
+        default=None,
+        envvar="WSQ_DATABASE",
+        callback=lambda ctx, param, value: _database(value),
+        help="Where the state lives: postgresql://user:password@host:5432/database"
+        " [default: SQLite in DATA_DIR].",
     ),
     click.option(
         "--storage",
@@ -132,6 +142,15 @@ def _storage(value: str | None) -> str | None:
 
     try:
         return None if value is None else check_storage_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _database(value: str | None) -> str | None:
+    from wsq.storage import check_database_url
+
+    try:
+        return None if value is None else check_database_url(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -399,6 +418,44 @@ def demo(log_level: str, log_format: str, once: bool, **settings: Any) -> None:
 
     configure(log_level, log_format)
     _run(_serve(Server(**settings), demo=run_demo, once=once))
+
+
+@main.command()
+@click.option(
+    "--database",
+    metavar="URL",
+    default=None,
+    envvar="WSQ_DATABASE",
+    callback=lambda ctx, param, value: _database(value),
+    help="The PostgreSQL database to migrate [default: the SQLite file in DATA_DIR].",
+)
+@click.option(
+    "--data-dir",
+    default="./wsq-data",
+    envvar="WSQ_DATA_DIR",
+    show_default=True,
+    help="Where the SQLite database lives (without --database).",
+)
+def migrate(database: str | None, data_dir: str) -> None:
+    """Create or upgrade the state store's schema, then exit (servers also do this when
+    they start). Prints the schema version reached."""
+    try:
+        found, reached = asyncio.run(_migrate(database, data_dir))
+    except (ServerError, Unavailable, OSError) as exc:
+        raise click.ClickException(f"wsq migrate failed: {exc}") from None
+    where = "PostgreSQL" if database else "SQLite"
+    change = f"migrated from version {found}" if found != reached else "already up to date"
+    click.echo(f"wsq: {where} schema at version {reached} ({change}).")
+
+
+async def _migrate(database: str | None, data_dir: str) -> tuple[int, int]:
+    if database is not None:
+        from wsq.storage.postgres import migrate as migrate_postgres
+
+        return await migrate_postgres(database)
+    from wsq.storage.sqlite import migrate_file
+
+    return await asyncio.to_thread(migrate_file, Path(data_dir) / "wsq.db")
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -11,7 +11,7 @@
      ├── InvalidState             invalid_state
      │    └── StaleRun            stale_run
      ├── UploadFailed             upload_failed
-     ├── Unavailable              unavailable       (a backing service: S3)
+     ├── Unavailable              unavailable       (a backing service: S3, PostgreSQL)
      └── ServerError              internal, shutting_down
 
 An error that crosses the wire carries its ``code`` (docs/protocol.md §7); the client
@@ -98,8 +98,8 @@ class LimitExceeded(WsqError):
 
 
 class Unavailable(WsqError):
-    """A service the server relies on (the S3 blob store) is unreachable or refuses; nothing
-    was done. Retrying later may succeed."""
+    """A service the server relies on (the S3 blob store, the PostgreSQL state store) is
+    unreachable or refuses; nothing was done. Retrying later may succeed."""
 
     code = "unavailable"
 

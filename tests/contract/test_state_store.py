@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import wsq
+from tests.pg import Schema
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
@@ -35,19 +36,28 @@ from wsq.storage.base import (
     Update,
 )
 from wsq.storage.memory import MemoryStateStore
+from wsq.storage.postgres import PostgresStateStore
 from wsq.storage.sqlite import SqliteStateStore
 
 SRC = Path(wsq.__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    backend: StateStore = (
-        MemoryStateStore() if request.param == "memory" else SqliteStateStore(tmp_path / "s.db")
-    )
+    backend: StateStore
+    schema: Schema | None = None
+    if request.param == "memory":
+        backend = MemoryStateStore()
+    elif request.param == "sqlite":
+        backend = SqliteStateStore(tmp_path / "s.db")
+    else:  # a fresh schema per test (tests/pg.py)
+        schema = await Schema(request.getfixturevalue("postgres_dsn")).create()
+        backend = PostgresStateStore(schema.base, schema=schema.name)
     await backend.open()
     yield backend
     await backend.close()
+    if schema is not None:
+        await schema.drop()
 
 
 @pytest.fixture
@@ -195,6 +205,20 @@ async def test_update_overwrites_only_the_mutable_fields(store: StateStore) -> N
     assert await store.get("full") == expected
 
 
+async def test_error_text_round_trips_every_character(store: StateStore) -> None:
+    """A worker's error message is any JSON string: NUL (which PostgreSQL text cannot
+    hold), control characters, any plane."""
+    task = make("a", 1, state=State.ACTIVE)
+    await insert(store, task)
+    text = "nul\x00 tab\t bell\x07 \u00e9 \U0001f600 \\ '\""
+    failed = replace(task, state=State.FAILED, error=text, updated=2.0)
+    assert await store.submit([Update(failed, State.ACTIVE)]) == [True]
+    assert await store.get("a") == failed
+    again = replace(failed, state=State.WAITING, seq=2, error=text + "!")
+    assert await store.submit([Update(again, State.FAILED)]) == [True]
+    assert await store.get("a") == again
+
+
 async def test_update_of_a_missing_task_is_false(store: StateStore) -> None:
     assert await store.submit([Update(make("a", 1), expected=State.WAITING)]) == [False]
     assert await store.get("a") is None
@@ -209,6 +233,20 @@ async def test_set_progress_applies_to_active_tasks_only(store: StateStore) -> N
     got = await store.get("a")
     assert got is not None and (got.progress, got.updated) == (0.25, 5.0)
     assert await store.get("w") == make("w", 1)
+
+
+async def test_runs_of_progress_keep_the_last_value(store: StateStore) -> None:
+    """A worker reports progress often; every report applies while the task is active."""
+    await insert(store, make("a", 1, state=State.ACTIVE), make("b", 2, state=State.ACTIVE))
+    reports = [SetProgress(task_id, n / 10, float(n)) for n in range(1, 6) for task_id in "ab"]
+    done = replace(make("b", 2), state=State.COMPLETED, progress=1.0, updated=9.0)
+    first = store.submit([*reports, Update(done, State.ACTIVE), SetProgress("b", 0.9, 10.0)])
+    second = store.submit([SetProgress("a", 0.75, 11.0), SetProgress("a", 0.8, 12.0)])
+    assert await first == [True] * 10 + [True, False]
+    assert await second == [True, True]
+    a, b = await store.get("a"), await store.get("b")
+    assert a is not None and (a.progress, a.updated) == (0.8, 12.0)
+    assert b is not None and (b.state, b.progress, b.updated) == (State.COMPLETED, 1.0, 9.0)
 
 
 async def test_delete_removes_the_task_and_its_blob_keys(store: StateStore) -> None:
@@ -622,9 +660,10 @@ CHILD = textwrap.dedent(
 )
 
 
-async def run_child_until_killed(path: Path, acks: int) -> list[str]:
-    """Run CHILD against ``path``, SIGKILL it once it acknowledged ``acks`` inserts, and
-    return every task id it acknowledged (a line is printed after its future resolved)."""
+async def run_child_until_killed(path: Path | str, acks: int, child: str = CHILD) -> list[str]:
+    """Run ``child`` (CHILD by default) against ``path``, SIGKILL it once it acknowledged
+    ``acks`` inserts, and return every task id it acknowledged (a line is printed after
+    its future resolved)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
@@ -632,7 +671,7 @@ async def run_child_until_killed(path: Path, acks: int) -> list[str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        CHILD,
+        child,
         str(path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

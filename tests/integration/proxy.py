@@ -19,6 +19,7 @@ class Proxy:
         self._open.set()
         self._down = asyncio.Event()  # delivering from the server to the client
         self._down.set()
+        self._refusing = False
         self.port = 0
 
     @property
@@ -32,6 +33,13 @@ class Proxy:
     def restore(self) -> None:
         self._open.set()
         self._down.set()
+        self._refusing = False
+
+    def refuse(self) -> None:
+        """Cut every connection open now and each new one at once (a server that is
+        down: connections fail fast), until :meth:`restore`."""
+        self._refusing = True
+        self.drop()
 
     def hold_answers(self) -> None:
         """Keep delivering what clients send, but drop what the server sends back."""
@@ -61,6 +69,9 @@ class Proxy:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:

@@ -9,7 +9,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -162,7 +162,20 @@ async def numbered(count: int, seed: int) -> AsyncIterator[bytes]:
 
 
 async def test_kill_9_loses_no_acknowledged_task_or_blob(data_dir: Path) -> None:
-    server = await ServerProcess(data_dir).start()
+    def check_database() -> None:
+        with contextlib.closing(sqlite3.connect(data_dir / "wsq.db")) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+    await kill_9_under_load(lambda: ServerProcess(data_dir).start(), check_database)
+
+
+async def kill_9_under_load(
+    start: Callable[[], Awaitable[ServerProcess]], killed: Callable[[], None] = lambda: None
+) -> None:
+    """Four producers add tasks (some with a blob) to the server ``start`` starts; once 300
+    are acknowledged it gets kill -9 and ``killed`` runs; then ``start`` starts it again,
+    and every acknowledged task must be there with its blob intact."""
+    server = await start()
     acknowledged: dict[str, str] = {}
 
     async def produce(c: wsq.Client, worker: int) -> None:
@@ -184,11 +197,9 @@ async def test_kill_9_loses_no_acknowledged_task_or_blob(data_dir: Path) -> None
     await asyncio.gather(*producers, return_exceptions=True)
     await c.close()
     snapshot = dict(acknowledged)
+    killed()
 
-    with contextlib.closing(sqlite3.connect(data_dir / "wsq.db")) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-
-    server = await ServerProcess(data_dir).start()
+    server = await start()
     try:
         async with fast(server.url) as c2:
             stored = {t.id: t for t in await c2.queue("crash").all()}

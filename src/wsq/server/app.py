@@ -95,8 +95,9 @@ class Server:
 
     Times are seconds. ``port=0`` picks a free port; :attr:`url` tells which. By default
     state lives in SQLite at ``data_dir/wsq.db`` and blobs under ``data_dir/blobs``; pass
-    ``state_store`` / ``blob_store`` to use other backends, or ``storage`` (a URL:
-    ``s3://bucket/prefix`` or ``file:///path``) for the blobs.
+    ``state_store`` / ``blob_store`` to use other backends, ``database`` (a
+    ``postgresql://`` URL) for the state, or ``storage`` (a URL: ``s3://bucket/prefix`` or
+    ``file:///path``) for the blobs.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class Server:
         state_store: StateStore | None = None,
         blob_store: BlobStore | None = None,
         storage: str | None = None,
+        database: str | None = None,
         window: int = 1000,
         max_message_size: int = protocol.MAX_MESSAGE,
         max_outgoing: int = 64 << 20,
@@ -174,9 +176,13 @@ class Server:
         self.max_pending = max_pending
         self.max_workers = max_workers
         # The built-in stores live in data_dir, which one server at a time may use.
-        self._uses_data_dir = state_store is None or (blob_store is None and storage is None)
+        self._uses_data_dir = (state_store is None and database is None) or (
+            blob_store is None and storage is None
+        )
         self._lock: int | None = None
-        self.store = state_store or _default_state_store(self.data_dir)
+        if state_store is not None and database is not None:
+            raise ValueError("pass state_store or database, not both")
+        self.store = state_store or _state_store(database, self.data_dir)
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
         self.blobs = blob_store or _blob_store(storage, self.data_dir)
@@ -701,6 +707,16 @@ def _default_state_store(data_dir: Path) -> StateStore:
     from wsq.storage.sqlite import SqliteStateStore
 
     return SqliteStateStore(data_dir / "wsq.db")
+
+
+def _state_store(database: str | None, data_dir: Path) -> StateStore:
+    """The state store at ``database`` (ValueError if it is no database URL), else SQLite
+    in ``data_dir``."""
+    if database is None:
+        return _default_state_store(data_dir)
+    from wsq.storage import state_store_from_url
+
+    return state_store_from_url(database)
 
 
 def _default_blob_store(data_dir: Path) -> BlobStore:

@@ -37,6 +37,7 @@ from wsq.exceptions import (
     StaleRun,
     TaskNotFound,
     TooLarge,
+    Unavailable,
     WsqError,
 )
 from wsq.server.auth import EVERYONE, ROLES, Principal
@@ -566,7 +567,7 @@ class Connection:
             self.server.core.abandon_seq(task.seq)
             self.server.spawn(self.server.blobs.delete(keys), "wsq-delete-blobs")
             if isinstance(outcome, BaseException):
-                self.send_error(request_id, ServerError(f"Could not store the task: {outcome}"))
+                self.send_error(request_id, _store_failed("Could not store the task", outcome))
             else:
                 self._spawn(request_id, self._existing(task))
             return
@@ -624,7 +625,7 @@ class Connection:
         if isinstance(outcome, BaseException):
             for task in tasks:
                 core.abandon_seq(task.seq)
-            self.send_error(request_id, ServerError(f"Could not store tasks: {outcome}"))
+            self.send_error(request_id, _store_failed("Could not store tasks", outcome))
             return
         if all(outcome):
             now = time.time()
@@ -823,7 +824,7 @@ class Connection:
         self.server.submit([op], settle)
         outcome = await done
         if isinstance(outcome, BaseException):
-            raise ServerError(f"Could not store the change: {outcome}")
+            raise _store_failed("Could not store the change", outcome)
         return bool(outcome[0])
 
     async def _durable(self) -> None:
@@ -1193,6 +1194,14 @@ def _stream_ref(stream: p.StreamIn, uploads: dict[int, tuple[str, int]]) -> Stre
     assert stream.upload is not None
     key, size = uploads[stream.upload]
     return StreamRef(tuple(stream.path), size, blob=key)
+
+
+def _store_failed(what: str, outcome: BaseException) -> WsqError:
+    """The answer to a request whose write failed: ``unavailable`` when the store's service
+    is out of reach (worth trying again), else an internal error (its text only logged)."""
+    if isinstance(outcome, Unavailable):
+        return Unavailable(f"{what}: {outcome}")
+    return ServerError(f"{what}: {outcome}")
 
 
 def _not_found(task_id: str) -> TaskNotFound:

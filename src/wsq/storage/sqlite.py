@@ -311,6 +311,19 @@ def migrate(conn: sqlite3.Connection) -> int:
     return int(found)
 
 
+def migrate_file(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``wsq migrate`` without a database: create or migrate the file at ``path``; return
+    the schema versions found and reached. Blocks. Raises ServerError."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5.0, isolation_level=None)) as conn:
+            conn.execute(SET_WAL)
+            found = migrate(conn)
+    except sqlite3.Error as exc:
+        raise _server_error(exc) from exc
+    return found, len(MIGRATIONS)
+
+
 def _connect_writer(path: str, busy_timeout: float) -> sqlite3.Connection:
     """Open ``path`` (creating its directory) for writing, in WAL mode, migrated."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

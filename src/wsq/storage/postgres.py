@@ -1,0 +1,983 @@
+"""A :class:`~wsq.storage.base.StateStore` in PostgreSQL (``wsq server --database URL``).
+
+Everything runs on the event loop through asyncpg; nothing blocks it.
+
+* **The writer** is one asyncio task with its own connection.
+  :meth:`PostgresStateStore.submit` appends a job (ops and a future) to its inbox and
+  returns. The writer takes every job queued, up to ``batch_max`` ops, applies them in one
+  transaction and resolves the futures in submission order. While a commit is on its way,
+  new jobs pile up, so batches grow with the load by themselves, as SQLite's do.
+* **Few round trips per batch.** The ops of a batch are cut into *steps*: a run of ops
+  that touch distinct tasks (so their order does not matter) becomes one statement, whose
+  data-modifying CTEs insert, update and delete every op of the run from arrays
+  (``unnest``) and return which ones applied; a :class:`~wsq.storage.base.LoadWaiting`
+  is a step of its own, run where it stands in the pipe. A batch of one step needs no
+  ``BEGIN``/``COMMIT``: one statement, one round trip.
+* **Reads** (:meth:`~PostgresStateStore.get`, :meth:`~PostgresStateStore.list`, ...)
+  use a small pool of other connections and see committed data.
+
+Durability: a future resolves once PostgreSQL has committed, which with the default
+``synchronous_commit = on`` means the commit is on disk (docs/operations.md).
+
+Failures: a job whose op raises (a bad op, a value PostgreSQL refuses) fails alone: the
+batch is redone job by job, each in its own savepoint. If PostgreSQL is unreachable,
+stops answering within ``timeout``, or shuts down, every job of the batch fails with
+:class:`~wsq.exceptions.Unavailable` and the connection is dropped; the next batch
+connects again, so the store recovers by itself once PostgreSQL is back. A connection
+lost during ``COMMIT`` leaves the outcome unknown: the batch is reported failed though it
+may have applied (an ``add`` sent again with its id is then answered as the same add).
+
+The schema is built by the numbered scripts in ``migrations/postgres`` (``NNNN_name.sql``),
+run by :func:`migrate` under an advisory lock, so servers starting together on an empty
+database do it once; ``wsq_schema_version`` records those that ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import functools
+import importlib.resources
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import asyncpg
+import msgspec
+
+from wsq.core.task import Options, State, StreamRef, Task
+from wsq.exceptions import ServerError, Unavailable
+from wsq.storage.base import (
+    Delete,
+    Insert,
+    LoadWaiting,
+    Op,
+    Recovery,
+    SetProgress,
+    StateStore,
+    Update,
+)
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+# -- migrations -----------------------------------------------------------------------------
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+# Two keys for pg_advisory_lock: wsq's (b"wsq\0"), and the search path's hash, so that
+# servers on different schemas of one database do not wait for each other.
+LOCK_KEY = 0x77737100
+TAKE_LOCK = "SELECT pg_advisory_lock($1, hashtext(current_setting('search_path')))"
+DROP_LOCK = "SELECT pg_advisory_unlock($1, hashtext(current_setting('search_path')))"
+CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+GET_SCHEMA = "SELECT current_schema()"
+GET_SEARCH_PATH = "SHOW search_path"
+CREATE_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS wsq_schema_version (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied timestamptz NOT NULL DEFAULT now()
+)
+"""
+GET_VERSION = "SELECT coalesce(max(version), 0) FROM wsq_schema_version"
+SET_VERSION = "INSERT INTO wsq_schema_version (version, name) VALUES ($1, $2)"
+
+
+@functools.cache
+def migrations() -> tuple[tuple[int, str, str], ...]:
+    """The packaged migrations as ``(version, file name, SQL)``, numbered 1, 2, ... with
+    no gap (a packaging mistake raises RuntimeError)."""
+    folder = importlib.resources.files("wsq.storage").joinpath("migrations", "postgres")
+    found = []
+    for item in folder.iterdir():
+        match = _MIGRATION_NAME.match(item.name)
+        if match:
+            found.append((int(match.group(1)), item.name, item.read_text(encoding="utf-8")))
+    found.sort()
+    if [version for version, _, _ in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"wsq's PostgreSQL migrations are not numbered 1..n: {found!r}")
+    return tuple(found)
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as an SQL identifier (a schema name)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _migrate(conn: asyncpg.Connection, schema: str | None) -> tuple[int, int]:
+    """Run the migrations ``conn``'s schema lacks, each in its own transaction, holding the
+    advisory lock throughout; return the versions found and reached. Creates ``schema``
+    if given. Raises ServerError if the schema was made by a newer wsq."""
+    await conn.execute(TAKE_LOCK, LOCK_KEY)
+    try:
+        async with conn.transaction():
+            if schema is not None:
+                await conn.execute(CREATE_SCHEMA.format(schema=quote_ident(schema)))
+            elif await conn.fetchval(GET_SCHEMA) is None:
+                path = await conn.fetchval(GET_SEARCH_PATH)
+                raise ServerError(
+                    f"No schema to create wsq's tables in: search_path is {path!r}, and none"
+                    " of its schemas exists. Create one (CREATE SCHEMA) or change the path."
+                )
+            await conn.execute(CREATE_VERSION_TABLE)
+        found: int = await conn.fetchval(GET_VERSION)
+        known = migrations()
+        if found > len(known):
+            raise ServerError(
+                f"The PostgreSQL schema has version {found}; this wsq knows up to {len(known)}."
+            )
+        for version, name, script in known[found:]:
+            async with conn.transaction():
+                await conn.execute(script)
+                await conn.execute(SET_VERSION, version, name)
+            _log.info(
+                "Migrated the PostgreSQL schema to version %d (%s).",
+                version,
+                name,
+                extra={"action": "store_migrated"},
+            )
+        return found, max(found, len(known))
+    finally:
+        if not conn.is_closed():
+            await conn.execute(DROP_LOCK, LOCK_KEY)
+
+
+async def migrate(
+    dsn: str, *, schema: str | None = None, connect_timeout: float = 10.0
+) -> tuple[int, int]:
+    """Bring the schema at ``dsn`` up to date (``wsq migrate``); return the versions found
+    and reached. Raises Unavailable if PostgreSQL cannot be reached, ServerError if it
+    refuses or the schema is newer than this wsq."""
+    try:
+        conn = await _connect(dsn, schema, connect_timeout)
+        try:
+            return await _migrate(conn, schema)
+        finally:
+            await conn.close()
+    except Exception as exc:
+        raise _store_error(exc) from exc
+
+
+# -- statements -----------------------------------------------------------------------------
+
+TASK_COLUMNS = (
+    "id, queue, state, seq, data, streams, opt_timeout, opt_retries, opt_autoremove,"
+    " progress, retries, error, run, worker, created, updated, owner"
+)
+INSERT_COLUMNS = TASK_COLUMNS.replace("streams,", "streams, blob_streams,")
+INSERT_TYPES = (
+    *("text", "text", "text", "bigint", "bytea", "text", "text", "float8", "bigint"),
+    *("boolean", "float8", "bigint", "bytea", "bigint", "text", "float8", "float8", "text"),
+)
+TASK_COLUMNS_SEQ = 3
+
+# The payload (data, inline streams) only if it fits in $1 bytes; else data is NULL and
+# streams lists the blob refs alone (Task.strip). octet_length reads the size a TOASTed
+# value records, not the value.
+_FITS = "octet_length(data) + coalesce(octet_length(streams), 0) <= $1::bigint"
+TASK_COLUMNS_STRIPPED = TASK_COLUMNS.replace(
+    "data, streams",
+    f"CASE WHEN {_FITS} THEN data END, CASE WHEN {_FITS} THEN streams ELSE blob_streams END",
+)
+LOAD_WAITING = f"""
+SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks
+WHERE queue = $2 AND state = 'waiting'
+ORDER BY seq LIMIT $3
+"""
+GET_TASK = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = $1"
+GET_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = ANY($1::text[])"
+LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE seq > $1 ORDER BY seq LIMIT $2"
+LIST_TASKS_IN_STATE = (
+    f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE state = $3 AND seq > $1 ORDER BY seq LIMIT $2"
+)
+LIST_TASKS_OF_QUEUE_IN_STATE = f"""
+SELECT {TASK_COLUMNS} FROM wsq_tasks
+WHERE queue = $3 AND state = $4 AND seq > $1
+ORDER BY seq LIMIT $2
+"""
+# A queue's first tasks by seq: the first of each state, merged (a Merge Append of four
+# index range scans) rather than a sort of the whole queue.
+_OF_STATE = (
+    f"(SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE queue = $3 AND state = '{{state}}'"
+    " AND seq > $1 ORDER BY seq LIMIT $2)"
+)
+LIST_TASKS_OF_QUEUE = (
+    " UNION ALL ".join(_OF_STATE.format(state=state.value) for state in State)
+    + " ORDER BY seq LIMIT $2"
+)
+GET_BLOB_KEYS = "SELECT key FROM wsq_blobs"
+
+# Queue names by a loose index scan: one index probe per distinct queue.
+_QUEUE_NAMES = """
+WITH RECURSIVE names (queue) AS (
+    (SELECT queue FROM wsq_tasks ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT queue FROM wsq_tasks WHERE queue > names.queue ORDER BY queue LIMIT 1)
+    FROM names WHERE names.queue IS NOT NULL
+)
+"""
+GET_QUEUES = _QUEUE_NAMES + "SELECT queue FROM names WHERE queue IS NOT NULL ORDER BY queue"
+GET_WAITING_QUEUES = (
+    _QUEUE_NAMES
+    + """SELECT queue FROM names
+WHERE queue IS NOT NULL
+  AND EXISTS (SELECT 1 FROM wsq_tasks t WHERE t.queue = names.queue AND t.state = 'waiting')
+ORDER BY queue"""
+)
+GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM wsq_tasks"
+GET_COUNTS = "SELECT queue, state, count(*) FROM wsq_tasks GROUP BY queue, state"
+GET_ACTIVE_TASKS = (
+    f"SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE state = 'active' ORDER BY seq"
+)
+_NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
+
+# bigint's range: "seq > _MIN_INT" is every task, "seq > _MAX_INT" none.
+_MIN_INT = -(2**63)
+_MAX_INT = 2**63 - 1
+
+
+def _clamp(value: int) -> int:
+    return min(max(value, _MIN_INT), _MAX_INT)
+
+
+# -- one step of writes: a statement of data-modifying CTEs ------------------------------------
+
+# Each kind of write, as a CTE over arrays that returns the ids it applied to. ``{p}``
+# numbers its parameters from where the previous CTEs' left off.
+_INSERT_CTE = (
+    "ins AS (INSERT INTO wsq_tasks ("
+    + INSERT_COLUMNS
+    + ") SELECT * FROM unnest({params}) ON CONFLICT (id) DO NOTHING RETURNING id),"
+    " ins_blobs AS (INSERT INTO wsq_blobs (key, task)"
+    " SELECT b.key, b.task FROM unnest({p0}::text[], {p1}::text[]) AS b (key, task)"
+    " WHERE b.task IN (SELECT id FROM ins) ON CONFLICT (key) DO NOTHING)"
+)
+_START_CTE = (
+    "start AS (UPDATE wsq_tasks t SET state = 'active', run = s.run, worker = s.worker,"
+    " updated = s.updated"
+    " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::float8[])"
+    " AS s (id, run, worker, updated)"
+    " WHERE t.id = s.id AND t.state = 'waiting' RETURNING t.id)"
+)
+_FINISH_CTE = (
+    "finish AS (UPDATE wsq_tasks t SET state = f.state, progress = f.progress,"
+    " retries = f.retries, error = f.error, updated = f.updated"
+    " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
+    " {p5}::float8[]) AS f (id, state, progress, retries, error, updated)"
+    " WHERE t.id = f.id AND t.state = 'active' RETURNING t.id)"
+)
+_UPDATE_CTE = (
+    "upd AS (UPDATE wsq_tasks t SET state = u.state, seq = u.seq, progress = u.progress,"
+    " retries = u.retries, error = u.error, run = u.run, worker = u.worker,"
+    " updated = u.updated"
+    " FROM unnest({p0}::text[], {p1}::text[], {p2}::text[], {p3}::bigint[], {p4}::float8[],"
+    " {p5}::bigint[], {p6}::bytea[], {p7}::bigint[], {p8}::text[], {p9}::float8[])"
+    " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated)"
+    " WHERE t.id = u.id AND t.state = u.expected RETURNING t.id)"
+)
+_PROGRESS_CTE = (
+    "prog AS (UPDATE wsq_tasks t SET progress = p.progress, updated = p.updated"
+    " FROM unnest({p0}::text[], {p1}::float8[], {p2}::float8[]) AS p (id, progress, updated)"
+    " WHERE t.id = p.id AND t.state = 'active' RETURNING t.id)"
+)
+_DELETE_CTE = (
+    "del AS (DELETE FROM wsq_tasks t USING unnest({p0}::text[], {p1}::text[])"
+    " AS d (id, expected)"
+    " WHERE t.id = d.id AND (d.expected IS NULL OR t.state = d.expected) RETURNING t.id),"
+    " del_blobs AS (DELETE FROM wsq_blobs WHERE task IN (SELECT id FROM del))"
+)
+
+# kind: (CTE, name of the CTE returning applied ids, number of array parameters)
+_KINDS: dict[str, tuple[str, str, int]] = {
+    "insert": (_INSERT_CTE, "ins", len(INSERT_TYPES) + 2),
+    "start": (_START_CTE, "start", 4),
+    "finish": (_FINISH_CTE, "finish", 6),
+    "update": (_UPDATE_CTE, "upd", 10),
+    "progress": (_PROGRESS_CTE, "prog", 3),
+    "delete": (_DELETE_CTE, "del", 2),
+}
+_KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+
+
+@functools.lru_cache(maxsize=64)
+def write_statement(kinds: tuple[str, ...]) -> str:
+    """The statement applying one step holding ops of ``kinds`` (in :data:`_KINDS` order):
+    its rows are ``(kind code, id)`` for every op that applied."""
+    ctes = []
+    selects = []
+    next_param = 1
+    for kind in kinds:
+        cte, name, count = _KINDS[kind]
+        numbers = [f"${n}" for n in range(next_param, next_param + count)]
+        named = {f"p{i}": number for i, number in enumerate(numbers)}
+        if kind == "insert":
+            columns = ", ".join(
+                f"{number}::{type_}[]" for number, type_ in zip(numbers, INSERT_TYPES, strict=False)
+            )
+            named = {"p0": numbers[-2], "p1": numbers[-1]}
+            cte = cte.replace("{params}", columns)
+        ctes.append(cte.format(**named))
+        selects.append(f"SELECT {_KIND_CODES[kind]}, id FROM {name}")
+        next_param += count
+    return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(selects)
+
+
+# -- rows -----------------------------------------------------------------------------------
+
+_encode_json = msgspec.json.Encoder().encode
+_decode_streams = msgspec.json.Decoder(tuple[StreamRef, ...]).decode
+_STATES = {state.value: state for state in State}
+_VALUES = {state: state.value for state in State}  # faster than .value on a hot path
+_FINISHED = (State.COMPLETED, State.FAILED)
+
+
+def _text(value: str | None) -> bytes | None:
+    """An error message as stored (UTF-8 bytes: PostgreSQL text cannot hold NUL)."""
+    return None if value is None else value.encode("utf-8", "surrogatepass")
+
+
+def _untext(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "surrogatepass")
+
+
+def _insert_row(task: Task) -> tuple[Any, ...]:
+    """``task`` in :data:`INSERT_COLUMNS` order."""
+    streams = blob_streams = None
+    if task.streams:
+        streams = _encode_json(task.streams).decode()
+        blobs = [ref for ref in task.streams if ref.blob is not None]
+        blob_streams = _encode_json(blobs).decode() if blobs else None
+    options = task.options
+    return (
+        task.id,
+        task.queue,
+        _VALUES[task.state],
+        task.seq,
+        task.data,
+        streams,
+        blob_streams,
+        options.timeout,
+        options.retries,
+        bool(options.autoremove),
+        task.progress,
+        task.retries,
+        _text(task.error),
+        task.run,
+        task.worker,
+        task.created,
+        task.updated,
+        task.owner,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _options(timeout: float, retries: int, autoremove: bool) -> Options:
+    """Options are immutable and most tasks share a few: one object per combination."""
+    return Options(timeout=timeout, retries=retries, autoremove=autoremove)
+
+
+def _task_from_row(row: asyncpg.Record) -> Task:
+    """The :class:`Task` in a row selected as :data:`TASK_COLUMNS`."""
+    (id_, queue_, state, seq, data, streams, timeout, max_retries, autoremove) = row[:9]
+    (progress, retries, error, run, worker, created, updated, owner) = row[9:]
+    return Task(
+        id=id_,
+        queue=queue_,
+        state=_STATES[state],
+        seq=seq,
+        data=data,
+        streams=_decode_streams(streams) if streams is not None else (),
+        options=_options(timeout, max_retries, autoremove),
+        progress=progress,
+        retries=retries,
+        error=_untext(error),
+        run=run,
+        worker=worker,
+        created=created,
+        updated=updated,
+        owner=owner,
+    )
+
+
+# -- planning a batch -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Writes:
+    """Write ops on distinct tasks, so that they commute: one statement applies them all.
+    ``slots`` is, per op in order, its kind and task id; ``rows`` the parameters per
+    kind, one tuple per op."""
+
+    slots: list[tuple[str, str]] = field(default_factory=list)
+    rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    blobs: list[tuple[str, str]] = field(default_factory=list)  # (key, task) of inserts
+    # Task id -> index of its row in rows["progress"] for a SetProgress, else -1.
+    ids: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, task_id: str, row: tuple[Any, ...]) -> bool:
+        """Take the op, unless this step already writes to its task: then only a progress
+        after a progress is taken (a worker's reports come in runs): the later value
+        replaces the earlier, and both apply or neither (nothing between them here)."""
+        index = self.ids.get(task_id)
+        if index is not None:
+            if kind != "progress" or index < 0:
+                return False
+            self.rows[kind][index] = row
+        else:
+            rows = self.rows.setdefault(kind, [])
+            self.ids[task_id] = len(rows) if kind == "progress" else -1
+            rows.append(row)
+        self.slots.append((kind, task_id))
+        return True
+
+    def statement(self) -> tuple[str, list[Any]]:
+        kinds = tuple(kind for kind in _KINDS if kind in self.rows)
+        params: list[Any] = []
+        for kind in kinds:
+            params.extend(zip(*self.rows[kind], strict=True))
+            if kind == "insert":
+                params.append([key for key, _ in self.blobs])
+                params.append([task for _, task in self.blobs])
+        return write_statement(kinds), params
+
+
+Step = Writes | LoadWaiting
+
+
+def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
+    """``op`` as ``(kind, task id, parameters)``; TypeError if it is no write op."""
+    match op:
+        case Insert(task):
+            return "insert", task.id, _insert_row(task)
+        case Update(task, expected):
+            if expected is State.WAITING and task.state is State.ACTIVE:
+                return "start", task.id, (task.id, task.run, task.worker, task.updated)
+            if expected is State.ACTIVE and task.state in _FINISHED:
+                finish = (_VALUES[task.state], task.progress, task.retries, _text(task.error))
+                return "finish", task.id, (task.id, *finish, task.updated)
+            return "update", task.id, _update_row(task, State(expected))
+        case SetProgress(task_id, progress, updated):
+            return "progress", task_id, (task_id, progress, updated)
+        case Delete(task_id, expected):
+            return "delete", task_id, (task_id, None if expected is None else expected.value)
+    raise TypeError(f"Not a state store op: {op!r}")
+
+
+def _update_row(task: Task, expected: State) -> tuple[Any, ...]:
+    return (
+        task.id,
+        expected.value,
+        State(task.state).value,
+        task.seq,
+        task.progress,
+        task.retries,
+        _text(task.error),
+        task.run,
+        task.worker,
+        task.updated,
+    )
+
+
+def plan(ops: Sequence[Op]) -> list[Step]:
+    """``ops`` as steps to run in order: each :class:`LoadWaiting` alone, and between them
+    runs of writes on distinct tasks (a second write to a task starts a new run, but for
+    progress after progress: :meth:`Writes.add`). Raises
+    TypeError for something that is no op (before anything runs)."""
+    steps: list[Step] = []
+    writes: Writes | None = None
+    for op in ops:
+        if isinstance(op, LoadWaiting):
+            steps.append(op)
+            writes = None
+            continue
+        kind, task_id, row = _write(op)
+        if writes is None or not writes.add(kind, task_id, row):
+            writes = Writes()
+            steps.append(writes)
+            writes.add(kind, task_id, row)
+        if kind == "insert" and isinstance(op, Insert) and op.task.streams:
+            writes.blobs.extend((key, task_id) for key in op.task.blobs)
+    return steps
+
+
+async def _run_step(conn: asyncpg.Connection, step: Step) -> builtins.list[Any]:
+    """Results of the ops of ``step``, run on ``conn``."""
+    if isinstance(step, LoadWaiting):
+        fits = _MAX_INT if step.max_payload is None else _clamp(step.max_payload)
+        rows = await conn.fetch(LOAD_WAITING, fits, step.queue, _clamp(max(step.limit, 0)))
+        return [[_task_from_row(row) for row in rows]]
+    sql, params = step.statement()
+    applied = {(row[0], row[1]) for row in await conn.fetch(sql, *params)}
+    return [(_KIND_CODES[kind], task_id) in applied for kind, task_id in step.slots]
+
+
+async def _run_steps(conn: asyncpg.Connection, steps: list[Step]) -> builtins.list[Any]:
+    results: builtins.list[Any] = []
+    for step in steps:
+        results += await _run_step(conn, step)
+    return results
+
+
+# -- errors and connections -----------------------------------------------------------------
+
+_Reader: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"  # a connection of the read pool
+_AnyConnection: TypeAlias = "asyncpg.Connection | _Reader"
+
+# Errors that say PostgreSQL is out of reach or out of service (SQLSTATE classes 08, 53
+# and 57), not that an op was wrong: worth trying again later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.exceptions.ClientCannotConnectError,
+)
+
+
+def _store_error(exc: BaseException, conn: _AnyConnection | None = None) -> BaseException:
+    """What a caller sees for ``exc``: Unavailable when PostgreSQL cannot be used now,
+    ServerError for its other errors, anything else (a bug, a bad op) as it is."""
+    if isinstance(exc, Unavailable | ServerError):
+        return exc
+    lost = conn is not None and conn.is_closed()
+    if isinstance(exc, _UNAVAILABLE) or (lost and isinstance(exc, asyncpg.InterfaceError)):
+        reason = "did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
+        error: BaseException = Unavailable(f"PostgreSQL is unavailable: {reason}")
+    elif isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        error = ServerError(f"State store error: {exc}")
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
+
+
+async def _connect(dsn: str, schema: str | None, timeout: float) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, timeout=timeout, server_settings=_settings(dsn, schema))
+
+
+def _settings(dsn: str, schema: str | None) -> dict[str, str]:
+    """Settings of wsq's sessions: its name in pg_stat_activity unless the DSN gives one,
+    and ``schema`` first in the search path when given."""
+    settings = {} if "application_name" in dsn else {"application_name": "wsq"}
+    if schema is not None:
+        settings["search_path"] = quote_ident(schema)
+    return settings
+
+
+async def _recover(conn: asyncpg.Connection) -> Recovery:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        next_seq = await conn.fetchval(GET_NEXT_SEQ)
+        rows = await conn.fetch(GET_ACTIVE_TASKS, _NO_PAYLOAD)
+        waiting = await conn.fetch(GET_WAITING_QUEUES)
+        counts = await conn.fetch(GET_COUNTS)
+    return Recovery(
+        next_seq=next_seq,
+        active=[_task_from_row(row) for row in rows],
+        waiting_queues=[name for (name,) in waiting],
+        counts={(queue, _STATES[state]): n for queue, state, n in counts},
+    )
+
+
+# -- the writer -----------------------------------------------------------------------------
+
+_Outcome = builtins.list[Any] | BaseException
+
+
+@dataclass(slots=True)
+class _Job:
+    """One :meth:`PostgresStateStore.submit` call on its way to the writer."""
+
+    ops: tuple[Op, ...]
+    future: asyncio.Future[builtins.list[Any]]
+
+    def settle(self, outcome: _Outcome) -> None:
+        if self.future.done():  # cancelled by the caller: nobody is waiting
+            return
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+class _Writer:
+    """The task that owns the write connection; see the module docstring. :meth:`put`
+    jobs, then :meth:`stop` once: it returns after the jobs put before it are settled."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        conn: asyncpg.Connection,
+        *,
+        batch_max: int,
+        timeout: float | None,
+    ) -> None:
+        self.commits = 0  # transactions committed
+        self.accepting = True
+        self._connect = connect
+        self._conn: asyncpg.Connection | None = conn
+        self._batch_max = batch_max
+        self._timeout = timeout
+        self._inbox: collections.deque[_Job] = collections.deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="wsq-postgres-writer")
+
+    def put(self, job: _Job) -> None:
+        self._inbox.append(job)
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        try:
+            await self._task
+        finally:
+            self.accepting = False
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await _close(conn)
+
+    async def _run(self) -> None:
+        batch: builtins.list[_Job] = []
+        try:
+            while self._inbox or not self._stopping:
+                if not self._inbox:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = self._take()
+                _settle_all(batch, await self._commit(batch))
+        except BaseException as exc:  # cancelled, or a bug: nobody may wait forever
+            if not isinstance(exc, asyncio.CancelledError):
+                _log.exception(
+                    "State store writer failed.", extra={"action": "store_writer_failed"}
+                )
+            self.accepting = False
+            for job in [*batch, *self._inbox]:  # settling twice does nothing
+                job.settle(ServerError("The state store writer stopped."))
+            self._inbox.clear()
+            raise
+
+    def _take(self) -> builtins.list[_Job]:
+        """The jobs queued, until the batch holds ``batch_max`` ops (one job is never split)."""
+        batch: builtins.list[_Job] = []
+        size = 0
+        while self._inbox and (not batch or size + len(self._inbox[0].ops) <= self._batch_max):
+            job = self._inbox.popleft()
+            batch.append(job)
+            size += len(job.ops)
+        return batch
+
+    async def _commit(self, batch: builtins.list[_Job]) -> builtins.list[_Outcome]:
+        """Apply ``batch`` in one transaction; the outcome of each job, in order."""
+        conn = self._conn
+        try:
+            if conn is None or conn.is_closed():
+                conn = self._conn = await self._connect()
+            async with asyncio.timeout(self._timeout):
+                return await self._transact(conn, batch)
+        except (Exception, asyncio.CancelledError) as exc:
+            error = _store_error(exc, conn)
+            if isinstance(error, Unavailable) or isinstance(exc, asyncio.CancelledError):
+                self._drop()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return [error] * len(batch)
+
+    def _drop(self) -> None:
+        """Forget the connection (its state is unknown); the next batch makes another."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _transact(
+        self, conn: asyncpg.Connection, batch: builtins.list[_Job]
+    ) -> builtins.list[_Outcome]:
+        """The fast path runs the whole batch as one plan (one statement when it is one
+        step, else one transaction). Only if that raises something other than the
+        connection failing is the batch redone job by job, each in its own savepoint."""
+        ops = [op for job in batch for op in job.ops]
+        try:
+            steps = plan(ops)
+            if len(steps) == 1:
+                results = await _run_step(conn, steps[0])
+            else:
+                async with conn.transaction():
+                    results = await _run_steps(conn, steps)
+        except Exception as exc:
+            if isinstance(_store_error(exc, conn), Unavailable):
+                raise
+        else:
+            self.commits += 1
+            return _split(results, batch)
+        outcomes: builtins.list[_Outcome] = []
+        async with conn.transaction():
+            for job in batch:
+                outcomes.append(await _apply_job(conn, job.ops))
+        self.commits += 1
+        return outcomes
+
+
+async def _apply_job(conn: asyncpg.Connection, ops: Sequence[Op]) -> _Outcome:
+    """Results of ``ops`` in a savepoint, or the exception that stopped them (then none of
+    them applied). Raises if the connection failed."""
+    try:
+        steps = plan(ops)
+    except Exception as exc:
+        return exc
+    try:
+        async with conn.transaction():
+            return await _run_steps(conn, steps)
+    except Exception as exc:
+        error = _store_error(exc, conn)
+        if isinstance(error, Unavailable):
+            raise
+        return error
+
+
+def _split(results: builtins.list[Any], batch: builtins.list[_Job]) -> builtins.list[_Outcome]:
+    outcomes: builtins.list[_Outcome] = []
+    start = 0
+    for job in batch:
+        outcomes.append(results[start : start + len(job.ops)])
+        start += len(job.ops)
+    return outcomes
+
+
+def _settle_all(batch: builtins.list[_Job], outcomes: builtins.list[_Outcome]) -> None:
+    for job, outcome in zip(batch, outcomes, strict=True):
+        job.settle(outcome)
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` politely if PostgreSQL answers soon, else just drop it."""
+    try:
+        await conn.close(timeout=2.0)
+    except Exception:
+        conn.terminate()
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class PostgresStateStore(StateStore):
+    """The state store in the PostgreSQL database at ``dsn`` (a ``postgresql://`` URL or
+    a libpq key/value string, as asyncpg takes them), in ``schema`` when given (created if
+    missing; else the connection's ``search_path``, which a DSN may set with
+    ``options=-csearch_path=...``).
+
+    A batch holds at most ``batch_max`` ops, except that one :meth:`submit` is never split.
+    ``timeout`` bounds the seconds a batch or a read may wait for PostgreSQL (``None``: no
+    bound), ``connect_timeout`` a connection attempt; ``readers`` is the size of the pool
+    of read connections.
+
+    Call :meth:`open` first and :meth:`close` last; a closed store may be opened again.
+    :meth:`submit` before :meth:`open` or once :meth:`close` has begun returns a future
+    failed with :class:`~wsq.exceptions.ServerError`; the reads raise it. While PostgreSQL
+    is out of reach, writes and reads raise :class:`~wsq.exceptions.Unavailable`.
+
+    :attr:`commits` counts the transactions committed.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        batch_max: int = 4096,
+        timeout: float | None = 30.0,
+        connect_timeout: float = 10.0,
+        readers: int = 4,
+    ) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1.")
+        if readers < 1:
+            raise ValueError("readers must be at least 1.")
+        self.dsn = dsn
+        self.schema = schema
+        self.batch_max = batch_max
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.readers = readers
+        self._writer: _Writer | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._past_commits = 0
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since this object was made."""
+        return self._past_commits + (self._writer.commits if self._writer else 0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> Recovery:
+        """Connect, create or migrate the schema (under an advisory lock), and return the
+        :class:`Recovery`. Raises Unavailable if PostgreSQL cannot be reached, ServerError
+        if it refuses, the schema is newer than this wsq, or the store is already open."""
+        if self._writer is not None:
+            raise ServerError("The state store is already open.")
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await self._connect()
+            await _migrate(conn, self.schema)
+            recovery = await _recover(conn)
+        except BaseException as exc:
+            if conn is not None:
+                conn.terminate()
+            error = _store_error(exc, conn)
+            if error is exc:
+                raise
+            raise error from exc
+        self._writer = _Writer(self._connect, conn, batch_max=self.batch_max, timeout=self.timeout)
+        self._pool = await asyncpg.create_pool(  # min_size=0: connects on first use
+            self.dsn,
+            min_size=0,
+            max_size=self.readers,
+            timeout=self.connect_timeout,
+            server_settings=_settings(self.dsn, self.schema),
+        )
+        return recovery
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await _connect(self.dsn, self.schema, self.connect_timeout)
+
+    async def close(self) -> None:
+        """Commit every job submitted so far (or fail it), then close the connections.
+        Idempotent; concurrent calls all wait for the same shutdown."""
+        if self._writer is None:
+            return
+        if self._closing is None:
+            loop = asyncio.get_running_loop()
+            self._closing = loop.create_task(self._shut_down(), name="wsq-postgres-close")
+        await asyncio.shield(self._closing)
+
+    async def _shut_down(self) -> None:
+        writer, pool = self._writer, self._pool
+        assert writer is not None and pool is not None
+        try:
+            await writer.stop()
+            try:
+                await asyncio.wait_for(pool.close(), 5.0)
+            except Exception:  # PostgreSQL does not answer: drop the connections
+                pool.terminate()
+        finally:
+            self._past_commits += writer.commits
+            self._writer = self._pool = None
+            self._closing = None
+
+    # -- the ordered pipe ------------------------------------------------------------------
+
+    def submit(self, ops: Sequence[Op]) -> asyncio.Future[builtins.list[Any]]:
+        """Queue ``ops`` for the next group commit; see :meth:`StateStore.submit`. Must be
+        called with the event loop running; never blocks."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[builtins.list[Any]] = loop.create_future()
+        if self._writer is None or self._closing is not None or not self._writer.accepting:
+            future.set_exception(ServerError("The state store is closed."))
+            return future
+        self._writer.put(_Job(tuple(ops), future))
+        return future
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[[_Reader], Awaitable[T]]) -> T:
+        """``query(connection)`` on a pooled connection. Raises ServerError if the store is
+        closed, Unavailable if PostgreSQL is out of reach."""
+        pool = self._pool
+        if pool is None or self._closing is not None:
+            raise ServerError("The state store is closed.")
+        try:
+            async with asyncio.timeout(self.timeout), pool.acquire() as conn:
+                try:
+                    return await query(conn)
+                except BaseException as exc:  # decided while conn is still ours
+                    error = _store_error(exc, conn)
+                    if isinstance(error, Unavailable | asyncio.CancelledError):
+                        # Its state is unknown; returned as it is, the pool would wait
+                        # on a cancel request to a server that may not answer.
+                        conn.terminate()
+                    if error is exc:
+                        raise
+                    raise error from exc
+        except (Unavailable, ServerError):
+            raise
+        except Exception as exc:  # acquiring (connecting), the timeout, or a bug
+            error = _store_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def get(self, task_id: str) -> Task | None:
+        """The committed task ``task_id``, or ``None``."""
+
+        async def query(conn: _Reader) -> Task | None:
+            row = await conn.fetchrow(GET_TASK, task_id)
+            return None if row is None else _task_from_row(row)
+
+        return await self._read(query)
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """The committed tasks with these ids, by id, in one query."""
+        ids = list(task_ids)
+
+        async def query(conn: _Reader) -> dict[str, Task]:
+            return {row[0]: _task_from_row(row) for row in await conn.fetch(GET_TASKS, ids)}
+
+        return await self._read(query)
+
+    async def queues(self) -> builtins.list[str]:
+        """Sorted names of queues holding at least one task."""
+
+        async def query(conn: _Reader) -> builtins.list[str]:
+            return [name for (name,) in await conn.fetch(GET_QUEUES)]
+
+        return await self._read(query)
+
+    async def blob_keys(self) -> set[str]:
+        """Every blob key a stored task references."""
+
+        async def query(conn: _Reader) -> set[str]:
+            return {key for (key,) in await conn.fetch(GET_BLOB_KEYS)}
+
+        return await self._read(query)
+
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        state: State | None = None,
+        limit: int = 1000,
+        after: int | None = None,
+    ) -> builtins.list[Task]:
+        """Committed tasks in ``seq`` order, filtered by ``queue`` and ``state``, with
+        ``seq > after`` when given, at most ``limit``."""
+        params: builtins.list[Any] = [
+            _MIN_INT if after is None else _clamp(after),
+            _clamp(max(limit, 0)),
+        ]
+        if queue is None and state is None:
+            sql = LIST_TASKS
+        elif state is None:
+            sql = LIST_TASKS_OF_QUEUE
+            params.append(queue)
+        elif queue is None:
+            sql = LIST_TASKS_IN_STATE
+            params.append(State(state).value)
+        else:
+            sql = LIST_TASKS_OF_QUEUE_IN_STATE
+            params += [queue, State(state).value]
+
+        async def query(conn: _Reader) -> builtins.list[Task]:
+            return [_task_from_row(row) for row in await conn.fetch(sql, *params)]
+
+        return await self._read(query)

@@ -1,0 +1,213 @@
+"""A server whose state lives in PostgreSQL (``--database``, ``Server(database=...)``),
+each test in a fresh schema of the test PostgreSQL (tests/pg.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import wsq
+from tests.conftest import budget, eventually
+from tests.integration.procs import ServerProcess, free_port
+from tests.integration.proxy import Proxy
+from tests.integration.test_durability import fast, kill_9_under_load
+from tests.integration.test_s3_storage import run_server, stream_bytes
+from tests.pg import Schema
+
+
+async def rows(schema: Schema) -> dict[str, str]:
+    """Task id -> state, as PostgreSQL has them."""
+    return {row[0]: row[1] for row in await schema.fetch("SELECT id, state FROM wsq_tasks")}
+
+
+async def test_add_work_complete_with_streams(pg_schema: Schema, data_dir: Path) -> None:
+    blob = stream_bytes(3 << 20, seed=7)
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, database=pg_schema.dsn) as server,
+        fast(server.url) as producer,
+        fast(server.url) as worker,
+    ):
+        task = await producer.queue("pg").add({"name": "x", "blob": blob, "small": b"inline"})
+        assert await rows(pg_schema) == {task.id: "waiting"}
+        seen: dict[str, bytes] = {}
+
+        async def handler(work: wsq.Task) -> str:
+            seen["blob"] = await work.data["blob"].read()
+            seen["small"] = await work.data["small"].read()
+            await work.update_progress(0.5)
+            return "done"
+
+        queue = worker.queue("pg")
+        queue.process(handler)
+        await eventually(lambda: queue.completed(), timeout=30)
+        assert seen == {"blob": blob, "small": b"inline"}
+        assert await rows(pg_schema) == {task.id: "completed"}
+        [listed] = await producer.queue("pg").completed()
+        assert (listed.id, listed.progress) == (task.id, 0.5)
+        await task.remove()
+        assert await rows(pg_schema) == {}
+        assert await pg_schema.fetch("SELECT key FROM wsq_blobs") == []
+    assert not (data_dir / "wsq.db").exists()  # the state is in PostgreSQL only
+
+
+async def test_waiting_and_active_tasks_survive_a_restart(
+    pg_schema: Schema, data_dir: Path
+) -> None:
+    """Waiting tasks come back in order; an active one stays active and its worker's
+    report is accepted by the new server."""
+    port = free_port()
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(task: wsq.Task) -> None:
+        started.set()
+        await release.wait()
+
+    server = wsq.Server(data_dir=data_dir, port=port, database=pg_schema.dsn)
+    await server.start()
+    try:
+        async with fast(server.url) as worker_client, fast(server.url) as producer:
+            long = await producer.queue("long").add("x", timeout=30)
+            worker_client.queue("long").process(slow)
+            await asyncio.wait_for(started.wait(), budget(10))
+            for n in range(20):
+                await producer.queue("fifo").add(n)
+            await server.close()
+            server = wsq.Server(data_dir=data_dir, port=port, database=pg_schema.dsn)
+            await server.start()
+            queue = worker_client.queue("long")
+            [active] = await queue.active()
+            assert active.id == long.id
+            release.set()
+            await eventually(lambda: queue.completed())
+            assert await queue.failed() == []
+            order: list[int] = []
+            worker_client.queue("fifo").process(lambda t: order.append(t.data))
+            await eventually(lambda: len(order) == 20)
+            assert order == list(range(20))
+    finally:
+        await server.close()
+
+
+async def test_kill_9_under_load_loses_no_acknowledged_task(
+    pg_schema: Schema, data_dir: Path
+) -> None:
+    port = free_port()
+    await kill_9_under_load(
+        lambda: ServerProcess(data_dir, port, "--database", pg_schema.dsn).start()
+    )
+
+
+async def test_postgres_unreachable_answers_unavailable_then_recovers(
+    pg_schema: Schema, data_dir: Path
+) -> None:
+    """PostgreSQL goes away (connections cut, new ones refused): adds and listings fail
+    with ``unavailable``, the server stays up, and once PostgreSQL is back it carries on
+    by itself with what was stored before."""
+    proxy = await Proxy(*pg_schema.address).start()
+    database = pg_schema.dsn_at("127.0.0.1", proxy.port)
+    try:
+        async with (
+            wsq.Server(data_dir=data_dir, port=0, database=database) as server,
+            fast(server.url) as client,
+        ):
+            queue = client.queue("pg")
+            before = await queue.add("before")
+            assert [t.id for t in await queue.all()] == [before.id]
+            proxy.refuse()
+            with pytest.raises(wsq.Unavailable, match="PostgreSQL"):
+                await queue.add("while down")
+            with pytest.raises(wsq.Unavailable, match="PostgreSQL"):
+                await queue.all()
+            proxy.restore()
+            after = await queue.add("after")
+            done: list[str] = []
+            queue.process(lambda t: done.append(t.data))
+            await eventually(lambda: len(done) == 2)
+            assert done == ["before", "after"]
+            assert await rows(pg_schema) == {before.id: "completed", after.id: "completed"}
+    finally:
+        await proxy.close()
+
+
+async def test_database_and_storage_need_no_data_dir(pg_schema: Schema, tmp_path: Path) -> None:
+    data_dir = tmp_path / "unused"
+    blobs = tmp_path / "blobs"
+    async with (
+        wsq.Server(
+            data_dir=data_dir, port=0, database=pg_schema.dsn, storage=f"file://{blobs}"
+        ) as server,
+        fast(server.url) as client,
+    ):
+        task = await client.queue("q").add({"blob": b"x" * 100_000})
+        assert await (await task.get_data())["blob"].read() == b"x" * 100_000
+    assert not data_dir.exists()
+
+
+async def test_database_and_state_store_are_exclusive(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="not both"):
+        wsq.Server(
+            data_dir=data_dir,
+            database="postgresql://localhost/db",
+            state_store=object(),  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValueError, match="postgresql://"):
+        wsq.Server(data_dir=data_dir, database="mysql://localhost/db")
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--database", "mysql://u:secret@h/db"], {}),
+        (["--database", "postgresql://h:99999/db"], {}),
+        ([], {"WSQ_DATABASE": "sqlite:///x.db"}),
+    ],
+)
+def test_a_bad_database_url_is_one_line_and_exit_2(
+    data_dir: Path, args: list[str], env: dict[str, str]
+) -> None:
+    done = run_server(data_dir, *args, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "--database" in lines[0] and "Traceback" not in done.stderr
+    assert "secret" not in done.stderr
+
+
+def test_an_unreachable_database_at_start_is_one_line_and_exit_1(data_dir: Path) -> None:
+    database = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    done = run_server(data_dir, env={"WSQ_DATABASE": database})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "could not run: PostgreSQL is unavailable" in done.stderr.splitlines()[-1]
+
+
+def migrate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsq", "migrate", *args],
+        capture_output=True,
+        text=True,
+        timeout=budget(60),
+    )
+
+
+async def test_wsq_migrate_runs_the_migrations_alone(pg_schema: Schema) -> None:
+    first = await asyncio.to_thread(migrate, "--database", pg_schema.dsn)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "wsq: PostgreSQL schema at version 1 (migrated from version 0).\n"
+    assert await rows(pg_schema) == {}
+    again = await asyncio.to_thread(migrate, "--database", pg_schema.dsn)
+    assert again.stdout == "wsq: PostgreSQL schema at version 1 (already up to date).\n"
+
+
+def test_wsq_migrate_without_a_database_migrates_the_sqlite_file(data_dir: Path) -> None:
+    done = migrate("--data-dir", str(data_dir))
+    assert done.returncode == 0, done.stderr
+    assert "SQLite schema at version" in done.stdout
+    assert (data_dir / "wsq.db").exists()
