@@ -219,6 +219,14 @@ class Stats(_Msg, tag="stats"):
     id: RequestId
 
 
+class History(_Msg, tag="history"):
+    """The last hour of one queue, second by second (docs/protocol.md §4.6)."""
+
+    id: RequestId
+    queue: QueueName
+    since: Annotated[float, msgspec.Meta(ge=0, le=2**53)] | None = None
+
+
 class Ping(_Msg, tag="ping"):
     """An application-level heartbeat, for clients that cannot send WebSocket pings."""
 
@@ -253,6 +261,7 @@ ClientMessage = (
     | Cancel
     | Ping
     | Stats
+    | History
 )
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)

@@ -168,6 +168,10 @@ class Client(_Bridge):
         """Per queue: counts by state and workers, as the dashboard shows them."""
         return self.call(self._client.stats())
 
+    def history(self, queue: str, since: float | None = None) -> dict[str, Any]:
+        """The last hour of ``queue``, second by second (:meth:`wsq.Client.history`)."""
+        return self.call(self._client.history(queue, since))
+
     def on(self, event: str, handler: SyncHandler) -> SyncHandler:
         """Listen to a server event (or 'connect', 'disconnect', 'error'). The handler runs
         on the client's event thread, in order; task events pass a :class:`Task`."""

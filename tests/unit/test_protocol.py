@@ -31,6 +31,7 @@ from wsq.protocol import (
     Fail,
     Get,
     Hello,
+    History,
     ListTasks,
     NewTask,
     OptionsIn,
@@ -158,6 +159,8 @@ VALID: list[tuple[str, dict[str, Any], Any]] = [
     ("cancel", {"stream": 2}, Cancel(stream=2)),
     ("ping", {"id": 9}, Ping(id=9)),
     ("stats", {"id": 9}, Stats(id=9)),
+    ("history", {"id": 9, "queue": "q"}, History(id=9, queue="q")),
+    ("history", {"id": 9, "queue": "q", "since": 1700000000}, History(9, "q", 1700000000.0)),
     (
         "add_many",
         {"id": 1, "queue": "q", "tasks": [{"task": "t1"}]},
@@ -369,6 +372,13 @@ def test_unknown_field_is_rejected(text: str) -> None:
         {"op": "download", "stream": 1, "task": "t", "index": -1},
         {"op": "hello", "protocol": "1"},
         {"op": "hello", "protocol": 1, "client": "c" * 201},
+        {"op": "history", "id": 1},
+        {"op": "history", "id": 1, "queue": 5},
+        {"op": "history", "id": 1, "queue": "q", "since": "1700000000"},
+        {"op": "history", "id": 1, "queue": "q", "since": -1},
+        {"op": "history", "id": 1, "queue": "q", "since": 1e300},
+        {"op": "history", "id": 1, "queue": "q", "since": True},
+        {"op": "history", "id": 1, "queue": "q", "until": 5},
     ],
 )
 def test_wrong_type_or_out_of_range_is_rejected(fields: dict[str, Any]) -> None:
@@ -383,8 +393,9 @@ QUEUE_OPS = [
     lambda q: frame(op="list", id=1, queue=q),
     lambda q: frame(op="subscribe", id=1, queue=q),
     lambda q: frame(op="unsubscribe", id=1, queue=q),
+    lambda q: frame(op="history", id=1, queue=q),
 ]
-QUEUE_OP_IDS = ["add", "work", "list", "subscribe", "unsubscribe"]
+QUEUE_OP_IDS = ["add", "work", "list", "subscribe", "unsubscribe", "history"]
 
 
 @pytest.mark.parametrize("make", QUEUE_OPS, ids=QUEUE_OP_IDS)

@@ -108,6 +108,7 @@ class Connection:
             p.Cancel: self._on_cancel,
             p.Ping: self._on_ping,
             p.Stats: self._on_stats,
+            p.History: self._on_history,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -275,6 +276,8 @@ class Connection:
         self._enqueue(True, message)
 
     def send_binary(self, frame: bytes) -> None:
+        """A chunk of a download: the stream id (4 bytes), then the stream's bytes."""
+        self.server.metrics.sent_bytes.inc(len(frame) - 4)
         self._enqueue(False, frame)
 
     def _enqueue(self, text: bool, data: bytes) -> None:
@@ -456,6 +459,7 @@ class Connection:
         upload = self._uploads.get(stream)
         if upload is None:
             return  # §8.2: chunks for a stream that is not open are discarded.
+        self.server.metrics.received_bytes.inc(len(payload))
         try:
             upload.receive(payload)
         except ProtocolError as exc:
@@ -1071,6 +1075,13 @@ class Connection:
                 worker["node"] = node  # a cluster's stats name each worker's node
         # The counts as of now, sent once the writes they count are durable.
         self.answer(message.id, {"queues": stats})
+
+    def _on_history(self, message: p.History) -> None:
+        self._require("observe", message.queue)
+        now = time.time()
+        self.server.metrics.drain(now)
+        series = self.server.metrics.history.series(message.queue, message.since, now)
+        self.answer(message.id, series)
 
     def _on_ping(self, message: p.Ping) -> None:
         self.answer_now(message.id)
