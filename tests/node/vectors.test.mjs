@@ -371,6 +371,16 @@ function apiRequest (client, sent) {
     return { promise: client.listQueues(), check: (queues, result, where) => assert.deepEqual(queues.map((q) => q.name), result.queues, where) }
   }
   if (op === 'stats') return { promise: client.stats(), check: exact }
+  if (op === 'history' && typeof sent.queue === 'string' && (sent.since == null || typeof sent.since === 'number')) {
+    const options = sent.since == null ? undefined : { since: sent.since * 1000 }
+    return {
+      promise: client.history(sent.queue, options),
+      check: (value, result, where) => {
+        assert.deepEqual({ ...value, start: value.start / 1000, end: value.end / 1000, latency: result.latency }, result, where)
+        if (Array.isArray(result.latency)) assert.deepEqual(value.latency, result.latency.map((s) => (s == null ? null : s * 1000)), where)
+      },
+    }
+  }
   if (op === 'get' && typeof sent.task === 'string') {
     return {
       promise: client._getData(sent.task),
@@ -573,6 +583,8 @@ async function session (relay) {
     await queue.failed()
     await client.listQueues()
     await client.stats()
+    await client.history(queue.name)
+    await client.history(queue.name, { since: Date.now() - 60000 })
     const data = await first.getData()
     let size = 0
     for await (const chunk of data.big) size += chunk.length
@@ -648,7 +660,7 @@ describe('the encoder: wsq.js sends what the vectors send', () => {
       }
     }
     // What the API above must have sent.
-    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'get', 'remove', 'retry', 'subscribe',
+    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'history', 'get', 'remove', 'retry', 'subscribe',
       'unsubscribe', 'work', 'stop', 'ack', 'progress', 'touch', 'complete_many', 'fail', 'upload',
       'upload_end', 'upload_abort', 'download', 'credit', 'cancel', 'release', 'ping']
     // Ops of the vectors this session did not send: reported, not a failure. wsq.js has no

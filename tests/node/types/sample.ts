@@ -26,6 +26,11 @@ export async function sample (file: Blob, readable: AsyncIterable<Uint8Array> & 
   await worker.stop()
   await queue.add({ readable })
   console.log((await client.listQueues()).map((q) => q.name), (await client.stats()).queues[0]?.waiting)
+  const history = await client.history('videos', { since: new Date(Date.now() - 60_000) })
+  const added: number = history.added.reduce((a, b) => a + b, 0)
+  const depth: number | null = history.waiting[history.waiting.length - 1]
+  console.log(history.start, history.end, added, depth, history.latency[0])
+  client.history('videos', (error, result) => console.log(error, result?.completed))
   await client.close()
   await client.connect()
 }
