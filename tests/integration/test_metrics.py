@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -19,6 +20,7 @@ import wsq
 from tests.conftest import budget, eventually
 from tests.integration.rawclient import RawClient
 from wsq.blobs.files import FileBlobStore
+from wsq.blobs.memory import MemoryBlobStore
 from wsq.core.task import Task
 from wsq.storage.memory import MemoryStateStore
 
@@ -105,6 +107,10 @@ async def test_metrics_count_what_was_done(server: wsq.Server, client: wsq.Clien
     samples = await scrape(server)
     assert value(samples, "wsq_workers", queue="m") == 0
     await eventually(lambda: _loop_lag_measured(server), timeout=5)
+
+
+async def _completed_count(queue: wsq.Queue, n: int) -> bool:
+    return len(await queue.completed()) == n
 
 
 async def _failed_count(queue: wsq.Queue, n: int) -> bool:
@@ -265,7 +271,9 @@ class BrokenStore(MemoryStateStore):
 
 async def test_ready_follows_the_state_store(tmp_path: Path) -> None:
     store = BrokenStore()
-    server = wsq.Server(data_dir=tmp_path, port=0, state_store=store)
+    # Memory stores answer at once, so the short timeout holds on a loaded machine too.
+    blobs = MemoryBlobStore()
+    server = wsq.Server(data_dir=tmp_path, port=0, state_store=store, blob_store=blobs)
     server.readiness.interval = 0.05
     server.readiness.timeout = 0.2
     async with server:
@@ -356,3 +364,19 @@ async def test_history_refuses_bad_input(server: wsq.Server) -> None:
         assert len(past["added"]) == 3600
         # The connection goes on.
         assert (await raw.request({"op": "ping"}))["op"] == "result"
+
+
+async def test_the_grafana_dashboard_uses_only_metrics_the_server_has(
+    server: wsq.Server, client: wsq.Client
+) -> None:
+    await client.queue("g").add(None)
+    worker = client.queue("g").process(lambda task: None)
+    await eventually(lambda: _completed_count(client.queue("g"), 1))
+    exposed = {name for name, _ in await scrape(server)}
+    await worker.stop()
+    dashboard = json.loads((Path(__file__).parents[2] / "docs/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {name for expr in exprs for name in re.findall(r"\b(?:wsq|process)_[a-z_]+", expr)}
+    assert used and used <= exposed, used - exposed
+    variables = [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    assert all(re.search(r"\bwsq_[a-z_]+", v).group() in exposed for v in variables)  # type: ignore[union-attr]
