@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import time
@@ -269,7 +270,10 @@ class BrokenStore(MemoryStateStore):
         return await super().get(task_id)
 
 
-async def test_ready_follows_the_state_store(tmp_path: Path) -> None:
+async def test_ready_follows_the_state_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsq.server")
     store = BrokenStore()
     # Memory stores answer at once, so the short timeout holds on a loaded machine too.
     blobs = MemoryBlobStore()
@@ -283,6 +287,10 @@ async def test_ready_follows_the_state_store(tmp_path: Path) -> None:
         assert body == {"ready": False, "reason": "The state store is unreachable."}
         store.failing = False
         await eventually(lambda: _ready(server))
+        actions = [getattr(r, "action", None) for r in caplog.records]
+        assert actions.count("not ready") == 1 and actions.count("ready") == 1
+        warning = next(r for r in caplog.records if getattr(r, "action", None) == "not ready")
+        assert "connection refused" in warning.getMessage()  # the cause, in the log only
         store.hanging = True
         body = await eventually(lambda: _not_ready(server))
         assert body["reason"] == "The state store did not answer within 0.2 s."

@@ -54,14 +54,16 @@ class Readiness:
         self.interval = interval
         self.timeout = timeout
         self.problem: str | None = "The stores have not been checked yet."
+        self._warned = False  # a problem was logged: log its end too
 
     async def check(self) -> None:
         """Probe both stores now and keep the outcome; a change is logged."""
         problem = await self._probe("state store", self._read_store)
         if problem is None:
             problem = await self._probe("blob store", self._blobs.check)
-        if problem is None and self.problem is not None:
+        if problem is None and self._warned:
             log(logging.INFO, "ready", "the state store and the blob store answer")
+        self._warned = problem is not None
         self.problem = problem
 
     async def run(self) -> None:
