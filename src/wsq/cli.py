@@ -289,6 +289,24 @@ _limit_options = _stacked(
         help="Unsent bytes of all clients, plus one frame per client that has not said"
         " hello; past it the largest backlog is dropped, the oldest silent client closed.",
     ),
+    click.option(
+        "--metrics-max-queues",
+        type=click.IntRange(0),
+        default=1000,
+        envvar="WSQ_METRICS_MAX_QUEUES",
+        show_default=True,
+        help="Queues with a queue label of their own in /metrics; the others count"
+        ' under queue="_other".',
+    ),
+    click.option(
+        "--history-max-queues",
+        type=click.IntRange(0),
+        default=100,
+        envvar="WSQ_HISTORY_MAX_QUEUES",
+        show_default=True,
+        help="Busy queues whose last hour the server keeps for the dashboard's charts"
+        " (115 KB each).",
+    ),
 )
 
 

@@ -224,6 +224,14 @@ class Workers(_Msg, tag="workers"):
     queue: QueueName | None = None
 
 
+class History(_Msg, tag="history"):
+    """The last hour of one queue, second by second (docs/protocol.md §4.6)."""
+
+    id: RequestId
+    queue: QueueName
+    since: Annotated[float, msgspec.Meta(ge=0, le=2**53)] | None = None
+
+
 class Ping(_Msg, tag="ping"):
     """An application-level heartbeat, for clients that cannot send WebSocket pings."""
 
@@ -259,6 +267,7 @@ ClientMessage = (
     | Ping
     | Stats
     | Workers
+    | History
 )
 
 _client_decoder = msgspec.json.Decoder(ClientMessage)

@@ -172,6 +172,10 @@ class Client(_Bridge):
         """The workers connected now, with the runs each holds (``wsq.Client.workers``)."""
         return self.call(self._client.workers(queue))
 
+    def history(self, queue: str, since: float | None = None) -> dict[str, Any]:
+        """The last hour of ``queue``, second by second (:meth:`wsq.Client.history`)."""
+        return self.call(self._client.history(queue, since))
+
     def on(self, event: str, handler: SyncHandler) -> SyncHandler:
         """Listen to a server event (or 'connect', 'disconnect', 'error'). The handler runs
         on the client's event thread, in order; task events pass a :class:`Task`."""

@@ -76,6 +76,28 @@ describe('callbacks and promises', () => {
     assert.equal(stats.queues.find((q) => q.name === queue.name).waiting, 1)
   })
 
+  test('history: the last hour per second, in milliseconds; a callback or a promise', async () => {
+    const queue = fresh()
+    const before = Math.floor(Date.now() / 1000) * 1000
+    await queue.add({ n: 1 })
+    await queue.add({ n: 2 })
+    const history = await client.history(queue.name)
+    assert.equal(history.queue, queue.name)
+    assert.equal(history.end - history.start, 3599 * 1000)
+    assert.ok(history.end >= before)
+    assert.equal(history.added.length, 3600)
+    assert.equal(history.added.reduce((a, b) => a + b, 0), 2)
+    const [error, recent] = await viaCallback((cb) => client.history(queue.name, { since: new Date(before) }, cb))
+    assert.equal(error, null)
+    assert.ok(recent.start >= before)
+    assert.equal(recent.added.reduce((a, b) => a + b, 0), 2)
+    const [, viaShort] = await viaCallback((cb) => client.history(queue.name, cb))
+    assert.equal(viaShort.added.length, 3600)
+    assert.throws(() => client.history(5), TypeError)
+    assert.throws(() => client.history(queue.name, { since: 'yesterday' }), TypeError)
+    assert.throws(() => client.history(queue.name, { until: 1 }), TypeError)
+  })
+
   test('remove, retry and getData: callbacks and promises, errors both ways', async () => {
     const queue = fresh()
     const task = await queue.add({ n: 1, blob: new Uint8Array([1, 2, 3]) })

@@ -380,6 +380,16 @@ function apiRequest (client, sent) {
       },
     }
   }
+  if (op === 'history' && typeof sent.queue === 'string' && (sent.since == null || typeof sent.since === 'number')) {
+    const options = sent.since == null ? undefined : { since: sent.since * 1000 }
+    return {
+      promise: client.history(sent.queue, options),
+      check: (value, result, where) => {
+        assert.deepEqual({ ...value, start: value.start / 1000, end: value.end / 1000, latency: result.latency }, result, where)
+        if (Array.isArray(result.latency)) assert.deepEqual(value.latency, result.latency.map((s) => (s == null ? null : s * 1000)), where)
+      },
+    }
+  }
   if (op === 'get' && typeof sent.task === 'string') {
     return {
       promise: client._getData(sent.task),
@@ -585,6 +595,8 @@ async function session (relay) {
     await client.workers()
     await client.workers(queue.name)
     assert.equal((await client.getTask(first.id)).data.big.size, big.length)
+    await client.history(queue.name)
+    await client.history(queue.name, { since: Date.now() - 60000 })
     const data = await first.getData()
     let size = 0
     for await (const chunk of data.big) size += chunk.length
@@ -660,7 +672,7 @@ describe('the encoder: wsq.js sends what the vectors send', () => {
       }
     }
     // What the API above must have sent.
-    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'workers', 'get', 'remove', 'retry', 'subscribe',
+    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'workers', 'history', 'get', 'remove', 'retry', 'subscribe',
       'unsubscribe', 'work', 'stop', 'ack', 'progress', 'touch', 'complete_many', 'fail', 'upload',
       'upload_end', 'upload_abort', 'download', 'credit', 'cancel', 'release', 'ping']
     // Ops of the vectors this session did not send: reported, not a failure. wsq.js has no

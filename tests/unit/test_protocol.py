@@ -31,6 +31,7 @@ from wsq.protocol import (
     Fail,
     Get,
     Hello,
+    History,
     ListTasks,
     NewTask,
     OptionsIn,
@@ -161,6 +162,8 @@ VALID: list[tuple[str, dict[str, Any], Any]] = [
     ("stats", {"id": 9}, Stats(id=9)),
     ("workers", {"id": 9}, Workers(id=9)),
     ("workers", {"id": 9, "queue": "q"}, Workers(id=9, queue="q")),
+    ("history", {"id": 9, "queue": "q"}, History(id=9, queue="q")),
+    ("history", {"id": 9, "queue": "q", "since": 1700000000}, History(9, "q", 1700000000.0)),
     (
         "add_many",
         {"id": 1, "queue": "q", "tasks": [{"task": "t1"}]},
@@ -372,6 +375,13 @@ def test_unknown_field_is_rejected(text: str) -> None:
         {"op": "download", "stream": 1, "task": "t", "index": -1},
         {"op": "hello", "protocol": "1"},
         {"op": "hello", "protocol": 1, "client": "c" * 201},
+        {"op": "history", "id": 1},
+        {"op": "history", "id": 1, "queue": 5},
+        {"op": "history", "id": 1, "queue": "q", "since": "1700000000"},
+        {"op": "history", "id": 1, "queue": "q", "since": -1},
+        {"op": "history", "id": 1, "queue": "q", "since": 1e300},
+        {"op": "history", "id": 1, "queue": "q", "since": True},
+        {"op": "history", "id": 1, "queue": "q", "until": 5},
     ],
 )
 def test_wrong_type_or_out_of_range_is_rejected(fields: dict[str, Any]) -> None:
@@ -386,8 +396,9 @@ QUEUE_OPS = [
     lambda q: frame(op="list", id=1, queue=q),
     lambda q: frame(op="subscribe", id=1, queue=q),
     lambda q: frame(op="unsubscribe", id=1, queue=q),
+    lambda q: frame(op="history", id=1, queue=q),
 ]
-QUEUE_OP_IDS = ["add", "work", "list", "subscribe", "unsubscribe"]
+QUEUE_OP_IDS = ["add", "work", "list", "subscribe", "unsubscribe", "history"]
 
 
 @pytest.mark.parametrize("make", QUEUE_OPS, ids=QUEUE_OP_IDS)

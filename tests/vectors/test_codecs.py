@@ -288,8 +288,8 @@ async def test_the_python_client_sends_what_the_vectors_send(server: wsq.Server)
             assert "any" in kinds or _kind(value) in kinds, (op, key, value, kinds)
         decoded = protocol.decode_frame(json.dumps(message))
         assert not isinstance(decoded[0], protocol.BadMessage), (message, decoded)
-    expected = {"hello", "add", "add_many", "list", "queues", "stats", "workers", "get"}
-    expected |= {"remove", "retry", "subscribe", "work", "stop", "ack", "progress", "touch"}
+    expected = {"hello", "add", "add_many", "list", "queues", "stats", "workers", "history"}
+    expected |= {"get", "remove", "retry", "subscribe", "work", "stop", "ack", "progress", "touch"}
     expected |= {"complete_many", "fail", "upload", "upload_end", "download", "credit"}
     assert expected <= ops, expected - ops
 
@@ -311,6 +311,8 @@ async def python_client_session(url: str) -> None:
         await client.stats()
         await client.workers()
         await client.workers("codec")
+        await client.history("codec")
+        await client.history("codec", since=1)
         data = await task.get_data()
         assert await data["big"].read() == big
         seen: list[str] = []

@@ -102,3 +102,15 @@ class BlobStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release resources. Idempotent."""
+
+    async def check(self) -> None:
+        """Raise if the store cannot be reached now (the server's ``/ready``). By default
+        one read of a key no blob has, which must answer :class:`BlobNotFound`."""
+        try:
+            reader = await self.reader(_PROBE_KEY)
+        except BlobNotFound:
+            return
+        await reader.close()
+
+
+_PROBE_KEY = "0" * 32

@@ -277,6 +277,11 @@ class FileBlobStore(BlobStore):
         """Wait for I/O in flight and stop the threads. Idempotent."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
+    async def check(self) -> None:
+        """Raise OSError unless the root and its ``tmp`` folder are folders the server may
+        write (a store whose folder was removed, replaced or unmounted is not ready)."""
+        await self._run(_check_folders, self.root, self._tmp)
+
     def _paths(self, key: str) -> tuple[Path, Path]:
         """``(tmp, committed)`` paths of a checked key."""
         return self._tmp / key, self.root / key[:2] / key
@@ -309,6 +314,12 @@ def _release(done: concurrent.futures.Future[T], cleanup: Callable[[T], object])
     if not done.cancelled() and done.exception() is None:
         with contextlib.suppress(OSError):
             cleanup(done.result())
+
+
+def _check_folders(*folders: Path) -> None:
+    for folder in folders:
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise NotADirectoryError(f"{folder} is not a writable folder")
 
 
 def _create_tmp(path: Path) -> io.FileIO:

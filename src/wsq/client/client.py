@@ -638,6 +638,18 @@ class Client(Emitter):
         workers: list[dict[str, Any]] = answer["workers"]
         return workers
 
+    async def history(self, queue: str, since: float | None = None) -> dict[str, Any]:
+        """The last hour of ``queue``, second by second (docs/protocol.md §4.6):
+        ``{"queue", "start", "end", "added", "completed", "failed", "waiting",
+        "latency"}``, one list entry per second from ``start`` to ``end`` (Unix seconds,
+        inclusive; the last second is still in progress). ``since`` (Unix seconds) asks
+        for the seconds from then on only. Needs the observe role on the queue."""
+        message: dict[str, Any] = {"op": "history", "queue": queue}
+        if since is not None:
+            message["since"] = since
+        answer: dict[str, Any] = await self._request(message)
+        return answer
+
     def _ensure_running(self) -> None:
         """Start connecting in the background if nobody called :meth:`connect` yet."""
         if self._runner is None and not self._closed:

@@ -14,6 +14,8 @@ Contract with the caller:
   :meth:`Core.tick` then.
 * Worker reports name a ``run``; one that does not match the task's current run raises
   :class:`~wsq.exceptions.StaleRun`, and nothing changes.
+* Metrics: set :attr:`Core.observations` to a list and drain it now and then; the core
+  appends what it saw happen (:mod:`wsq.core.observations`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsq.core import observations as seen
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.names import NameIndex
+from wsq.core.observations import Observation
 from wsq.core.ops import Delete, Recovery, SetProgress, Update
 from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
@@ -64,6 +68,12 @@ class _Run:
     deadline: float | None
     offered: float | None = None  # None: recovered after a restart
     started: float | None = None  # when the worker acknowledged it
+
+    @property
+    def began(self) -> float:
+        """When run times count from: the offer (the acknowledgement for a run recovered
+        after a restart, which has no offer time)."""
+        return self.offered if self.offered is not None else self.started or 0.0
 
 
 @dataclass(slots=True)
@@ -135,6 +145,8 @@ class Core:
         # Every name in _counts or _queues, sorted: what a principal's patterns match is
         # found without reading the names of every other queue (core/names.py).
         self._names = NameIndex()
+        # What happened, for the caller's metrics (wsq.core.observations); None: nothing.
+        self.observations: list[Observation] | None = None
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -145,7 +157,7 @@ class Core:
         for (name, state), count in recovery.counts.items():
             self._count(name, state, count)
         for task in recovery.active:
-            run = _Run(task, acked=True, deadline=None)
+            run = _Run(task, acked=True, deadline=None, started=task.updated)
             self._runs[task.id] = run
             self._by_worker.setdefault(task.worker or "", set()).add(task.id)
             self._arm(run, now)
@@ -174,6 +186,7 @@ class Core:
         """A new waiting task whose insert is durable."""
         self._adding.discard(task.seq)
         self._count(task.queue, State.WAITING, 1)
+        self._observe(seen.ADDED, task.queue, 0.0)
         effects = self._event("task added", task) + self._event("task queued", task)
         queue = self._queue(task.queue)
         self._place(queue, task)
@@ -280,6 +293,7 @@ class Core:
         current = self._run_of(task_id, run)
         effects = self._start(current, now)
         task = self._end(current, State.COMPLETED, now)
+        self._observe(seen.COMPLETED, task.queue, now - current.began)
         effects.append(Write(Update(task.copy(), expected=State.ACTIVE)))
         effects += self._event("task completed", task)
         if task.options.autoremove:
@@ -405,6 +419,7 @@ class Core:
             return []
         task = op.task.copy()
         self._move(task.queue, State.FAILED, State.WAITING)
+        self._observe(seen.RETRIED, task.queue, 0.0)
         effects = self._event("task queued", task)
         queue = self._queue(task.queue)
         self._place(queue, task)
@@ -438,6 +453,7 @@ class Core:
                 reason = "Timed out."
             else:
                 reason = f"Worker {current.task.worker} didn't respond."
+            self._observe(seen.TIMED_OUT, current.task.queue, 0.0)
             effects += self._abort(current, reason)
             effects += self._fail(current, reason, now, expired=True)
         return effects
@@ -547,6 +563,8 @@ class Core:
         task.error = error
         limit = task.options.retries
         will_retry = limit == -1 or task.retries <= limit
+        kind = seen.RETRIED if will_retry else seen.FAILED
+        self._observe(kind, task.queue, now - current.began)
         failed = self._event("task failed", task, will_retry)
         if will_retry:
             task.error = None  # as the original: a task queued again carries no error
@@ -600,6 +618,19 @@ class Core:
         return effects
 
     # -- internals: counts ------------------------------------------------------------------
+
+    def _observe(self, kind: str, queue: str, seconds: float) -> None:
+        if self.observations is not None:
+            self.observations.append((kind, queue, seconds))
+
+    def waiting_counts(self) -> dict[str, int]:
+        """Waiting tasks per queue, for every queue that has any."""
+        index = _STATE_INDEX[State.WAITING]
+        return {name: counts[index] for name, counts in self._counts.items() if counts[index]}
+
+    def worker_counts(self) -> dict[str, int]:
+        """Connected workers per queue, for every queue that has any."""
+        return {name: len(queue.workers) for name, queue in self._queues.items() if queue.workers}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Tasks per queue and state, for every queue that holds any (the store's counts
@@ -831,6 +862,9 @@ class Core:
         snapshots: list[Task] = []
         for task in tasks:
             self._move(task.queue, State.WAITING, State.ACTIVE)
+            # Waiting since it was last queued (updated then); a clock that stepped
+            # back across a restart must not make it negative.
+            self._observe(seen.STARTED, task.queue, max(0.0, now - task.updated))
             task.state = State.ACTIVE
             task.run += 1
             task.worker = worker.id

@@ -38,15 +38,17 @@ from wsq.blobs import STALE_UPLOAD_AGE
 from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
+from wsq.core.history import History
 from wsq.core.task import Task
 from wsq.exceptions import ServerError
-from wsq.server import web
+from wsq.server import health, web
 from wsq.server.auth import Authenticator
 from wsq.server.budget import Budget
 from wsq.server.connection import Connection
 from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.locks import TaskLocks
 from wsq.server.logs import log, logger, name_node
+from wsq.server.metrics import Metrics
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
@@ -97,7 +99,10 @@ class Server:
     state lives in SQLite at ``data_dir/wsq.db`` and blobs under ``data_dir/blobs``; pass
     ``state_store`` / ``blob_store`` to use other backends, ``database`` (a
     ``postgresql://`` URL) for the state, or ``storage`` (a URL: ``s3://bucket/prefix`` or
-    ``file:///path``) for the blobs.
+    ``file:///path``) for the blobs. ``metrics_max_queues``
+    queues get a ``queue`` label of their own in ``GET /metrics`` (the others count
+    under ``_other``); the ``history`` op keeps the last hour of ``history_max_queues``
+    busy queues (docs/operations.md, "Metrics").
     """
 
     def __init__(
@@ -131,6 +136,8 @@ class Server:
         min_task_timeout: float = 0.1,
         node_name: str | None = None,
         sweep_grace: float | None = None,
+        metrics_max_queues: int = 1000,
+        history_max_queues: int = 100,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
@@ -199,6 +206,18 @@ class Server:
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.core.observed = self._observed
         self.core.defer_dispatch = True
+        # GET /metrics and the history op (docs/operations.md, "Metrics"); the core
+        # appends what it sees to the metrics' list, drained at the end of each turn.
+        self.metrics = Metrics(
+            counts=self.core.counts,
+            workers=self.core.worker_counts,
+            waiting=self.core.waiting_counts,
+            connections=lambda: len(self.connections),
+            max_queues=metrics_max_queues,
+            history=History(max_queues=history_max_queues),
+        )
+        self.core.observations = self.metrics.observations
+        self.readiness = health.Readiness(self.store, self.blobs)
         self.subscribers: dict[str | None, set[Connection]] = {}
         self.connections: dict[str, Connection] = {}
         self.replay = Replay()  # answers to requests a client may send again (§4.2)
@@ -230,6 +249,7 @@ class Server:
             recovery = await self.store.open()
             await self.blobs.open()
             self.apply(self.core.recover(recovery, time.time()))
+            await self.readiness.check()
             self._listeners = [await self._serve(sock) for sock in self._bind()]
             if self.ssl is not None:
                 self._quiet_tls_failures()
@@ -246,6 +266,8 @@ class Server:
         bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
+        self.spawn(self.metrics.run(), "wsq-metrics")
+        self.spawn(self.readiness.run(), "wsq-readiness")
         log(
             logging.INFO,
             "listening",
@@ -383,8 +405,11 @@ class Server:
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, None
         assert batch is not None
+        sent = time.perf_counter()
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
+        commit = self.metrics.commit_seconds
+        future.add_done_callback(lambda _: commit.observe(time.perf_counter() - sent))
 
     def later(self, send: Callable[[], None]) -> None:
         """Run ``send`` once every store write submitted so far is durable, in order."""
@@ -412,8 +437,10 @@ class Server:
 
     def _end_of_turn(self) -> None:
         self._turn_scheduled = False
+        now = time.time()
         if not self._closing:
-            self._apply_now(self.core.flush(time.time()))
+            self._apply_now(self.core.flush(now))
+        self.metrics.drain(now)
         self._rearm()
 
     def _apply_now(self, effects: list[Effect]) -> None:
@@ -632,8 +659,16 @@ class Server:
         # rebinding page learns nothing it could not fetch cross-origin); data only ever
         # travels over the WebSocket, which is checked above.
         path = request.path.partition("?")[0]
-        if path == "/health":
-            return connection.respond(HTTPStatus.OK, "ok\n")
+        answer = health.respond(
+            connection,
+            request,
+            path,
+            readiness=self.readiness,
+            metrics=self.metrics,
+            auth=self.auth,
+        )
+        if answer is not None:
+            return answer
         asset = web.asset(path)
         if asset is not None:
             return Response(int(HTTPStatus.OK), "OK", CIMultiDict(asset.headers), asset.body)

@@ -8,10 +8,13 @@ An auth file (TOML, or YAML if its name ends in ``.yaml`` or ``.yml``) names eac
     work = ["videos"]
     observe = ["*"]
     admin = []
+    metrics = true                    # may read GET /metrics (server-wide, not per queue)
 
 Roles (docs/security.md): ``produce`` adds tasks and reads the tasks it added; ``work``
 processes tasks and reads their data; ``observe`` lists tasks and queues, reads any task's
 data and subscribes to events; ``admin`` removes and retries tasks and may do everything.
+``metrics`` (``true`` or ``false``, not patterns) reads ``GET /metrics``, as ``admin`` on
+``*`` may.
 A request about every queue at once (a listing or an event subscription without a queue)
 needs the role on the pattern ``*``.
 
@@ -49,6 +52,7 @@ class Principal:
 
     name: str
     grants: Mapping[str, tuple[str, ...]]
+    metrics: bool = False
     _cache: dict[tuple[str, str | None], bool] = field(default_factory=dict, repr=False)
 
     def may(self, role: str, queue: str | None) -> bool:
@@ -77,6 +81,11 @@ class Principal:
     def holds(self, role: str) -> bool:
         """Whether this principal holds ``role`` (or ``admin``) on at least one pattern."""
         return bool(self.grants.get(role) or self.grants.get("admin"))
+
+    def may_scrape(self) -> bool:
+        """Whether this principal may read ``GET /metrics``: ``metrics = true``, or
+        ``admin`` on ``*``."""
+        return self.metrics or self.may("admin", None)
 
     def _match(self, role: str, queue: str | None) -> bool:
         patterns = self.grants.get(role, ())
@@ -157,12 +166,15 @@ def _entry(name: Any, spec: Any, where: str) -> _Entry:
     at = f"{where}: tokens.{name}"
     if not isinstance(spec, dict):
         raise AuthFileError(f"{at} must be a table.")
-    unknown = set(spec) - {"token", "sha256", *ROLES}
+    unknown = set(spec) - {"token", "sha256", "metrics", *ROLES}
     if unknown:
         raise AuthFileError(
             f"{at}: unknown keys {sorted(unknown)}; expected token or sha256,"
-            f" and roles {', '.join(ROLES)}."
+            f" roles {', '.join(ROLES)}, and metrics."
         )
+    metrics = spec.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise AuthFileError(f"{at}.metrics must be true or false.")
     digest = _digest(spec, at)
     grants: dict[str, tuple[str, ...]] = {}
     for role in ROLES:
@@ -175,9 +187,9 @@ def _entry(name: Any, spec: Any, where: str) -> _Entry:
             raise AuthFileError(f"{at}.{role} must be a list of queue-name patterns.")
         if patterns:
             grants[role] = tuple(patterns)
-    if not grants:
+    if not grants and not metrics:
         raise AuthFileError(f"{at} grants no role.")
-    return _Entry(digest, Principal(name, grants))
+    return _Entry(digest, Principal(name, grants, metrics))
 
 
 def _digest(spec: dict[str, Any], at: str) -> bytes:

@@ -111,6 +111,7 @@ class Connection:
             p.Ping: self._on_ping,
             p.Stats: self._on_stats,
             p.Workers: self._on_workers,
+            p.History: self._on_history,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -279,6 +280,8 @@ class Connection:
         self._enqueue(True, message)
 
     def send_binary(self, frame: bytes) -> None:
+        """A chunk of a download: the stream id (4 bytes), then the stream's bytes."""
+        self.server.metrics.sent_bytes.inc(len(frame) - 4)
         self._enqueue(False, frame)
 
     def _enqueue(self, text: bool, data: bytes) -> None:
@@ -460,6 +463,7 @@ class Connection:
         upload = self._uploads.get(stream)
         if upload is None:
             return  # §8.2: chunks for a stream that is not open are discarded.
+        self.server.metrics.received_bytes.inc(len(payload))
         try:
             upload.receive(payload)
         except ProtocolError as exc:
@@ -1089,6 +1093,13 @@ class Connection:
             worker["peer"] = _peer(holder.ws) if holder is not None else "unknown"
         # Sent once the writes before it are durable, as stats is (§4.2).
         self.answer(message.id, {"workers": workers})
+
+    def _on_history(self, message: p.History) -> None:
+        self._require("observe", message.queue)
+        now = time.time()
+        self.server.metrics.drain(now)
+        series = self.server.metrics.history.series(message.queue, message.since, now)
+        self.answer(message.id, series)
 
     def _on_ping(self, message: p.Ping) -> None:
         self.answer_now(message.id)

@@ -93,6 +93,29 @@ export interface WorkerInfo {
   runs: { task: string, run: number, offered: number | null, started: number | null, progress: number }[]
 }
 
+/** The last hour of a queue, second by second (docs/protocol.md §4.6): one list entry
+ *  per second from `start` to `end`. */
+export interface QueueHistory {
+  queue: string
+  /** The first second, in ms since the epoch. */
+  start: number
+  /** The current second (still in progress), in ms since the epoch. */
+  end: number
+  added: number[]
+  completed: number[]
+  /** Runs failed with no retry left. */
+  failed: number[]
+  /** Tasks waiting, sampled once a second; null where no sample was taken. */
+  waiting: (number | null)[]
+  /** Mean enqueue-to-start wait (ms) of the tasks offered in that second; null if none. */
+  latency: (number | null)[]
+}
+
+export interface HistoryOptions {
+  /** Only the seconds from this time on (ms since the epoch, or a Date). */
+  since?: number | Date
+}
+
 export interface Page { limit?: number; cursor?: string | null }
 export type TaskList = Task[] & { cursor: string | null }
 
@@ -123,6 +146,10 @@ export class Client extends EventEmitter {
    *  code 'not_found' if there is none. */
   getTask (id: string): Promise<Task>
   getTask (id: string, callback: Callback<Task>): void
+  /** The last hour of a queue, second by second, for charts (needs observe on it). */
+  history (queue: string, options?: HistoryOptions): Promise<QueueHistory>
+  history (queue: string, callback: Callback<QueueHistory>): void
+  history (queue: string, options: HistoryOptions | undefined, callback: Callback<QueueHistory>): void
   /** Every server event as {event, args}: a ReadableStream in browsers, an object-mode
    *  Readable in Node. */
   getEventStream (): ReadableStream<{ event: string, args: Json[] }> | NodeReadable

@@ -29,6 +29,11 @@ export async function sample (file: Blob, readable: AsyncIterable<Uint8Array> & 
   for (const worker of await client.workers('video')) console.log(worker.id, worker.node, worker.peer, worker.runs[0]?.started)
   const found = await client.getTask('some-id')
   console.log(found.state, found.data)
+  const history = await client.history('videos', { since: new Date(Date.now() - 60_000) })
+  const added: number = history.added.reduce((a, b) => a + b, 0)
+  const depth: number | null = history.waiting[history.waiting.length - 1]
+  console.log(history.start, history.end, added, depth, history.latency[0])
+  client.history('videos', (error, result) => console.log(error, result?.completed))
   await client.close()
   await client.connect()
 }

@@ -6,7 +6,7 @@ import { platform } from './platform.js'
 import { Queue, SERVER_EVENTS } from './queue.js'
 import { Download, StreamSource, Upload, extract, inlineOf, byteSize, resolveStreams } from './streams.js'
 import { Task, wireOptions } from './tasks.js'
-import { WsqError, checkCallback, checkType, describe, randomHex, settle } from './util.js'
+import { WsqError, checkCallback, checkType, describe, optionsAndCallback, randomHex, settle } from './util.js'
 
 const CLIENT_OPTIONS = ['backoff', 'token']
 
@@ -93,6 +93,26 @@ export class Client extends Connection {
       return task
     })
     return settle(got, callback)
+  }
+
+  /** The last hour of queue `name`, second by second (docs/protocol.md §4.6), for charts:
+   *  `{queue, start, end, added, completed, failed, waiting, latency}`, one list entry
+   *  per second from `start` to `end` (milliseconds since the epoch, each a second's
+   *  start; the last second is still in progress). `latency` entries are milliseconds,
+   *  `waiting` and `latency` entries null when not measured. `options.since` (ms, or a
+   *  Date) asks for the seconds from then on only. */
+  history (name, options, callback) {
+    checkType('client.history: the queue name', name, 'string')
+    const [opts, done] = optionsAndCallback('client.history', options, callback, ['since'])
+    const message = { op: 'history', queue: name }
+    if (opts.since != null) {
+      const since = opts.since instanceof Date ? opts.since.getTime() : opts.since
+      if (typeof since !== 'number' || !Number.isFinite(since) || since < 0) {
+        throw new TypeError(`client.history: since must be a time in ms or a Date, not ${describe(opts.since)}.`)
+      }
+      message.since = Math.floor(since / 1000)
+    }
+    return settle(this._request(message).then(historyFromWire), done)
   }
 
   /** Every server event as `{event, args}`: a ReadableStream (browsers) or an object-mode
@@ -373,3 +393,11 @@ function taskOrValue (client, value) {
 }
 
 export { StreamSource }
+
+/** A history result with the API's milliseconds for the wire's seconds. */
+function historyFromWire (result) {
+  const latency = Array.isArray(result.latency)
+    ? result.latency.map((seconds) => (seconds == null ? null : seconds * 1000))
+    : result.latency
+  return { ...result, start: result.start * 1000, end: result.end * 1000, latency }
+}
