@@ -68,12 +68,16 @@ class _Run:
     deadline: float | None
     offered: float | None = None  # None: recovered after a restart
     started: float | None = None  # when the worker acknowledged it
+    resumed: float | None = None  # recovered after a restart: the task's last update
 
     @property
     def began(self) -> float:
-        """When run times count from: the offer (the acknowledgement for a run recovered
-        after a restart, which has no offer time)."""
-        return self.offered if self.offered is not None else self.started or 0.0
+        """When run times count from: the offer (for a run recovered after a restart,
+        which has no offer time, the task's last update before it)."""
+        for when in (self.offered, self.resumed, self.started):
+            if when is not None:
+                return when
+        return 0.0
 
 
 @dataclass(slots=True)
@@ -157,7 +161,7 @@ class Core:
         for (name, state), count in recovery.counts.items():
             self._count(name, state, count)
         for task in recovery.active:
-            run = _Run(task, acked=True, deadline=None, started=task.updated)
+            run = _Run(task, acked=True, deadline=None, resumed=task.updated)
             self._runs[task.id] = run
             self._by_worker.setdefault(task.worker or "", set()).add(task.id)
             self._arm(run, now)
