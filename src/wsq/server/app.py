@@ -45,6 +45,7 @@ from wsq.server import health, web
 from wsq.server.auth import Authenticator
 from wsq.server.budget import Budget
 from wsq.server.connection import Connection
+from wsq.server.host import Outcome
 from wsq.server.listen import Gate, GuardedSocket, listening_sockets
 from wsq.server.locks import TaskLocks
 from wsq.server.logs import log, logger, name_node
@@ -61,8 +62,6 @@ HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
-
-Outcome = list[Any] | BaseException
 
 
 def _transitions_logged() -> bool:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from picows.websockets import ConnectionClosed, ServerConnection
@@ -41,13 +41,11 @@ from wsq.exceptions import (
     WsqError,
 )
 from wsq.server.auth import EVERYONE, ROLES, Principal
+from wsq.server.host import Host, Outcome
 from wsq.server.logs import log
 from wsq.server.replay import Entry, Key
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
 from wsq.storage.base import Delete, Insert, Op
-
-if TYPE_CHECKING:
-    from wsq.server.app import Outcome, Server
 
 MAX_SUBSCRIPTIONS = 10_000
 """Queues one connection may subscribe to at once (one subscription covers every queue)."""
@@ -57,7 +55,9 @@ _FRAME_BYTES = 1 << 20
 
 
 class Connection:
-    def __init__(self, server: Server, websocket: ServerConnection, connection_id: str) -> None:
+    def __init__(
+        self, server: Host[Connection], websocket: ServerConnection, connection_id: str
+    ) -> None:
         self.server = server
         self.ws = websocket
         self.id = connection_id
