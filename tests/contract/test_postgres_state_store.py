@@ -17,8 +17,8 @@ from tests.integration.procs import free_port
 from tests.integration.proxy import Proxy
 from tests.pg import Schema
 from wsq.exceptions import ServerError, Unavailable
-from wsq.storage.base import Delete, Insert, LoadWaiting
-from wsq.storage.postgres import PostgresStateStore, migrate, migrations
+from wsq.storage.base import Delete, Insert, LoadWaiting, Recovery
+from wsq.storage.postgres import OWNER_KEY, PostgresStateStore, migrate, migrations
 
 
 @pytest.fixture
@@ -107,20 +107,52 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
 
 
 async def test_concurrent_opens_of_an_empty_database_migrate_once(postgres_dsn: str) -> None:
-    """Four servers start at once on a database with not even the schema yet."""
+    """Four servers start at once on a database with not even the schema yet: the schema
+    is made once, and one of them owns it (the others are refused, see below)."""
     schema = Schema(postgres_dsn)  # not created: the stores create it
     stores = [PostgresStateStore(postgres_dsn, schema=schema.name) for _ in range(4)]
     try:
-        recoveries = await asyncio.gather(*(store.open() for store in stores))
-        assert [r.next_seq for r in recoveries] == [1] * 4
+        outcomes = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
+        opened = [s for s, o in zip(stores, outcomes, strict=True) if isinstance(o, Recovery)]
+        refused = [o for o in outcomes if isinstance(o, ServerError)]
+        assert (len(opened), len(refused)) == (1, 3), outcomes
+        assert all("Another wsq server" in str(error) for error in refused)
         versions = await schema.fetch("SELECT version FROM wsq_schema_version")
         assert [v for (v,) in versions] == list(range(1, len(migrations()) + 1))
-        await insert(stores[0], make("a", 1))
-        assert await stores[3].get("a") == make("a", 1)
+        await insert(opened[0], make("a", 1))
+        assert await opened[0].get("a") == make("a", 1)
     finally:
         for store in stores:
             await store.close()
         await schema.drop()
+
+
+async def test_one_server_owns_a_schema_until_it_closes(pg_schema: Schema) -> None:
+    """Two servers on one schema would each offer every task: the second is refused at
+    open, and may open once the first has closed (or its connection is gone)."""
+    first = PostgresStateStore(pg_schema.dsn)
+    await first.open()
+    second = PostgresStateStore(pg_schema.dsn)
+    with pytest.raises(ServerError, match="Another wsq server"):
+        await second.open()
+    await first.close()
+    await second.open()
+    await insert(second, make("a", 1))
+    await second.close()
+    third = PostgresStateStore(pg_schema.dsn)
+    await third.open()
+    await pg_schema.execute(  # end the session that holds this schema's owner lock
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+        f" AND classid = {OWNER_KEY} AND objsubid = 2 AND objid::bigint ="
+        " (hashtext(current_setting('search_path'))::bigint + 4294967296) % 4294967296"
+    )
+    fourth = PostgresStateStore(pg_schema.dsn)
+    await fourth.open()  # the owner's session ended: its lock went with it
+    with pytest.raises((Unavailable, ServerError)):
+        await insert(third, make("b", 2))  # and the old owner cannot take it back
+    assert await fourth.get("a") == make("a", 1)
+    await third.close()
+    await fourth.close()
 
 
 async def test_a_schema_from_a_newer_wsq_is_refused(pg_schema: Schema) -> None:

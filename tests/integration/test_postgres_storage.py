@@ -188,6 +188,18 @@ def test_an_unreachable_database_at_start_is_one_line_and_exit_1(data_dir: Path)
     assert "could not run: PostgreSQL is unavailable" in done.stderr.splitlines()[-1]
 
 
+async def test_a_second_server_on_one_database_is_refused(
+    pg_schema: Schema, tmp_path: Path
+) -> None:
+    """Until several nodes can share a database, a second server on it would offer the same
+    tasks as the first: it stops at start with one line saying why (exit code 1)."""
+    async with wsq.Server(data_dir=tmp_path / "a", port=0, database=pg_schema.dsn):
+        done = run_server(tmp_path / "b", env={"WSQ_DATABASE": pg_schema.dsn})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Another wsq server is using this PostgreSQL database" in done.stderr
+
+
 def migrate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "wsq", "migrate", *args],

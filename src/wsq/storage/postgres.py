@@ -77,6 +77,18 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 LOCK_KEY = 0x77737100
 TAKE_LOCK = "SELECT pg_advisory_lock($1, hashtext(current_setting('search_path')))"
 DROP_LOCK = "SELECT pg_advisory_unlock($1, hashtext(current_setting('search_path')))"
+# Until several nodes can share a database (issue 11), one server owns a schema: its write
+# connection holds this lock for as long as it lives (taken again on each reconnection),
+# as the data-dir lock does for SQLite. A second server is refused instead of offering the
+# same tasks as the first. Keepalives on that connection let PostgreSQL free the lock
+# within about 30 s of its holder vanishing without closing it (a cut network).
+OWNER_KEY = 0x77737101
+TRY_OWN = "SELECT pg_try_advisory_lock($1, hashtext(current_setting('search_path')))"
+_KEEPALIVES = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
 GET_SCHEMA = "SELECT current_schema()"
 GET_SEARCH_PATH = "SHOW search_path"
@@ -564,6 +576,29 @@ async def _connect(dsn: str, schema: str | None, timeout: float) -> asyncpg.Conn
     return await asyncpg.connect(dsn, timeout=timeout, server_settings=_settings(dsn, schema))
 
 
+async def _connect_owner(dsn: str, schema: str | None, timeout: float) -> asyncpg.Connection:
+    """A connection holding the schema's owner lock (see :data:`OWNER_KEY`); ServerError if
+    another server holds it."""
+    settings = {**_settings(dsn, schema), **_KEEPALIVES}
+    conn = await asyncpg.connect(dsn, timeout=timeout, server_settings=settings)
+    try:
+        await _own(conn)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
+
+
+async def _own(conn: asyncpg.Connection) -> None:
+    if not await conn.fetchval(TRY_OWN, OWNER_KEY):
+        path = await conn.fetchval(GET_SEARCH_PATH)
+        raise ServerError(
+            "Another wsq server is using this PostgreSQL database (search_path"
+            f" {path!r}); until several nodes can share one, give each server its own"
+            " database or schema."
+        )
+
+
 def _settings(dsn: str, schema: str | None) -> dict[str, str]:
     """Settings of wsq's sessions: its name in pg_stat_activity unless the DSN gives one,
     and ``schema`` first in the search path when given."""
@@ -828,8 +863,10 @@ class PostgresStateStore(StateStore):
             raise ServerError("The state store is already open.")
         conn: asyncpg.Connection | None = None
         try:
-            conn = await self._connect()
+            conn = await _connect(self.dsn, self.schema, self.connect_timeout)
             await _migrate(conn, self.schema)
+            await conn.close()
+            conn = await self._connect()  # the writer's: it owns the schema from now on
             recovery = await _recover(conn)
         except BaseException as exc:
             if conn is not None:
@@ -849,7 +886,8 @@ class PostgresStateStore(StateStore):
         return recovery
 
     async def _connect(self) -> asyncpg.Connection:
-        return await _connect(self.dsn, self.schema, self.connect_timeout)
+        """The write connection, holding the schema's owner lock."""
+        return await _connect_owner(self.dsn, self.schema, self.connect_timeout)
 
     async def close(self) -> None:
         """Commit every job submitted so far (or fail it), then close the connections.
