@@ -7,12 +7,11 @@ acknowledged write lost to kill -9."""
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.contract.test_state_store import insert, make, run_child_until_killed
+from tests.contract.test_state_store import child_script, insert, make, run_child_until_killed
 from tests.integration.procs import free_port
 from tests.integration.proxy import Proxy
 from tests.pg import Schema
@@ -280,30 +279,7 @@ async def test_postgres_restarting_under_the_store_is_unavailable_then_recovers(
 
 # -- crash safety ------------------------------------------------------------------------------
 
-CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    from wsq.core.task import State, Task
-    from wsq.storage.base import Insert
-    from wsq.storage.postgres import PostgresStateStore
-
-    async def main(dsn):
-        store = PostgresStateStore(dsn)
-        n = (await store.open()).next_seq - 1  # continue after the previous run
-        while True:
-            pending = []
-            for _ in range(25):
-                n += 1
-                task = Task(id=f"t{n}", queue="q", state=State.WAITING, seq=n, data=b"{}")
-                pending.append((task.id, store.submit([Insert(task)])))
-            for task_id, future in pending:
-                await future
-                sys.stdout.write(task_id + "\\n")
-            sys.stdout.flush()
-
-    asyncio.run(main(sys.argv[1]))
-    """
-)
+CHILD = child_script("wsq.storage.postgres:PostgresStateStore")
 
 
 async def test_kill_9_loses_no_acknowledged_write(pg_schema: Schema) -> None:

@@ -634,30 +634,38 @@ async def test_sqlite_reads_do_not_see_uncommitted_writes(
     assert len(await sqlite_store.list(limit=1000)) == 500
 
 
-CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    from wsq.core.task import State, Task
-    from wsq.storage.base import Insert
-    from wsq.storage.sqlite import SqliteStateStore
+def child_script(store: str) -> str:
+    """A script that opens ``store`` (``module:Class``, made from the script's one
+    argument) and inserts tasks in batches of 25, printing each id once its insert is
+    acknowledged, until it is killed."""
+    module, cls = store.split(":")
+    return textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from wsq.core.task import State, Task
+        from wsq.storage.base import Insert
+        from {module} import {cls}
 
-    async def main(path):
-        store = SqliteStateStore(path)
-        n = (await store.open()).next_seq - 1  # continue after the previous run
-        while True:
-            pending = []
-            for _ in range(25):
-                n += 1
-                task = Task(id=f"t{n}", queue="q", state=State.WAITING, seq=n, data=b"{}")
-                pending.append((task.id, store.submit([Insert(task)])))
-            for task_id, future in pending:
-                await future
-                sys.stdout.write(task_id + "\\n")
-            sys.stdout.flush()
+        async def main(where):
+            store = {cls}(where)
+            n = (await store.open()).next_seq - 1  # continue after the previous run
+            while True:
+                pending = []
+                for _ in range(25):
+                    n += 1
+                    task = Task(id=f"t{{n}}", queue="q", state=State.WAITING, seq=n, data=b"{{}}")
+                    pending.append((task.id, store.submit([Insert(task)])))
+                for task_id, future in pending:
+                    await future
+                    sys.stdout.write(task_id + "\\n")
+                sys.stdout.flush()
 
-    asyncio.run(main(sys.argv[1]))
-    """
-)
+        asyncio.run(main(sys.argv[1]))
+        """
+    )
+
+
+CHILD = child_script("wsq.storage.sqlite:SqliteStateStore")
 
 
 async def run_child_until_killed(path: Path | str, acks: int, child: str = CHILD) -> list[str]:
