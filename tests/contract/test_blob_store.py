@@ -363,6 +363,36 @@ async def test_non_string_key_is_rejected(store: BlobStore, key: object) -> None
         await store.delete([key])  # type: ignore[list-item]
 
 
+async def test_a_store_is_claimed_by_one_database(store: BlobStore) -> None:
+    """Blobs are swept against one database's references: the first claim holds, the
+    same owner may claim again, another owner is told who holds it; the mark is no key."""
+    assert await store.claim("database-one") is None
+    assert await store.claim("database-one") is None
+    assert await store.claim("database-two") == "database-one"
+    assert await all_keys(store) == set()
+
+
+async def test_a_claim_outlives_the_store_object(tmp_path: Path, s3: MotoServer) -> None:
+    bucket = s3.bucket()
+    for make in (
+        lambda: FileBlobStore(tmp_path / "b"),
+        lambda: S3BlobStore(bucket, "claimed"),
+    ):
+        first = make()
+        await first.open()
+        assert await first.claim("database-one") is None
+        await first.close()
+        again = make()
+        await again.open()
+        assert await again.claim("database-two") == "database-one"
+        await again.close()
+    (tmp_path / "b" / "wsq-store").write_text("")  # a crash before the owner was written
+    unclaimed = FileBlobStore(tmp_path / "b")
+    await unclaimed.open()
+    assert await unclaimed.claim("database-two") is None
+    await unclaimed.close()
+
+
 async def test_keys_with_a_min_age_leave_out_young_blobs(store: BlobStore) -> None:
     """A node sweeping a store other nodes share asks only for blobs older than a grace."""
     key, _ = await put(store, [b"young"])

@@ -52,6 +52,7 @@ EXPECTED_COLUMNS = {
         ("owner", "text", "YES"),
     ],
     "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
+    "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
     "wsq_schema_version": [
         ("version", "integer", "NO"),
         ("name", "text", "NO"),
@@ -67,6 +68,7 @@ EXPECTED_INDEXES = {
         " ON {s}.wsq_schema_version USING btree (version)",
     ),
     ("wsq_tasks", "CREATE UNIQUE INDEX wsq_tasks_pkey ON {s}.wsq_tasks USING btree (id)"),
+    ("wsq_meta", "CREATE UNIQUE INDEX wsq_meta_pkey ON {s}.wsq_meta USING btree (key)"),
     (
         "wsq_tasks",
         "CREATE INDEX wsq_tasks_queue_state_seq ON {s}.wsq_tasks USING btree (queue, state, seq)",
@@ -93,6 +95,7 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
     assert collations == {("wsq_tasks", "id"): "C", ("wsq_tasks", "queue"): "C"} | {
         ("wsq_blobs", "key"): "C",
         ("wsq_blobs", "task"): "C",
+        ("wsq_meta", "key"): "C",
     }
     indexes = await pg_schema.fetch(
         "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", pg_schema.name

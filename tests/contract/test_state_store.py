@@ -489,6 +489,13 @@ async def test_recovery_of_an_empty_store(store: StateStore) -> None:
     assert recovery.counts == {}
 
 
+async def test_a_store_has_one_identity_for_good(store: StateStore) -> None:
+    """``Recovery.store_id`` names the store's data: the same after close and open."""
+    first = (await reopen(store)).store_id
+    assert isinstance(first, str) and len(first) >= 16
+    assert (await reopen(store)).store_id == first
+
+
 async def test_recovery_after_close_and_open(store: StateStore) -> None:
     active = [make("act2", 12, queue="b", state=State.ACTIVE, worker="w", run=1)]
     active.insert(0, replace(full_task(), id="act1", seq=3))

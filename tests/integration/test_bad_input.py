@@ -697,6 +697,9 @@ class _GatedBlobs(BlobStore):
     def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
         return self.inner.keys(min_age)
 
+    async def claim(self, owner: str) -> str | None:
+        return await self.inner.claim(owner)
+
     async def close(self) -> None:
         self.gate.set()
         await self.inner.close()

@@ -339,6 +339,21 @@ async def test_a_shared_storage_sweep_spares_other_servers_pending_blobs(tmp_pat
     await other.close()
 
 
+async def test_two_databases_cannot_share_one_storage(tmp_path: Path) -> None:
+    """Each server would sweep the other's streams as orphans: the second is refused at
+    start; the first starts again on the same storage (same database) as before."""
+    storage = f"file://{tmp_path / 'shared'}"
+    async with wsq.Server(data_dir=tmp_path / "a", port=0, storage=storage) as server:  # noqa: SIM117
+        async with fast(server.url) as client:
+            await client.queue("q").add({"blob": b"x" * 100_000})
+    with pytest.raises(wsq.ServerError, match="another wsq database"):
+        await wsq.Server(data_dir=tmp_path / "b", port=0, storage=storage).start()
+    async with wsq.Server(data_dir=tmp_path / "a", port=0, storage=storage) as server:  # noqa: SIM117
+        async with fast(server.url) as client:
+            (task,) = await client.queue("q").waiting()
+            assert len(await (await task.get_data())["blob"].read()) == 100_000
+
+
 async def test_orphaned_blobs_are_swept_at_start(data_dir: Path) -> None:
     """A crash between storing an upload and inserting its task leaves an orphan blob."""
     from wsq.blobs.files import FileBlobStore

@@ -17,6 +17,7 @@ from tests.integration.proxy import Proxy
 from tests.integration.test_durability import fast, kill_9_under_load
 from tests.integration.test_s3_storage import run_server, stream_bytes
 from tests.pg import Schema
+from wsq.storage.postgres import migrations
 
 
 async def rows(schema: Schema) -> dict[str, str]:
@@ -212,10 +213,13 @@ def migrate(*args: str) -> subprocess.CompletedProcess[str]:
 async def test_wsq_migrate_runs_the_migrations_alone(pg_schema: Schema) -> None:
     first = await asyncio.to_thread(migrate, "--database", pg_schema.dsn)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "wsq: PostgreSQL schema at version 1 (migrated from version 0).\n"
+    latest = len(migrations())
+    assert (
+        first.stdout == f"wsq: PostgreSQL schema at version {latest} (migrated from version 0).\n"
+    )
     assert await rows(pg_schema) == {}
     again = await asyncio.to_thread(migrate, "--database", pg_schema.dsn)
-    assert again.stdout == "wsq: PostgreSQL schema at version 1 (already up to date).\n"
+    assert again.stdout == f"wsq: PostgreSQL schema at version {latest} (already up to date).\n"
 
 
 def test_wsq_migrate_without_a_database_migrates_the_sqlite_file(data_dir: Path) -> None:

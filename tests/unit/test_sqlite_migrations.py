@@ -62,10 +62,11 @@ def test_migrate_builds_the_schema(conn: sqlite3.Connection) -> None:
     tables = {
         name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
-    assert tables == {"tasks", "blobs"}
+    assert tables == {"tasks", "blobs", "meta"}
     assert columns(conn, "tasks") == TASK_TABLE
     assert [name for name, *_ in TASK_TABLE] == [c.strip() for c in TASK_COLUMNS.split(",")]
     assert columns(conn, "blobs") == [("key", "TEXT", 1, 1), ("task", "TEXT", 1, 0)]
+    assert columns(conn, "meta") == [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0)]
     for index, (table, indexed) in INDEXES.items():
         owner = conn.execute("SELECT tbl_name FROM sqlite_master WHERE name = ?", (index,))
         assert owner.fetchone() == (table,)
@@ -82,6 +83,15 @@ def test_a_version_1_store_gains_the_owner_column_and_keeps_its_rows(
     )
     assert migrate(conn) == 1
     assert conn.execute("SELECT id, owner FROM tasks").fetchall() == [("t1", None)]
+
+
+def test_a_version_2_store_gains_an_identity_made_once(conn: sqlite3.Connection) -> None:
+    conn.executescript(f"BEGIN; {MIGRATIONS[0]} {MIGRATIONS[1]} PRAGMA user_version = 2; COMMIT;")
+    assert migrate(conn) == 2
+    (store_id,) = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+    assert len(store_id) == 32 and int(store_id, 16) >= 0
+    migrate(conn)
+    assert conn.execute("SELECT value FROM meta").fetchall() == [(store_id,)]
 
 
 def test_migrate_is_idempotent(conn: sqlite3.Connection) -> None:

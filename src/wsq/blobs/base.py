@@ -34,6 +34,10 @@ def check_key(key: str) -> str:
     return key
 
 
+OWNER_MARK = "wsq-store"
+"""The name (beside the blobs, never a key) under which a blob store records its owner."""
+
+
 class BlobNotFound(KeyError):
     """No committed blob has that key."""
 
@@ -98,6 +102,13 @@ class BlobStore(ABC):
         """Every committed key (for the orphan sweep); with ``min_age``, only those
         committed at least that many seconds ago, measured on the store's own clock (a
         node sweeping a store other nodes share spares their uploads in progress)."""
+
+    @abstractmethod
+    async def claim(self, owner: str) -> str | None:
+        """Record that this store's blobs belong to the state store ``owner`` (its
+        ``Recovery.store_id``), unless another one's are here already: then return that
+        one's id and change nothing. A store's blobs are swept against one database's
+        references, so two databases sharing a store would delete each other's."""
 
     @abstractmethod
     async def close(self) -> None:

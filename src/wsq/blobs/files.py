@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from wsq.blobs.base import BlobNotFound, BlobStore, BlobWriter, check_key, new_key
+from wsq.blobs.base import OWNER_MARK, BlobNotFound, BlobStore, BlobWriter, check_key, new_key
 from wsq.blobs.memory import check_offset
 from wsq.blobs.threads import Lane, ReadAheadReader
 
@@ -273,6 +273,11 @@ class FileBlobStore(BlobStore):
             for key in await self._run(_list_keys, fanout, min_age):
                 yield key
 
+    async def claim(self, owner: str) -> str | None:
+        """See :meth:`BlobStore.claim`: the owner is the file ``root/wsq-store``, made with
+        ``O_EXCL`` and fsynced (an empty one, left by a crash, counts as none)."""
+        return await self._run(_claim, self.root, owner)
+
     async def close(self) -> None:
         """Wait for I/O in flight and stop the threads. Idempotent."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -375,6 +380,26 @@ def _folder_bytes(folder: Path) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     total += entry.stat(follow_symlinks=False).st_size
     return total
+
+
+def _claim(root: Path, owner: str) -> str | None:
+    path = root / OWNER_MARK
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            found = path.read_text(encoding="utf-8", errors="replace").strip()
+            if found:
+                return None if found == owner else found
+            path.unlink(missing_ok=True)  # a crash between create and write: unclaimed
+            continue
+        try:
+            os.write(fd, owner.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(root)
+        return None
 
 
 def _list_fanouts(root: Path) -> list[Path]:

@@ -87,6 +87,7 @@ class MemoryBlobStore(BlobStore):
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
         self._committed: dict[str, float] = {}  # key -> when it was committed
+        self.owner: str | None = None  # the state store these blobs belong to (claim)
         self.used_bytes = 0
 
     async def open(self) -> None:
@@ -126,6 +127,12 @@ class MemoryBlobStore(BlobStore):
         for key, committed in list(self._committed.items()):
             if min_age <= 0 or committed <= cutoff:
                 yield key
+
+    async def claim(self, owner: str) -> str | None:
+        """See :meth:`BlobStore.claim`."""
+        if self.owner is None:
+            self.owner = owner
+        return None if self.owner == owner else self.owner
 
     async def close(self) -> None:
         """Nothing to release."""

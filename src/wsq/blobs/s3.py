@@ -48,7 +48,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from wsq.blobs.base import BlobNotFound, BlobStore, BlobWriter, check_key, new_key
+from wsq.blobs.base import OWNER_MARK, BlobNotFound, BlobStore, BlobWriter, check_key, new_key
 from wsq.blobs.memory import check_offset
 from wsq.blobs.threads import Lane, ReadAheadReader
 from wsq.exceptions import Unavailable
@@ -310,6 +310,10 @@ class S3BlobStore(BlobStore):
             for key in page:
                 yield key
 
+    async def claim(self, owner: str) -> str | None:
+        """See :meth:`BlobStore.claim`: the owner is the object ``prefix/wsq-store``."""
+        return await self._run(self._claim, owner)
+
     async def close(self) -> None:
         """Wait for calls in flight, stop the threads, close the connections. Idempotent."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -412,6 +416,24 @@ class S3BlobStore(BlobStore):
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                     raise
+
+    def _claim(self, owner: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        name = self._base + OWNER_MARK
+        with self._errors("read the owner of", OWNER_MARK):
+            try:
+                body = self._s3.get_object(Bucket=self.bucket, Key=name)["Body"]
+                found = body.read().decode("utf-8", "replace").strip()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in _NOT_FOUND:
+                    raise
+                found = ""
+        if found:
+            return None if found == owner else found
+        with self._errors("record the owner in", OWNER_MARK):
+            self._s3.put_object(Bucket=self.bucket, Key=name, Body=owner.encode() + b"\n")
+        return None
 
     def _head(self, key: str) -> int:
         from botocore.exceptions import ClientError

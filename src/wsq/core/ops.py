@@ -65,9 +65,11 @@ class Recovery:
     """What the server needs from the store to start: the next free ``seq``, every active
     task (stripped of its payload: :meth:`Task.strip`), the names of queues that hold
     waiting tasks, and how many tasks each queue holds in each state (the core keeps these
-    counts from then on)."""
+    counts from then on). ``store_id`` names the store's data for good (made once, when
+    the store was created): a blob store records which state store its blobs belong to."""
 
     next_seq: int = 1
     active: list[Task] = field(default_factory=list)
     waiting_queues: list[str] = field(default_factory=list)
     counts: dict[tuple[str, State], int] = field(default_factory=dict)
+    store_id: str = ""

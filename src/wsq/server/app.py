@@ -247,6 +247,7 @@ class Server:
         try:
             recovery = await self.store.open()
             await self.blobs.open()
+            await self._claim_blobs(recovery.store_id)
             self.apply(self.core.recover(recovery, time.time()))
             await self.readiness.check()
             self._listeners = [await self._serve(sock) for sock in self._bind()]
@@ -672,6 +673,18 @@ class Server:
         if asset is not None:
             return Response(int(HTTPStatus.OK), "OK", CIMultiDict(asset.headers), asset.body)
         return connection.respond(HTTPStatus.NOT_FOUND, "wsq: connect with a WebSocket.\n")
+
+    async def _claim_blobs(self, store_id: str) -> None:
+        """Refuse to start on a blob store that holds another database's blobs: the orphan
+        sweep would take them for orphans (every blob this database does not reference)."""
+        if not store_id:
+            return  # a state store without an identity (an older or foreign backend)
+        other = await self.blobs.claim(store_id)
+        if other is not None:
+            raise ServerError(
+                f"The blob store holds the streams of another wsq database (store {other};"
+                f" this server's is {store_id}): give each database its own --storage."
+            )
 
     async def _sweep_orphans(self) -> None:
         """Delete blobs no task references, left by a crash between upload and insert: at

@@ -17,6 +17,7 @@ import bisect
 import builtins
 import dataclasses
 import itertools
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +70,7 @@ class MemoryStateStore(StateStore):
 
     def __init__(self) -> None:
         self._open = False
+        self.store_id = uuid.uuid4().hex  # this store's data, for as long as it lives
         self._tasks: dict[str, Task] = {}
         self._order: builtins.list[_Key] = []  # every task, by seq
         self._waiting: dict[str, builtins.list[_Key]] = {}  # waiting tasks per queue, by seq
@@ -87,6 +89,7 @@ class MemoryStateStore(StateStore):
             active=[_stripped(t, -1) for t in active],
             waiting_queues=sorted(q for q, keys in self._waiting.items() if keys),
             counts=dict(Counter((t.queue, t.state) for t in self._tasks.values())),
+            store_id=self.store_id,
         )
 
     async def close(self) -> None:

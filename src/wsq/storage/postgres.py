@@ -246,6 +246,7 @@ ORDER BY queue"""
 )
 GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM wsq_tasks"
 GET_COUNTS = "SELECT queue, state, count(*) FROM wsq_tasks GROUP BY queue, state"
+GET_STORE_ID = "SELECT value FROM wsq_meta WHERE key = 'store_id'"
 GET_ACTIVE_TASKS = (
     f"SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE state = 'active' ORDER BY seq"
 )
@@ -614,11 +615,13 @@ async def _recover(conn: asyncpg.Connection) -> Recovery:
         rows = await conn.fetch(GET_ACTIVE_TASKS, _NO_PAYLOAD)
         waiting = await conn.fetch(GET_WAITING_QUEUES)
         counts = await conn.fetch(GET_COUNTS)
+        store_id = await conn.fetchval(GET_STORE_ID)
     return Recovery(
         next_seq=next_seq,
         active=[_task_from_row(row) for row in rows],
         waiting_queues=[name for (name,) in waiting],
         counts={(queue, _STATES[state]): n for queue, state, n in counts},
+        store_id=store_id,
     )
 
 

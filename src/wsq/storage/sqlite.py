@@ -104,13 +104,24 @@ SCHEMA_2 = """
 ALTER TABLE tasks ADD COLUMN owner TEXT;
 """
 
-MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2]
+# The store's identity, made once: a blob store records which state store it serves, so two
+# servers with separate databases cannot share (and sweep) one blob store.
+SCHEMA_3 = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(16))));
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3]
 
 # -- statements -----------------------------------------------------------------------------
 
 SET_WAL = "PRAGMA journal_mode = WAL"
 SET_SYNCHRONOUS_FULL = "PRAGMA synchronous = FULL"
 SET_QUERY_ONLY = "PRAGMA query_only = ON"
+GET_STORE_ID = "SELECT value FROM meta WHERE key = 'store_id'"
 GET_USER_VERSION = "PRAGMA user_version"
 SET_USER_VERSION = "PRAGMA user_version = {version:d}"  # PRAGMA takes no parameters
 
@@ -352,7 +363,8 @@ def _recover(conn: sqlite3.Connection) -> Recovery:
     active = [_task_from_row(row) for row in rows]
     waiting_queues = [name for (name,) in conn.execute(GET_WAITING_QUEUES)]
     counts = {(queue, _STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
-    return Recovery(next_seq=next_seq, active=active, waiting_queues=waiting_queues, counts=counts)
+    (store_id,) = conn.execute(GET_STORE_ID).fetchone()
+    return Recovery(next_seq, active, waiting_queues, counts, store_id)
 
 
 def _server_error(exc: Exception) -> Exception:
