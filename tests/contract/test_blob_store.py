@@ -393,6 +393,23 @@ async def test_a_claim_outlives_the_store_object(tmp_path: Path, s3: MotoServer)
     await unclaimed.close()
 
 
+async def test_of_two_first_claims_at_once_one_wins(tmp_path: Path, s3: MotoServer) -> None:
+    bucket = s3.bucket()
+    for make in (
+        lambda: FileBlobStore(tmp_path / "race"),
+        lambda: S3BlobStore(bucket, "race"),
+    ):
+        stores = [make() for _ in range(4)]
+        for store in stores:
+            await store.open()
+        answers = await asyncio.gather(*(s.claim(f"db-{n}") for n, s in enumerate(stores)))
+        winners = [f"db-{n}" for n, answer in enumerate(answers) if answer is None]
+        assert len(winners) == 1, answers
+        assert all(answer in (None, winners[0]) for answer in answers)
+        for store in stores:
+            await store.close()
+
+
 async def test_keys_with_a_min_age_leave_out_young_blobs(store: BlobStore) -> None:
     """A node sweeping a store other nodes share asks only for blobs older than a grace."""
     key, _ = await put(store, [b"young"])

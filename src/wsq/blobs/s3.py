@@ -418,22 +418,47 @@ class S3BlobStore(BlobStore):
                     raise
 
     def _claim(self, owner: str) -> str | None:
+        found = self._read_owner()
+        if not found:
+            # Written only if absent (a conditional write): of two servers starting at
+            # once, one wins and the other reads the winner. Stores that do not know
+            # If-None-Match write it unconditionally.
+            if self._write_owner(owner, conditional=True):
+                return None
+            found = self._read_owner()
+        return None if found == owner else found or None
+
+    def _read_owner(self) -> str:
         from botocore.exceptions import ClientError
 
-        name = self._base + OWNER_MARK
         with self._errors("read the owner of", OWNER_MARK):
             try:
-                body = self._s3.get_object(Bucket=self.bucket, Key=name)["Body"]
-                found = body.read().decode("utf-8", "replace").strip()
+                body = self._s3.get_object(Bucket=self.bucket, Key=self._base + OWNER_MARK)
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in _NOT_FOUND:
-                    raise
-                found = ""
-        if found:
-            return None if found == owner else found
+                if exc.response.get("Error", {}).get("Code") in _NOT_FOUND:
+                    return ""
+                raise
+            return body["Body"].read().decode("utf-8", "replace").strip()
+
+    def _write_owner(self, owner: str, *, conditional: bool) -> bool:
+        """Write the owner mark; ``False`` if a conditional write found one already."""
+        from botocore.exceptions import ClientError
+
+        key, body = self._base + OWNER_MARK, owner.encode() + b"\n"
         with self._errors("record the owner in", OWNER_MARK):
-            self._s3.put_object(Bucket=self.bucket, Key=name, Body=owner.encode() + b"\n")
-        return None
+            try:
+                if conditional:
+                    self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                else:
+                    self._s3.put_object(Bucket=self.bucket, Key=key, Body=body)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                if conditional and code in ("NotImplemented", "InvalidArgument"):
+                    return self._write_owner(owner, conditional=False)
+                raise
+        return True
 
     def _head(self, key: str) -> int:
         from botocore.exceptions import ClientError
