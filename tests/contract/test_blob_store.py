@@ -393,12 +393,11 @@ async def test_a_claim_outlives_the_store_object(tmp_path: Path, s3: MotoServer)
     await unclaimed.close()
 
 
-async def test_of_two_first_claims_at_once_one_wins(tmp_path: Path, s3: MotoServer) -> None:
-    bucket = s3.bucket()
-    for make in (
-        lambda: FileBlobStore(tmp_path / "race"),
-        lambda: S3BlobStore(bucket, "race"),
-    ):
+async def test_of_first_claims_at_once_one_wins(tmp_path: Path) -> None:
+    """The files store's mark is made with O_EXCL. (S3's is a conditional write, atomic on
+    AWS; moto's emulation of it is not atomic under concurrent requests, so S3 is not
+    raced here.)"""
+    for make in (lambda: FileBlobStore(tmp_path / "race"),):
         stores = [make() for _ in range(4)]
         for store in stores:
             await store.open()

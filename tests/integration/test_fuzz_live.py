@@ -64,6 +64,7 @@ from tests.integration.test_bad_input import (
     server_errors,  # noqa: F401  (autouse fixture: collects the server's ERROR records)
 )
 from wsq import protocol
+from wsq.blobs.base import OWNER_MARK
 from wsq.server.connection import Connection
 
 # -- what the protocol document says ---------------------------------------------------------
@@ -1330,7 +1331,7 @@ async def _stray_blobs(server: wsq.Server) -> list[str]:
     files left in the store's tmp folder."""
     root = server.data_dir / "blobs"
     referenced = await server.store.blob_keys()
-    files = [p for p in root.rglob("*") if p.is_file()]
+    files = [p for p in root.rglob("*") if p.is_file() and p.name != OWNER_MARK]
     return [
         str(p.relative_to(root))
         for p in files

@@ -44,7 +44,8 @@ after(async () => {
 function blobFiles (dataDir) {
   const root = join(dataDir, 'blobs')
   if (!existsSync(root)) return []
-  return readdirSync(root).filter((name) => name !== 'tmp').flatMap((dir) => readdirSync(join(root, dir)))
+  // Committed blobs sit in two-character fan-out folders (not tmp/, not the owner mark).
+  return readdirSync(root).filter((name) => name.length === 2).flatMap((dir) => readdirSync(join(root, dir)))
 }
 
 describe('server', () => {
