@@ -69,6 +69,9 @@ def test_add_list_process_and_stats_without_an_event_loop(url: str) -> None:
         (stats,) = [s for s in client.stats() if s["name"] == "sync"]
         assert stats["completed"] == 3
         assert [q.name for q in client.list_queues()] == ["sync"]
+        history = client.history("sync")
+        assert sum(history["added"]) == 3 and sum(history["completed"]) == 3
+        assert client.history("sync", since=history["end"] + 10)["added"] == []
 
 
 def test_streams_are_file_objects_both_ways(url: str, tmp_path: Path) -> None:

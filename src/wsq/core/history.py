@@ -89,12 +89,16 @@ class History:
     def observe(self, observations: Iterable[Observation], now: float) -> None:
         """Count what the core observed, as having happened in ``now``'s second."""
         second = int(now)
+        # Every observation lands in the same second: find each queue's slot once.
+        places: dict[str, tuple[_Ring, int] | None] = {}
         for kind, queue, value in observations:
-            ring = self._rings.get(queue) or self._admit(queue, second)
-            if ring is None:
+            try:
+                place = places[queue]
+            except KeyError:
+                place = places[queue] = self._place(queue, second)
+            if place is None:
                 continue
-            index = ring.slot(second)
-            ring.last_active = second
+            ring, index = place
             if kind == seen.ADDED:
                 ring.added[index] += 1
             elif kind == seen.STARTED:
@@ -167,6 +171,14 @@ class History:
             "waiting": waiting,
             "latency": latency,
         }
+
+    def _place(self, queue: str, second: int) -> tuple[_Ring, int] | None:
+        """``queue``'s ring and its slot for ``second``, marked active, if it has a ring."""
+        ring = self._rings.get(queue) or self._admit(queue, second)
+        if ring is None:
+            return None
+        ring.last_active = second
+        return ring, ring.slot(second)
 
     def _admit(self, queue: str, second: int) -> _Ring | None:
         if len(self._rings) >= self.max_queues:
