@@ -10,6 +10,7 @@ import os
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Browser, Dialog, Page, expect
@@ -17,12 +18,15 @@ from playwright.async_api import Browser, Dialog, Page, expect
 import wsq
 from tests.browser.conftest import ARTIFACTS, http_url
 from tests.conftest import budget, eventually
+from tests.integration.procs import ServerProcess
 
 # Client-controlled text that would run script if it were ever parsed as HTML.
 HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'
 
 
-async def open_dashboard(browser: Browser, server: wsq.Server, route: str = "") -> Page:
+async def open_dashboard(
+    browser: Browser, server: wsq.Server | ServerProcess, route: str = ""
+) -> Page:
     page = await browser.new_page(viewport={"width": 1280, "height": 800})
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
@@ -332,6 +336,33 @@ async def test_charts_show_the_hour_before_the_page_opened_then_follow_it_live(
     await expect(summary("added")).to_have_attribute("data-total", "11")
     await expect(summary("failed")).to_have_attribute("data-total", "1")
     await close(page)
+
+
+async def test_charts_read_the_whole_hour_again_after_a_reconnection(
+    browser: Browser, data_dir: Path
+) -> None:
+    proc = await ServerProcess(data_dir, None, "--heartbeat-interval", "0.5").start()
+    try:
+        async with wsq.Client(proc.url, backoff=lambda tries: 0.05) as client:
+            queue = client.queue("again")
+            await queue.add_many([{"n": n} for n in range(3)])
+            page = await open_dashboard(browser, proc, "#/queue/again")
+            added = page.locator('#queue-charts figure[data-series="added"] .rate')
+            await expect(added).to_have_attribute("data-total", "3", timeout=timeout())
+            proc.kill()
+            await expect(page.locator("#status")).to_have_text("disconnected", timeout=timeout())
+            await proc.start()
+            await expect(page.locator("#status")).to_have_text("connected", timeout=timeout())
+            # The restarted server's history starts empty, its three tasks still waiting:
+            # the page shows that, not what it held from before.
+            await expect(added).to_have_attribute("data-total", "0", timeout=timeout())
+            waiting = page.locator('#queue-charts figure[data-series="waiting"] .rate')
+            await expect(waiting).to_have_attribute("data-last", "3", timeout=timeout())
+            await queue.add({"n": 3})
+            await expect(added).to_have_attribute("data-total", "1", timeout=timeout())
+            await close(page)
+    finally:
+        proc.stop()
 
 
 async def _sampled_waiting(client: wsq.Client, queue: str, depth: int) -> bool:
