@@ -155,7 +155,8 @@ function describe (kind, values, known, peak, out) {
 }
 
 /** The SVG shapes of `values`: an area and a line per run of known seconds (an unknown
- *  second is a gap), a lone known second a short dash. */
+ *  second is a gap), a lone known second a short dash
+ *  (a few pixels wide). */
 function shapes (values, peak) {
   const step = WIDTH / (values.length - 1)
   const y = (v) => (HEIGHT - 2 - (v / peak) * (HEIGHT - 4)).toFixed(1)
@@ -164,7 +165,8 @@ function shapes (values, peak) {
   const flush = () => {
     if (run.length === 1) {
       const [x, v] = run[0]
-      run = [[Math.max(0, x - step / 2), v], [Math.min(WIDTH, x + step / 2), v]]
+      const half = Math.max(step / 2, 2) // a few pixels: one second of 600 would be invisible
+      run = [[Math.max(0, x - half), v], [Math.min(WIDTH, x + half), v]]
     }
     if (run.length) {
       const line = run.map(([x, v]) => `${x.toFixed(1)},${y(v)}`).join(' ')
