@@ -370,6 +370,55 @@ def stats(as_json: bool, **kwargs: Any) -> None:
 
 
 @click.command()
+@click.argument("queue", required=False)
+@client_options
+def workers(queue: str | None, as_json: bool, **kwargs: Any) -> None:
+    """List the workers connected now (of QUEUE, or of every queue), with the runs each
+    holds and since when."""
+
+    async def body() -> None:
+        async with session(kwargs) as client:
+            rows = await client.workers(queue)
+        if as_json:
+            print_json(rows)
+            return
+        _tables().print(_worker_table(rows))
+
+    run(body())
+
+
+def _worker_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(
+        Column("worker", no_wrap=True),
+        "queue",
+        "node",
+        "client",
+        Column("since", no_wrap=True),
+        "slots",
+        Column("runs", no_wrap=True),
+    )
+    for w in rows:
+        client = f"{w['client'] or '-'} ({w['peer']})"
+        slots = f"{len(w['runs'])}/{w['concurrency']}"
+        runs = "\n".join(_run_text(r) for r in w["runs"]) or "idle"
+        table.add_row(
+            w["id"], w["queue"], w.get("node") or "", client, _when(w["since"]), slots, runs
+        )
+    return table
+
+
+def _run_text(run: dict[str, Any]) -> str:
+    """One run a worker holds: its task, attempt, progress and since when."""
+    if run["started"] is not None:
+        when = f"started {_when(run['started'])}"
+    elif run["offered"] is not None:
+        when = f"offered {_when(run['offered'])}"
+    else:
+        when = "since the server restarted"
+    return f"{run['task']} run {run['run']} {run['progress']:.0%} {when}"
+
+
+@click.command()
 @click.argument("queue")
 @click.option("--state", type=click.Choice(STATES), default="all", show_default=True)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
@@ -690,4 +739,4 @@ async def _work(
     _stderr.print("worker: stopped")
 
 
-COMMANDS = [add, queues, stats, tasks, show, retry, rm, get, watch, worker]
+COMMANDS = [add, queues, stats, workers, tasks, show, retry, rm, get, watch, worker]

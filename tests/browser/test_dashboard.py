@@ -64,6 +64,12 @@ async def test_live_tasks_progress_retry_remove_and_a_screenshot(
         await videos.add({"title": title})
     await client.queue("thumbnails").add_many([{"n": n} for n in range(3)])
     await expect(page.locator('#queues tr[data-queue="thumbnails"]')).to_be_visible(timeout=timeout)
+    # The charts follow the server's history: three added, one of them waiting.
+    charts = page.locator("#queue-charts")
+    added = charts.locator('figure[data-series="added"] .rate')
+    await expect(added).to_have_attribute("data-total", "3", timeout=timeout)
+    waiting = charts.locator('figure[data-series="waiting"] .rate')
+    await expect(waiting).to_have_attribute("data-last", "1", timeout=timeout)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Browser, Dialog, Page, expect
@@ -16,12 +18,15 @@ from playwright.async_api import Browser, Dialog, Page, expect
 import wsq
 from tests.browser.conftest import ARTIFACTS, http_url
 from tests.conftest import budget, eventually
+from tests.integration.procs import ServerProcess
 
 # Client-controlled text that would run script if it were ever parsed as HTML.
 HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'
 
 
-async def open_dashboard(browser: Browser, server: wsq.Server, route: str = "") -> Page:
+async def open_dashboard(
+    browser: Browser, server: wsq.Server | ServerProcess, route: str = ""
+) -> Page:
     page = await browser.new_page(viewport={"width": 1280, "height": 800})
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
@@ -278,26 +283,91 @@ async def _failed(queue: wsq.Queue, count: int) -> bool:
     return len(await queue.failed(limit=1000)) == count
 
 
-async def test_charts_count_what_the_queue_did_since_the_page_opened(
+async def test_charts_show_the_hour_before_the_page_opened_then_follow_it_live(
     browser: Browser, server: wsq.Server, client: wsq.Client
 ) -> None:
-    page = await open_dashboard(browser, server)
     queue = client.queue("charted")
+
+    async def handler(task: wsq.Task) -> None:
+        if task.data == "bad":
+            raise RuntimeError("bad data")
+
+    worker = queue.process(handler)
+    await queue.add("bad", retries=1)  # two failed attempts, one final failure
+    await eventually(lambda: _failed(queue, 1))
+    await worker.stop()
+    # The next tasks start in seconds of their own (latency is a mean per second), and
+    # each waits at least 300 ms for its start.
+    await asyncio.sleep(1.05 - time.time() % 1)
     await queue.add_many([{"n": n} for n in range(5)])
-    await page.locator('#queues tr[data-queue="charted"] button').click()
-    worker = queue.process(lambda task: None)
+    await asyncio.sleep(0.3)
+    worker = queue.process(handler)
     await eventually(lambda: _completed(queue, 5))
     await worker.stop()
-    await queue.add({"n": "last"})
+    await queue.add_many([{"n": n} for n in range(5, 8)])
+    await eventually(lambda: _sampled_waiting(client, "charted", 3))
+
+    # All of that happened before the page opened: the charts show it from the history.
+    page = await open_dashboard(browser, server, "#/queue/charted")
     charts = page.locator("#queue-charts")
-    rate = charts.locator('figure[data-series="added"] .rate')
-    await expect(rate).to_have_attribute("data-total", "6", timeout=timeout())
-    completed = charts.locator('figure[data-series="completed"] .rate')
-    await expect(completed).to_have_attribute("data-total", "5", timeout=timeout())
-    failed = charts.locator('figure[data-series="failed"] .rate')
-    await expect(failed).to_have_attribute("data-total", "0")
-    assert await charts.locator("svg polyline").count() == 3
+    summary = lambda series: charts.locator(f'figure[data-series="{series}"] .rate')  # noqa: E731
+    await expect(summary("added")).to_have_attribute("data-total", "9", timeout=timeout())
+    await expect(summary("completed")).to_have_attribute("data-total", "5")
+    await expect(summary("failed")).to_have_attribute("data-total", "1")
+    await expect(summary("waiting")).to_have_attribute("data-last", "3")
+    assert int(await summary("waiting").get_attribute("data-peak") or 0) >= 3
+    latency = float(await summary("latency").get_attribute("data-peak") or 0)
+    assert 300 <= latency < budget(10) * 1000, latency
+    assert "final" in await charts.locator('figure[data-series="failed"]').inner_text()
+    assert "retried" in (
+        await charts.locator('figure[data-series="failed"]').get_attribute("title") or ""
+    )
+    assert await charts.locator("figure").count() == 5
+    assert await charts.locator("svg polyline").count() >= 5
+
+    # Then live, each second counted once: the seed and the updates do not overlap.
+    await queue.add_many([{"n": n} for n in range(8, 10)])
+    await expect(summary("added")).to_have_attribute("data-total", "11", timeout=timeout())
+    await expect(summary("waiting")).to_have_attribute("data-last", "5", timeout=timeout())
+    worker = queue.process(handler)
+    await expect(summary("completed")).to_have_attribute("data-total", "10", timeout=timeout())
+    await expect(summary("waiting")).to_have_attribute("data-last", "0", timeout=timeout())
+    await worker.stop()
+    await expect(summary("added")).to_have_attribute("data-total", "11")
+    await expect(summary("failed")).to_have_attribute("data-total", "1")
     await close(page)
+
+
+async def test_charts_read_the_whole_hour_again_after_a_reconnection(
+    browser: Browser, data_dir: Path
+) -> None:
+    proc = await ServerProcess(data_dir, None, "--heartbeat-interval", "0.5").start()
+    try:
+        async with wsq.Client(proc.url, backoff=lambda tries: 0.05) as client:
+            queue = client.queue("again")
+            await queue.add_many([{"n": n} for n in range(3)])
+            page = await open_dashboard(browser, proc, "#/queue/again")
+            added = page.locator('#queue-charts figure[data-series="added"] .rate')
+            await expect(added).to_have_attribute("data-total", "3", timeout=timeout())
+            proc.kill()
+            await expect(page.locator("#status")).to_have_text("disconnected", timeout=timeout())
+            await proc.start()
+            await expect(page.locator("#status")).to_have_text("connected", timeout=timeout())
+            # The restarted server's history starts empty, its three tasks still waiting:
+            # the page shows that, not what it held from before.
+            await expect(added).to_have_attribute("data-total", "0", timeout=timeout())
+            waiting = page.locator('#queue-charts figure[data-series="waiting"] .rate')
+            await expect(waiting).to_have_attribute("data-last", "3", timeout=timeout())
+            await queue.add({"n": 3})
+            await expect(added).to_have_attribute("data-total", "1", timeout=timeout())
+            await close(page)
+    finally:
+        proc.stop()
+
+
+async def _sampled_waiting(client: wsq.Client, queue: str, depth: int) -> bool:
+    waiting = (await client.history(queue))["waiting"]
+    return any(value == depth for value in waiting[-3:])
 
 
 def _headers(url: str) -> Any:

@@ -116,6 +116,42 @@ async def test_add_wait_prints_the_end_and_fails_with_the_task(client: wsq.Clien
     assert json.loads(out)["state"] == "failed" and json.loads(out)["error"] == "bad input"
 
 
+async def test_workers_lists_each_worker_and_the_runs_it_holds(client: wsq.Client) -> None:
+    release = asyncio.Event()
+
+    async def handler(task: wsq.Task) -> None:
+        await task.update_progress(0.5)
+        await release.wait()
+
+    busy = client.queue("busy").process(handler, concurrency=2)
+    idle = client.queue("idle").process(handler)
+    task = await client.queue("busy").add({"n": 1})
+    await eventually(lambda: _progress_is(client, "busy", 0.5))
+    try:
+        (listed,) = await cli_json("workers", "busy", url=client.address)
+        assert (listed["queue"], listed["concurrency"]) == ("busy", 2)
+        (run,) = listed["runs"]
+        assert (run["task"], run["run"], run["progress"]) == (task.id, 1, 0.5)
+        assert run["started"] is not None and listed["since"] <= run["started"]
+        everything = await cli_json("workers", url=client.address)
+        assert sorted(w["queue"] for w in everything) == ["busy", "idle"]
+        code, out, err = await cli("workers", url=client.address)
+        assert code == 0, err
+        assert listed["id"] in out and f"{task.id} run 1 50% started" in out
+        assert "1/2" in out and "0/1" in out and "idle" in out
+        code, out, err = await cli("workers", "nobody", url=client.address)
+        assert code == 0 and "worker" in out and listed["id"] not in out, out
+    finally:
+        release.set()
+        await busy.stop()
+        await idle.stop()
+
+
+async def _progress_is(client: wsq.Client, queue: str, progress: float) -> bool:
+    active = await client.queue(queue).active()
+    return bool(active) and active[0].progress == progress
+
+
 async def test_watch_prints_events_until_a_signal(client: wsq.Client) -> None:
     watcher = await _start("watch", "--json", "seen", url=client.address)
     assert watcher.stdout is not None and watcher.stderr is not None

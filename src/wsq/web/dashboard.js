@@ -1,6 +1,7 @@
 // The wsq dashboard: queues, tasks by state, workers, a page per task, live progress, and
-// actions. It uses wsq.js like any page would, listens to the server's events and never
-// polls. Everything shown from the server (task data, queue names, errors, worker names)
+// actions. It uses wsq.js like any page would and listens to the server's events; the one
+// thing it asks for on a timer is the history of the queue whose charts are on screen
+// (once a second, only the seconds since its last answer). Everything shown from the server (task data, queue names, errors, worker names)
 // is set as text (textContent, attributes), never parsed as HTML.
 //
 // Routes (location.hash): #/ the queues, #/queue/<name> one queue's tasks, #/workers the
@@ -36,6 +37,10 @@ function connect (token) {
   client = new Client(url, token ? { token } : {})
   client.on('connect', () => {
     setStatus('connected')
+    // The server may have restarted (its history with it): read the whole hour again.
+    charts.clear()
+    history.refused.clear()
+    refreshHistory()
     refreshStats()
     refreshTasks()
     refreshPage()
@@ -99,7 +104,7 @@ function refreshPage () {
 
 // -- refreshing, driven by events (batched so a burst costs one request) --------------------
 
-const pending = { stats: null, tasks: null, workers: null, run: null, charts: null }
+const pending = { stats: null, tasks: null, workers: null, run: null }
 
 function later (what, fn, ms) {
   if (pending[what]) return
@@ -108,10 +113,6 @@ function later (what, fn, ms) {
 
 function onChange (name, subject) {
   const queue = subject && subject.queue
-  if (name === 'task added') charts.count(queue, 'added')
-  if (name === 'task completed') charts.count(queue, 'completed')
-  if (name === 'task failed') charts.count(queue, 'failed')
-  if (queue === view.queue) later('charts', drawCharts, 200)
   later('stats', refreshStats, 150)
   if (queue === view.queue) later('tasks', refreshTasks, 150)
   if (view.page === 'workers') later('workers', refreshWorkers, 150)
@@ -169,6 +170,7 @@ function selectQueue (name) {
   $('#task-data').hidden = true
   $('#bulk-result').textContent = ''
   drawCharts()
+  refreshHistory()
   refreshStats()
   refreshTasks()
 }
@@ -400,12 +402,45 @@ async function eachFailed (name, total, kind, tally, progress) {
 
 // -- charts ---------------------------------------------------------------------------------
 
-// Counted from the events this page hears, so they start when it opens. To start them
-// from the server's per-second history instead: on selecting a queue, read it and hand
-// each series to charts.seed(queue, series, startMs, perSecondValues).
+// Drawn from the server's per-second history (docs/protocol.md §4.6), not from the events
+// this page hears: the whole hour when a queue's charts open (and after a reconnection),
+// then once a second the seconds since the last answer's `end`, which the answer
+// overwrites (docs/decisions.md, "The dashboard's charts").
+const history = { asking: false, refused: new Map() } // queue -> why the server refused
+const REFUSALS = new Set(['forbidden', 'bad_message'])
+
 function drawCharts () {
   if (view.page !== 'overview' || view.queue === null) return
+  const why = history.refused.get(view.queue)
+  if (why) {
+    const note = document.createElement('p')
+    note.className = 'empty'
+    note.dataset.chartsRefused = ''
+    note.textContent = `No charts: ${why}`
+    $('#queue-charts').replaceChildren(note)
+    return
+  }
   charts.render($('#queue-charts'), view.queue)
+}
+
+/** Ask for the history of the queue on screen (at most one request at a time). */
+async function refreshHistory () {
+  const queue = view.queue
+  if (!client || !client.connected || view.page !== 'overview' || queue === null) return
+  if (history.asking || document.hidden || history.refused.has(queue)) return
+  const since = charts.end(queue)
+  history.asking = true
+  try {
+    charts.apply(await client.history(queue, since === null ? {} : { since }))
+  } catch (error) {
+    // Not allowed (no observe right on the queue) or not understood (an older server):
+    // say so, rather than ask again every second. Anything else (a lost connection, the
+    // server too busy): the next second asks again.
+    if (REFUSALS.has(error.code)) history.refused.set(queue, error.message)
+  } finally {
+    history.asking = false
+  }
+  if (queue === view.queue) drawCharts()
 }
 
 // -- workers --------------------------------------------------------------------------------
@@ -484,7 +519,7 @@ function ago (ms) {
 
 function tick () {
   for (const time of document.querySelectorAll('time[data-since]')) time.textContent = ago(Number(time.dataset.since))
-  drawCharts()
+  refreshHistory()
 }
 
 // -- the task page --------------------------------------------------------------------------
@@ -715,6 +750,7 @@ $('#token-form').addEventListener('submit', (event) => {
   connect(token)
 })
 window.addEventListener('hashchange', route)
+document.addEventListener('visibilitychange', () => refreshHistory())
 setInterval(tick, 1000)
 selectState('waiting')
 connect(sessionStorage.getItem('wsq-token'))
