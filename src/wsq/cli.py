@@ -292,7 +292,7 @@ _limit_options = _stacked(
     click.option(
         "--metrics-max-queues",
         type=click.IntRange(0),
-        default=1000,
+        default=100,
         envvar="WSQ_METRICS_MAX_QUEUES",
         show_default=True,
         help="Queues with a queue label of their own in /metrics; the others count"

@@ -23,6 +23,7 @@ from tests.integration.rawclient import RawClient
 from wsq.blobs.files import FileBlobStore
 from wsq.blobs.memory import MemoryBlobStore
 from wsq.core.task import Task
+from wsq.server import metrics as metrics_module
 from wsq.storage.memory import MemoryStateStore
 
 BLOB = b"x" * 200_000  # over the inline limit: uploaded and downloaded as a stream
@@ -105,9 +106,35 @@ async def test_metrics_count_what_was_done(server: wsq.Server, client: wsq.Clien
     assert value(samples, "wsq_store_commit_seconds_count") > 0
     assert "process_cpu_seconds_total" in {name for name, _ in samples}
     await worker.stop()
-    samples = await scrape(server)
-    assert value(samples, "wsq_workers", queue="m") == 0
+
+    async def no_workers() -> bool:  # a scrape may be up to a second old (RENDER_REUSE)
+        return value(await scrape(server), "wsq_workers", queue="m") == 0
+
+    await eventually(no_workers)
     await eventually(lambda: _loop_lag_measured(server), timeout=5)
+
+
+async def test_a_scrape_is_rendered_at_most_once_a_second(
+    server: wsq.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendering costs the event loop time per labelled queue: scrapes asked for in a burst
+    share one rendering."""
+    renders = 0
+    real = metrics_module.generate_latest
+
+    def counting(registry: Any) -> bytes:
+        nonlocal renders
+        renders += 1
+        return real(registry)
+
+    monkeypatch.setattr(metrics_module, "generate_latest", counting)
+    bodies = [server.metrics.render(now=100.0 + n / 10) for n in range(10)]
+    assert renders == 1 and len(set(bodies)) == 1
+    server.metrics.render(now=101.5)
+    assert renders == 2
+    for _ in range(20):
+        await scrape(server)
+    assert renders <= 4  # the burst took at most a second or two here
 
 
 async def _completed_count(queue: wsq.Queue, n: int) -> bool:

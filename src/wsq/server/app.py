@@ -135,7 +135,7 @@ class Server:
         min_task_timeout: float = 0.1,
         node_name: str | None = None,
         sweep_grace: float | None = None,
-        metrics_max_queues: int = 1000,
+        metrics_max_queues: int = 100,
         history_max_queues: int = 100,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
