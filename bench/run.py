@@ -151,8 +151,9 @@ def _peer_rows(results: dict[str, Any]) -> str:
         return f"\npeers failed: {str(peers['error']).strip()[-300:]}"
     on_redis = [(n, p) for n, p in peers.items() if n not in POSTGRES_PEERS]
     on_postgres = [(n, p) for n, p in peers.items() if n in POSTGRES_PEERS]
+    wsq = [("wsq", results["tasks"])] if "tasks" in results else []
     wsq_pg = [("wsq on pg", results["tasks-pg"])] if "tasks-pg" in results else []
-    for name, result in [("wsq", results.get("tasks", {})), *on_redis, *wsq_pg, *on_postgres]:
+    for name, result in [*wsq, *on_redis, *wsq_pg, *on_postgres]:
         if "skipped" in result:
             out.append(f"{name:13} skipped: {result['skipped'][:80]}")
             continue
