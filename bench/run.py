@@ -131,14 +131,14 @@ def _postgres_rows(results: dict[str, Any]) -> str:
 def _compare(
     name: str, tasks: dict[str, Any], peers: dict[str, Any], rows: list[tuple[str, str, bool, str]]
 ) -> str:
-    out = [f"{'':28} {name:>10} {'best peer':>20} {'wsq/peer':>9}  target"]
+    out = [f"{'':28} {name:>10} {'best peer':>22} {'wsq/peer':>9}  target"]
     for label, key, lower, target in rows:
         mine = _get(tasks, key)
         # Peers report their fastest enqueue path (bulk where they have one) as enqueue_per_s.
         top = best(peers, "enqueue_per_s" if key == "enqueue_bulk_per_s" else key, lower)
         peer = f"{fmt(top[1], 2 if lower else 0)} ({top[0]})" if top else "-"
         ratio = fmt(mine / top[1], 2) if top and mine and top[1] else "-"
-        out.append(f"{label:28} {fmt(mine, 2 if lower else 0):>10} {peer:>20} {ratio:>9}  {target}")
+        out.append(f"{label:28} {fmt(mine, 2 if lower else 0):>10} {peer:>22} {ratio:>9}  {target}")
     return "\n".join(out)
 
 
