@@ -135,6 +135,30 @@ def postgres_schema(dsn: str) -> Iterator[str]:
         asyncio.run(execute(f"DROP SCHEMA {quote_ident(name)} CASCADE"))
 
 
+def postgres_dsn() -> str:
+    """The PostgreSQL the benchmarks use: ``WSQ_TEST_DATABASE`` (as the tests), else the
+    server on 127.0.0.1:5432 (user postgres, database test)."""
+    return os.environ.get("WSQ_TEST_DATABASE") or "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_problem(dsn: str) -> str | None:
+    """Why nothing usable answers at ``dsn`` (None when a connection succeeds). Needs
+    asyncpg, which both wsq's and the peers' environments have."""
+    import asyncio
+
+    import asyncpg
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(dsn, timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def run_json(args: list[str], timeout: float = 600) -> Any:
     """Run a child that prints one JSON document as its last stdout line; return it."""
     done = subprocess.run(

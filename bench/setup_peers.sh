@@ -3,6 +3,8 @@
 #   - bench/.venv-peers: a virtualenv with bench/requirements-peers.txt (never wsq's deps);
 #   - bench/node_modules: BullMQ from bench/package-lock.json (npm ci);
 #   - Redis answering on 127.0.0.1:6379 (started without persistence if nothing answers).
+# PostgreSQL (for pgqueuer and procrastinate) is not started here: the peers use the tests'
+# (WSQ_TEST_DATABASE, else 127.0.0.1:5432) and are skipped when none answers.
 # Prints one summary line on success; on failure, what failed and its output (stderr).
 set -euo pipefail
 

@@ -16,6 +16,12 @@ flushed before every run:
   the enqueue call; the task takes ``time.monotonic()`` on entry and RPUSHes the delay to
   ``bench:lat`` (after stamping, so the push is not measured).
 
+The board (those keys) is Redis for every peer, the PostgreSQL ones included: it is the
+bench's instrumentation, not the queue under test, so it does not load their database.
+A peer with ``fresh`` (the PostgreSQL ones) also gets a fresh place of its own for each
+run: ``fresh()`` is a context manager that makes it (a new schema with the peer's tables),
+yields the environment that points the worker and the producers at it, and drops it after.
+
 Every child gets a timeout; workers run in their own session (so the whole tree can be
 killed) with a parent-death signal, and are stopped in ``finally`` blocks, also on SIGTERM.
 """
@@ -31,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,9 @@ class Peer:
     produce: Callable[[int], float]  # N -> enqueue tasks/s
     latency_produce: Callable[[int], None]  # count -> adds count stamped tasks, 5 ms apart
     tasks: int = 20_000  # full-size N (smaller for a slow peer, so one run stays ~30 s)
+    # A fresh place per run for the peer's state, yielding the children's environment.
+    fresh: Callable[[], AbstractContextManager[dict[str, str]]] = lambda: nullcontext({})
+    backend: str = "redis"
 
 
 def connect() -> redis.Redis:
@@ -181,12 +190,15 @@ def wait_for(
         time.sleep(0.01)
 
 
-def run_role(peer: Peer, role: str, count: int, timeout: float) -> dict[str, Any]:
+def run_role(
+    peer: Peer, role: str, count: int, timeout: float, env: dict[str, str]
+) -> dict[str, Any]:
     """Run ``python -m <peer module> --role ROLE --count N``; return its last-line JSON."""
     argv = [PYTHON, "-m", peer.module, "--role", role, "--count", str(count)]
     proc = subprocess.Popen(
         argv,
         cwd=ROOT,
+        env={**os.environ, **env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -208,8 +220,13 @@ def run_role(peer: Peer, role: str, count: int, timeout: float) -> dict[str, Any
 
 def throughput_run(peer: Peer, count: int) -> dict[str, float]:
     flush()
-    produced = run_role(peer, "produce", count, PRODUCE_TIMEOUT)
-    env = {"BENCH_TASKS": str(count)}
+    with peer.fresh() as place:
+        return _throughput(peer, count, place)
+
+
+def _throughput(peer: Peer, count: int, place: dict[str, str]) -> dict[str, float]:
+    produced = run_role(peer, "produce", count, PRODUCE_TIMEOUT, place)
+    env = {**place, "BENCH_TASKS": str(count)}
     with connect() as client, worker(peer.worker, env) as (proc, log):
         wait_for(
             f"{count} tasks to finish", lambda: bool(client.exists(END)), DRAIN_TIMEOUT, proc, log
@@ -223,12 +240,17 @@ def throughput_run(peer: Peer, count: int) -> dict[str, float]:
 
 def latency_run(peer: Peer, count: int) -> dict[str, float]:
     flush()
-    with connect() as client, worker(peer.worker, {"BENCH_TASKS": "0"}) as (proc, log):
+    with peer.fresh() as place:
+        return _latency(peer, count, place)
+
+
+def _latency(peer: Peer, count: int, place: dict[str, str]) -> dict[str, float]:
+    with connect() as client, worker(peer.worker, {**place, "BENCH_TASKS": "0"}) as (proc, log):
         wait_for(
             "the worker to be ready", lambda: client.exists(READY) == 1, BOOT_TIMEOUT, proc, log
         )
         time.sleep(SETTLE)
-        run_role(peer, "latency", count, count * SPACING * 3 + 60)
+        run_role(peer, "latency", count, count * SPACING * 3 + 60, place)
         wait_for(
             f"{count} latency tasks",
             lambda: client.llen(LAT) >= count,
@@ -281,6 +303,7 @@ def main(peer: Peer) -> None:
     results = {
         "peer": peer.name,
         "version": peer.version,
+        "backend": peer.backend,
         "tasks": tasks,
         "runs": runs,
         "enqueue_per_s": median([r["enqueue_per_s"] for r in rounds]),

@@ -6,9 +6,12 @@ Run it with the project's own Python: it runs ``bench/setup_peers.sh`` (the peer
 virtualenv, BullMQ's node_modules, Redis), then each peer's script with its interpreter
 (``bench/.venv-peers/bin/python`` or ``node``), each with a timeout, and collects their
 results into ``{"peers": {"bullmq": {...}, ...}}``. A peer that fails or times out is
-reported as ``{"error": "..."}``; the others still run. Prints the results as ONE JSON
-line, the last on stdout (and writes them to PATH with ``--json``); exits 0 whenever it
-produced them, errors included, so a caller reads the errors from the results.
+reported as ``{"error": "..."}``; the others still run. The PostgreSQL peers (pgqueuer,
+procrastinate) use :func:`bench.common.postgres_dsn` (``WSQ_TEST_DATABASE``, else
+127.0.0.1:5432); when nothing answers there they are reported as ``{"skipped": "..."}``.
+Prints the results as ONE JSON line, the last on stdout (and writes them to PATH with
+``--json``); exits 0 whenever it produced them, errors included, so a caller reads the
+errors from the results.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, arguments
+from bench.common import ROOT, arguments, postgres_dsn, postgres_problem
 
 BENCH = ROOT / "bench"
 PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
-PEERS = ("bullmq", "dramatiq", "celery", "arq", "rq")
+PEERS = ("bullmq", "dramatiq", "celery", "arq", "rq", "pgqueuer", "procrastinate")
+POSTGRES_PEERS = ("pgqueuer", "procrastinate")
 SETUP_TIMEOUT = 900.0
 PEER_TIMEOUT = {False: 420.0, True: 90.0}  # full, quick
 STOP_GRACE = 30.0
@@ -84,6 +88,8 @@ def run_peer(peer: str, quick: bool) -> dict[str, Any]:
 
 
 def summary(peer: str, result: dict[str, Any], seconds: float) -> str:
+    if "skipped" in result:
+        return f"{peer:9} skipped: {result['skipped']}"
     if "error" in result:
         return f"{peer:9} ERROR after {seconds:.0f} s: {result['error'][:300]}"
     latency = result["latency"]
@@ -112,9 +118,13 @@ def main() -> None:
         print(setup.stdout.strip(), file=sys.stderr)
     except RuntimeError as exc:
         setup_error = str(exc)
+    dsn = postgres_dsn()
+    no_postgres = postgres_problem(dsn) if set(peers) & set(POSTGRES_PEERS) else None
     for peer in peers:
         begin = time.monotonic()
-        if setup_error is not None:
+        if peer in POSTGRES_PEERS and no_postgres is not None:
+            results[peer] = {"skipped": f"no PostgreSQL at {dsn} ({no_postgres})"}
+        elif setup_error is not None:
             results[peer] = {"error": f"bench/setup_peers.sh failed: {setup_error}"}
         else:
             results[peer] = run_peer(peer, args.quick)
