@@ -34,6 +34,7 @@ import math
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -383,23 +384,33 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _claim(root: Path, owner: str) -> str | None:
+    """The mark appears whole or not at all: written and fsynced under a name of its own,
+    then hard-linked to ``wsq-store`` (a link fails if the name exists: of several first
+    claims, one wins and the others read it)."""
     path = root / OWNER_MARK
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            found = path.read_text(encoding="utf-8", errors="replace").strip()
-            if found:
-                return None if found == owner else found
-            path.unlink(missing_ok=True)  # a crash between create and write: unclaimed
-            continue
-        try:
-            os.write(fd, owner.encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(root)
-        return None
+    draft = root / f"{OWNER_MARK}.{uuid.uuid4().hex}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, owner.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        while True:
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                try:
+                    found = path.read_text(encoding="utf-8", errors="replace").strip()
+                except FileNotFoundError:
+                    continue  # removed meanwhile (by hand): try again
+                if found:
+                    return None if found == owner else found
+                os.replace(draft, path)  # an empty mark (made by hand): ours replaces it
+            _fsync_dir(root)
+            return None
+    finally:
+        draft.unlink(missing_ok=True)
 
 
 def _list_fanouts(root: Path) -> list[Path]:
