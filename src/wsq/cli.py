@@ -504,7 +504,7 @@ async def _serve(server: Server, demo: Any = None, once: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with server:
         if demo is not None:
-            demo_task = asyncio.create_task(demo(server.url), name="wsq-demo")
+            demo_task = asyncio.create_task(demo(server.url, once=once), name="wsq-demo")
             if once:
                 demo_task.add_done_callback(lambda _: stop.set())
         await stop.wait()

@@ -38,7 +38,7 @@ async def checksum(task: wsq.Task) -> None:
     click.echo(f"  worker  {task.data['name']}: sha256 {digest.hexdigest()[:16]}...")
 
 
-async def run_demo(url: str) -> None:
+async def run_demo(url: str, *, once: bool = False) -> None:
     async with wsq.Client(url) as client:
         queue = client.queue(QUEUE)
         progress: dict[str, int] = {}
@@ -71,10 +71,13 @@ async def run_demo(url: str) -> None:
             click.echo(f"  added   {name} as task {task.id}")
         await finished.wait()
         await worker.stop()
-        click.echo(
-            f"demo: done. The server keeps running at {url} (pid {os.getpid()});"
-            f" its dashboard: {dashboard_url(url)}"
-        )
+        if once:
+            click.echo("demo: done. The server stops (--once).")
+        else:
+            click.echo(
+                f"demo: done. The server keeps running at {url} (pid {os.getpid()});"
+                f" its dashboard: {dashboard_url(url)}"
+            )
 
 
 def dashboard_url(url: str) -> str:

@@ -41,7 +41,8 @@ def test_version_and_help() -> None:
 def test_demo_runs_to_completion(tmp_path: Path) -> None:
     out = run_wsq("demo", "--once", "--port", "0", "--data-dir", str(tmp_path / "d"))
     assert out.count("completed") >= 5
-    assert "demo: done" in out
+    assert "demo: done. The server stops (--once)." in out
+    assert "keeps running" not in out
     assert re.search(r"dashboard is at http://127\.0\.0\.1:\d+/ ", out), out
     added = re.findall(r"added   file-\d\.bin as task (\S+)", out)
     assert len(added) == 5 and len(set(added)) == 5, out
