@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import asyncpg
 import msgspec
 
-from wsq.core.task import Options, State, StreamRef, Task
+from wsq.core.task import State, Task
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
     Delete,
@@ -60,6 +60,7 @@ from wsq.storage.base import (
     StateStore,
     Update,
 )
+from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -252,15 +253,6 @@ GET_ACTIVE_TASKS = (
 )
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 
-# bigint's range: "seq > _MIN_INT" is every task, "seq > _MAX_INT" none.
-_MIN_INT = -(2**63)
-_MAX_INT = 2**63 - 1
-
-
-def _clamp(value: int) -> int:
-    return min(max(value, _MIN_INT), _MAX_INT)
-
-
 # -- one step of writes: a statement of data-modifying CTEs ------------------------------------
 
 # Each kind of write, as a CTE over arrays that returns the ids it applied to. ``{p}``
@@ -346,8 +338,6 @@ def write_statement(kinds: tuple[str, ...]) -> str:
 # -- rows -----------------------------------------------------------------------------------
 
 _encode_json = msgspec.json.Encoder().encode
-_decode_streams = msgspec.json.Decoder(tuple[StreamRef, ...]).decode
-_STATES = {state.value: state for state in State}
 _VALUES = {state: state.value for state in State}  # faster than .value on a hot path
 _FINISHED = (State.COMPLETED, State.FAILED)
 
@@ -391,33 +381,9 @@ def _insert_row(task: Task) -> tuple[Any, ...]:
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _options(timeout: float, retries: int, autoremove: bool) -> Options:
-    """Options are immutable and most tasks share a few: one object per combination."""
-    return Options(timeout=timeout, retries=retries, autoremove=autoremove)
-
-
 def _task_from_row(row: asyncpg.Record) -> Task:
     """The :class:`Task` in a row selected as :data:`TASK_COLUMNS`."""
-    (id_, queue_, state, seq, data, streams, timeout, max_retries, autoremove) = row[:9]
-    (progress, retries, error, run, worker, created, updated, owner) = row[9:]
-    return Task(
-        id=id_,
-        queue=queue_,
-        state=_STATES[state],
-        seq=seq,
-        data=data,
-        streams=_decode_streams(streams) if streams is not None else (),
-        options=_options(timeout, max_retries, autoremove),
-        progress=progress,
-        retries=retries,
-        error=_untext(error),
-        run=run,
-        worker=worker,
-        created=created,
-        updated=updated,
-        owner=owner,
-    )
+    return task_from_row(row, _untext(row[11]))
 
 
 # -- planning a batch -----------------------------------------------------------------------
@@ -524,8 +490,8 @@ def plan(ops: Sequence[Op]) -> list[Step]:
 async def _run_step(conn: asyncpg.Connection, step: Step) -> builtins.list[Any]:
     """Results of the ops of ``step``, run on ``conn``."""
     if isinstance(step, LoadWaiting):
-        fits = _MAX_INT if step.max_payload is None else _clamp(step.max_payload)
-        rows = await conn.fetch(LOAD_WAITING, fits, step.queue, _clamp(max(step.limit, 0)))
+        fits = MAX_INT if step.max_payload is None else clamp(step.max_payload)
+        rows = await conn.fetch(LOAD_WAITING, fits, step.queue, clamp(max(step.limit, 0)))
         return [[_task_from_row(row) for row in rows]]
     sql, params = step.statement()
     applied = {(row[0], row[1]) for row in await conn.fetch(sql, *params)}
@@ -620,7 +586,7 @@ async def _recover(conn: asyncpg.Connection) -> Recovery:
         next_seq=next_seq,
         active=[_task_from_row(row) for row in rows],
         waiting_queues=[name for (name,) in waiting],
-        counts={(queue, _STATES[state]): n for queue, state, n in counts},
+        counts={(queue, STATES[state]): n for queue, state, n in counts},
         store_id=store_id,
     )
 
@@ -1003,8 +969,8 @@ class PostgresStateStore(StateStore):
         """Committed tasks in ``seq`` order, filtered by ``queue`` and ``state``, with
         ``seq > after`` when given, at most ``limit``."""
         params: builtins.list[Any] = [
-            _MIN_INT if after is None else _clamp(after),
-            _clamp(max(limit, 0)),
+            MIN_INT if after is None else clamp(after),
+            clamp(max(limit, 0)),
         ]
         if queue is None and state is None:
             sql = LIST_TASKS

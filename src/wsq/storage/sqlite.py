@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from wsq.core.task import Options, State, StreamRef, Task
+from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
     Delete,
@@ -59,6 +59,7 @@ from wsq.storage.base import (
     StateStore,
     Update,
 )
+from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row
 
 T = TypeVar("T")
 
@@ -223,20 +224,9 @@ GET_COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
 GET_ACTIVE_TASKS = f"SELECT {TASK_COLUMNS_STRIPPED} FROM tasks WHERE state = 'active' ORDER BY seq"
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 
-# SQLite's integers are 64-bit: "seq > _MIN_INT" is every task, "seq > _MAX_INT" none.
-# Cursors and limits are clamped to this range, so that any Python int means what it says.
-_MIN_INT = -(2**63)
-_MAX_INT = 2**63 - 1
-
-
-def _clamp(value: int) -> int:
-    return min(max(value, _MIN_INT), _MAX_INT)
-
-
 # -- rows -----------------------------------------------------------------------------------
 
 _encode_json = msgspec.json.Encoder().encode
-_decode_streams = msgspec.json.Decoder(tuple[StreamRef, ...]).decode
 
 
 def _task_params(task: Task) -> tuple[Any, ...]:
@@ -264,36 +254,9 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     )
 
 
-_STATES = {state.value: state for state in State}
-
-
-@functools.lru_cache(maxsize=256)
-def _options(timeout: float, retries: int, autoremove: int) -> Options:
-    """Options are immutable and most tasks share a few: one object per combination."""
-    return Options(timeout=timeout, retries=retries, autoremove=bool(autoremove))
-
-
-def _task_from_row(row: tuple[Any, ...]) -> Task:
+def _task_from_row(row: Sequence[Any]) -> Task:
     """The :class:`Task` in a row selected as :data:`TASK_COLUMNS`."""
-    (id_, queue_, state, seq, data, streams, timeout, max_retries, autoremove) = row[:9]
-    (progress, retries, error, run, worker, created, updated, owner) = row[9:]
-    return Task(
-        id=id_,
-        queue=queue_,
-        state=_STATES[state],
-        seq=seq,
-        data=data,
-        streams=_decode_streams(streams) if streams is not None else (),
-        options=_options(timeout, max_retries, autoremove),
-        progress=progress,
-        retries=retries,
-        error=error,
-        run=run,
-        worker=worker,
-        created=created,
-        updated=updated,
-        owner=owner,
-    )
+    return task_from_row(row, row[11])
 
 
 # -- connections ----------------------------------------------------------------------------
@@ -362,7 +325,7 @@ def _recover(conn: sqlite3.Connection) -> Recovery:
     rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
     active = [_task_from_row(row) for row in rows]
     waiting_queues = [name for (name,) in conn.execute(GET_WAITING_QUEUES)]
-    counts = {(queue, _STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
+    counts = {(queue, STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
     (store_id,) = conn.execute(GET_STORE_ID).fetchone()
     return Recovery(next_seq, active, waiting_queues, counts, store_id)
 
@@ -442,8 +405,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
         case Delete(task_id, expected):
             return _delete(conn, task_id, expected)
         case LoadWaiting(queue_, limit, max_payload):
-            fits = _MAX_INT if max_payload is None else _clamp(max_payload)
-            rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, _clamp(max(limit, 0))))
+            fits = MAX_INT if max_payload is None else clamp(max_payload)
+            rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, clamp(max(limit, 0))))
             return [_task_from_row(row) for row in rows]
     raise TypeError(f"Not a state store op: {op!r}")
 
@@ -849,8 +812,8 @@ class SqliteStateStore(StateStore):
     ) -> builtins.list[Task]:
         """Committed tasks in ``seq`` order, filtered by ``queue`` and ``state``, with
         ``seq > after`` when given, at most ``limit``. Raises ServerError if closed."""
-        cursor = _MIN_INT if after is None else _clamp(after)
-        count = _clamp(max(limit, 0))
+        cursor = MIN_INT if after is None else clamp(after)
+        count = clamp(max(limit, 0))
         return await self._read(lambda conn: _list_tasks(conn, queue, state, cursor, count))
 
 
