@@ -189,6 +189,18 @@ def test_sizes_parse_with_binary_units() -> None:
 # -- a slow or hostile client ---------------------------------------------------------------
 
 
+async def stalled_worker(url: str, queue: str) -> Any:
+    """A raw worker that takes up to 1,000 tasks of ``queue`` at a time, then stops reading
+    (its offers, which carry the tasks' data, pile up in the server)."""
+    ws = await connect(url, max_size=None)
+    await ws.send(json.dumps({"op": "hello", "protocol": 1}))
+    await ws.recv()
+    await ws.send(json.dumps({"op": "work", "id": 1, "queue": queue, "concurrency": 1000}))
+    await ws.recv()
+    ws.transport.pause_reading()
+    return ws
+
+
 async def test_a_client_that_never_reads_is_dropped_and_others_go_on(data_dir: Path) -> None:
     async with (
         serving(data_dir, max_outgoing=2_000_000) as server,
@@ -196,12 +208,7 @@ async def test_a_client_that_never_reads_is_dropped_and_others_go_on(data_dir: P
     ):
         # A worker that takes up to 1,000 tasks at a time, then stops reading: the offers
         # (which carry the tasks' data) pile up in the server.
-        ws = await connect(server.url, max_size=None)
-        await ws.send(json.dumps({"op": "hello", "protocol": 1}))
-        await ws.recv()
-        await ws.send(json.dumps({"op": "work", "id": 1, "queue": "big", "concurrency": 1000}))
-        await ws.recv()
-        ws.transport.pause_reading()
+        ws = await stalled_worker(server.url, "big")
         pad = "x" * 100_000
         for _ in range(10):
             await producer.queue("big").add_many([{"pad": pad}] * 10, retries=1)  # 10 MB
@@ -374,12 +381,7 @@ async def test_outgoing_bytes_of_all_connections_share_the_buffer_budget(
         serving(data_dir, max_buffered=3_000_000, max_message_size=256 << 10) as server,
         fast(server.url) as producer,
     ):
-        ws = await connect(server.url, max_size=None)
-        await ws.send(json.dumps({"op": "hello", "protocol": 1}))
-        await ws.recv()
-        await ws.send(json.dumps({"op": "work", "id": 1, "queue": "big", "concurrency": 1000}))
-        await ws.recv()
-        ws.transport.pause_reading()
+        ws = await stalled_worker(server.url, "big")
         pad = "x" * 100_000
         for _ in range(50):
             await producer.queue("big").add_many([{"pad": pad}] * 2, retries=1)  # 10 MB
