@@ -83,17 +83,18 @@ class _Node(logging.Filter):
     it, text lines only when the name was given (``--node-name``), so a single server's
     lines stay short."""
 
-    name_: str | None = None
-    shown = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.name_ is not None and not hasattr(record, "node"):
-            record.node = self.name_ if self.shown or self.json else None
-        return True
-
     def __init__(self, json: bool) -> None:
         super().__init__()
         self.json = json
+        self.node: str | None = None  # what records get: None adds nothing
+
+    def named(self, name: str, *, shown: bool) -> None:
+        self.node = name if shown or self.json else None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.node is not None and not hasattr(record, "node"):
+            record.node = self.node
+        return True
 
 
 _node_filters: list[_Node] = []
@@ -102,7 +103,7 @@ _node_filters: list[_Node] = []
 def name_node(name: str, *, shown: bool) -> None:
     """Name the node in the records of the handlers :func:`configure` installed."""
     for node in _node_filters:
-        node.name_, node.shown = name, shown
+        node.named(name, shown=shown)
 
 
 def configure(level: str = "info", fmt: str = "text") -> None:
