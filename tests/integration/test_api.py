@@ -24,7 +24,7 @@ async def test_touch_resets_the_timeout(client: wsq.Client) -> None:
             await asyncio.sleep(0.15)
             await task.touch()
 
-    await queue.add(None, timeout=0.4)
+    await queue.add(None, timeout=0.6)  # 5 x 0.15 s outlasts it only if touch resets it
     queue.process(handler)
     await eventually(lambda: queue.completed())
     assert await queue.failed() == []

@@ -149,7 +149,7 @@ async def test_progress_resets_timeout(client: wsq.Client) -> None:
             await asyncio.sleep(0.15)
             await task.update_progress(step / 5)
 
-    await queue.add(None, timeout=0.4)
+    await queue.add(None, timeout=0.6)  # 5 x 0.15 s outlasts it only if progress resets it
     queue.process(handler)
     [done] = await eventually(lambda: queue.completed())
     assert done.progress == 1.0
