@@ -50,8 +50,24 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "wsq-data"
 
 
+SERVER_STORE = os.environ.get("WSQ_TEST_SERVER_STORE", "sqlite")
+"""The state store of the ``server`` fixture: ``sqlite`` (the default), or ``postgres``
+(a fresh schema of the test PostgreSQL per test: the shared store's claim path), as
+``scripts/test`` runs a second pass of the integration suites."""
+
+
 @pytest.fixture
-async def server(data_dir: Path) -> AsyncIterator[wsq.Server]:
+async def server(data_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[wsq.Server]:
+    if SERVER_STORE == "postgres":
+        schema = await Schema(request.getfixturevalue("postgres_dsn")).create()
+        try:
+            async with wsq.Server(
+                data_dir=data_dir, port=0, heartbeat_interval=1.0, database=schema.dsn
+            ) as srv:
+                yield srv
+        finally:
+            await schema.drop()
+        return
     async with wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=1.0) as srv:
         yield srv
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from tests.contract.test_state_store import child_script, insert, make, run_child_until_killed
@@ -17,7 +18,14 @@ from tests.integration.proxy import Proxy
 from tests.pg import Schema
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import Delete, Insert, LoadWaiting, Recovery
-from wsq.storage.postgres import OWNER_KEY, PostgresStateStore, migrate, migrations
+from wsq.storage.postgres import (
+    CLAIM_WAITING,
+    OWNER_KEY,
+    PostgresStateStore,
+    migrate,
+    migrations,
+)
+from wsq.storage.rows import MAX_INT
 
 
 @pytest.fixture
@@ -50,6 +58,7 @@ EXPECTED_COLUMNS = {
         ("created", "double precision", "NO"),
         ("updated", "double precision", "NO"),
         ("owner", "text", "YES"),
+        ("not_before", "double precision", "NO"),
     ],
     "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
     "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
@@ -221,6 +230,32 @@ async def test_reads_do_not_see_uncommitted_writes(pg_store: PostgresStateStore)
 
 
 # -- PostgreSQL out of reach -----------------------------------------------------------------
+
+
+async def test_claims_in_open_transactions_skip_each_others_rows(
+    pg_store: PostgresStateStore, pg_schema: Schema
+) -> None:
+    """Two nodes' claims at once: the second neither waits for the first's row locks nor
+    takes its tasks (FOR UPDATE SKIP LOCKED), and both commit."""
+    await insert(pg_store, *(make(f"t{n}", n) for n in range(1, 7)))
+    first, second = [await asyncpg.connect(pg_schema.dsn) for _ in range(2)]
+    try:
+        one, two = first.transaction(), second.transaction()
+        await one.start()
+        await two.start()
+        taken = await first.fetch(CLAIM_WAITING, MAX_INT, "q", 1.0, ["a"] * 4)
+        others = await asyncio.wait_for(
+            second.fetch(CLAIM_WAITING, MAX_INT, "q", 1.0, ["b"] * 4), timeout=10
+        )
+        assert sorted(row["id"] for row in taken) == ["t1", "t2", "t3", "t4"]
+        assert sorted(row["id"] for row in others) == ["t5", "t6"]
+        await one.commit()
+        await two.commit()
+    finally:
+        await first.close()
+        await second.close()
+    workers = {task.id: task.worker for task in await pg_store.list(queue="q")}
+    assert workers == {"t1": "a", "t2": "a", "t3": "a", "t4": "a", "t5": "b", "t6": "b"}
 
 
 async def test_open_of_an_unreachable_database_raises_unavailable(pg_schema: Schema) -> None:

@@ -27,6 +27,7 @@ from tests.pg import Schema
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
+    ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
@@ -297,6 +298,86 @@ async def test_load_waiting_returns_the_first_waiting_tasks_by_seq(store: StateS
     )
     assert [t.seq for t in every] == [1, 2, 3, 5, 7, 9]
     assert none == [] and missing == []
+
+
+async def test_an_update_out_of_active_applies_only_to_the_same_run(store: StateStore) -> None:
+    """A node that lost a run (another took it over) cannot end the new one."""
+    active = make("a", 1, state=State.ACTIVE, run=2, worker="w")
+    await insert(store, active)
+    for stale in (
+        replace(active, state=State.COMPLETED, run=1),
+        replace(active, state=State.WAITING, run=1, worker=None),
+    ):
+        assert await store.submit([Update(stale, expected=State.ACTIVE)]) == [False]
+    assert await store.get("a") == active
+    done = replace(active, state=State.COMPLETED, updated=5.0)
+    assert await store.submit([Update(done, expected=State.ACTIVE)]) == [True]
+    assert await store.get("a") == done
+
+
+# -- claims (the shared store's dispatch) ----------------------------------------------------
+
+
+async def test_claim_takes_the_oldest_due_waiting_tasks_one_per_slot(store: StateStore) -> None:
+    await insert(store, *(make(f"t{s}", s, updated=float(s)) for s in (5, 2, 9, 1, 7)))
+    await insert(
+        store,
+        make("other-queue", 0, queue="other"),
+        make("active", 3, state=State.ACTIVE, run=1),
+        make("failed", 4, state=State.FAILED),
+    )
+    [claimed] = await store.submit([ClaimWaiting("q", ("w1", "w1", "w2"), now=100.0)])
+    assert [t.id for t in claimed] == ["t1", "t2", "t5"]
+    assert [(t.state, t.run, t.worker) for t in claimed] == [
+        (State.ACTIVE, 1, "w1"),
+        (State.ACTIVE, 1, "w1"),
+        (State.ACTIVE, 1, "w2"),
+    ]
+    # The result gives when each was queued; the store holds the claim's time.
+    assert [t.updated for t in claimed] == [1.0, 2.0, 5.0]
+    assert claimed[0].data == b'{"n": 1}'
+    stored = await store.get("t2")
+    assert stored is not None and (stored.state, stored.worker, stored.updated) == (
+        State.ACTIVE,
+        "w1",
+        100.0,
+    )
+    [rest, nothing] = await store.submit(
+        [ClaimWaiting("q", ("w3",) * 5, now=101.0), ClaimWaiting("q", ("w3",), now=102.0)]
+    )
+    assert [t.id for t in rest] == ["t7", "t9"] and nothing == []
+    assert [t.state for t in await store.list(queue="q", state=State.WAITING)] == []
+
+
+async def test_claim_skips_tasks_whose_back_off_is_not_over(store: StateStore) -> None:
+    await insert(store, make("a", 1), make("b", 2, state=State.ACTIVE, run=1))
+    backing_off = replace(
+        make("b", 3), run=1, retries=1, updated=10.0, not_before=20.0
+    )  # queued again after its run timed out
+    assert await store.submit([Update(backing_off, expected=State.ACTIVE)]) == [True]
+    [claimed] = await store.submit([ClaimWaiting("q", ("w", "w"), now=15.0)])
+    assert [t.id for t in claimed] == ["a"]
+    [claimed] = await store.submit([ClaimWaiting("q", ("w",), now=20.0)])
+    assert [(t.id, t.run, t.retries) for t in claimed] == [("b", 2, 1)]
+
+
+async def test_claim_strips_payloads_over_max_payload(store: StateStore) -> None:
+    blob = StreamRef(path=("f",), size=9, blob="k" * 32)
+    note = StreamRef(path=("n",), size=3, inline=b"abc")
+    await insert(store, replace(make("big", 1), data=b"x" * 100, streams=(note, blob)))
+    [[claimed]] = await store.submit([ClaimWaiting("q", ("w",), now=1.0, max_payload=10)])
+    assert claimed.data is None and claimed.streams == (blob,)
+    full = await store.get("big")
+    assert full is not None and full.data == b"x" * 100 and full.streams == (note, blob)
+
+
+async def test_claims_on_their_way_together_never_take_one_task_twice(
+    store: StateStore,
+) -> None:
+    await insert(store, *(make(f"t{n:03}", n) for n in range(1, 201)))
+    claims = [store.submit([ClaimWaiting("q", (f"w{n}",) * 7, now=1.0)]) for n in range(40)]
+    results = [task for [claimed] in await asyncio.gather(*claims) for task in claimed]
+    assert sorted(t.id for t in results) == [f"t{n:03}" for n in range(1, 201)]
 
 
 async def test_load_waiting_sees_writes_submitted_before_it(store: StateStore) -> None:

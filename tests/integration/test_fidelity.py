@@ -14,6 +14,7 @@ import wsq
 from tests.conftest import budget, completed_count_is, eventually
 from tests.integration.proxy import proxy_to
 from tests.integration.rawclient import RawClient
+from wsq.core.task import State
 
 
 def fast(url: str) -> wsq.Client:
@@ -301,14 +302,18 @@ async def resend_after_drop(
     return answer, third
 
 
+async def stored_in(server: wsq.Server, task_id: str, state: Any = None) -> bool:
+    """Whether the server's store has the task in ``state`` (``None``: has no such task)."""
+    stored = await server.store.get(task_id)
+    return stored is None if state is None else stored is not None and stored.state == state
+
+
 async def test_a_remove_sent_again_after_the_drop_is_answered_as_the_first(
     server: wsq.Server, client: wsq.Client
 ) -> None:
     task = await client.queue("resend").add(1)
     message = {"op": "remove", "task": task.id}
-    answer, third = await resend_after_drop(
-        server, message, lambda: server.core.lookup(task.id) is None
-    )
+    answer, third = await resend_after_drop(server, message, lambda: stored_in(server, task.id))
     assert answer["op"] == "result" and answer["result"] is None, answer
     assert third == answer
     assert await client.queue("resend").all() == []
@@ -323,7 +328,9 @@ async def test_a_retry_sent_again_after_the_drop_is_answered_as_the_first(
     await eventually(lambda: queue.failed())
     await worker.stop()
     message = {"op": "retry", "task": task.id}
-    answer, _ = await resend_after_drop(server, message, lambda: server.core.lookup(task.id))
+    answer, _ = await resend_after_drop(
+        server, message, lambda: stored_in(server, task.id, State.WAITING)
+    )
     assert answer["op"] == "result" and answer["result"]["state"] == "waiting", answer
     [waiting] = await queue.waiting()
     assert waiting.id == task.id

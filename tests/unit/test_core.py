@@ -146,7 +146,7 @@ class Harness:
             task_id,
             queue,
             WAITING,
-            self.core.allocate_seq(),
+            self.core.allocate_seq(0.0),
             b'"%s"' % (b"x" * PAYLOAD_CAP) if big else b"{}",
             streams,
             Options(timeout, retries, autoremove),
@@ -1717,7 +1717,7 @@ def test_offers_and_aborts_carry_the_worker_s_own_name() -> None:
     effects = core.add_worker("c9", "alice/w", "q", 1, 0.0, name="w")
     assert emits(effects, "worker added")[0].args[0]["id"] == "w"
     task = make_task("t1")
-    core.allocate_seq()
+    core.allocate_seq(0.0)
     (offer,) = of_type(core.add(task, 0.0), Offer)
     assert offer.worker == "w" and offer.tasks[0].worker == "alice/w"
     (abort,) = of_type(core.remove("t1", 0.0) or [], Abort)
@@ -2076,8 +2076,8 @@ def test_loads_are_per_queue() -> None:
 def test_recover_sets_the_next_seq() -> None:
     core = Core()
     assert core.recover(Recovery(next_seq=42), 0.0) == []
-    assert core.allocate_seq() == 42
-    assert core.allocate_seq() == 43
+    assert core.allocate_seq(0.0) == 42
+    assert core.allocate_seq(0.0) == 43
 
 
 def test_recover_restores_active_runs_with_fresh_timers() -> None:

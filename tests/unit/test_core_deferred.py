@@ -8,7 +8,7 @@ from wsq.core.task import State, Task
 
 
 def waiting(core: Core, n: int, queue: str = "q") -> Task:
-    return Task(id=f"t{n}", queue=queue, state=State.WAITING, seq=core.allocate_seq(), data=b"1")
+    return Task(id=f"t{n}", queue=queue, state=State.WAITING, seq=core.allocate_seq(0.0), data=b"1")
 
 
 def offers(effects: list[object]) -> list[Offer]:

@@ -17,7 +17,7 @@ def make_core() -> tuple[Core, list[Observation]]:
 
 
 def add(core: Core, task_id: str, now: float, *, queue: str = "q", **options: object) -> None:
-    seq = core.allocate_seq()
+    seq = core.allocate_seq(0.0)
     task = Task(task_id, queue, State.WAITING, seq, b"null", created=now, updated=now)
     task.options = Options(**options)  # type: ignore[arg-type]
     core.add(task, now)

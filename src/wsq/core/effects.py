@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from wsq.core.ops import Op
+from wsq.core.ops import ClaimWaiting, Op
 from wsq.core.task import Task
 
 
@@ -27,6 +27,15 @@ class Load:
     queue: str
     limit: int
     max_payload: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Submit ``op`` through the store's ordered pipe (a shared store: dispatch claims
+    tasks there instead of taking them from a window) and hand its result, or ``None`` if
+    it failed, to :meth:`Core.claimed`."""
+
+    op: ClaimWaiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,4 +76,4 @@ class DeleteBlobs:
     keys: tuple[str, ...]
 
 
-Effect = Write | Load | Offer | Abort | Emit | DeleteBlobs
+Effect = Write | Load | Claim | Offer | Abort | Emit | DeleteBlobs

@@ -16,6 +16,12 @@ Contract with the caller:
   :class:`~wsq.exceptions.StaleRun`, and nothing changes.
 * Metrics: set :attr:`Core.observations` to a list and drain it now and then; the core
   appends what it saw happen (:mod:`wsq.core.observations`).
+
+With ``shared=True`` (a state store other nodes use too, docs/architecture.md "Several
+nodes") the core keeps no window: dispatch emits :class:`~wsq.core.effects.Claim` for the
+free slots of a queue's workers and offers what :meth:`Core.claimed` is given back; tasks
+queued again go to the store only (a back-off as the row's ``not_before``); seqs come from
+the clock and :attr:`Core.node_index`, so nodes never hand out the same one.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsq.core import observations as seen
-from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
+from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.names import NameIndex
 from wsq.core.observations import Observation
-from wsq.core.ops import Delete, Recovery, SetProgress, Update
+from wsq.core.ops import ClaimWaiting, Delete, Recovery, SetProgress, Update
 from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 
@@ -43,6 +49,15 @@ WINDOW_BYTES = 64 << 20
 """Bytes of task payloads all windows together keep in memory (docs/architecture.md)."""
 PAYLOAD_CAP = 16 << 10
 """The largest payload (data and inline streams) of one task a window keeps in memory."""
+POLL_INTERVAL = 1.0
+"""Shared store: seconds between claims for a queue whose workers have free slots but
+whose store held nothing to claim last time (tasks other nodes add are found this way
+when no notice of them arrives)."""
+CLAIM_RETRY = 1.0
+"""Shared store: seconds before a claim that failed (the store unavailable) is tried
+again."""
+NODE_BITS = 10
+"""Shared store: a seq is ``(microseconds << NODE_BITS) | node_index``."""
 
 _STATE_NAMES = tuple(state.value for state in State)
 _STATE_INDEX = {state: index for index, state in enumerate(State)}
@@ -92,10 +107,22 @@ class _Queue:
     left_during_load: set[str] = field(default_factory=set)
     # Tasks of this queue waiting out a back-off: loads read past them (they skip them).
     delayed: int = 0
+    # Shared store: whether the store may hold tasks to claim (unknown counts as yes),
+    # whether a claim is on its way, and whether one was added meanwhile.
+    maybe_waiting: bool = True
+    claiming: bool = False
+    added_while_claiming: bool = False
 
     @property
     def idle(self) -> bool:
-        return not (self.window or self.workers or self.spilled or self.loading or self.delayed)
+        return not (
+            self.window
+            or self.workers
+            or self.spilled
+            or self.loading
+            or self.delayed
+            or self.claiming
+        )
 
 
 class Core:
@@ -110,8 +137,25 @@ class Core:
         max_backoff: float = MAX_BACKOFF,
         window_bytes: int = WINDOW_BYTES,
         payload_cap: int = PAYLOAD_CAP,
+        shared: bool = False,
+        node_index: int = 0,
+        poll_interval: float = POLL_INTERVAL,
     ) -> None:
+        if not 0 <= node_index < 1 << NODE_BITS:
+            raise ValueError(f"node_index must be in [0, {1 << NODE_BITS}).")
         self.worker_timeout = worker_timeout
+        self.shared = shared
+        self.node_index = node_index
+        self.poll_interval = poll_interval
+        self._last_micros = 0  # shared: the clock part of the last seq handed out
+        # Shared: slots of each worker promised to claims on their way, and when queues
+        # are next looked at (a back-off's end, a failed claim tried again, a poll).
+        self._claiming: dict[str, int] = {}
+        self._reserved: dict[int, tuple[str, str]] = {}  # seq -> (worker, queue): admit()
+        self._waiting_adds: dict[int, str] = {}  # seq -> queue, of adds admit() let wait
+        self._inflight: dict[str, int] = {}  # queue -> how many of those
+        self._wakes: list[tuple[float, str]] = []
+        self._poll_at: float | None = None
         # Payloads (data and inline streams) held in memory: each at most payload_cap
         # bytes, all windows together at most window_bytes; beyond that the window
         # holds ids and order only, and offers read the payload from the store.
@@ -156,8 +200,10 @@ class Core:
 
     def recover(self, recovery: Recovery, now: float) -> list[Effect]:
         """Adopt what the store holds: active tasks get fresh timers, queues with waiting
-        tasks are marked as spilled so their windows fill from the store."""
+        tasks are marked as spilled so their windows fill from the store (shared: as
+        holding tasks to claim)."""
         self._next_seq = max(self._next_seq, recovery.next_seq)
+        self._last_micros = max(self._last_micros, recovery.next_seq >> NODE_BITS)
         for (name, state), count in recovery.counts.items():
             self._count(name, state, count)
         for task in recovery.active:
@@ -168,16 +214,27 @@ class Core:
         effects: list[Effect] = []
         for name in recovery.waiting_queues:
             queue = self._queue(name)
+            if self.shared:
+                queue.maybe_waiting = True
+                effects += self._dispatch_soon(queue, now)
+                continue
             queue.spilled = True
             effects += self._refill(queue)
         return effects
 
-    def allocate_seq(self) -> int:
-        seq = self._allocate()
+    def allocate_seq(self, now: float) -> int:
+        """The seq of a task about to be inserted (see the module docstring)."""
+        seq = self._allocate(now)
         self._adding.add(seq)
         return seq
 
-    def _allocate(self) -> int:
+    def _allocate(self, now: float) -> int:
+        if self.shared:
+            # Unique across nodes (the low bits), increasing on this node, and in time
+            # order across nodes up to their clocks' skew.
+            micros = max(int(now * 1_000_000), self._last_micros + 1)
+            self._last_micros = micros
+            return (micros << NODE_BITS) | self.node_index
         seq = self._next_seq
         self._next_seq += 1
         return seq
@@ -185,16 +242,79 @@ class Core:
     def abandon_seq(self, seq: int) -> None:
         """The insert that ``seq`` was allocated for did not happen."""
         self._adding.discard(seq)
+        self._admitted(seq)
+        reserved = self._reserved.pop(seq, None)
+        if reserved is not None:
+            self._unreserve(reserved[0])
+            self._dirty[reserved[1]] = None  # the slot is free again
+
+    def admit(self, task: Task, now: float) -> Task:
+        """The record to insert for a new waiting ``task`` (seq from :meth:`allocate_seq`):
+        ``task`` itself, or, with a shared store, when a worker of its queue on this node
+        has a free slot and the store holds nothing older to claim, a copy already active
+        as that worker's first run. The insert is then the claim: the task starts after
+        one commit, not two (an insert, then a claim)."""
+        if not self.shared:
+            return task
+        queue = self._queues.get(task.queue)
+        worker = self._idle_worker(queue) if self._inflight.get(task.queue, 0) == 0 else None
+        if queue is None or worker is None:
+            # Waits; until its insert is done, later adds wait too (FIFO).
+            self._inflight[task.queue] = self._inflight.get(task.queue, 0) + 1
+            self._waiting_adds[task.seq] = task.queue
+            return task
+        queue.workers[worker.id] = queue.workers.pop(worker.id)  # round robin
+        self._claiming[worker.id] = self._claiming.get(worker.id, 0) + 1
+        self._reserved[task.seq] = (worker.id, queue.name)
+        active = task.copy()
+        active.state = State.ACTIVE
+        active.run = 1
+        active.worker = worker.id
+        return active
+
+    def _idle_worker(self, queue: _Queue | None) -> _Worker | None:
+        """A worker of ``queue`` with a free slot, if the store holds nothing to claim."""
+        if queue is None or queue.maybe_waiting or queue.claiming:
+            return None
+        for worker in queue.workers.values():
+            if self._free_slots(worker) > 0:
+                return worker
+        return None
+
+    def _admitted(self, seq: int) -> None:
+        """The insert of a task :meth:`admit` let wait is done (or failed)."""
+        name = self._waiting_adds.pop(seq, None)
+        if name is not None:
+            left = self._inflight[name] - 1
+            if left:
+                self._inflight[name] = left
+            else:
+                del self._inflight[name]
 
     def add(self, task: Task, now: float) -> list[Effect]:
-        """A new waiting task whose insert is durable."""
+        """A new waiting task whose insert is durable (as :meth:`admit` made it: maybe
+        already the first run of a worker, which is offered it now)."""
         self._adding.discard(task.seq)
+        self._admitted(task.seq)
         self._count(task.queue, State.WAITING, 1)
         self._observe(seen.ADDED, task.queue, 0.0)
         effects = self._event("task added", task) + self._event("task queued", task)
         queue = self._queue(task.queue)
-        self._place(queue, task)
+        reserved = self._reserved.pop(task.seq, None)
+        if reserved is not None:
+            self._unreserve(reserved[0])
+            active = task.copy()
+            active.state, active.run, active.worker = State.ACTIVE, 1, reserved[0]
+            return effects + self._start_claimed(queue, [active], now)
+        self._waits(queue, task)
         return effects + self._dispatch_soon(queue, now)
+
+    def _unreserve(self, worker_id: str) -> None:
+        left = self._claiming[worker_id] - 1
+        if left:
+            self._claiming[worker_id] = left
+        else:
+            del self._claiming[worker_id]
 
     def loaded(self, name: str, tasks: list[Task], limit: int, now: float) -> list[Effect]:
         """The result of a :class:`Load` of ``limit`` tasks for queue ``name``."""
@@ -210,6 +330,17 @@ class Core:
         queue.refused_during_load = False
         queue.left_during_load.clear()
         return self._dispatch_soon(queue, now)
+
+    def load_failed(self, name: str, now: float) -> list[Effect]:
+        """A :class:`Load` for queue ``name`` failed (the store unavailable): it is tried
+        again in :data:`CLAIM_RETRY` seconds."""
+        queue = self._queue(name)
+        queue.loading = False
+        queue.refused_during_load = False
+        queue.left_during_load.clear()
+        queue.spilled = True
+        heapq.heappush(self._wakes, (now + CLAIM_RETRY, name))
+        return []
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -327,8 +458,112 @@ class Core:
         effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE))]
         effects += self._event("task queued", task)
         queue = self._queue(task.queue)
-        self._place(queue, task)
+        self._waits(queue, task)
         return effects + self._dispatch_soon(queue, now)
+
+    # -- shared store: claims --------------------------------------------------------------
+
+    def claimed(self, op: ClaimWaiting, tasks: list[Task] | None, now: float) -> list[Effect]:
+        """The result of a :class:`Claim`'s op (``None``: it failed, and nothing was
+        claimed). Each claimed task is offered to the worker the store gave it to; a task
+        whose worker left meanwhile goes back to waiting in its place, no attempt made."""
+        queue = self._queue(op.queue)
+        queue.claiming = False
+        for worker_id in op.workers:
+            self._unreserve(worker_id)
+        if tasks is None:
+            heapq.heappush(self._wakes, (now + CLAIM_RETRY, queue.name))
+            queue.added_while_claiming = False
+            return []
+        if len(tasks) < len(op.workers) and not queue.added_while_claiming:
+            queue.maybe_waiting = False
+        queue.added_while_claiming = False
+        return self._start_claimed(queue, tasks, op.now)
+
+    def _start_claimed(self, queue: _Queue, tasks: list[Task], now: float) -> list[Effect]:
+        """Offer tasks the store made active runs of this node's workers (``updated``: when
+        each was queued); a task whose worker left meanwhile waits again."""
+        effects: list[Effect] = []
+        offers: dict[str, list[Task]] = {}
+        for task in tasks:
+            worker = self._workers.get(task.worker or "")
+            if worker is None or worker.queue != queue.name:
+                effects += self._unclaim(queue, task)
+                continue
+            self._move(task.queue, State.WAITING, State.ACTIVE)
+            # The store gives ``updated`` as it was, when the task was queued.
+            self._observe(seen.STARTED, task.queue, max(0.0, now - task.updated))
+            task.updated = now
+            offers.setdefault(worker.id, []).append(task)
+        for worker_id, claimed in offers.items():
+            effects += self._offer(self._workers[worker_id], claimed, now, claimed=True)
+        return effects + self._dispatch_soon(queue, now)
+
+    def _unclaim(self, queue: _Queue, task: Task) -> list[Effect]:
+        """A claimed task nobody can take now: waiting again, where it was."""
+        task = task.copy()
+        task.state = State.WAITING
+        task.worker = None
+        task.strip()
+        queue.maybe_waiting = True
+        return [Write(Update(task, expected=State.ACTIVE))]
+
+    def _claim(self, queue: _Queue, now: float) -> list[Effect]:
+        """Claim tasks for every free slot of the queue's workers, if the store may hold
+        some and no claim of the queue is on its way (claims of one queue go one at a
+        time, so each sees what the one before took)."""
+        if queue.claiming:
+            return []
+        slots: list[str] = []
+        served: list[str] = []
+        for worker in queue.workers.values():
+            free = self._free_slots(worker)
+            if free > 0:
+                slots += [worker.id] * free
+                served.append(worker.id)
+        if not slots:
+            return []
+        if not queue.maybe_waiting:
+            if self._poll_at is None:
+                self._poll_at = now + self.poll_interval
+            return []
+        for worker_id in served:  # round robin: those served go to the back
+            queue.workers[worker_id] = queue.workers.pop(worker_id)
+            self._claiming[worker_id] = self._claiming.get(worker_id, 0) + slots.count(worker_id)
+        queue.claiming = True
+        queue.added_while_claiming = False
+        return [Claim(ClaimWaiting(queue.name, tuple(slots), now, self.payload_cap))]
+
+    def _wake(self, now: float) -> list[Effect]:
+        """Look at queues again whose load or claim failed or (shared) whose back-off
+        ended, and, every poll interval, at every queue whose workers have free slots."""
+        effects: list[Effect] = []
+        while self._wakes and self._wakes[0][0] <= now:
+            _, name = heapq.heappop(self._wakes)
+            queue = self._queue(name)
+            if not self.shared:  # a load that failed: try it again
+                effects += self._refill(queue)
+                continue
+            queue.maybe_waiting = True
+            effects += self._dispatch_soon(queue, now)
+        if self._poll_at is not None and self._poll_at <= now:
+            self._poll_at = None
+            for queue in list(self._queues.values()):
+                if not queue.maybe_waiting and any(
+                    self._free_slots(worker) > 0 for worker in queue.workers.values()
+                ):
+                    queue.maybe_waiting = True
+                    effects += self._dispatch_soon(queue, now)
+        return effects
+
+    def _waits(self, queue: _Queue, task: Task) -> None:
+        """A task of ``queue`` waits (again): in its window, or, shared, in the store."""
+        if not self.shared:
+            self._place(queue, task)
+            return
+        queue.maybe_waiting = True
+        if queue.claiming:
+            queue.added_while_claiming = True
 
     # -- requests about any task -----------------------------------------------------------
 
@@ -408,7 +643,7 @@ class Core:
             raise InvalidState(f"Task {stored.id} is {state.value}; only failed tasks retry.")
         task = stored.copy()
         task.state = State.WAITING
-        task.seq = self.allocate_seq()  # loads skip it until retried()
+        task.seq = self.allocate_seq(now)  # loads skip it until retried()
         task.retries = 0
         task.error = None
         task.progress = 0.0
@@ -426,7 +661,7 @@ class Core:
         self._observe(seen.RETRIED, task.queue, 0.0)
         effects = self._event("task queued", task)
         queue = self._queue(task.queue)
-        self._place(queue, task)
+        self._waits(queue, task)
         return effects + self._dispatch_soon(queue, now)
 
     # -- time ------------------------------------------------------------------------------
@@ -438,13 +673,17 @@ class Core:
         while self._delays and not self._is_delayed(self._delays[0]):
             heapq.heappop(self._delays)
         times = [heap[0][0] for heap in (self._deadlines, self._delays) if heap]
+        if self._wakes:
+            times.append(self._wakes[0][0])
+        if self._poll_at is not None:
+            times.append(self._poll_at)
         return min(times) if times else None
 
     def tick(self, now: float) -> list[Effect]:
         """Fail every run whose deadline has passed: unacknowledged offers with the
         worker's "didn't respond", started runs with "Timed out.". An expired run that
         will retry waits out its back-off first; tasks whose back-off is over wait again."""
-        effects = self._release_delayed(now)
+        effects = self._release_delayed(now) + self._wake(now)
         expired: list[tuple[float, str, int]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             expired.append(heapq.heappop(self._deadlines))
@@ -470,7 +709,7 @@ class Core:
                 continue
             task = self._delayed.pop(entry[1])
             # Queued again at the back as its back-off ends (FIFO by seq, §6.1).
-            task.seq = self._allocate()
+            task.seq = self._allocate(now)
             effects.append(Write(Update(task.copy(), expected=State.WAITING)))
             queue = self._queue(task.queue)
             queue.delayed -= 1
@@ -591,14 +830,24 @@ class Core:
     ) -> list[Effect]:
         self._move(task.queue, task.state, State.WAITING)
         task.state = State.WAITING
-        task.seq = self._allocate()
+        task.seq = self._allocate(now)
         task.worker = None
         task.updated = now
+        if self.shared and delay > 0:
+            task.not_before = now + delay  # in the row: any node's claim waits for it
         effects: list[Effect] = [
             Write(Update(task.copy(), expected=expected)),
             *(announce or []),
             *self._event("task queued", task),
         ]
+        if self.shared:
+            task.not_before = 0.0
+            queue = self._queue(task.queue)
+            if delay > 0:
+                heapq.heappush(self._wakes, (now + delay, queue.name))
+            else:
+                self._waits(queue, task)
+            return effects + self._dispatch_soon(queue, now)
         if delay > 0:
             self._delayed[task.id] = task
             heapq.heappush(self._delays, (now + delay, task.id, task.seq))
@@ -811,7 +1060,8 @@ class Core:
         return []
 
     def _free_slots(self, worker: _Worker) -> int:
-        return worker.concurrency - len(self._by_worker.get(worker.id, ()))
+        held = len(self._by_worker.get(worker.id, ())) + self._claiming.get(worker.id, 0)
+        return worker.concurrency - held
 
     def _dispatch_soon(self, queue: _Queue, now: float) -> list[Effect]:
         """Offer now, or, with :attr:`defer_dispatch`, at the next :meth:`flush`; also
@@ -845,7 +1095,11 @@ class Core:
 
     def _dispatch(self, queue: _Queue, now: float) -> list[Effect]:
         """Offer waiting tasks to workers with free slots, round robin, each worker's share
-        in one offer."""
+        in one offer (shared: claim them first, :meth:`_claim`)."""
+        if self.shared:
+            claims = self._claim(queue, now)
+            self._forget_if_idle(queue)
+            return claims
         effects: list[Effect] = []
         for worker in list(queue.workers.values()):
             if not queue.window:
@@ -861,18 +1115,23 @@ class Core:
         self._forget_if_idle(queue)
         return effects
 
-    def _offer(self, worker: _Worker, tasks: Iterable[Task], now: float) -> list[Effect]:
+    def _offer(
+        self, worker: _Worker, tasks: Iterable[Task], now: float, *, claimed: bool = False
+    ) -> list[Effect]:
+        """Offer waiting ``tasks`` to ``worker``, each as its next run; ``claimed``: the
+        store made them active runs of the worker already (:meth:`claimed`)."""
         effects: list[Effect] = []
         snapshots: list[Task] = []
         for task in tasks:
-            self._move(task.queue, State.WAITING, State.ACTIVE)
-            # Waiting since it was last queued (updated then); a clock that stepped
-            # back across a restart must not make it negative.
-            self._observe(seen.STARTED, task.queue, max(0.0, now - task.updated))
-            task.state = State.ACTIVE
-            task.run += 1
-            task.worker = worker.id
-            task.updated = now
+            if not claimed:
+                self._move(task.queue, State.WAITING, State.ACTIVE)
+                # Waiting since it was last queued (updated then); a clock that stepped
+                # back across a restart must not make it negative.
+                self._observe(seen.STARTED, task.queue, max(0.0, now - task.updated))
+                task.state = State.ACTIVE
+                task.run += 1
+                task.worker = worker.id
+                task.updated = now
             current = _Run(task, acked=False, deadline=None, offered=now)
             self._runs[task.id] = current
             self._by_worker.setdefault(worker.id, set()).add(task.id)
@@ -880,7 +1139,8 @@ class Core:
             snapshot = task.copy()
             task.strip()  # the offer carries the payload; the run needs none
             snapshots.append(snapshot)
-            effects.append(Write(Update(snapshot, expected=State.WAITING)))
+            if not claimed:
+                effects.append(Write(Update(snapshot, expected=State.WAITING)))
         effects.append(Offer(worker.connection, worker.name, tuple(snapshots)))
         return effects
 

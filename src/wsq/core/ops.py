@@ -21,7 +21,9 @@ class Insert:
 @dataclass(frozen=True, slots=True)
 class Update:
     """Overwrite the task's mutable fields (state, seq, progress, retries, error, run,
-    worker, updated) if its stored state is ``expected``. Result: whether it applied."""
+    worker, updated, not_before) if its stored state is ``expected`` and, when that is
+    ``active``, its stored run is ``task.run`` (a run another node took over is not
+    ended by the old one). Result: whether it applied."""
 
     task: Task
     expected: State
@@ -57,7 +59,25 @@ class LoadWaiting:
     max_payload: int | None = None
 
 
-Op = Insert | Update | SetProgress | Delete | LoadWaiting
+@dataclass(frozen=True, slots=True)
+class ClaimWaiting:
+    """Claim the oldest waiting tasks of ``queue`` that are due (``not_before <= now``),
+    one per entry of ``workers``: the i-th claimed, in ``seq`` order, becomes active as
+    the next run of ``workers[i]`` (``run + 1``, ``worker``, ``updated = now``). A shared
+    store skips tasks another node is claiming at the same moment rather than wait for
+    it (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), so two claims never take one task.
+    Result: ``list[Task]``, the claimed tasks as they now are but for ``updated``, which
+    is given as it was (when the task was queued: how long it waited), in ``seq`` order,
+    each with its payload only if that is at most ``max_payload`` bytes (as
+    :class:`LoadWaiting`)."""
+
+    queue: str
+    workers: tuple[str, ...]
+    now: float
+    max_payload: int | None = None
+
+
+Op = Insert | Update | SetProgress | Delete | LoadWaiting | ClaimWaiting
 
 
 @dataclass(slots=True)

@@ -90,7 +90,10 @@ class Task:
     created: float = 0.0
     updated: float = 0.0
     owner: str | None = None
-    """The name of the principal that added it, when the server has an auth file.
+    not_before: float = 0.0
+    """``owner``: the name of the principal that added it, when the server has an auth
+    file. ``not_before``: a waiting task is not claimed before this time (a back-off
+    after a run that timed out, with a shared store: docs/architecture.md); 0: any time.
 
     ``data`` is ``None`` when the task's payload is not held in memory (the core keeps
     ids and order, not data, beyond a small budget): then ``streams`` lists only the
@@ -115,6 +118,7 @@ class Task:
             self.created,
             self.updated,
             self.owner,
+            self.not_before,
         )
 
     @property

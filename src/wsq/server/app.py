@@ -36,7 +36,7 @@ from picows.websockets import Server as WsServer
 from wsq import protocol
 from wsq.blobs import STALE_UPLOAD_AGE
 from wsq.blobs.base import BlobStore
-from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Write
+from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
 from wsq.core.history import History
 from wsq.core.task import Task
@@ -202,7 +202,7 @@ class Server:
             raise ValueError(f"sweep_grace must be seconds >= 0, not {sweep_grace!r}")
         self.sweep_grace = sweep_grace
         self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
-        self.core = Core(worker_timeout=worker_timeout, window=window)
+        self.core = Core(worker_timeout=worker_timeout, window=window, shared=self.store.shared)
         self.core.observed = self._observed
         self.core.defer_dispatch = True
         # GET /metrics and the history op (docs/operations.md, "Metrics"); the core
@@ -445,15 +445,18 @@ class Server:
 
     def _apply_now(self, effects: list[Effect]) -> None:
         ops: list[Op] = []
-        loads: list[tuple[int, Load]] = []
+        reads: list[tuple[int, Load | Claim]] = []  # ops whose results the core awaits
         for effect in effects:
             if isinstance(effect, Write):
                 ops.append(effect.op)
             elif isinstance(effect, Load):
-                loads.append((len(ops), effect))
+                reads.append((len(ops), effect))
                 ops.append(LoadWaiting(effect.queue, effect.limit, effect.max_payload))
+            elif isinstance(effect, Claim):
+                reads.append((len(ops), effect))
+                ops.append(effect.op)
         if ops:
-            self.submit(ops, (lambda outcome: self._loaded(outcome, loads)) if loads else None)
+            self.submit(ops, (lambda outcome: self._loaded(outcome, reads)) if reads else None)
         for effect in effects:
             self._apply_one(effect)
 
@@ -483,11 +486,19 @@ class Server:
         elif isinstance(effect, DeleteBlobs):
             self.later(lambda: self._delete_blobs(effect.keys))
 
-    def _loaded(self, results: Outcome, loads: list[tuple[int, Load]]) -> None:
-        if isinstance(results, BaseException) or self._closing:
+    def _loaded(self, results: Outcome, reads: list[tuple[int, Load | Claim]]) -> None:
+        if self._closing:
             return
-        for index, load in loads:
-            self.apply(self.core.loaded(load.queue, results[index], load.limit, time.time()))
+        for index, read in reads:
+            now = time.time()
+            # A failed batch applied nothing: the core tries its claims and loads later.
+            if isinstance(read, Claim):
+                claimed = None if isinstance(results, BaseException) else results[index]
+                self.apply(self.core.claimed(read.op, claimed, now))
+            elif isinstance(results, BaseException):
+                self.apply(self.core.load_failed(read.queue, now))
+            else:
+                self.apply(self.core.loaded(read.queue, results[index], read.limit, now))
 
     def _send_to(self, connection_id: str, message: bytes) -> None:
         connection = self.connections.get(connection_id)

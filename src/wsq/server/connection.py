@@ -561,8 +561,9 @@ class Connection:
         keys = set(task.blobs)
         self._unclaimed -= keys
         self._storing += 1
+        record = self.server.core.admit(task, time.time())
         self.server.submit(
-            [Insert(task)], lambda outcome: self._inserted(outcome, message.id, task, keys)
+            [Insert(record)], lambda outcome: self._inserted(outcome, message.id, task, keys)
         )
 
     def _inserted(self, outcome: Outcome, request_id: int, task: Task, keys: set[str]) -> None:
@@ -591,7 +592,7 @@ class Connection:
             id=spec.task or uuid.uuid4().hex,
             queue=queue,
             state=State.WAITING,
-            seq=self.server.core.allocate_seq(),
+            seq=self.server.core.allocate_seq(now),
             data=bytes(spec.data),
             streams=tuple(_stream_ref(s, uploads) for s in spec.streams) if spec.streams else (),
             options=options,
@@ -618,8 +619,9 @@ class Connection:
             for spec, opts in zip(message.tasks, options, strict=True)
         ]
         self._storing += 1
+        now = time.time()
         self.server.submit(
-            [Insert(task) for task in tasks],
+            [Insert(self.server.core.admit(task, now)) for task in tasks],
             lambda outcome: self._inserted_many(outcome, message.id, tasks),
         )
 

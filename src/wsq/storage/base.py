@@ -22,10 +22,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from wsq.core.ops import Delete, Insert, LoadWaiting, Op, Recovery, SetProgress, Update
+from wsq.core.ops import (
+    ClaimWaiting,
+    Delete,
+    Insert,
+    LoadWaiting,
+    Op,
+    Recovery,
+    SetProgress,
+    Update,
+)
 from wsq.core.task import State, Task
 
 __all__ = [
+    "ClaimWaiting",
     "Delete",
     "Insert",
     "LoadWaiting",
@@ -39,6 +49,10 @@ __all__ = [
 
 class StateStore(ABC):
     """A durable home for tasks. Methods are called from the event loop only."""
+
+    shared: bool = False
+    """Whether other servers may use the same data (PostgreSQL): then the core claims the
+    tasks it offers (:class:`ClaimWaiting`) instead of keeping a window of them."""
 
     @abstractmethod
     async def open(self) -> Recovery:

@@ -25,6 +25,7 @@ from typing import Any
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
+    ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
@@ -68,7 +69,8 @@ class MemoryStateStore(StateStore):
     :class:`~wsq.exceptions.ServerError`; so do the reads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = False) -> None:
+        self.shared = shared  # to test the several-node paths without PostgreSQL
         self._open = False
         self.store_id = uuid.uuid4().hex  # this store's data, for as long as it lives
         self._tasks: dict[str, Task] = {}
@@ -124,6 +126,8 @@ class MemoryStateStore(StateStore):
     def _apply(self, op: Op, journal: builtins.list[tuple[str, Task | None]]) -> Any:
         if isinstance(op, LoadWaiting):
             return self._load_waiting(op.queue, op.limit, op.max_payload)
+        if isinstance(op, ClaimWaiting):
+            return self._claim(op, journal)
         if isinstance(op, Insert):
             if op.task.id in self._tasks:
                 return False
@@ -144,6 +148,8 @@ class MemoryStateStore(StateStore):
             return False
         if isinstance(op, Update) and stored.state != op.expected:
             return False
+        if isinstance(op, Update) and op.expected == State.ACTIVE and stored.run != op.task.run:
+            return False
         if isinstance(op, Delete) and op.expected not in (None, stored.state):
             return False
         if isinstance(op, SetProgress) and stored.state != State.ACTIVE:
@@ -155,6 +161,33 @@ class MemoryStateStore(StateStore):
         elif isinstance(op, SetProgress):
             self._put(dataclasses.replace(stored, progress=op.progress, updated=op.updated))
         return True
+
+    def _claim(
+        self, op: ClaimWaiting, journal: builtins.list[tuple[str, Task | None]]
+    ) -> builtins.list[Task]:
+        due = [
+            self._tasks[task_id]
+            for _, task_id in self._waiting.get(op.queue, [])
+            if self._tasks[task_id].not_before <= op.now
+        ][: len(op.workers)]
+        claimed = []
+        for stored, worker in zip(due, op.workers, strict=False):
+            journal.append((stored.id, stored))
+            self._remove(stored.id)
+            active = dataclasses.replace(
+                stored,
+                state=State.ACTIVE,
+                run=stored.run + 1,
+                worker=worker,
+                updated=op.now,
+                not_before=0.0,
+            )
+            self._put(active)
+            # As it now is, but for when it was last updated: when it was queued.
+            claimed.append(
+                _stripped(dataclasses.replace(active, updated=stored.updated), op.max_payload)
+            )
+        return claimed
 
     def _load_waiting(self, queue: str, limit: int, max_payload: int | None) -> builtins.list[Task]:
         keys = self._waiting.get(queue, [])[: max(limit, 0)]
@@ -254,6 +287,7 @@ def _updated(stored: Task, new: Task) -> Task:
         run=new.run,
         worker=new.worker,
         updated=new.updated,
+        not_before=new.not_before,
     )
 
 

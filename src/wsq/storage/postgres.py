@@ -51,6 +51,7 @@ import msgspec
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
+    ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
@@ -196,14 +197,36 @@ TASK_COLUMNS_SEQ = 3
 # streams lists the blob refs alone (Task.strip). octet_length reads the size a TOASTed
 # value records, not the value.
 _FITS = "octet_length(data) + coalesce(octet_length(streams), 0) <= $1::bigint"
-TASK_COLUMNS_STRIPPED = TASK_COLUMNS.replace(
-    "data, streams",
-    f"CASE WHEN {_FITS} THEN data END, CASE WHEN {_FITS} THEN streams ELSE blob_streams END",
+_FITS_COLUMNS = (
+    f"CASE WHEN {_FITS} THEN data END, CASE WHEN {_FITS} THEN streams ELSE blob_streams END"
 )
+TASK_COLUMNS_STRIPPED = TASK_COLUMNS.replace("data, streams", _FITS_COLUMNS)
 LOAD_WAITING = f"""
 SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks
 WHERE queue = $2 AND state = 'waiting'
 ORDER BY seq LIMIT $3
+"""
+_CLAIMED_COLUMNS = ", ".join(
+    "p.updated" if name == "updated" else f"t.{name}" for name in TASK_COLUMNS.split(", ")
+).replace("t.data, t.streams", re.sub(r"\b(data|streams|blob_streams)\b", r"t.\1", _FITS_COLUMNS))
+# The oldest due waiting tasks of a queue, one per worker slot ($4), locked as they are
+# read so that concurrent claims of other nodes skip them instead of waiting; the n-th
+# (by seq) goes to the n-th slot. RETURNING gives the rows as updated, but for
+# ``updated``: the value before (when the task was queued), from the locked subquery.
+CLAIM_WAITING = f"""
+WITH picked AS (
+    SELECT id, updated, row_number() OVER (ORDER BY seq) AS slot FROM (
+        SELECT id, seq, updated FROM wsq_tasks
+        WHERE queue = $2 AND state = 'waiting' AND not_before <= $3
+        ORDER BY seq LIMIT cardinality($4::text[])
+        FOR UPDATE SKIP LOCKED
+    ) locked
+)
+UPDATE wsq_tasks t
+SET state = 'active', run = t.run + 1, worker = ($4::text[])[p.slot], updated = $3,
+    not_before = 0
+FROM picked p WHERE t.id = p.id
+RETURNING {_CLAIMED_COLUMNS}
 """
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = $1"
 GET_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = ANY($1::text[])"
@@ -276,17 +299,22 @@ _FINISH_CTE = (
     "finish AS (UPDATE wsq_tasks t SET state = f.state, progress = f.progress,"
     " retries = f.retries, error = f.error, updated = f.updated"
     " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
-    " {p5}::float8[]) AS f (id, state, progress, retries, error, updated)"
-    " WHERE t.id = f.id AND t.state = 'active' RETURNING t.id)"
+    " {p5}::float8[], {p6}::bigint[]) AS f (id, state, progress, retries, error, updated, run)"
+    " WHERE t.id = f.id AND t.state = 'active' AND t.run = f.run RETURNING t.id)"
 )
+# An update out of 'active' applies only to the same run: a run another node took over
+# is not ended by the node that held it before.
 _UPDATE_CTE = (
     "upd AS (UPDATE wsq_tasks t SET state = u.state, seq = u.seq, progress = u.progress,"
     " retries = u.retries, error = u.error, run = u.run, worker = u.worker,"
-    " updated = u.updated"
+    " updated = u.updated, not_before = u.not_before"
     " FROM unnest({p0}::text[], {p1}::text[], {p2}::text[], {p3}::bigint[], {p4}::float8[],"
-    " {p5}::bigint[], {p6}::bytea[], {p7}::bigint[], {p8}::text[], {p9}::float8[])"
-    " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated)"
-    " WHERE t.id = u.id AND t.state = u.expected RETURNING t.id)"
+    " {p5}::bigint[], {p6}::bytea[], {p7}::bigint[], {p8}::text[], {p9}::float8[],"
+    " {p10}::float8[])"
+    " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated,"
+    " not_before)"
+    " WHERE t.id = u.id AND t.state = u.expected"
+    " AND (u.expected <> 'active' OR t.run = u.run) RETURNING t.id)"
 )
 _PROGRESS_CTE = (
     "prog AS (UPDATE wsq_tasks t SET progress = p.progress, updated = p.updated"
@@ -304,8 +332,8 @@ _DELETE_CTE = (
 _KINDS: dict[str, tuple[str, str, int]] = {
     "insert": (_INSERT_CTE, "ins", len(INSERT_TYPES) + 2),
     "start": (_START_CTE, "start", 4),
-    "finish": (_FINISH_CTE, "finish", 6),
-    "update": (_UPDATE_CTE, "upd", 10),
+    "finish": (_FINISH_CTE, "finish", 7),
+    "update": (_UPDATE_CTE, "upd", 11),
     "progress": (_PROGRESS_CTE, "prog", 3),
     "delete": (_DELETE_CTE, "del", 2),
 }
@@ -428,7 +456,7 @@ class Writes:
         return write_statement(kinds), params
 
 
-Step = Writes | LoadWaiting
+Step = Writes | LoadWaiting | ClaimWaiting
 
 
 def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
@@ -441,7 +469,7 @@ def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
                 return "start", task.id, (task.id, task.run, task.worker, task.updated)
             if expected is State.ACTIVE and task.state in _FINISHED:
                 finish = (_VALUES[task.state], task.progress, task.retries, _text(task.error))
-                return "finish", task.id, (task.id, *finish, task.updated)
+                return "finish", task.id, (task.id, *finish, task.updated, task.run)
             return "update", task.id, _update_row(task, State(expected))
         case SetProgress(task_id, progress, updated):
             return "progress", task_id, (task_id, progress, updated)
@@ -462,6 +490,7 @@ def _update_row(task: Task, expected: State) -> tuple[Any, ...]:
         task.run,
         task.worker,
         task.updated,
+        task.not_before,
     )
 
 
@@ -473,7 +502,7 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     steps: list[Step] = []
     writes: Writes | None = None
     for op in ops:
-        if isinstance(op, LoadWaiting):
+        if isinstance(op, LoadWaiting | ClaimWaiting):
             steps.append(op)
             writes = None
             continue
@@ -493,6 +522,11 @@ async def _run_step(conn: asyncpg.Connection, step: Step) -> builtins.list[Any]:
         fits = MAX_INT if step.max_payload is None else clamp(step.max_payload)
         rows = await conn.fetch(LOAD_WAITING, fits, step.queue, clamp(max(step.limit, 0)))
         return [[_task_from_row(row) for row in rows]]
+    if isinstance(step, ClaimWaiting):
+        fits = MAX_INT if step.max_payload is None else clamp(step.max_payload)
+        args = (fits, step.queue, step.now, list(step.workers))
+        rows = await conn.fetch(CLAIM_WAITING, *args)
+        return [sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)]
     sql, params = step.statement()
     applied = {(row[0], row[1]) for row in await conn.fetch(sql, *params)}
     return [(_KIND_CODES[kind], task_id) in applied for kind, task_id in step.slots]
@@ -791,6 +825,10 @@ class PostgresStateStore(StateStore):
 
     :attr:`commits` counts the transactions committed.
     """
+
+    # Several servers will share one schema (issue 11): the core claims what it offers
+    # (ClaimWaiting) already, though the owner lock still admits one server per schema.
+    shared = True
 
     def __init__(
         self,

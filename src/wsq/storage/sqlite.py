@@ -50,6 +50,7 @@ import msgspec
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
+    ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
@@ -115,7 +116,12 @@ CREATE TABLE meta (
 INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(16))));
 """
 
-MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3]
+# When a waiting task may be claimed (ClaimWaiting): the end of a back-off.
+SCHEMA_4 = """
+ALTER TABLE tasks ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3, SCHEMA_4]
 
 # -- statements -----------------------------------------------------------------------------
 
@@ -148,8 +154,9 @@ ON CONFLICT (id) DO NOTHING
 INSERT_BLOB = "INSERT OR IGNORE INTO blobs (key, task) VALUES (?, ?)"
 UPDATE_TASK = """
 UPDATE tasks
-SET state = ?, seq = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?
-WHERE id = ? AND state = ?
+SET state = ?, seq = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?,
+    not_before = ?
+WHERE id = ? AND state = ? AND (state <> 'active' OR run = ?)
 """
 # The common moves touch only the columns they change, so SQLite leaves the indexes on
 # the others alone: starting or finishing a run never rewrites the (seq) index.
@@ -159,7 +166,7 @@ WHERE id = ? AND state = 'waiting'
 """
 FINISH_TASK = """
 UPDATE tasks SET state = ?, progress = ?, retries = ?, error = ?, updated = ?
-WHERE id = ? AND state = 'active'
+WHERE id = ? AND state = 'active' AND run = ?
 """
 SET_PROGRESS = "UPDATE tasks SET progress = ?, updated = ? WHERE id = ? AND state = 'active'"
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
@@ -181,6 +188,15 @@ LOAD_WAITING = f"""
 SELECT {TASK_COLUMNS_STRIPPED} FROM tasks
 WHERE queue = ? AND state = 'waiting'
 ORDER BY seq LIMIT ?
+"""
+CLAIMABLE = f"""
+SELECT {TASK_COLUMNS_STRIPPED} FROM tasks
+WHERE queue = ? AND state = 'waiting' AND not_before <= ?
+ORDER BY seq LIMIT ?
+"""
+CLAIM_TASK = """
+UPDATE tasks SET state = 'active', run = run + 1, worker = ?, updated = ?, not_before = 0
+WHERE id = ?
 """
 GET_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
 
@@ -363,8 +379,8 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         start = (task.run, task.worker, task.updated, task.id)
         return bool(conn.execute(START_TASK, start).rowcount == 1)
     if op.expected is State.ACTIVE and task.state in _FINISHED:
-        finish = (task.state.value, task.progress, task.retries, task.error, task.updated, task.id)
-        return bool(conn.execute(FINISH_TASK, finish).rowcount == 1)
+        finish = (task.state.value, task.progress, task.retries, task.error, task.updated)
+        return bool(conn.execute(FINISH_TASK, (*finish, task.id, task.run)).rowcount == 1)
     params = (
         State(task.state).value,
         task.seq,
@@ -374,10 +390,25 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         task.run,
         task.worker,
         task.updated,
+        task.not_before,
         task.id,
         State(op.expected).value,
+        task.run,
     )
     return bool(conn.execute(UPDATE_TASK, params).rowcount == 1)
+
+
+def _claim(conn: sqlite3.Connection, op: ClaimWaiting) -> builtins.list[Task]:
+    """One writer: no other claim can run in between, so no locking is needed."""
+    fits = MAX_INT if op.max_payload is None else clamp(op.max_payload)
+    params = (fits, fits, op.queue, op.now, len(op.workers))
+    claimed = [_task_from_row(row) for row in conn.execute(CLAIMABLE, params)]
+    for task, worker in zip(claimed, op.workers, strict=False):
+        task.state = State.ACTIVE
+        task.run += 1
+        task.worker = worker
+    conn.executemany(CLAIM_TASK, [(t.worker, op.now, t.id) for t in claimed])
+    return claimed
 
 
 _FINISHED = (State.COMPLETED, State.FAILED)
@@ -404,6 +435,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return conn.execute(SET_PROGRESS, (progress, updated, task_id)).rowcount == 1
         case Delete(task_id, expected):
             return _delete(conn, task_id, expected)
+        case ClaimWaiting():
+            return _claim(conn, op)
         case LoadWaiting(queue_, limit, max_payload):
             fits = MAX_INT if max_payload is None else clamp(max_payload)
             rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, clamp(max(limit, 0))))
