@@ -16,6 +16,7 @@ from tests.contract.test_state_store import child_script, insert, make, run_chil
 from tests.integration.procs import free_port
 from tests.integration.proxy import Proxy
 from tests.pg import Schema
+from wsq.core.task import State
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import Delete, Insert, LoadWaiting, Recovery
 from wsq.storage.postgres import (
@@ -61,6 +62,12 @@ EXPECTED_COLUMNS = {
         ("not_before", "double precision", "NO"),
     ],
     "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
+    "wsq_counts": [
+        ("node", "text", "NO"),
+        ("queue", "text", "NO"),
+        ("state", "text", "NO"),
+        ("n", "bigint", "NO"),
+    ],
     "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
     "wsq_schema_version": [
         ("version", "integer", "NO"),
@@ -69,6 +76,10 @@ EXPECTED_COLUMNS = {
     ],
 }
 EXPECTED_INDEXES = {
+    (
+        "wsq_counts",
+        "CREATE UNIQUE INDEX wsq_counts_pkey ON {s}.wsq_counts USING btree (node, queue, state)",
+    ),
     ("wsq_blobs", "CREATE INDEX wsq_blobs_task ON {s}.wsq_blobs USING btree (task)"),
     ("wsq_blobs", "CREATE UNIQUE INDEX wsq_blobs_pkey ON {s}.wsq_blobs USING btree (key)"),
     (
@@ -105,6 +116,8 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
         ("wsq_blobs", "key"): "C",
         ("wsq_blobs", "task"): "C",
         ("wsq_meta", "key"): "C",
+        ("wsq_counts", "node"): "C",
+        ("wsq_counts", "queue"): "C",
     }
     indexes = await pg_schema.fetch(
         "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", pg_schema.name
@@ -243,9 +256,9 @@ async def test_claims_in_open_transactions_skip_each_others_rows(
         one, two = first.transaction(), second.transaction()
         await one.start()
         await two.start()
-        taken = await first.fetch(CLAIM_WAITING, MAX_INT, "q", 1.0, ["a"] * 4)
+        taken = await first.fetch(CLAIM_WAITING, MAX_INT, "q", 1.0, ["a"] * 4, "node-a")
         others = await asyncio.wait_for(
-            second.fetch(CLAIM_WAITING, MAX_INT, "q", 1.0, ["b"] * 4), timeout=10
+            second.fetch(CLAIM_WAITING, MAX_INT, "q", 1.0, ["b"] * 4, "node-b"), timeout=10
         )
         assert sorted(row["id"] for row in taken) == ["t1", "t2", "t3", "t4"]
         assert sorted(row["id"] for row in others) == ["t5", "t6"]
@@ -256,6 +269,8 @@ async def test_claims_in_open_transactions_skip_each_others_rows(
         await second.close()
     workers = {task.id: task.worker for task in await pg_store.list(queue="q")}
     assert workers == {"t1": "a", "t2": "a", "t3": "a", "t4": "a", "t5": "b", "t6": "b"}
+    # Each node moved the counts in rows of its own; their sums are the cluster's.
+    assert await pg_store.counts() == {("q", State.ACTIVE): 6}
 
 
 async def test_open_of_an_unreachable_database_raises_unavailable(pg_schema: Schema) -> None:

@@ -380,6 +380,45 @@ async def test_claims_on_their_way_together_never_take_one_task_twice(
     assert sorted(t.id for t in results) == [f"t{n:03}" for n in range(1, 201)]
 
 
+async def test_counts_follow_every_kind_of_write(store: StateStore) -> None:
+    """Inserts (waiting or already active), starts, finishes, updates, deletes and claims
+    all move the counts; ops that do not apply move nothing."""
+    await insert(store, *(make(f"t{n}", n) for n in range(1, 7)))
+    await insert(store, make("x", 7, queue="other", state=State.ACTIVE, run=1, worker="w"))
+    t1 = await store.get("t1")
+    assert t1 is not None
+    started = replace(t1, state=State.ACTIVE, run=1, worker="w")
+    await store.submit(
+        [
+            Update(started, expected=State.WAITING),
+            Update(replace(started, state=State.COMPLETED), expected=State.ACTIVE),
+            Update(replace(started, state=State.COMPLETED), expected=State.ACTIVE),  # no-op
+            Delete("t2", expected=State.WAITING),
+            Delete("nope"),
+            Insert(make("t1", 99)),  # a taken id: no-op
+            ClaimWaiting("q", ("w", "w"), now=5.0),
+        ]
+    )
+    x = await store.get("x")
+    assert x is not None
+    requeued = replace(x, state=State.WAITING, worker=None, seq=50)
+    await store.submit(
+        [Update(requeued, expected=State.ACTIVE), Delete("t3"), SetProgress("t4", 0.5, 6.0)]
+    )
+    tasks = await store.list(limit=100)
+    expected = {(t.queue, t.state): 0 for t in tasks}
+    for t in tasks:
+        expected[t.queue, t.state] += 1
+    assert await store.counts() == expected
+    assert expected == {
+        ("q", State.COMPLETED): 1,
+        ("q", State.ACTIVE): 1,  # t4 (t3, claimed, was deleted)
+        ("q", State.WAITING): 2,
+        ("other", State.WAITING): 1,
+    }
+    assert (await reopen(store)).counts == expected
+
+
 async def test_load_waiting_sees_writes_submitted_before_it(store: StateStore) -> None:
     await insert(store, make("a", 1), make("b", 2))
     # Neither future is awaited before the next submit: the order of calls decides.

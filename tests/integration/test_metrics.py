@@ -48,7 +48,10 @@ async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int
 
 
 async def scrape(server: wsq.Server, **headers: str) -> dict[tuple[str, tuple[Any, ...]], float]:
-    """Every sample of /metrics: (name, sorted labels) -> value."""
+    """Every sample of /metrics: (name, sorted labels) -> value. With a shared store the
+    task counts are read from it once a second: read them now, as the next second would."""
+    if server.store.shared:
+        await server._refresh_counts()
     status, body = await http_get(http_url(server, "/metrics"), headers)
     assert status == 200, body
     samples = {}

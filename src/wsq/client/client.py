@@ -593,6 +593,11 @@ class Client(Emitter):
             self.emit(name, task, *extra)
             if queue is not None:
                 queue.emit(name, task, *extra)
+        # One loop turn later: a caller whose add() just returned (its answer read just
+        # before this event, in the same turn) attaches its listeners first.
+        asyncio.get_running_loop().call_soon(self._notify_watchers, name, info, extra)
+
+    def _notify_watchers(self, name: str, info: dict[str, Any], extra: list[Any]) -> None:
         watchers = self._watched.get(info["id"])
         if watchers is None:
             return

@@ -556,6 +556,19 @@ class Core:
                     effects += self._dispatch_soon(queue, now)
         return effects
 
+    def wake(self, names: Iterable[str] | None, now: float) -> list[Effect]:
+        """Shared store: tasks of these queues (``None``: of any) may wait there now,
+        queued by another node; workers here with free slots claim them."""
+        effects: list[Effect] = []
+        queues = self._queues.values() if names is None else map(self._queues.get, names)
+        for queue in list(queues):
+            if queue is not None and queue.workers:
+                queue.maybe_waiting = True
+                if queue.claiming:
+                    queue.added_while_claiming = True
+                effects += self._dispatch_soon(queue, now)
+        return effects
+
     def _waits(self, queue: _Queue, task: Task) -> None:
         """A task of ``queue`` waits (again): in its window, or, shared, in the store."""
         if not self.shared:
@@ -894,23 +907,41 @@ class Core:
             if any(counts)
         }
 
-    def stats(self, patterns: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def stats(
+        self,
+        patterns: Iterable[str] | None = None,
+        counts: dict[tuple[str, State], int] | None = None,
+    ) -> list[dict[str, Any]]:
         """Every queue holding tasks or workers (only those ``patterns`` match): its
         counts by state and its workers, each with how many runs it holds. Costs nothing
-        per task (counts are kept as they move), nor for the queues left out."""
+        per task (counts are kept as they move), nor for the queues left out. ``counts``
+        (a shared store's, of every node) replaces the core's own."""
+        names, by_name = self._names, self._counts
+        if counts is not None:
+            by_name = {}
+            for (name, state), n in counts.items():
+                by_name.setdefault(name, [0] * len(_STATE_NAMES))[_STATE_INDEX[state]] = n
+            names = NameIndex()
+            for name in [*by_name, *(q.name for q in self._queues.values() if q.workers)]:
+                if name not in names:
+                    names.hold(name)
         out = []
-        for name in self._names.matching(patterns):
-            counts = self._counts.get(name)
+        for name in names.matching(patterns):
+            counts_of = by_name.get(name)
             queue = self._queues.get(name)
-            if counts is None and not (queue and queue.workers):
+            if counts_of is None and not (queue and queue.workers):
                 continue  # a window with no tasks counted and no workers: not a queue yet
-            counts = counts or [0] * len(_STATE_NAMES)
+            counts_of = counts_of or [0] * len(_STATE_NAMES)
             workers = [
                 {**worker.to_json(), "running": len(self._by_worker.get(worker.id, ()))}
                 for worker in (queue.workers.values() if queue else ())
             ]
             out.append(
-                {"name": name, **dict(zip(_STATE_NAMES, counts, strict=True)), "workers": workers}
+                {
+                    "name": name,
+                    **dict(zip(_STATE_NAMES, counts_of, strict=True)),
+                    "workers": workers,
+                }
             )
         return out
 

@@ -77,7 +77,20 @@ class ClaimWaiting:
     max_payload: int | None = None
 
 
-Op = Insert | Update | SetProgress | Delete | LoadWaiting | ClaimWaiting
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Send ``records`` (JSON texts, each under :data:`RECORD_MAX` bytes) to the other
+    servers that share the store, once the batch holding this op commits, in commit
+    order; never if it does not. Result: ``None``. A store that no other server shares
+    drops them."""
+
+    records: tuple[str, ...]
+
+
+RECORD_MAX = 7_900
+"""The largest record :class:`Publish` carries (PostgreSQL's NOTIFY takes 8,000 bytes)."""
+
+Op = Insert | Update | SetProgress | Delete | LoadWaiting | ClaimWaiting | Publish
 
 
 @dataclass(slots=True)

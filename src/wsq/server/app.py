@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
@@ -39,7 +40,7 @@ from wsq.blobs.base import BlobStore
 from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
 from wsq.core.history import History
-from wsq.core.task import Task
+from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.server import health, web
 from wsq.server.auth import Authenticator
@@ -53,7 +54,7 @@ from wsq.server.metrics import Metrics
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
-from wsq.storage.base import LoadWaiting, Op, StateStore
+from wsq.storage.base import RECORD_MAX, LoadWaiting, Op, Publish, StateStore
 from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
@@ -62,6 +63,9 @@ HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
+COUNTS_EVERY = 1.0
+"""Seconds between reads of a shared store's counts, for metrics and history."""
+STATE_NAMES = tuple(state.value for state in State)
 
 
 def _transitions_logged() -> bool:
@@ -71,10 +75,11 @@ def _transitions_logged() -> bool:
 class _Batch:
     """Ops submitted during one turn of the event loop, on their way to the store."""
 
-    __slots__ = ("callbacks", "done", "ops")
+    __slots__ = ("callbacks", "done", "emits", "ops")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.ops: list[Op] = []
+        self.emits: list[Emit] = []  # for the other nodes of a shared store
         self.callbacks: list[tuple[int, int, Callable[[Outcome], None]]] = []
         self.done = done
 
@@ -189,6 +194,11 @@ class Server:
         if state_store is not None and database is not None:
             raise ValueError("pass state_store or database, not both")
         self.store = state_store or _state_store(database, self.data_dir)
+        if self.store.shared and not self.store.node:
+            self.store.node = self.node_name  # its rows of the cluster's counts
+        # Records this server publishes carry this, so that it skips its own.
+        self._instance = uuid.uuid4().hex
+        self.store.listen(self._on_record)
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
         self.blobs = blob_store or _blob_store(storage, self.data_dir)
@@ -207,10 +217,12 @@ class Server:
         self.core.defer_dispatch = True
         # GET /metrics and the history op (docs/operations.md, "Metrics"); the core
         # appends what it sees to the metrics' list, drained at the end of each turn.
+        # With a shared store the counts are every node's: read from it every second.
+        self._cluster_counts: dict[str, dict[str, int]] = {}
         self.metrics = Metrics(
-            counts=self.core.counts,
+            counts=self._counts,
             workers=self.core.worker_counts,
-            waiting=self.core.waiting_counts,
+            waiting=self._waiting_counts,
             connections=lambda: len(self.connections),
             max_queues=metrics_max_queues,
             history=History(max_queues=history_max_queues),
@@ -266,6 +278,9 @@ class Server:
         bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
+        if self.store.shared:
+            await self._refresh_counts()
+            self.spawn(self._keep_counts(), "wsq-counts")
         self.spawn(self.metrics.run(), "wsq-metrics")
         self.spawn(self.readiness.run(), "wsq-readiness")
         log(
@@ -405,6 +420,8 @@ class Server:
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, None
         assert batch is not None
+        if batch.emits:
+            batch.ops.append(Publish(tuple(_records(self._instance, batch.emits))))
         sent = time.perf_counter()
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
@@ -460,13 +477,70 @@ class Server:
         for effect in effects:
             self._apply_one(effect)
 
+    def _counts(self) -> dict[str, dict[str, int]]:
+        """Tasks per queue and state: this server's, or a shared store's (every node's)."""
+        return self._cluster_counts if self.store.shared else self.core.counts()
+
+    def _waiting_counts(self) -> dict[str, int]:
+        if not self.store.shared:
+            return self.core.waiting_counts()
+        return {name: n["waiting"] for name, n in self._cluster_counts.items() if n["waiting"]}
+
+    async def _refresh_counts(self) -> None:
+        try:
+            counts = await self.store.counts()
+        except Exception as exc:  # PostgreSQL unavailable: keep the last, try again
+            log(logging.WARNING, "counts unavailable", f"Reading the task counts failed: {exc}")
+            return
+        fresh: dict[str, dict[str, int]] = {}
+        for (queue, state), n in counts.items():
+            fresh.setdefault(queue, dict.fromkeys(STATE_NAMES, 0))[state.value] = n
+        self._cluster_counts = fresh
+
+    async def _keep_counts(self) -> None:
+        while True:
+            await asyncio.sleep(COUNTS_EVERY)
+            await self._refresh_counts()
+
     def _observed(self, queue: str) -> bool:
+        if self.store.shared:
+            return True  # subscribers of other nodes may observe it
         return _transitions_logged() or None in self.subscribers or queue in self.subscribers
+
+    def _on_record(self, text: str | None) -> None:
+        """A record another node published (or ``None``: some may have been missed): its
+        events go to this node's subscribers, and queues that have tasks waiting again
+        are looked at by this node's idle workers."""
+        if self._closing:
+            return
+        now = time.time()
+        if text is None:
+            self.apply(self.core.wake(None, now))
+            return
+        try:
+            record = _decode_record(text)
+        except msgspec.ValidationError:
+            log(logging.ERROR, "bad record", f"A record from another node is malformed: {text!r}")
+            return
+        if record.instance == self._instance:
+            return
+        queued: dict[str, None] = {}
+        for event, queue, args in record.events:
+            self._broadcast(Emit(event, queue, tuple(args)))
+            if event == "task queued":
+                queued[queue] = None
+        if queued:
+            self.apply(self.core.wake(queued, now))
 
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
             self._log_event(effect)
             self.later(lambda: self._broadcast(effect))
+            if self.store.shared:  # and to the other nodes, with the writes it reports
+                if self._batch is None:
+                    self.submit([])
+                assert self._batch is not None
+                self._batch.emits.append(effect)
         elif isinstance(effect, Offer):
             # Offers need not wait for the writes before them: the task's insert is
             # durable already, and a crash before its "active" write only means the task
@@ -734,6 +808,53 @@ class Server:
 
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}\Z")
+
+
+class _Record(msgspec.Struct, array_like=True):
+    """What a node publishes per batch for the others: its instance, and its events."""
+
+    instance: str
+    events: list[tuple[str, str, list[Any]]]
+
+
+_decode_record = msgspec.json.Decoder(_Record).decode
+_encode = msgspec.json.Encoder().encode
+_TRUNCATED = "… (truncated)"
+
+
+def _records(instance: str, emits: Sequence[Emit]) -> list[str]:
+    """``emits`` as :class:`_Record` texts of at most RECORD_MAX bytes each. An event too
+    big alone has its task's error text cut to fit."""
+    head = len(_encode(_Record(instance, [])))
+    records: list[str] = []
+    events: list[bytes] = []
+    size = head
+    for emit in emits:
+        event = _encode((emit.event, emit.queue, emit.args))
+        if head + len(event) + 1 > RECORD_MAX:
+            event = _shrunk(emit, RECORD_MAX - head - 1)
+        if events and size + len(event) + 1 > RECORD_MAX:
+            records.append(_join(instance, events))
+            events, size = [], head
+        events.append(event)
+        size += len(event) + 1
+    if events:
+        records.append(_join(instance, events))
+    return records
+
+
+def _join(instance: str, events: list[bytes]) -> str:
+    return f"[{_encode(instance).decode()},[{b','.join(events).decode()}]]"
+
+
+def _shrunk(emit: Emit, room: int) -> bytes:
+    task = dict(emit.args[0]) if emit.args and isinstance(emit.args[0], dict) else {}
+    error = task.get("error") or ""
+    event = _encode((emit.event, emit.queue, emit.args))
+    over = len(event) - room
+    cut = error.encode()[: max(0, len(error.encode()) - over - len(_TRUNCATED.encode()) - 8)]
+    task["error"] = cut.decode(errors="ignore") + _TRUNCATED
+    return _encode((emit.event, emit.queue, (task, *emit.args[1:])))
 
 
 def check_node_name(name: str) -> str:

@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
@@ -1074,13 +1074,28 @@ class Connection:
 
     def _on_stats(self, message: p.Stats) -> None:
         patterns = self.principal.patterns("observe") if self._checked else None
-        stats = self.server.core.stats(patterns)
+        if self.server.store.shared:
+            self._spawn(message.id, self._cluster_stats(patterns))
+            return
+        # The counts as of now, sent once the writes they count are durable.
+        self.answer(message.id, {"queues": self._stats(patterns)})
+
+    def _stats(
+        self, patterns: Sequence[str] | None, counts: dict[tuple[str, State], int] | None = None
+    ) -> list[dict[str, Any]]:
+        stats = self.server.core.stats(patterns, counts)
         node = self.server.node_name
         for queue in stats:
             for worker in queue["workers"]:
                 worker["node"] = node  # a cluster's stats name each worker's node
-        # The counts as of now, sent once the writes they count are durable.
-        self.answer(message.id, {"queues": stats})
+        return stats
+
+    async def _cluster_stats(self, patterns: Sequence[str] | None) -> Any:
+        """A shared store's counts are every node's: read once this node's writes so far
+        are durable, so that they agree with every event sent before the answer."""
+        await self._durable()
+        counts = await self.server.store.counts()
+        return {"queues": self._stats(patterns, counts)}
 
     def _on_workers(self, message: p.Workers) -> None:
         if message.queue is not None:

@@ -19,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from wsq.core.ops import (
+    RECORD_MAX,
     ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
     Op,
+    Publish,
     Recovery,
     SetProgress,
     Update,
@@ -35,11 +37,13 @@ from wsq.core.ops import (
 from wsq.core.task import State, Task
 
 __all__ = [
+    "RECORD_MAX",
     "ClaimWaiting",
     "Delete",
     "Insert",
     "LoadWaiting",
     "Op",
+    "Publish",
     "Recovery",
     "SetProgress",
     "StateStore",
@@ -53,6 +57,9 @@ class StateStore(ABC):
     shared: bool = False
     """Whether other servers may use the same data (PostgreSQL): then the core claims the
     tasks it offers (:class:`ClaimWaiting`) instead of keeping a window of them."""
+    node: str = ""
+    """The name of the server using it (``--node-name``): a shared store keeps per-node
+    rows, such as each node's share of the counts."""
 
     @abstractmethod
     async def open(self) -> Recovery:
@@ -64,6 +71,17 @@ class StateStore(ABC):
         one per op in order. The future resolves after the commit is durable; it raises
         if the commit failed (then none of the batch's ops applied). The caller must not
         change a submitted op's task afterwards (the core passes snapshots)."""
+
+    def listen(self, deliver: Callable[[str | None], None]) -> None:
+        """Before :meth:`open`: have ``deliver`` called, on the event loop, with each
+        record another server sharing the store publishes (:class:`Publish`; this
+        server's own come too), in commit order, and with ``None`` when some may have been
+        missed. A store no other server shares never calls it."""
+        return None  # a default that does nothing: not an abstract method
+
+    @abstractmethod
+    async def counts(self) -> dict[tuple[str, State], int]:
+        """Committed tasks per queue and state (pairs with none left out)."""
 
     @abstractmethod
     async def get(self, task_id: str) -> Task | None:

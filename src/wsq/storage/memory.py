@@ -30,6 +30,7 @@ from wsq.storage.base import (
     Insert,
     LoadWaiting,
     Op,
+    Publish,
     Recovery,
     SetProgress,
     StateStore,
@@ -128,6 +129,8 @@ class MemoryStateStore(StateStore):
             return self._load_waiting(op.queue, op.limit, op.max_payload)
         if isinstance(op, ClaimWaiting):
             return self._claim(op, journal)
+        if isinstance(op, Publish):
+            return None  # no other server shares it
         if isinstance(op, Insert):
             if op.task.id in self._tasks:
                 return False
@@ -229,6 +232,11 @@ class MemoryStateStore(StateStore):
         self._check_open()
         task = self._tasks.get(task_id)
         return None if task is None else _copy(task)
+
+    async def counts(self) -> dict[tuple[str, State], int]:
+        """Stored tasks per queue and state. Raises ServerError if closed."""
+        self._check_open()
+        return dict(Counter((t.queue, t.state) for t in self._tasks.values()))
 
     async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
         """Copies of the stored tasks with these ids, by id. Raises ServerError if closed."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import contextlib
 import functools
 import importlib.resources
 import logging
@@ -56,6 +57,7 @@ from wsq.storage.base import (
     Insert,
     LoadWaiting,
     Op,
+    Publish,
     Recovery,
     SetProgress,
     StateStore,
@@ -206,9 +208,17 @@ SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks
 WHERE queue = $2 AND state = 'waiting'
 ORDER BY seq LIMIT $3
 """
-_CLAIMED_COLUMNS = ", ".join(
-    "p.updated" if name == "updated" else f"t.{name}" for name in TASK_COLUMNS.split(", ")
-).replace("t.data, t.streams", re.sub(r"\b(data|streams|blob_streams)\b", r"t.\1", _FITS_COLUMNS))
+_CLAIMED_COLUMNS = (
+    ", ".join(
+        "p.updated AS updated" if name == "updated" else f"t.{name}"
+        for name in TASK_COLUMNS.split(", ")
+    )
+    .replace(
+        "t.data, t.streams", re.sub(r"\b(data|streams|blob_streams)\b", r"t.\1", _FITS_COLUMNS)
+    )
+    .replace("THEN t.data END", "THEN t.data END AS data")
+    .replace("t.blob_streams END", "t.blob_streams END AS streams")
+)
 # The oldest due waiting tasks of a queue, one per worker slot ($4), locked as they are
 # read so that concurrent claims of other nodes skip them instead of waiting; the n-th
 # (by seq) goes to the n-th slot. RETURNING gives the rows as updated, but for
@@ -221,12 +231,20 @@ WITH picked AS (
         ORDER BY seq LIMIT cardinality($4::text[])
         FOR UPDATE SKIP LOCKED
     ) locked
+), claimed AS (
+    UPDATE wsq_tasks t
+    SET state = 'active', run = t.run + 1, worker = ($4::text[])[p.slot], updated = $3,
+        not_before = 0
+    FROM picked p WHERE t.id = p.id
+    RETURNING {_CLAIMED_COLUMNS}
+), cnt AS (
+    INSERT INTO wsq_counts (node, queue, state, n)
+    SELECT $5::text, $2, s.state, s.d * (SELECT count(*) FROM claimed)
+    FROM (VALUES ('waiting', -1), ('active', 1)) AS s (state, d)
+    WHERE EXISTS (SELECT 1 FROM claimed)
+    ON CONFLICT (node, queue, state) DO UPDATE SET n = wsq_counts.n + excluded.n
 )
-UPDATE wsq_tasks t
-SET state = 'active', run = t.run + 1, worker = ($4::text[])[p.slot], updated = $3,
-    not_before = 0
-FROM picked p WHERE t.id = p.id
-RETURNING {_CLAIMED_COLUMNS}
+SELECT * FROM claimed
 """
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = $1"
 GET_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = ANY($1::text[])"
@@ -269,7 +287,9 @@ WHERE queue IS NOT NULL
 ORDER BY queue"""
 )
 GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM wsq_tasks"
-GET_COUNTS = "SELECT queue, state, count(*) FROM wsq_tasks GROUP BY queue, state"
+GET_COUNTS = (
+    "SELECT queue, state, sum(n)::bigint FROM wsq_counts GROUP BY queue, state HAVING sum(n) <> 0"
+)
 GET_STORE_ID = "SELECT value FROM wsq_meta WHERE key = 'store_id'"
 GET_ACTIVE_TASKS = (
     f"SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE state = 'active' ORDER BY seq"
@@ -283,7 +303,7 @@ _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 _INSERT_CTE = (
     "ins AS (INSERT INTO wsq_tasks ("
     + INSERT_COLUMNS
-    + ") SELECT * FROM unnest({params}) ON CONFLICT (id) DO NOTHING RETURNING id),"
+    + ") SELECT * FROM unnest({params}) ON CONFLICT (id) DO NOTHING RETURNING id, queue, state),"
     " ins_blobs AS (INSERT INTO wsq_blobs (key, task)"
     " SELECT b.key, b.task FROM unnest({p0}::text[], {p1}::text[]) AS b (key, task)"
     " WHERE b.task IN (SELECT id FROM ins) ON CONFLICT (key) DO NOTHING)"
@@ -293,14 +313,15 @@ _START_CTE = (
     " updated = s.updated"
     " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::float8[])"
     " AS s (id, run, worker, updated)"
-    " WHERE t.id = s.id AND t.state = 'waiting' RETURNING t.id)"
+    " WHERE t.id = s.id AND t.state = 'waiting' RETURNING t.id, t.queue)"
 )
 _FINISH_CTE = (
     "finish AS (UPDATE wsq_tasks t SET state = f.state, progress = f.progress,"
     " retries = f.retries, error = f.error, updated = f.updated"
     " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
     " {p5}::float8[], {p6}::bigint[]) AS f (id, state, progress, retries, error, updated, run)"
-    " WHERE t.id = f.id AND t.state = 'active' AND t.run = f.run RETURNING t.id)"
+    " WHERE t.id = f.id AND t.state = 'active' AND t.run = f.run"
+    " RETURNING t.id, t.queue, t.state)"
 )
 # An update out of 'active' applies only to the same run: a run another node took over
 # is not ended by the node that held it before.
@@ -314,7 +335,8 @@ _UPDATE_CTE = (
     " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated,"
     " not_before)"
     " WHERE t.id = u.id AND t.state = u.expected"
-    " AND (u.expected <> 'active' OR t.run = u.run) RETURNING t.id)"
+    " AND (u.expected <> 'active' OR t.run = u.run)"
+    " RETURNING t.id, t.queue, u.expected, t.state)"
 )
 _PROGRESS_CTE = (
     "prog AS (UPDATE wsq_tasks t SET progress = p.progress, updated = p.updated"
@@ -324,7 +346,8 @@ _PROGRESS_CTE = (
 _DELETE_CTE = (
     "del AS (DELETE FROM wsq_tasks t USING unnest({p0}::text[], {p1}::text[])"
     " AS d (id, expected)"
-    " WHERE t.id = d.id AND (d.expected IS NULL OR t.state = d.expected) RETURNING t.id),"
+    " WHERE t.id = d.id AND (d.expected IS NULL OR t.state = d.expected)"
+    " RETURNING t.id, t.queue, t.state),"
     " del_blobs AS (DELETE FROM wsq_blobs WHERE task IN (SELECT id FROM del))"
 )
 
@@ -338,12 +361,45 @@ _KINDS: dict[str, tuple[str, str, int]] = {
     "delete": (_DELETE_CTE, "del", 2),
 }
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+NOTIFIED = -1  # the kind code of the rows the notifications add to a step's result
+
+# How each kind moves the counts of wsq_counts: (queue, state, delta) rows from the CTE's
+# RETURNING. Progress moves none.
+_DELTAS = {
+    "insert": "SELECT queue, state, 1 FROM ins",
+    "start": (
+        "SELECT queue, 'waiting', -1 FROM start UNION ALL SELECT queue, 'active', 1 FROM start"
+    ),
+    "finish": (
+        "SELECT queue, 'active', -1 FROM finish UNION ALL SELECT queue, state, 1 FROM finish"
+    ),
+    "update": "SELECT queue, expected, -1 FROM upd UNION ALL SELECT queue, state, 1 FROM upd",
+    "delete": "SELECT queue, state, -1 FROM del",
+}
+# A node adds the moves it makes to its own rows of wsq_counts, so that nodes never wait
+# for each other's row locks there; the counts are the sums over nodes.
+_COUNT_CTE = (
+    "cnt AS (INSERT INTO wsq_counts (node, queue, state, n)"
+    " SELECT {node}::text, queue, state, sum(d) FROM ({deltas}) AS x (queue, state, d)"
+    " GROUP BY queue, state"
+    " ON CONFLICT (node, queue, state) DO UPDATE SET n = wsq_counts.n + excluded.n)"
+)
+# Records for the other nodes, sent in the statement's transaction: delivered once it
+# commits, in commit order, and never if it does not.
+_NOTIFY_CTE = "ntf AS (SELECT pg_notify({channel}::text, r) FROM unnest({records}::text[]) AS r)"
 
 
-@functools.lru_cache(maxsize=64)
-def write_statement(kinds: tuple[str, ...]) -> str:
+def moves_counts(kinds: Sequence[str]) -> bool:
+    return any(kind in _DELTAS for kind in kinds)
+
+
+@functools.lru_cache(maxsize=128)
+def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
     """The statement applying one step holding ops of ``kinds`` (in :data:`_KINDS` order):
-    its rows are ``(kind code, id)`` for every op that applied."""
+    its rows are ``(kind code, id)`` for every op that applied. Its parameters are those
+    of the kinds, then the node whose counts it moves (if a kind moves any:
+    :func:`moves_counts`), then, with ``notify``, the channel and the records to send
+    there (a row ``(NOTIFIED, '')`` each)."""
     ctes = []
     selects = []
     next_param = 1
@@ -360,6 +416,13 @@ def write_statement(kinds: tuple[str, ...]) -> str:
         ctes.append(cte.format(**named))
         selects.append(f"SELECT {_KIND_CODES[kind]}, id FROM {name}")
         next_param += count
+    deltas = [_DELTAS[kind] for kind in kinds if kind in _DELTAS]
+    if deltas:
+        ctes.append(_COUNT_CTE.format(node=f"${next_param}", deltas=" UNION ALL ".join(deltas)))
+        next_param += 1
+    if notify:
+        ctes.append(_NOTIFY_CTE.format(channel=f"${next_param}", records=f"${next_param + 1}"))
+        selects.append(f"SELECT {NOTIFIED}, '' FROM ntf")
     return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(selects)
 
 
@@ -425,6 +488,7 @@ class Writes:
 
     slots: list[tuple[str, str]] = field(default_factory=list)
     rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    records: list[str] = field(default_factory=list)  # for the other nodes (Publish)
     blobs: list[tuple[str, str]] = field(default_factory=list)  # (key, task) of inserts
     # Task id -> index of its row in rows["progress"] for a SetProgress, else -1.
     ids: dict[str, int] = field(default_factory=dict)
@@ -445,7 +509,9 @@ class Writes:
         self.slots.append((kind, task_id))
         return True
 
-    def statement(self) -> tuple[str, list[Any]]:
+    def statement(self, node: str = "", channel: str = "") -> tuple[str, list[Any]]:
+        """The SQL and its parameters; ``node`` names the counts it moves, ``channel``
+        is where its :attr:`records` go."""
         kinds = tuple(kind for kind in _KINDS if kind in self.rows)
         params: list[Any] = []
         for kind in kinds:
@@ -453,7 +519,11 @@ class Writes:
             if kind == "insert":
                 params.append([key for key, _ in self.blobs])
                 params.append([task for _, task in self.blobs])
-        return write_statement(kinds), params
+        if moves_counts(kinds):
+            params.append(node)
+        if self.records:
+            params += [channel, self.records]
+        return write_statement(kinds, bool(self.records)), params
 
 
 Step = Writes | LoadWaiting | ClaimWaiting
@@ -506,6 +576,14 @@ def plan(ops: Sequence[Op]) -> list[Step]:
             steps.append(op)
             writes = None
             continue
+        if isinstance(op, Publish):
+            # Sent at commit whichever statement sends it: it joins the current step.
+            if writes is None:
+                writes = Writes()
+                steps.append(writes)
+            writes.records.extend(op.records)
+            writes.slots.append(("publish", ""))
+            continue
         kind, task_id, row = _write(op)
         if writes is None or not writes.add(kind, task_id, row):
             writes = Writes()
@@ -516,26 +594,34 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     return steps
 
 
-async def _run_step(conn: asyncpg.Connection, step: Step) -> builtins.list[Any]:
-    """Results of the ops of ``step``, run on ``conn``."""
+async def _run_step(
+    conn: asyncpg.Connection, step: Step, node: str = "", channel: str = ""
+) -> builtins.list[Any]:
+    """Results of the ops of ``step``, run on ``conn``; ``node`` and ``channel`` as for
+    :meth:`Writes.statement`."""
     if isinstance(step, LoadWaiting):
         fits = MAX_INT if step.max_payload is None else clamp(step.max_payload)
         rows = await conn.fetch(LOAD_WAITING, fits, step.queue, clamp(max(step.limit, 0)))
         return [[_task_from_row(row) for row in rows]]
     if isinstance(step, ClaimWaiting):
         fits = MAX_INT if step.max_payload is None else clamp(step.max_payload)
-        args = (fits, step.queue, step.now, list(step.workers))
+        args = (fits, step.queue, step.now, list(step.workers), node)
         rows = await conn.fetch(CLAIM_WAITING, *args)
         return [sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)]
-    sql, params = step.statement()
+    sql, params = step.statement(node, channel)
     applied = {(row[0], row[1]) for row in await conn.fetch(sql, *params)}
-    return [(_KIND_CODES[kind], task_id) in applied for kind, task_id in step.slots]
+    return [
+        None if kind == "publish" else (_KIND_CODES[kind], task_id) in applied
+        for kind, task_id in step.slots
+    ]
 
 
-async def _run_steps(conn: asyncpg.Connection, steps: list[Step]) -> builtins.list[Any]:
+async def _run_steps(
+    conn: asyncpg.Connection, steps: list[Step], node: str = "", channel: str = ""
+) -> builtins.list[Any]:
     results: builtins.list[Any] = []
     for step in steps:
-        results += await _run_step(conn, step)
+        results += await _run_step(conn, step, node, channel)
     return results
 
 
@@ -657,8 +743,12 @@ class _Writer:
         *,
         batch_max: int,
         timeout: float | None,
+        node: str = "",
+        channel: str = "",
     ) -> None:
         self.commits = 0  # transactions committed
+        self.node = node  # whose rows of wsq_counts its writes move
+        self.channel = channel  # where Publish records go
         self.accepting = True
         self._connect = connect
         self._conn: asyncpg.Connection | None = conn
@@ -747,10 +837,10 @@ class _Writer:
         try:
             steps = plan(ops)
             if len(steps) == 1:
-                results = await _run_step(conn, steps[0])
+                results = await _run_step(conn, steps[0], self.node, self.channel)
             else:
                 async with conn.transaction():
-                    results = await _run_steps(conn, steps)
+                    results = await _run_steps(conn, steps, self.node, self.channel)
         except Exception as exc:
             if isinstance(_store_error(exc, conn), Unavailable):
                 raise
@@ -760,12 +850,14 @@ class _Writer:
         outcomes: builtins.list[_Outcome] = []
         async with conn.transaction():
             for job in batch:
-                outcomes.append(await _apply_job(conn, job.ops))
+                outcomes.append(await _apply_job(conn, job.ops, self.node, self.channel))
         self.commits += 1
         return outcomes
 
 
-async def _apply_job(conn: asyncpg.Connection, ops: Sequence[Op]) -> _Outcome:
+async def _apply_job(
+    conn: asyncpg.Connection, ops: Sequence[Op], node: str = "", channel: str = ""
+) -> _Outcome:
     """Results of ``ops`` in a savepoint, or the exception that stopped them (then none of
     them applied). Raises if the connection failed."""
     try:
@@ -774,7 +866,7 @@ async def _apply_job(conn: asyncpg.Connection, ops: Sequence[Op]) -> _Outcome:
         return exc
     try:
         async with conn.transaction():
-            return await _run_steps(conn, steps)
+            return await _run_steps(conn, steps, node, channel)
     except Exception as exc:
         error = _store_error(exc, conn)
         if isinstance(error, Unavailable):
@@ -804,6 +896,79 @@ async def _close(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
+# -- the listener ---------------------------------------------------------------------------
+
+
+class _Listener:
+    """LISTEN on ``channel`` on a connection of its own; hand each notification's text to
+    ``deliver`` (on the event loop, in the order PostgreSQL sends them: commit order). When
+    the connection is lost, connect again every second until it works, then
+    ``deliver(None)``: records sent meanwhile are lost."""
+
+    RETRY = 1.0
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        channel: str,
+        deliver: Callable[[str | None], None],
+    ) -> None:
+        self._connect = connect
+        self._channel = channel
+        self._deliver = deliver
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen now (raises if PostgreSQL cannot be reached), then keep listening."""
+        await self._listen()
+        self._task = asyncio.get_running_loop().create_task(
+            self._keep(), name="wsq-postgres-listener"
+        )
+
+    async def _listen(self) -> None:
+        conn = await self._connect()
+        try:
+            await conn.add_listener(self._channel, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(lambda _: self._lost.set())
+        self._lost.clear()
+        self._conn = conn
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        self._deliver(str(payload))
+
+    async def _keep(self) -> None:
+        while True:
+            await self._lost.wait()
+            self._conn = None
+            while True:
+                await asyncio.sleep(self.RETRY)
+                try:
+                    await self._listen()
+                except Exception as exc:
+                    _log.warning(
+                        "Listening for other nodes' changes failed: %s",
+                        _store_error(exc),
+                        extra={"action": "store_listen_failed"},
+                    )
+                    continue
+                self._deliver(None)
+                break
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close(conn)
+
+
 # -- the store ------------------------------------------------------------------------------
 
 
@@ -826,8 +991,7 @@ class PostgresStateStore(StateStore):
     :attr:`commits` counts the transactions committed.
     """
 
-    # Several servers will share one schema (issue 11): the core claims what it offers
-    # (ClaimWaiting) already, though the owner lock still admits one server per schema.
+    # Several servers share one schema: the core claims what it offers (ClaimWaiting).
     shared = True
 
     def __init__(
@@ -839,6 +1003,8 @@ class PostgresStateStore(StateStore):
         timeout: float | None = 30.0,
         connect_timeout: float = 10.0,
         readers: int = 4,
+        node: str = "",
+        exclusive: bool = True,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1.")
@@ -850,6 +1016,14 @@ class PostgresStateStore(StateStore):
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.readers = readers
+        # The node's name: its rows of wsq_counts. ``exclusive``: hold the schema's owner
+        # lock, refusing a second server (until takeover of a dead node's runs is built,
+        # only tests of several nodes turn it off).
+        self.node = node
+        self.exclusive = exclusive
+        self.channel = ""  # wsq_<store id>, known once open
+        self._deliver: Callable[[str | None], None] | None = None
+        self._listener: _Listener | None = None
         self._writer: _Writer | None = None
         self._pool: asyncpg.Pool | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -882,7 +1056,18 @@ class PostgresStateStore(StateStore):
             if error is exc:
                 raise
             raise error from exc
-        self._writer = _Writer(self._connect, conn, batch_max=self.batch_max, timeout=self.timeout)
+        self.channel = f"wsq_{recovery.store_id}"
+        self._writer = _Writer(
+            self._connect,
+            conn,
+            batch_max=self.batch_max,
+            timeout=self.timeout,
+            node=self.node,
+            channel=self.channel,
+        )
+        if self._deliver is not None:
+            self._listener = _Listener(self._listen_connect, self.channel, self._deliver)
+            await self._listener.start()
         self._pool = await asyncpg.create_pool(  # min_size=0: connects on first use
             self.dsn,
             min_size=0,
@@ -893,8 +1078,22 @@ class PostgresStateStore(StateStore):
         return recovery
 
     async def _connect(self) -> asyncpg.Connection:
-        """The write connection, holding the schema's owner lock."""
+        """The write connection, holding the schema's owner lock if :attr:`exclusive`."""
+        if not self.exclusive:
+            return await _connect(self.dsn, self.schema, self.connect_timeout)
         return await _connect_owner(self.dsn, self.schema, self.connect_timeout)
+
+    async def _listen_connect(self) -> asyncpg.Connection:
+        settings = {**_settings(self.dsn, self.schema), **_KEEPALIVES}
+        return await asyncpg.connect(
+            self.dsn, timeout=self.connect_timeout, server_settings=settings
+        )
+
+    def listen(self, deliver: Callable[[str | None], None]) -> None:
+        """See :meth:`StateStore.listen`: LISTEN on the store's channel from :meth:`open`
+        on, on a connection of its own, connected again (and ``deliver(None)``) when it
+        is lost."""
+        self._deliver = deliver
 
     async def close(self) -> None:
         """Commit every job submitted so far (or fail it), then close the connections.
@@ -909,7 +1108,10 @@ class PostgresStateStore(StateStore):
     async def _shut_down(self) -> None:
         writer, pool = self._writer, self._pool
         assert writer is not None and pool is not None
+        listener, self._listener = self._listener, None
         try:
+            if listener is not None:
+                await listener.stop()
             await writer.stop()
             try:
                 await asyncio.wait_for(pool.close(), 5.0)
@@ -961,6 +1163,15 @@ class PostgresStateStore(StateStore):
             if error is exc:
                 raise
             raise error from exc
+
+    async def counts(self) -> dict[tuple[str, State], int]:
+        """Committed tasks per queue and state, from wsq_counts (the sums over nodes)."""
+
+        async def query(conn: _Reader) -> dict[tuple[str, State], int]:
+            rows = await conn.fetch(GET_COUNTS)
+            return {(queue, STATES[state]): n for queue, state, n in rows}
+
+        return await self._read(query)
 
     async def get(self, task_id: str) -> Task | None:
         """The committed task ``task_id``, or ``None``."""

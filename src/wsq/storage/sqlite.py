@@ -55,6 +55,7 @@ from wsq.storage.base import (
     Insert,
     LoadWaiting,
     Op,
+    Publish,
     Recovery,
     SetProgress,
     StateStore,
@@ -437,6 +438,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return _delete(conn, task_id, expected)
         case ClaimWaiting():
             return _claim(conn, op)
+        case Publish():
+            return None  # no other server shares the file
         case LoadWaiting(queue_, limit, max_payload):
             fits = MAX_INT if max_payload is None else clamp(max_payload)
             rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, clamp(max(limit, 0))))
@@ -815,6 +818,14 @@ class SqliteStateStore(StateStore):
         def query(conn: sqlite3.Connection) -> Task | None:
             row = conn.execute(GET_TASK, (task_id,)).fetchone()
             return None if row is None else _task_from_row(row)
+
+        return await self._read(query)
+
+    async def counts(self) -> dict[tuple[str, State], int]:
+        """Committed tasks per queue and state."""
+
+        def query(conn: sqlite3.Connection) -> dict[tuple[str, State], int]:
+            return {(q, STATES[state]): n for q, state, n in conn.execute(GET_COUNTS)}
 
         return await self._read(query)
 
