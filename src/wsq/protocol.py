@@ -28,7 +28,16 @@ QueueName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=QUEUE_NAME_MAX, pattern=_NO_CONTROL)
 ]
 TaskId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}\Z")]
+"""An id a client chooses (``add``'s ``task``, a worker's id): never holds ``/``."""
 WorkerId = TaskId
+TaskRef = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_.@:-]{0,99}/)?[A-Za-z0-9_.:-]{1,64}\Z"),
+]
+"""The id of an existing task, as the server answered it (§3): with an auth file, an id a
+client chose is scoped to its principal, ``<principal>/<id>`` (a principal name as
+docs/security.md allows it, then the chosen id); ids the server made, and every id on a
+server without an auth file, are a bare :data:`TaskId`. Never resolved from a bare id."""
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -105,17 +114,17 @@ class Queues(_Msg, tag="queues"):
 
 class Get(_Msg, tag="get"):
     id: RequestId
-    task: TaskId
+    task: TaskRef
 
 
 class Remove(_Msg, tag="remove"):
     id: RequestId
-    task: TaskId
+    task: TaskRef
 
 
 class Retry(_Msg, tag="retry"):
     id: RequestId
-    task: TaskId
+    task: TaskRef
 
 
 class Subscribe(_Msg, tag="subscribe"):
@@ -141,7 +150,7 @@ class StopWork(_Msg, tag="stop"):
 
 
 class RunRef(msgspec.Struct, array_like=True):
-    task: TaskId
+    task: TaskRef
     run: Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -151,20 +160,20 @@ class Ack(_Msg, tag="ack"):
 
 
 class Progress(_Msg, tag="progress"):
-    task: TaskId
+    task: TaskRef
     run: int
     progress: Fraction
     id: RequestId | None = None
 
 
 class Touch(_Msg, tag="touch"):
-    task: TaskId
+    task: TaskRef
     run: int
     id: RequestId | None = None
 
 
 class Complete(_Msg, tag="complete"):
-    task: TaskId
+    task: TaskRef
     run: int
     id: RequestId | None = None
 
@@ -180,7 +189,7 @@ class Release(_Msg, tag="release"):
 
 
 class Fail(_Msg, tag="fail"):
-    task: TaskId
+    task: TaskRef
     run: int
     error: ErrorText = ""
     id: RequestId | None = None
@@ -201,7 +210,7 @@ class UploadAbort(_Msg, tag="upload_abort"):
 
 class Download(_Msg, tag="download"):
     stream: StreamId
-    task: TaskId
+    task: TaskRef
     index: Annotated[int, msgspec.Meta(ge=0)]
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
 
@@ -378,13 +387,18 @@ def welcome(
     heartbeat: float,
     max_message: int = MAX_MESSAGE,
     node: str | None = None,
+    scope: str | None = None,
 ) -> bytes:
+    """``scope``: with an auth file, the prefix (``<principal>/``) the server puts before
+    the task ids this connection chooses (§4.1), so a client can tell a task's id before
+    its add is answered; omitted without one."""
     return encode(
         {
             "op": "welcome",
             "protocol": PROTOCOL_VERSION,
             "server": server,
             **({"node": node} if node is not None else {}),
+            **({"scope": scope} if scope is not None else {}),
             "connection": connection,
             "heartbeat": heartbeat,
             "limits": {

@@ -226,6 +226,13 @@ async def test_search_says_clearly_when_there_is_no_such_task(
     await page.fill("#search-id", "not an id!")
     await page.locator('#search button[type="submit"]').click()
     await expect(missing).to_contain_text('"not an id!" is not a task id', timeout=timeout())
+    # A scoped id (an auth file's <principal>/<id>, docs/protocol.md §3) is an id to look up.
+    await page.fill("#search-id", "alice/no-such-task")
+    await page.locator('#search button[type="submit"]').click()
+    await expect(missing).to_have_text("No task with id alice/no-such-task.", timeout=timeout())
+    await page.fill("#search-id", "../no-such-task")
+    await page.locator('#search button[type="submit"]').click()
+    await expect(missing).to_contain_text('"../no-such-task" is not a task id', timeout=timeout())
     # A task added meanwhile is found by the same search.
     task = await client.queue("found").add({"n": 1})
     await page.fill("#search-id", task.id)

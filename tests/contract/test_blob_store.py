@@ -45,6 +45,9 @@ HOSTILE_KEYS = [
     "../" + "0" * 29,
     "tmp",
     "g" * 32,
+    # Keys are the store's own, never a task's id: scoped ids (docs/protocol.md §3) are not keys.
+    "uploader/job-1",
+    "alice/" + "0" * 32,
 ]
 
 

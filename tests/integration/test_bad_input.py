@@ -1001,17 +1001,23 @@ BAD_TASK_IDS = [
     "",
     "a\x00b",
     "a\nb",
-    "a/b",
     "a b",
     "é",
     "💥",
+    # A task is named by <principal>/<id> at most (docs/protocol.md §3): one "/", after a
+    # name that starts with a letter or digit.
+    "a/b/c",
+    "a//b",
+    "./x",
+    "a/",
 ]
+BAD_CHOSEN_IDS = [*BAD_TASK_IDS, "a/b"]  # a chosen id has no "/" at all
 
 
 @pytest.mark.parametrize("op", ["add", "get", "remove", "retry", "complete", "ack"])
 async def test_hostile_task_ids(server: wsq.Server, server_errors: Any, op: str) -> None:
     async with RawClient(server.url) as raw:
-        for n, task_id in enumerate(BAD_TASK_IDS):
+        for n, task_id in enumerate(BAD_CHOSEN_IDS if op == "add" else BAD_TASK_IDS):
             if op == "add":
                 message = {"op": "add", "queue": "ids", "data": 1, "task": task_id}
             elif op == "complete":
@@ -1024,6 +1030,9 @@ async def test_hostile_task_ids(server: wsq.Server, server_errors: Any, op: str)
         await assert_alive(raw, server_errors)
         listed = await raw.request({"op": "list"})
         assert listed["result"]["tasks"] == []
+        if op in ("get", "remove", "retry"):  # a well-formed scoped id that names nothing
+            answer = await raw.request({"op": op, "task": "a/b"})
+            assert answer["code"] == "not_found", answer
 
 
 async def test_hostile_task_ids_in_download(server: wsq.Server, server_errors: Any) -> None:

@@ -265,3 +265,28 @@ async def test_a_sync_handler_reads_streams_as_files_and_reports_progress(
     finally:
         worker.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(worker.wait(), budget(30)) == 0
+
+
+async def test_with_an_auth_file_add_prints_the_scoped_id_the_other_verbs_take(
+    tmp_path: Path,
+) -> None:
+    """``wsq add --id job-1`` prints the id the server gave (``<principal>/job-1``), and
+    ``--wait`` follows the task by that id (docs/protocol.md §4.3, "Task ids")."""
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[tokens.ops]\ntoken = "cli-ops-token-0123456"\nadmin = ["*"]\n')
+    env = {"WSQ_TOKEN": "cli-ops-token-0123456"}
+    async with (
+        wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server,
+        wsq.Client(server.url, token="cli-ops-token-0123456") as client,
+    ):
+        code, out, err = await cli("add", "scoped", "{}", "--id", "job-1", url=server.url, env=env)
+        assert (code, out.strip()) == (0, "ops/job-1"), err
+        code, out, err = await cli("show", "ops/job-1", "--json", url=server.url, env=env)
+        assert code == 0 and json.loads(out)["id"] == "ops/job-1", err
+        code, _, err = await cli("show", "job-1", url=server.url, env=env)
+        assert code == 1 and "No task" in err  # a bare id is never resolved
+        client.queue("scoped").process(lambda task: None)
+        code, out, err = await cli(
+            "add", "scoped", "{}", "--id", "job-2", "--wait", url=server.url, env=env
+        )
+        assert (code, out.split()) == (0, ["ops/job-2", "completed"]), err

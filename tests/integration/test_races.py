@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -328,3 +329,39 @@ async def test_a_worker_id_of_another_principal_is_a_fresh_worker(
         with contextlib.suppress(TimeoutError):
             message = await bob.expect("abort", timeout=0.5)
             raise AssertionError(f"Bob got Alice's abort: {message}")
+
+
+# -- task ids chosen by clients are scoped to their principal -------------------------------
+
+
+async def test_the_same_task_ids_added_at_once_by_two_principals_make_two_tasks_each(
+    two_principals: wsq.Server,
+) -> None:
+    """Alice and the admin send adds of the same chosen ids at once, each twice (a re-send):
+    whichever insert lands first, each principal gets its own task per id, the second
+    send answers that same task, and nobody is told an id is in use."""
+    server = two_principals
+    ids = [f"same-{n}" for n in range(50)]
+    async with (
+        RawClient(server.url, token=ALICE) as alice,
+        RawClient(server.url, token=ADMIN) as admin,
+    ):
+        frames = {
+            raw: [
+                {"op": "add", "id": n, "queue": "jobs", "task": task_id, "data": name}
+                for n, task_id in enumerate(ids + ids)
+            ]
+            for raw, name in ((alice, "alice"), (admin, "admin"))
+        }
+        await asyncio.gather(*(raw.send(json.dumps(batch)) for raw, batch in frames.items()))
+        for raw, principal in ((alice, "alice"), (admin, "admin")):
+            answered: dict[int, Any] = {}
+            while len(answered) < 2 * len(ids):
+                message = await raw.receive()
+                if message["op"] in ("result", "error"):
+                    answered[message["id"]] = message
+            answers = [answered[n] for n in range(2 * len(ids))]
+            assert all(a["op"] == "result" for a in answers), answers
+            assert [a["result"]["id"] for a in answers] == [f"{principal}/{i}" for i in ids + ids]
+        listed = await admin.request({"op": "list", "queue": "jobs", "limit": 1000})
+        assert len(listed["result"]["tasks"]) == 2 * len(ids)

@@ -140,9 +140,6 @@ async def test_produce_adds_only_to_its_queues_and_reads_only_its_own_tasks(
             await stranger.get_data()
         with pytest.raises(wsq.Forbidden):
             await stranger.remove()
-        # Reusing another principal's task id does not reveal or return that task.
-        with pytest.raises(wsq.InvalidArgument, match="already in use"):
-            await other.queue("videos").add({"n": 4}, id=task.id)
 
 
 async def test_work_processes_its_queue_and_nothing_else(secured: wsq.Server) -> None:
@@ -189,6 +186,154 @@ async def test_only_the_same_principal_takes_a_worker_id_over(tmp_path: Path) ->
             assert (await again.request(work))["op"] == "result"
             keys = sorted(w for c in server.connections for w in server.core.workers_of(c))
             assert keys == ["encoder/enc-1", "encoder2/enc-1"]
+
+
+async def test_a_task_id_of_another_principal_is_a_task_of_its_own(secured: wsq.Server) -> None:
+    """Issue 10: a chosen task id is scoped to its principal (``<principal>/<id>``), as
+    worker ids are. Another producer choosing the same id in the same queue gets a task
+    of its own, and what it hears about the first principal's task id is exactly what it
+    hears about an id nobody uses: adding is no existence oracle."""
+    add = {"op": "add", "queue": "videos", "task": "job-1"}
+    async with (
+        RawClient(secured.url, token=PRODUCER) as alice,
+        RawClient(secured.url, token=OTHER_PRODUCER) as bob,
+    ):
+        assert (alice.welcome["scope"], bob.welcome["scope"]) == ("uploader/", "other/")
+        await alice.send({"op": "upload", "stream": 1})
+        await alice.send(protocol.pack_chunk(1, b"a" * 100))
+        await alice.send({"op": "upload_end", "stream": 1})
+        streams = [{"path": ["blob"], "upload": 1}]
+        first = await alice.request(
+            {**add, "data": {"by": "alice", "blob": None}, "streams": streams}
+        )
+        assert first["result"]["id"] == "uploader/job-1", first
+        second = await bob.request({**add, "data": {"by": "bob"}})
+        assert second["result"]["id"] == "other/job-1", second  # no "already in use"
+        got = await bob.request({"op": "get", "task": "other/job-1"})
+        assert got["result"]["data"] == {"by": "bob"}
+        got = await alice.request({"op": "get", "task": "uploader/job-1"})
+        assert got["result"]["data"] == {"by": "alice", "blob": None}
+        # Each principal adding its id again gets its own task back (§4.3), not the other's.
+        assert (await bob.request({**add, "data": {}}))["result"]["id"] == "other/job-1"
+        assert (await alice.request({**add, "data": {}}))["result"]["id"] == "uploader/job-1"
+        # Bob about Alice's task, and about ids nobody uses (scoped or bare: a bare id is
+        # never resolved to a scoped one), answers alike.
+        theirs, unknown = "uploader/job-1", "uploader/no-such-job"
+        for other_id in (unknown, "job-1"):
+            for request in ({"op": "get"}, {"op": "remove"}, {"op": "retry"}):
+                found = await bob.request({**request, "task": theirs})
+                missing = await bob.request({**request, "task": other_id})
+                assert _answer(found, theirs, other_id) == _answer(missing, theirs, other_id)
+            answers = []
+            for stream, task_id in ((7, theirs), (8, other_id)):
+                await bob.send({"op": "download", "stream": stream, "task": task_id, "index": 0})
+                answers.append(await bob.expect("stream_error"))
+            assert answers[0]["code"] == "not_found"
+            assert _answer(answers[0], theirs, other_id) == _answer(answers[1], theirs, other_id)
+        assert (await bob.request({"op": "get", "task": "job-1"}))["code"] == "not_found"
+        # Alice's task and its stream are untouched by all this.
+        await alice.send({"op": "download", "stream": 9, "task": theirs, "index": 0})
+        chunk = await alice.expect("_binary")
+        assert protocol.unpack_chunk(chunk["frame"]) == (9, b"a" * 100)
+
+
+async def test_add_many_scopes_chosen_ids_and_leaves_the_servers_own_bare(
+    secured: wsq.Server,
+) -> None:
+    async with RawClient(secured.url, token=OTHER_PRODUCER) as bob:
+        tasks = [{"task": "m-1", "data": 1}, {"data": 2}]
+        answer = await bob.request({"op": "add_many", "queue": "videos", "tasks": tasks})
+        chosen, made = answer["result"]["tasks"]
+        assert chosen == "other/m-1"
+        assert "/" not in made and len(made) == 32
+        for task_id in (chosen, made):
+            assert (await bob.request({"op": "get", "task": task_id}))["op"] == "result"
+        # A "/" in a chosen id is refused: a client cannot name a place in another's space.
+        refused = await bob.request({"op": "add", "queue": "videos", "task": "uploader/m-1"})
+        assert refused["code"] == "bad_message" and "$.task" in refused["message"]
+
+
+async def test_the_python_client_goes_by_the_scoped_id_the_server_answered(
+    secured: wsq.Server,
+) -> None:
+    """The client sends the id it chose and from then on uses the id of the answer: its
+    Task, the task's events, its streams, ``get_data``, ``remove``; add_many's too."""
+    async with fast(secured.url, PRODUCER) as producer, fast(secured.url, ADMIN) as admin:
+        mine = await producer.queue("videos").add({"blob": b"p" * 100_000}, id="clip-1")
+        assert mine.id == "uploader/clip-1"
+        assert (await producer.queue("videos").add({}, id="clip-1")).id == mine.id
+        assert await (await mine.get_data())["blob"].read() == b"p" * 100_000
+        many = await producer.queue("videos").add_many([{"n": 1}, {"n": 2}])
+        assert all(t.id.startswith("uploader/") for t in many)
+        # The admin may listen: its task's events reach the Task its add returned.
+        queue = admin.queue("videos")
+        task = await queue.add({"blob": b"v" * 100_000}, id="clip-1")
+        assert task.id == "ops/clip-1"
+        heard: list[tuple[str, str]] = []
+        task.on("started", lambda t: heard.append(("started", t.id)))
+        task.on("completed", lambda t: heard.append(("completed", t.id)))
+        read: dict[str, bytes] = {}
+
+        async def handler(running: wsq.Task) -> None:
+            blob = running.data.get("blob")
+            read[running.id] = await blob.read() if blob is not None else b""
+
+        worker = queue.process(handler)
+        await eventually(lambda: ("completed", task.id) in heard)
+        await worker.stop()
+        assert read["ops/clip-1"] == b"v" * 100_000
+        assert read["uploader/clip-1"] == b"p" * 100_000
+        assert heard[0] == ("started", "ops/clip-1")
+        assert task.state == "completed"
+        assert await (await task.get_data())["blob"].read() == b"v" * 100_000
+        await task.remove()
+        with pytest.raises(wsq.TaskNotFound):
+            await task.get_data()
+
+
+async def test_streams_of_scoped_tasks_are_stored_under_the_stores_own_keys(
+    secured: wsq.Server,
+) -> None:
+    """A ``/`` in a task id reaches no path: blob keys are made by the store (32 hex
+    digits, ``blobs/<2>/<key>``), never from the task id, so a scoped task's upload makes
+    no folder of its principal or id, and reads back whole."""
+    blobs = secured.data_dir / "blobs"
+    before = {path for path in blobs.rglob("*") if path.is_dir()}
+    async with fast(secured.url, PRODUCER) as producer:
+        task = await producer.queue("videos").add({"blob": b"s" * 100_000}, id="..")
+        assert task.id == "uploader/.."
+        assert await (await task.get_data())["blob"].read() == b"s" * 100_000
+    files = [path.relative_to(blobs) for path in blobs.rglob("*") if path.is_file()]
+    stored = [path for path in files if path.parts[0] != "tmp" and len(path.parts) == 2]
+    assert len(stored) == 1, files
+    folder, key = stored[0].parts
+    assert len(key) == 32 and set(key) <= set("0123456789abcdef") and folder == key[:2]
+    made = {path for path in blobs.rglob("*") if path.is_dir()} - before
+    assert made <= {blobs / folder}, made
+    assert not any("uploader" in str(path) for path in blobs.rglob("*"))
+
+
+async def test_an_own_task_id_stays_taken_when_its_task_is_out_of_reach(tmp_path: Path) -> None:
+    """A principal whose earlier task it may no longer read (its role on that queue was
+    taken away) still finds the id taken: the space is its own, so this tells it only of
+    its own past add, never of another principal's; the task itself stays unreadable."""
+    auth = tmp_path / "auth.toml"
+    auth.write_text(AUTH_TOML)
+    async with (
+        wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server,
+        RawClient(server.url, token=PRODUCER) as alice,
+    ):
+        added = await alice.request({"op": "add", "queue": "thumbs-a", "task": "mine"})
+        assert added["result"]["id"] == "uploader/mine"
+    auth.write_text(AUTH_TOML.replace('produce = ["videos", "thumbs-*"]', 'produce = ["videos"]'))
+    async with (
+        wsq.Server(data_dir=tmp_path / "data", port=0, auth=auth) as server,
+        RawClient(server.url, token=PRODUCER) as alice,
+    ):
+        again = await alice.request({"op": "add", "queue": "videos", "task": "mine"})
+        assert again["code"] == "invalid_argument" and "already in use" in again["message"]
+        got = await alice.request({"op": "get", "task": "uploader/mine"})
+        assert got["code"] == "not_found"
 
 
 async def test_observe_lists_and_watches_only_its_queues(secured: wsq.Server) -> None:
@@ -272,6 +417,8 @@ async def test_admin_removes_and_retries(secured: wsq.Server) -> None:
         ({}, "one table"),
         ({"tokens": {}}, "at least one"),
         ({"tokens": {"a b": {"token": "x" * 20, "work": ["q"]}}}, "principal name"),
+        # A name heads its task ids (<principal>/<id>): none may start like a path.
+        ({"tokens": {"..": {"token": "x" * 20, "work": ["q"]}}}, "starting with a letter"),
         ({"tokens": {"a": {"token": "short", "work": ["q"]}}}, "at least 16"),
         ({"tokens": {"a": {"work": ["q"]}}}, "exactly one"),
         ({"tokens": {"a": {"token": "x" * 20, "sha256": "0" * 64, "work": []}}}, "exactly one"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import queue
@@ -11,6 +12,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,8 +21,8 @@ import wsq.sync
 from tests.conftest import budget
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _serving(data_dir: Path, **options: Any) -> Iterator[str]:
     """A real wsq.Server on port 0, run by asyncio in a background thread."""
     ready: queue.Queue[str] = queue.Queue()
     stopping: list[asyncio.AbstractEventLoop | asyncio.Event] = []
@@ -28,7 +30,7 @@ def url(tmp_path: Path) -> Iterator[str]:
     async def serve() -> None:
         stop = asyncio.Event()
         stopping.extend([asyncio.get_running_loop(), stop])
-        async with wsq.Server(data_dir=tmp_path / "data", port=0) as server:
+        async with wsq.Server(data_dir=data_dir, port=0, **options) as server:
             ready.put(server.url)
             await stop.wait()
 
@@ -39,6 +41,12 @@ def url(tmp_path: Path) -> Iterator[str]:
     assert isinstance(loop, asyncio.AbstractEventLoop) and isinstance(stop, asyncio.Event)
     loop.call_soon_threadsafe(stop.set)
     thread.join(budget(30))
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    with _serving(tmp_path / "data") as address:
+        yield address
 
 
 def test_add_list_process_and_stats_without_an_event_loop(url: str) -> None:
@@ -199,3 +207,35 @@ def _eventually(check: object, timeout: float = 10.0) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_a_chosen_id_is_the_servers_scoped_id_from_the_add_on(tmp_path: Path) -> None:
+    """With an auth file the server keeps a chosen id as ``<principal>/<id>``: the sync
+    client's tasks carry that id, and everything after the add (events, data, streams,
+    removal) goes by it."""
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[tokens.alice]\ntoken = "sync-alice-token-0123"\nadmin = ["*"]\n')
+    with (
+        _serving(tmp_path / "data", auth=auth) as address,
+        wsq.sync.Client(address, token="sync-alice-token-0123") as client,
+    ):
+        queue = client.queue("scoped")
+        task = queue.add({"n": 1, "blob": b"b" * 100_000}, id="job-1")
+        assert task.id == "alice/job-1"
+        (many,) = queue.add_many([{"n": 2}])
+        assert many.id.startswith("alice/")
+        assert queue.add({"n": 3}, id="job-1").id == "alice/job-1"  # the same task again
+        done = threading.Event()
+        task.on("completed", lambda task: done.set())
+        seen: list[tuple[str, bytes]] = []
+
+        def handler(running: wsq.sync.Task) -> None:
+            if running.id == task.id:
+                seen.append((running.id, running.data["blob"].read()))
+
+        queue.process(handler)
+        assert done.wait(budget(10))
+        assert seen == [("alice/job-1", b"b" * 100_000)]
+        assert task.get_data()["blob"].read() == b"b" * 100_000
+        task.remove()
+        assert task.id not in [t.id for t in queue.all()]

@@ -282,6 +282,55 @@ test('times are milliseconds in the API (seconds on the wire)', async () => {
   assert.equal(listed.options.timeout, 1500)
 })
 
+test('with an auth file, a chosen id is the server\'s <principal>/<id> from the add on', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'wsq-scope-'))
+  writeFileSync(join(dir, 'auth.toml'), [
+    '[tokens.alice]', 'token = "node-alice-token-0123"', 'admin = ["*"]',
+    '[tokens.bob]', 'token = "node-bob-token-012345"', 'produce = ["q"]', ''].join('\n'))
+  const guarded = await new ServerProcess({ args: ['--auth-file', join(dir, 'auth.toml')] }).start()
+  const alice = new Client(guarded.url, { token: 'node-alice-token-0123' })
+  const bob = new Client(guarded.url, { token: 'node-bob-token-012345' })
+  try {
+    // Added before the first welcome tells the scope: the id gets it before the add goes
+    // out, so the events the server sends ahead of the answer find the task.
+    assert.equal(alice.scope, null)
+    const bytes = randomBytes(200_000)
+    const early = alice.queue('q').add({ blob: bytes }, { id: 'job-1' })
+    const heard = []
+    for (const name of ['added', 'started', 'completed']) early.on(name, (task) => heard.push([name, task.id]))
+    await early
+    assert.equal(alice.scope, 'alice/')
+    assert.equal(early.id, 'alice/job-1')
+    // Once the scope is known, the Task has its id at once.
+    const later = alice.queue('q').add({ n: 2 }, { id: 'job-2' })
+    assert.equal(later.id, 'alice/job-2')
+    await later
+    const seen = []
+    alice.queue('q').process(async (task) => {
+      seen.push([task.id, task.data.blob ? sha(Buffer.concat(await task.data.blob.toArray())) : null])
+    })
+    await eventually(() => heard.some(([name]) => name === 'completed') && seen.length === 2)
+    assert.deepEqual(heard, [['added', 'alice/job-1'], ['started', 'alice/job-1'], ['completed', 'alice/job-1']])
+    assert.deepEqual(seen, [['alice/job-1', sha(bytes)], ['alice/job-2', null]])
+    const data = await early.getData()
+    assert.equal(sha(Buffer.concat(await data.blob.toArray())), sha(bytes))
+    // Bob's "job-1" is a task of his own; Alice's is, to him, a task that is not there.
+    const his = await bob.queue('q').add({ n: 3 }, { id: 'job-1' })
+    assert.equal(his.id, 'bob/job-1')
+    for (const id of ['alice/job-1', 'alice/no-such-job', 'job-1']) {
+      await assert.rejects(bob.getTask(id), (e) => e.code === 'not_found' && e.message === `No task with id ${id}.`)
+    }
+    assert.equal((await his.getData()).n, 3)
+    await early.remove()
+    await assert.rejects(alice.getTask('alice/job-1'), (e) => e.code === 'not_found')
+  } finally {
+    await alice.close()
+    await bob.close()
+    await guarded.dispose()
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
 test('a refused token rejects ready() and calls; no unheard error event', async () => {
   const { mkdtempSync: mkdtemp, writeFileSync: write } = await import('node:fs')
   const dir = mkdtemp(join(tmpdir(), 'wsq-auth-'))

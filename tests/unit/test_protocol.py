@@ -1,7 +1,8 @@
 """Unit tests of :mod:`wsq.protocol`: decoding client frames, binary stream frames.
 
 Limits come from docs/protocol.md §3: a queue name is 1 to 199 characters with no control
-characters; a task id or worker id matches ``^[A-Za-z0-9_.:-]{1,64}$`` (the whole id);
+characters; a chosen task id or worker id matches ``^[A-Za-z0-9_.:-]{1,64}$`` (the whole id),
+and a task id naming a task may be scoped, ``<principal>/<chosen id>``;
 unknown fields are an error (§2).
 """
 
@@ -445,7 +446,6 @@ HOSTILE_IDS = [
     "a" * 65,
     "",
     "a b",
-    "a/b",
     "a\\b",
     "C:x\\y",
     "t%2f",
@@ -454,45 +454,84 @@ HOSTILE_IDS = [
     "t\n",
     "\nt",
 ]
-TASK_ID_FIELDS = [
+# A task's wire id may be scoped, ``<principal>/<id>`` (§3): one ``/``, a principal name
+# that starts with a letter or digit, then a chosen id; nothing else with a ``/`` passes.
+HOSTILE_REFS = [
+    *HOSTILE_IDS,
+    "a/b/c",
+    "a//b",
+    "a/",
+    "/a",
+    "./x",
+    ".@/x",
+    "-x/y",
+    "a/../b",
+    "a/b\n",
+    "a b/c",
+    "a" * 101 + "/x",
+    "a/" + "b" * 65,
+    "a/b@c",
+]
+SCOPED_IDS = ["alice/t1", "a" * 100 + "/" + "b" * 64, "ops@example.com/job:1", "7/.."]
+CHOSEN_ID_FIELDS = [
+    lambda t: frame(op="add", id=1, queue="q", task=t),
+    lambda t: frame(op="add_many", id=1, queue="q", tasks=[{"task": t}]),
+    lambda t: frame(op="work", id=1, queue="q", worker=t),
+    lambda t: frame(op="stop", id=1, worker=t),
+]
+CHOSEN_ID_FIELD_IDS = ["add.task", "add_many.task", "work.worker", "stop.worker"]
+TASK_REF_FIELDS = [
     lambda t: frame(op="get", id=1, task=t),
     lambda t: frame(op="remove", id=1, task=t),
     lambda t: frame(op="retry", id=1, task=t),
-    lambda t: frame(op="add", id=1, queue="q", task=t),
     lambda t: frame(op="ack", runs=[[t, 1]]),
     lambda t: frame(op="progress", task=t, run=1, progress=0.5),
     lambda t: frame(op="touch", task=t, run=1),
     lambda t: frame(op="complete", task=t, run=1),
+    lambda t: frame(op="complete_many", runs=[[t, 1]]),
+    lambda t: frame(op="release", runs=[[t, 1]]),
     lambda t: frame(op="fail", task=t, run=1),
     lambda t: frame(op="download", stream=1, task=t, index=0),
-    lambda t: frame(op="work", id=1, queue="q", worker=t),
-    lambda t: frame(op="stop", id=1, worker=t),
 ]
-TASK_ID_FIELD_IDS = [
+TASK_REF_FIELD_IDS = [
     "get",
     "remove",
     "retry",
-    "add.task",
     "ack",
     "progress",
     "touch",
     "complete",
+    "complete_many",
+    "release",
     "fail",
     "download",
-    "work.worker",
-    "stop.worker",
 ]
 
 
-@pytest.mark.parametrize("task_id", HOSTILE_IDS, ids=repr)
-@pytest.mark.parametrize("make", TASK_ID_FIELDS, ids=TASK_ID_FIELD_IDS)
-def test_hostile_task_or_worker_id_is_rejected(make: Any, task_id: str) -> None:
+@pytest.mark.parametrize("task_id", [*HOSTILE_IDS, "a/b", "alice/t1"], ids=repr)
+@pytest.mark.parametrize("make", CHOSEN_ID_FIELDS, ids=CHOSEN_ID_FIELD_IDS)
+def test_hostile_or_scoped_chosen_id_is_rejected(make: Any, task_id: str) -> None:
+    """A client chooses only the part after the scope: a ``/`` in it is refused."""
+    rejected(make(task_id))
+
+
+@pytest.mark.parametrize("task_id", HOSTILE_REFS, ids=repr)
+@pytest.mark.parametrize("make", TASK_REF_FIELDS, ids=TASK_REF_FIELD_IDS)
+def test_hostile_task_id_is_rejected(make: Any, task_id: str) -> None:
     rejected(make(task_id))
 
 
 @pytest.mark.parametrize("task_id", ["a" * 64, "t1", "job:2024-01-01_x.y", "A-Z_0-9"])
-@pytest.mark.parametrize("make", TASK_ID_FIELDS, ids=TASK_ID_FIELD_IDS)
+@pytest.mark.parametrize(
+    "make", CHOSEN_ID_FIELDS + TASK_REF_FIELDS, ids=CHOSEN_ID_FIELD_IDS + TASK_REF_FIELD_IDS
+)
 def test_well_formed_task_or_worker_id_is_accepted(make: Any, task_id: str) -> None:
+    assert not isinstance(decode_single(make(task_id)), BadMessage)
+
+
+@pytest.mark.parametrize("task_id", SCOPED_IDS)
+@pytest.mark.parametrize("make", TASK_REF_FIELDS, ids=TASK_REF_FIELD_IDS)
+def test_scoped_task_id_is_accepted_where_a_task_is_named(make: Any, task_id: str) -> None:
     assert not isinstance(decode_single(make(task_id)), BadMessage)
 
 

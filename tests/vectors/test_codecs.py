@@ -159,7 +159,14 @@ def test_the_server_encoders_make_what_the_vectors_expect() -> None:
                 made = protocol.result(concrete["id"], concrete["result"])
             elif expected["op"] == "welcome":
                 limits = concrete["limits"]
-                made = protocol.welcome("c1", "wsq/x", 5.0, limits["max_message"], node="n1")
+                made = protocol.welcome(
+                    "c1",
+                    "wsq/x",
+                    5.0,
+                    limits["max_message"],
+                    node="n1",
+                    scope=concrete.get("scope"),
+                )
             if made is not None:
                 runner.match(expected, json.loads(made), {})
 

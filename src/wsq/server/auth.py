@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("produce", "work", "observe", "admin")
-_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,100}\Z")
+# A name starts with a letter or digit: it heads the ids of the tasks its principal names
+# (``<principal>/<id>``, docs/protocol.md §3), which then never start like a path (``../``).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,99}\Z")
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 MIN_TOKEN_LENGTH = 16
 
@@ -161,7 +163,8 @@ class Authenticator:
 def _entry(name: Any, spec: Any, where: str) -> _Entry:
     if not isinstance(name, str) or not _NAME.match(name):
         raise AuthFileError(
-            f"{where}: principal name {name!r} must be 1-100 letters, digits or _.@:-"
+            f"{where}: principal name {name!r} must be 1-100 letters, digits or _.@:-,"
+            " starting with a letter or digit"
         )
     at = f"{where}: tokens.{name}"
     if not isinstance(spec, dict):

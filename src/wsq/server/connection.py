@@ -206,6 +206,7 @@ class Connection:
             server.heartbeat_interval,
             server.max_message_size,
             node=server.node_name,
+            scope=self._task_key("") if self._checked else None,
         )
         await self.ws.send(welcome, text=True)
         log(
@@ -589,7 +590,7 @@ class Connection:
         self._check_data_size(spec)
         now = time.time()
         return Task(
-            id=spec.task or uuid.uuid4().hex,
+            id=self._task_key(spec.task) if spec.task else uuid.uuid4().hex,
             queue=queue,
             state=State.WAITING,
             seq=self.server.core.allocate_seq(now),
@@ -600,6 +601,13 @@ class Connection:
             updated=now,
             owner=self.principal.name if self._checked else None,
         )
+
+    def _task_key(self, chosen: str) -> str:
+        """The id of a task whose id this principal chose: scoped to the principal, as
+        worker ids are, so that ids of other principals' tasks can neither collide with
+        it nor be probed by adding them (docs/security.md). The server's own ids (hex,
+        no ``/``) stay bare; the chosen part keeps the limits of §3."""
+        return f"{self.principal.name}/{chosen}" if self._checked else chosen
 
     def _check_data_size(self, spec: p.Add | p.NewTask) -> None:
         if len(spec.data) > self.server.max_data_size:

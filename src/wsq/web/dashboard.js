@@ -14,7 +14,7 @@ const PAGE = 50
 const BULK_PAGE = 500 // failed tasks listed at a time by a bulk action
 const BULK_BATCH = 100 // their retries or removes in flight at a time
 const DATA_SHOWN = 100_000 // characters of a task's data shown on its page
-const TASK_ID = /^[A-Za-z0-9_.:-]{1,64}$/ // docs/protocol.md §3
+const TASK_ID = /^(?:[A-Za-z0-9][A-Za-z0-9_.@:-]{0,99}\/)?[A-Za-z0-9_.:-]{1,64}$/ // docs/protocol.md §3
 const $ = (selector) => document.querySelector(selector)
 const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/`
 
@@ -532,7 +532,7 @@ async function loadTask (id) {
   const loading = ++page.loading
   page.task = null
   if (!id || !TASK_ID.test(id)) {
-    return missing(`"${id ?? ''}" is not a task id: 1 to 64 letters, digits, or _ . : -`)
+    return missing(`"${id ?? ''}" is not a task id: 1 to 64 letters, digits, or _ . : -, after "principal/" if the task's principal chose it`)
   }
   let task
   try {

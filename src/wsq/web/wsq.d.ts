@@ -61,7 +61,8 @@ export interface AddOptions {
   retries?: number
   /** Delete the task and its streams once completed. */
   autoremove?: boolean
-  /** Your task id; adding it again returns the existing task. */
+  /** Your task id (1-64 of A-Z a-z 0-9 _ . : -); adding it again returns the existing
+   *  task. With an auth file the task's id is '<principal>/<id>' (task.id tells it). */
   id?: string
   /** Called as stream bytes leave: total is null when a stream's size is unknown. */
   onUploadProgress?: (sent: number, total: number | null) => void
@@ -131,6 +132,9 @@ export class Client extends EventEmitter {
   readonly addresses: string[]
   /** The name of the node last connected to (the server's --node-name), or null. */
   readonly node: string | null
+  /** What the server puts before the task ids this client chooses: '<principal>/' with
+   *  an auth file, '' without; null until first connected. */
+  readonly scope: string | null
   readonly connected: boolean
   readonly closed: boolean
   queue (name: string): Queue
@@ -194,6 +198,7 @@ export class Queue extends EventEmitter {
  * 'completed', 'failed' (task, willRetry), 'deleted'; in a handler also 'abort' (reason).
  */
 export class Task extends EventEmitter {
+  /** The id the server knows the task by (for an add: the one its answer carries). */
   readonly id: string
   readonly queue: string
   /** 'unknown' until the server answered an add. */

@@ -37,6 +37,7 @@ export class Client extends Connection {
     this._workers = new Map()
     this._subscriptions = new Map() // queue name or '' (all) -> {count, loud, error}
     this._watched = new Map() // task id -> Set<Task>
+    this._unscoped = new Set() // tasks added before the first welcome told the scope
     this._uploads = new Map()
     this._downloads = new Map()
     this._sources = new Set() // task streams of this connection not yet finished
@@ -140,6 +141,10 @@ export class Client extends Connection {
 
   /** Restore what the server forgot: subscriptions and workers (requests follow). */
   _restore () {
+    // Adds made before the first welcome: their ids get the scope before the adds go out,
+    // so that their events (sent before the answers) find them.
+    for (const task of this._unscoped) this._rekey(task, this.scope + task._chosen)
+    this._unscoped.clear()
     for (const queue of this._subscriptions.keys()) this._sendSubscribe('subscribe', queue)
     for (const worker of this._workers.values()) if (!worker.stopped) worker._register()
   }
@@ -199,6 +204,19 @@ export class Client extends Connection {
     tasks.add(task)
     task._watchQuiet = quiet
     this._subscribe(task.queue, { quiet })
+  }
+
+  /** The task's id becomes `id` (the server's), its watch with it; subscriptions stay. */
+  _rekey (task, id) {
+    if (task.id === id) return
+    const tasks = this._watched.get(task.id)
+    const watched = Boolean(tasks && tasks.delete(task))
+    if (tasks && !tasks.size) this._watched.delete(task.id)
+    task.id = id
+    if (!watched) return
+    let now = this._watched.get(id)
+    if (!now) { now = new Set(); this._watched.set(id, now) }
+    now.add(task)
   }
 
   _unwatch (task) {

@@ -24,6 +24,7 @@ export class Connection extends platform.EventEmitter {
     this.address = this.addresses[0] // the one in use, or tried next
     this._addressIndex = 0
     this.node = null // the name of the node last greeted (welcome.node)
+    this.scope = null // what the server puts before the task ids we choose (welcome.scope); null until greeted
     this.backoff = backoff
     this.token = token
     this.connected = false
@@ -150,6 +151,8 @@ export class Connection extends platform.EventEmitter {
   _start (welcome) {
     this._tries = 0
     this.node = typeof welcome.node === 'string' ? welcome.node : null
+    // §4.1: with an auth file, ids we choose are scoped to our principal ('alice/').
+    this.scope = typeof welcome.scope === 'string' ? welcome.scope : ''
     this.limits = { ...DEFAULT_LIMITS, ...(welcome.limits || {}) }
     this.heartbeat = welcome.heartbeat ?? 5
     this.connected = true

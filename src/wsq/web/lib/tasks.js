@@ -113,16 +113,27 @@ export class Task extends platform.EventEmitter {
  * The task is watched from the start: its events reach it even before the add's answer.
  */
 export function addTask (client, queue, data, options, callback) {
+  // With an auth file the server keeps a chosen id as '<principal>/<id>' (§4.1 scope):
+  // the task carries that id from the start when the scope is known (else from the
+  // first welcome on), and from the answer on, whatever id the server answered.
+  const chosen = options.id ?? client.newTaskId()
   const task = new Task(client, {
-    id: options.id ?? client.newTaskId(), queue, state: 'unknown', options: wireOptions(options),
+    id: (client.scope ?? '') + chosen, queue, state: 'unknown', options: wireOptions(options),
   })
+  Object.defineProperty(task, '_chosen', { value: chosen, enumerable: false })
+  if (client.scope == null) client._unscoped.add(task)
   task._adding = true
   client._watch(task, { quiet: true })
   let awaited = Boolean(callback)
-  const added = client._add(queue, data, options, task.id).then((json) => {
+  const added = client._add(queue, data, options, chosen).then((json) => {
+    client._unscoped.delete(task)
+    client._rekey(task, json.id)
     task._update(json, { answer: true })
     for (const name of ['then', 'catch', 'finally']) delete task[name]
     return task
+  }, (error) => {
+    client._unscoped.delete(task)
+    throw error
   })
   // The watch stays until the caller has acted on the answer (a macrotask later); then
   // only listeners keep it.
