@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import wsq
 from tests.conftest import budget, eventually
 from tests.integration.procs import ServerProcess
@@ -208,6 +210,8 @@ async def test_server_killed_under_load_loses_and_duplicates_nothing(data_dir: P
 
 WORKER_SCRIPT = """
 import asyncio, sys
+import pytest
+
 import wsq
 
 async def main() -> None:
@@ -477,3 +481,33 @@ async def test_blackholed_worker_whose_run_times_out_gets_the_task_again(
         finally:
             await victim.client.close()
             await observer.client.close()
+
+
+async def test_an_add_whose_connection_dropped_after_its_upload_is_connection_lost(
+    server: wsq.Server,
+) -> None:
+    """The uploads went to a connection that is gone (and the server dropped its streams
+    with it): the add is not sent on the next connection naming streams that no longer
+    exist (the server would refuse it as invalid), it raises ConnectionLost, which a
+    producer retries."""
+    async with proxy_to(server.url) as proxy:
+        client = wsq.Client(proxy.url, backoff=lambda tries: 0.05)
+        await client.connect()
+        upload_all = client._upload_all
+
+        async def then_drop(found: Any) -> Any:
+            streams = await upload_all(found)
+            generation = client._generation
+            proxy.drop()
+            await eventually(lambda: client._generation > generation and client.connected)
+            return streams
+
+        client._upload_all = then_drop  # type: ignore[method-assign]
+        try:
+            with pytest.raises(wsq.ConnectionLost):
+                await client.queue("up").add({"blob": b"x" * (200 << 10)})
+            client._upload_all = upload_all  # type: ignore[method-assign]
+            task = await client.queue("up").add({"blob": b"y" * (200 << 10)})
+            assert task.state == "waiting"
+        finally:
+            await client.close()

@@ -687,9 +687,14 @@ class Client(Emitter):
             result: dict[str, Any] = await self._request(message)
             return result
         await self._wait_connected()
+        generation = self._generation
         message["streams"] = await self._upload_all(found)
         uploads = any("upload" in s for s in message["streams"])
-        result = await self._request(message, resend=not uploads)
+        if uploads and (self._ws is None or generation != self._generation):
+            # The uploads went to a connection that is gone (and with it, on the server,
+            # the streams): the add cannot name them on another.
+            raise ConnectionLost("The connection was lost after the upload, before the add.")
+        result: dict[str, Any] = await self._request_nowait(message, resend=not uploads)
         return result
 
     async def _add_many(

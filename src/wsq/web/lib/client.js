@@ -6,7 +6,7 @@ import { platform } from './platform.js'
 import { Queue, SERVER_EVENTS } from './queue.js'
 import { Download, StreamSource, Upload, extract, inlineOf, byteSize, resolveStreams } from './streams.js'
 import { Task, wireOptions } from './tasks.js'
-import { WsqError, checkCallback, checkType, describe, optionsAndCallback, randomHex, settle } from './util.js'
+import { WsqError, checkCallback, checkType, describe, lostConnection, optionsAndCallback, randomHex, settle } from './util.js'
 
 const CLIENT_OPTIONS = ['backoff', 'token']
 
@@ -339,6 +339,7 @@ export class Client extends Connection {
     const message = { op: 'add', queue, data: plain, options: wireOptions(options), task: taskId }
     if (!found.length) return this._request(message)
     await this.ready()
+    const generation = this._generation
     const { streams, uploads, total } = await this._prepareStreams(found)
     const progress = options.onUploadProgress
     let sent = 0
@@ -351,6 +352,9 @@ export class Client extends Connection {
       throw failed.reason
     }
     message.streams = streams
+    // The uploads went to a connection that is gone, and their streams with it on the
+    // server: the add cannot name them on another.
+    if (uploads.length && (!this.connected || generation !== this._generation)) throw lostConnection()
     // An add naming uploads cannot be sent again: the uploads died with the connection.
     return this._request(message, { resend: !uploads.length })
   }
