@@ -694,7 +694,7 @@ class Client(Emitter):
             # The uploads went to a connection that is gone (and with it, on the server,
             # the streams): the add cannot name them on another.
             raise ConnectionLost("The connection was lost after the upload, before the add.")
-        result: dict[str, Any] = await self._request_nowait(message, resend=not uploads)
+        result = await self._request_nowait(message, resend=not uploads)
         return result
 
     async def _add_many(
