@@ -115,6 +115,16 @@ _server_options = _stacked(
         help="This node's name in logs, stats and the dashboard [default: HOST:PORT].",
     ),
     click.option(
+        "--lease",
+        type=float,
+        default=10.0,
+        envvar="WSQ_LEASE",
+        callback=_seconds(),
+        show_default=True,
+        help="With --database: seconds after which a node that stopped renewing its lease"
+        " is dead and another takes its running tasks over.",
+    ),
+    click.option(
         "--log-level", type=_LEVELS, default="info", envvar="WSQ_LOG_LEVEL", show_default=True
     ),
     click.option(

@@ -18,10 +18,9 @@ from tests.integration.proxy import Proxy
 from tests.pg import Schema
 from wsq.core.task import State
 from wsq.exceptions import ServerError, Unavailable
-from wsq.storage.base import Delete, Insert, LoadWaiting, Recovery
+from wsq.storage.base import ClaimWaiting, Delete, Insert, LoadWaiting, Recovery
 from wsq.storage.postgres import (
     CLAIM_WAITING,
-    OWNER_KEY,
     PostgresStateStore,
     migrate,
     migrations,
@@ -60,6 +59,12 @@ EXPECTED_COLUMNS = {
         ("updated", "double precision", "NO"),
         ("owner", "text", "YES"),
         ("not_before", "double precision", "NO"),
+        ("node", "text", "YES"),
+    ],
+    "wsq_nodes": [
+        ("name", "text", "NO"),
+        ("instance", "text", "NO"),
+        ("expires", "timestamp with time zone", "NO"),
     ],
     "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
     "wsq_counts": [
@@ -76,6 +81,12 @@ EXPECTED_COLUMNS = {
     ],
 }
 EXPECTED_INDEXES = {
+    ("wsq_nodes", "CREATE UNIQUE INDEX wsq_nodes_pkey ON {s}.wsq_nodes USING btree (name)"),
+    (
+        "wsq_tasks",
+        "CREATE INDEX wsq_tasks_active_node ON {s}.wsq_tasks USING btree (node)"
+        " WHERE (state = 'active'::text)",
+    ),
     (
         "wsq_counts",
         "CREATE UNIQUE INDEX wsq_counts_pkey ON {s}.wsq_counts USING btree (node, queue, state)",
@@ -118,6 +129,8 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
         ("wsq_meta", "key"): "C",
         ("wsq_counts", "node"): "C",
         ("wsq_counts", "queue"): "C",
+        ("wsq_nodes", "name"): "C",
+        ("wsq_tasks", "node"): "C",
     }
     indexes = await pg_schema.fetch(
         "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", pg_schema.name
@@ -131,52 +144,68 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
 
 
 async def test_concurrent_opens_of_an_empty_database_migrate_once(postgres_dsn: str) -> None:
-    """Four servers start at once on a database with not even the schema yet: the schema
-    is made once, and one of them owns it (the others are refused, see below)."""
+    """Four nodes start at once on a database with not even the schema yet: the schema is
+    made once, and all four share it."""
     schema = Schema(postgres_dsn)  # not created: the stores create it
     stores = [PostgresStateStore(postgres_dsn, schema=schema.name) for _ in range(4)]
     try:
         outcomes = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
-        opened = [s for s, o in zip(stores, outcomes, strict=True) if isinstance(o, Recovery)]
-        refused = [o for o in outcomes if isinstance(o, ServerError)]
-        assert (len(opened), len(refused)) == (1, 3), outcomes
-        assert all("Another wsq server" in str(error) for error in refused)
+        assert all(isinstance(o, Recovery) for o in outcomes), outcomes
         versions = await schema.fetch("SELECT version FROM wsq_schema_version")
         assert [v for (v,) in versions] == list(range(1, len(migrations()) + 1))
-        await insert(opened[0], make("a", 1))
-        assert await opened[0].get("a") == make("a", 1)
+        await insert(stores[0], make("a", 1))
+        assert all([await s.get("a") == make("a", 1) for s in stores])
     finally:
         for store in stores:
             await store.close()
         await schema.drop()
 
 
-async def test_one_server_owns_a_schema_until_it_closes(pg_schema: Schema) -> None:
-    """Two servers on one schema would each offer every task: the second is refused at
-    open, and may open once the first has closed (or its connection is gone)."""
-    first = PostgresStateStore(pg_schema.dsn)
+async def test_a_node_name_has_one_live_store_at_a_time(pg_schema: Schema) -> None:
+    """Nodes hold a lease on their name: another store of that name waits out two lease
+    terms, then is refused; once the holder closes (ending its lease) it opens at once.
+    Stores of other names share the schema."""
+    first = PostgresStateStore(pg_schema.dsn, node="a", lease=0.3)
     await first.open()
-    second = PostgresStateStore(pg_schema.dsn)
-    with pytest.raises(ServerError, match="Another wsq server"):
+
+    async def renew() -> None:  # as its server does
+        while True:
+            await first.heartbeat()
+            await asyncio.sleep(first.heartbeat_every)
+
+    renewing = asyncio.create_task(renew())
+    other = PostgresStateStore(pg_schema.dsn, node="b", lease=0.3)
+    await other.open()
+    second = PostgresStateStore(pg_schema.dsn, node="a", lease=0.3)
+    with pytest.raises(ServerError, match="Another wsq node named 'a'"):
         await second.open()
+    renewing.cancel()
     await first.close()
     await second.open()
-    await insert(second, make("a", 1))
+    await insert(second, make("x", 1))
+    assert await other.get("x") == make("x", 1)
     await second.close()
-    third = PostgresStateStore(pg_schema.dsn)
-    await third.open()
-    await pg_schema.execute(  # end the session that holds this schema's owner lock
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-        f" AND classid = {OWNER_KEY} AND objsubid = 2 AND objid::bigint ="
-        " (hashtext(current_setting('search_path'))::bigint + 4294967296) % 4294967296"
-    )
-    fourth = PostgresStateStore(pg_schema.dsn)
-    await fourth.open()  # the owner's session ended: its lock went with it
-    with pytest.raises((Unavailable, ServerError)):
-        await insert(third, make("b", 2))  # and the old owner cannot take it back
-    assert await fourth.get("a") == make("a", 1)
-    await third.close()
-    await fourth.close()
+    await other.close()
+
+
+async def test_a_node_that_stops_renewing_its_lease_has_its_runs_taken_over(
+    pg_schema: Schema,
+) -> None:
+    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3)
+    await dying.open()
+    _, claimed = await dying.submit([Insert(make("t", 1)), ClaimWaiting("q", ("w",), 1.0)])
+    assert [t.id for t in claimed] == ["t"]
+    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    await heir.open()
+    assert (await heir.heartbeat()).adopted == []  # dying's lease is live
+    await asyncio.sleep(0.5)  # dying renews nothing (a server would, every lease / 5)
+    beat = await heir.heartbeat()
+    assert beat.dead == ["dying"] and [t.id for t in beat.adopted] == ["t"]
+    assert (beat.adopted[0].run, beat.adopted[0].worker) == (1, "w")
+    assert (await heir.heartbeat()).adopted == []  # taken once
+    assert await pg_schema.fetch("SELECT node FROM wsq_tasks") == [("heir",)]
+    await heir.close()
+    await dying.close()
 
 
 async def test_a_schema_from_a_newer_wsq_is_refused(pg_schema: Schema) -> None:

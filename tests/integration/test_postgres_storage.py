@@ -189,16 +189,20 @@ def test_an_unreachable_database_at_start_is_one_line_and_exit_1(data_dir: Path)
     assert "could not run: PostgreSQL is unavailable" in done.stderr.splitlines()[-1]
 
 
-async def test_a_second_server_on_one_database_is_refused(
+async def test_a_second_node_with_the_same_name_is_refused(
     pg_schema: Schema, tmp_path: Path
 ) -> None:
-    """Until several nodes can share a database, a second server on it would offer the same
-    tasks as the first: it stops at start with one line saying why (exit code 1)."""
-    async with wsq.Server(data_dir=tmp_path / "a", port=0, database=pg_schema.dsn):
-        done = run_server(tmp_path / "b", env={"WSQ_DATABASE": pg_schema.dsn})
+    """Nodes of one database are told apart by --node-name: a second node with a name in
+    use waits out two lease terms (the first might have just died), then stops with one
+    line saying why (exit code 1)."""
+    async with wsq.Server(
+        data_dir=tmp_path / "a", port=0, database=pg_schema.dsn, node_name="one", lease=0.5
+    ):
+        env = {"WSQ_DATABASE": pg_schema.dsn, "WSQ_NODE_NAME": "one", "WSQ_LEASE": "0.5"}
+        done = await asyncio.to_thread(run_server, tmp_path / "b", env=env)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
-    assert "Another wsq server is using this PostgreSQL database" in done.stderr
+    assert "Another wsq node named 'one' is running on this database" in done.stderr
 
 
 def migrate(*args: str) -> subprocess.CompletedProcess[str]:

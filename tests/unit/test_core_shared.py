@@ -33,6 +33,7 @@ class Node:
     events: list[tuple[str, str]] = field(default_factory=list)  # (event, task id)
     held: list[Claim] = field(default_factory=list)
     claims: int = 0
+    dead: bool = False  # killed: its timers fire no more
 
 
 class Cluster:
@@ -109,7 +110,8 @@ class Cluster:
     def tick(self, seconds: float) -> None:
         self.now += seconds
         for node in self.nodes:
-            self.apply(node, node.core.tick(self.now))
+            if not node.dead:
+                self.apply(node, node.core.tick(self.now))
 
     # -- looking ---------------------------------------------------------------------------
 
@@ -374,3 +376,40 @@ def test_an_admitted_task_whose_worker_left_waits_for_the_next() -> None:
     assert a.core.counts()["q"]["waiting"] == 1 and a.offers == []
     cluster.worker(a, "w2")
     assert a.offers == [("w2", task.id, 2)]
+
+
+# -- takeover: a dead node's runs ----------------------------------------------------------
+
+
+def test_adopted_runs_are_timed_from_the_takeover_and_their_worker_reports_here() -> None:
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    cluster.worker(a, "w1")
+    done_id = cluster.add(a, timeout=5.0)
+    late_id = cluster.add(a, timeout=5.0)  # waits: w1 has one slot
+    cluster.apply(a, a.core.ack(done_id, 1, cluster.now))
+    cluster.tick(3.0)
+    a.dead = True  # b takes its run over (the store says node = b)
+    b.core.adopt([cluster.stored(done_id).copy()], cluster.now)
+    cluster.worker(b, "w1")  # the worker reconnected to b: its run counts against its slot
+    assert b.offers == []
+    cluster.tick(4.0)  # 7 s after the ack, 4 after the takeover: still running
+    assert cluster.stored(done_id).state == ACTIVE
+    cluster.complete(b, done_id)  # its report is accepted on b
+    assert cluster.stored(done_id).state == COMPLETED
+    assert b.offers == [("w1", late_id, 1)]  # the slot freed: the waiting task is claimed
+
+
+def test_an_adopted_run_whose_worker_never_comes_back_times_out_on_the_new_holder() -> None:
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    cluster.worker(a, "w1")
+    task_id = cluster.add(a, timeout=5.0, retries=1)
+    cluster.apply(a, a.core.ack(task_id, 1, cluster.now))
+    a.dead = True
+    b.core.adopt([cluster.stored(task_id).copy()], cluster.now)
+    cluster.tick(5.0)
+    stored = cluster.stored(task_id)
+    assert (stored.state, stored.retries) == (WAITING, 1)  # b failed the attempt
+    b.core.drop_runs()  # had b lost its lease, the run would be no longer its own
+    assert b.core.lookup(task_id) is None

@@ -206,11 +206,7 @@ class Core:
         self._last_micros = max(self._last_micros, recovery.next_seq >> NODE_BITS)
         for (name, state), count in recovery.counts.items():
             self._count(name, state, count)
-        for task in recovery.active:
-            run = _Run(task, acked=True, deadline=None, resumed=task.updated)
-            self._runs[task.id] = run
-            self._by_worker.setdefault(task.worker or "", set()).add(task.id)
-            self._arm(run, now)
+        self._hold_runs(recovery.active, now)
         effects: list[Effect] = []
         for name in recovery.waiting_queues:
             queue = self._queue(name)
@@ -221,6 +217,27 @@ class Core:
             queue.spilled = True
             effects += self._refill(queue)
         return effects
+
+    def _hold_runs(self, tasks: Iterable[Task], now: float) -> None:
+        for task in tasks:
+            run = _Run(task, acked=True, deadline=None, resumed=task.updated)
+            self._runs[task.id] = run
+            self._by_worker.setdefault(task.worker or "", set()).add(task.id)
+            self._arm(run, now)
+
+    def adopt(self, tasks: list[Task], now: float) -> list[Effect]:
+        """Shared store: active runs of a dead node that this node now holds (the store
+        made them its own): timed from now, as runs recovered after a restart are; their
+        workers' reports are accepted here once they reconnect to this node."""
+        self._hold_runs((task for task in tasks if task.id not in self._runs), now)
+        return []
+
+    def drop_runs(self) -> None:
+        """Shared store: this node's lease ran out and others took its runs over: forget
+        them (their workers' reports here are stale from now on)."""
+        self._runs.clear()
+        self._by_worker.clear()
+        self._deadlines.clear()
 
     def allocate_seq(self, now: float) -> int:
         """The seq of a task about to be inserted (see the module docstring)."""

@@ -142,6 +142,7 @@ class Server:
         sweep_grace: float | None = None,
         metrics_max_queues: int = 100,
         history_max_queues: int = 100,
+        lease: float | None = None,
     ) -> None:
         _check_seconds("heartbeat_interval", heartbeat_interval, zero_disables=True)
         _check_seconds("worker_timeout", worker_timeout)
@@ -195,7 +196,13 @@ class Server:
             raise ValueError("pass state_store or database, not both")
         self.store = state_store or _state_store(database, self.data_dir)
         if self.store.shared and not self.store.node:
-            self.store.node = self.node_name  # its rows of the cluster's counts
+            # Its lease, its rows of the cluster's counts, the runs it holds. Unnamed, with
+            # port 0 (tests, ephemeral servers), a node gets a name of its own.
+            unique = f":{uuid.uuid4().hex[:8]}" if port == 0 and not self._named else ""
+            self.store.node = self.node_name + unique
+        if lease is not None:
+            _check_seconds("lease", lease)
+            self.store.lease = lease
         # Records this server publishes carry this, so that it skips its own.
         self._instance = uuid.uuid4().hex
         self.store.listen(self._on_record)
@@ -281,6 +288,7 @@ class Server:
         if self.store.shared:
             await self._refresh_counts()
             self.spawn(self._keep_counts(), "wsq-counts")
+            self.spawn(self._keep_lease(), "wsq-lease")
         self.spawn(self.metrics.run(), "wsq-metrics")
         self.spawn(self.readiness.run(), "wsq-readiness")
         log(
@@ -496,6 +504,34 @@ class Server:
         for (queue, state), n in counts.items():
             fresh.setdefault(queue, dict.fromkeys(STATE_NAMES, 0))[state.value] = n
         self._cluster_counts = fresh
+
+    async def _keep_lease(self) -> None:
+        """Renew this node's lease in the shared store, and hold the runs of dead nodes."""
+        while True:
+            await asyncio.sleep(self.store.heartbeat_every)
+            try:
+                beat = await self.store.heartbeat()
+            except Exception as exc:  # PostgreSQL unavailable: the lease may run out
+                log(logging.WARNING, "lease not renewed", f"Renewing the lease failed: {exc}")
+                continue
+            now = time.time()
+            if beat.lost:
+                log(
+                    logging.ERROR,
+                    "lease lost",
+                    "This node's lease had run out and other nodes took its runs over;"
+                    " its workers' reports for them are refused from now on.",
+                )
+                self.core.drop_runs()
+                self.apply(self.core.wake(None, now))
+            if beat.adopted or beat.dead:
+                log(
+                    logging.WARNING,
+                    "took over",
+                    f"Nodes {', '.join(beat.dead)} stopped renewing their lease: this node"
+                    f" holds their {len(beat.adopted)} active runs now.",
+                )
+                self.apply(self.core.adopt(beat.adopted, now))
 
     async def _keep_counts(self) -> None:
         while True:

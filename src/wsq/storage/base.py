@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from wsq.core.ops import (
@@ -51,6 +53,17 @@ __all__ = [
 ]
 
 
+@dataclass(slots=True)
+class Heartbeat:
+    """What :meth:`StateStore.heartbeat` found: runs this node now holds (stripped, as in
+    :class:`Recovery`), the dead nodes they came from, and whether this node's own lease
+    had run out."""
+
+    adopted: list[Task] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+    lost: bool = False
+
+
 class StateStore(ABC):
     """A durable home for tasks. Methods are called from the event loop only."""
 
@@ -60,6 +73,9 @@ class StateStore(ABC):
     node: str = ""
     """The name of the server using it (``--node-name``): a shared store keeps per-node
     rows, such as each node's share of the counts."""
+    lease: float = 10.0
+    """A shared store: seconds after which a node that stopped renewing its lease is dead
+    (:meth:`heartbeat`)."""
 
     @abstractmethod
     async def open(self) -> Recovery:
@@ -78,6 +94,17 @@ class StateStore(ABC):
         server's own come too), in commit order, and with ``None`` when some may have been
         missed. A store no other server shares never calls it."""
         return None  # a default that does nothing: not an abstract method
+
+    async def heartbeat(self) -> Heartbeat:
+        """A shared store, every few seconds (:attr:`heartbeat_every`): renew this node's
+        lease, and take over the active runs of nodes whose lease ran out (they died);
+        ``lost``: this node's lease had run out itself (others took its runs). Others:
+        nothing to do."""
+        return Heartbeat()
+
+    @property
+    def heartbeat_every(self) -> float:
+        return math.inf
 
     @abstractmethod
     async def counts(self) -> dict[tuple[str, State], int]:

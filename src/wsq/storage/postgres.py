@@ -41,7 +41,10 @@ import contextlib
 import functools
 import importlib.resources
 import logging
+import math
 import re
+import socket
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -54,6 +57,7 @@ from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
     ClaimWaiting,
     Delete,
+    Heartbeat,
     Insert,
     LoadWaiting,
     Op,
@@ -81,13 +85,7 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 LOCK_KEY = 0x77737100
 TAKE_LOCK = "SELECT pg_advisory_lock($1, hashtext(current_setting('search_path')))"
 DROP_LOCK = "SELECT pg_advisory_unlock($1, hashtext(current_setting('search_path')))"
-# Until several nodes can share a database (issue 11), one server owns a schema: its write
-# connection holds this lock for as long as it lives (taken again on each reconnection),
-# as the data-dir lock does for SQLite. A second server is refused instead of offering the
-# same tasks as the first. Keepalives on that connection let PostgreSQL free the lock
-# within about 30 s of its holder vanishing without closing it (a cut network).
-OWNER_KEY = 0x77737101
-TRY_OWN = "SELECT pg_try_advisory_lock($1, hashtext(current_setting('search_path')))"
+# Keepalives on the listener's connection: a cut network is noticed within about 30 s.
 _KEEPALIVES = {
     "tcp_keepalives_idle": "10",
     "tcp_keepalives_interval": "5",
@@ -234,7 +232,7 @@ WITH picked AS (
 ), claimed AS (
     UPDATE wsq_tasks t
     SET state = 'active', run = t.run + 1, worker = ($4::text[])[p.slot], updated = $3,
-        not_before = 0
+        not_before = 0, node = $5
     FROM picked p WHERE t.id = p.id
     RETURNING {_CLAIMED_COLUMNS}
 ), cnt AS (
@@ -291,9 +289,42 @@ GET_COUNTS = (
     "SELECT queue, state, sum(n)::bigint FROM wsq_counts GROUP BY queue, state HAVING sum(n) <> 0"
 )
 GET_STORE_ID = "SELECT value FROM wsq_meta WHERE key = 'store_id'"
-GET_ACTIVE_TASKS = (
-    f"SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE state = 'active' ORDER BY seq"
+# -- leases (migration 5): a node's row, renewed; a dead node's runs taken over ----------------
+
+# The lease on the node's name, unless a live instance holds it (then no row comes back).
+TAKE_LEASE = """
+INSERT INTO wsq_nodes (name, instance, expires)
+VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, expires = excluded.expires
+WHERE wsq_nodes.expires < now() OR wsq_nodes.instance = excluded.instance
+RETURNING name
+"""
+RENEW_LEASE = """
+UPDATE wsq_nodes SET expires = now() + make_interval(secs => $3)
+WHERE name = $1 AND instance = $2 RETURNING name
+"""
+# A node closing ends its lease now, so that another takes its runs over at once.
+END_LEASE = (
+    "UPDATE wsq_nodes SET expires = now() - interval '1 second' WHERE name = $1 AND instance = $2"
 )
+# Leases that ran out: their nodes are dead. Deleting them decides who takes over: of two
+# nodes deleting one row, the second finds none.
+DROP_EXPIRED = "DELETE FROM wsq_nodes WHERE expires < now() AND name <> $1 RETURNING name"
+# Active runs of the nodes in $3 (dead ones) become this node's ($2); $1 as in _FITS.
+ADOPT_RUNS = f"""
+UPDATE wsq_tasks SET node = $2
+WHERE state = 'active' AND node = ANY($3::text[])
+RETURNING {TASK_COLUMNS_STRIPPED}
+"""
+# At start: this node's own runs from an earlier life, and those of nodes that hold no
+# live lease (dead before anyone noticed; NULL: written before leases existed).
+ADOPT_ORPHANS = f"""
+UPDATE wsq_tasks SET node = $2
+WHERE state = 'active'
+  AND (node IS NULL OR node = $2
+       OR node NOT IN (SELECT name FROM wsq_nodes WHERE expires >= now()))
+RETURNING {TASK_COLUMNS_STRIPPED}
+"""
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 
 # -- one step of writes: a statement of data-modifying CTEs ------------------------------------
@@ -663,29 +694,6 @@ async def _connect(dsn: str, schema: str | None, timeout: float) -> asyncpg.Conn
     return await asyncpg.connect(dsn, timeout=timeout, server_settings=_settings(dsn, schema))
 
 
-async def _connect_owner(dsn: str, schema: str | None, timeout: float) -> asyncpg.Connection:
-    """A connection holding the schema's owner lock (see :data:`OWNER_KEY`); ServerError if
-    another server holds it."""
-    settings = {**_settings(dsn, schema), **_KEEPALIVES}
-    conn = await asyncpg.connect(dsn, timeout=timeout, server_settings=settings)
-    try:
-        await _own(conn)
-    except BaseException:
-        conn.terminate()
-        raise
-    return conn
-
-
-async def _own(conn: asyncpg.Connection) -> None:
-    if not await conn.fetchval(TRY_OWN, OWNER_KEY):
-        path = await conn.fetchval(GET_SEARCH_PATH)
-        raise ServerError(
-            "Another wsq server is using this PostgreSQL database (search_path"
-            f" {path!r}); until several nodes can share one, give each server its own"
-            " database or schema."
-        )
-
-
 def _settings(dsn: str, schema: str | None) -> dict[str, str]:
     """Settings of wsq's sessions: its name in pg_stat_activity unless the DSN gives one,
     and ``schema`` first in the search path when given."""
@@ -695,16 +703,19 @@ def _settings(dsn: str, schema: str | None) -> dict[str, str]:
     return settings
 
 
-async def _recover(conn: asyncpg.Connection) -> Recovery:
+async def _recover(conn: asyncpg.Connection, node: str) -> Recovery:
+    """What a starting node needs; the active runs it adopts are its own from an earlier
+    life and those of nodes with no live lease."""
+    async with conn.transaction():
+        rows = await conn.fetch(ADOPT_ORPHANS, _NO_PAYLOAD, node)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         next_seq = await conn.fetchval(GET_NEXT_SEQ)
-        rows = await conn.fetch(GET_ACTIVE_TASKS, _NO_PAYLOAD)
         waiting = await conn.fetch(GET_WAITING_QUEUES)
         counts = await conn.fetch(GET_COUNTS)
         store_id = await conn.fetchval(GET_STORE_ID)
     return Recovery(
         next_seq=next_seq,
-        active=[_task_from_row(row) for row in rows],
+        active=sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq),
         waiting_queues=[name for (name,) in waiting],
         counts={(queue, STATES[state]): n for queue, state, n in counts},
         store_id=store_id,
@@ -1004,7 +1015,7 @@ class PostgresStateStore(StateStore):
         connect_timeout: float = 10.0,
         readers: int = 4,
         node: str = "",
-        exclusive: bool = True,
+        lease: float = 10.0,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1.")
@@ -1016,11 +1027,12 @@ class PostgresStateStore(StateStore):
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.readers = readers
-        # The node's name: its rows of wsq_counts. ``exclusive``: hold the schema's owner
-        # lock, refusing a second server (until takeover of a dead node's runs is built,
-        # only tests of several nodes turn it off).
+        # The node's name: its lease, its rows of wsq_counts, the runs it holds.
+        if not 0 < lease < math.inf:
+            raise ValueError("lease must be a positive number of seconds.")
         self.node = node
-        self.exclusive = exclusive
+        self.lease = lease
+        self._instance = uuid.uuid4().hex
         self.channel = ""  # wsq_<store id>, known once open
         self._deliver: Callable[[str | None], None] | None = None
         self._listener: _Listener | None = None
@@ -1047,8 +1059,11 @@ class PostgresStateStore(StateStore):
             conn = await _connect(self.dsn, self.schema, self.connect_timeout)
             await _migrate(conn, self.schema)
             await conn.close()
-            conn = await self._connect()  # the writer's: it owns the schema from now on
-            recovery = await _recover(conn)
+            if not self.node:  # a store of its own (a library's, a test's)
+                self.node = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+            conn = await self._connect()  # the writer's
+            await self._take_lease(conn)
+            recovery = await _recover(conn, self.node)
         except BaseException as exc:
             if conn is not None:
                 conn.terminate()
@@ -1078,10 +1093,45 @@ class PostgresStateStore(StateStore):
         return recovery
 
     async def _connect(self) -> asyncpg.Connection:
-        """The write connection, holding the schema's owner lock if :attr:`exclusive`."""
-        if not self.exclusive:
-            return await _connect(self.dsn, self.schema, self.connect_timeout)
-        return await _connect_owner(self.dsn, self.schema, self.connect_timeout)
+        """The write connection: what it inserts is this node's (``wsq.node``)."""
+        settings = {**_settings(self.dsn, self.schema), "wsq.node": self.node}
+        return await asyncpg.connect(
+            self.dsn, timeout=self.connect_timeout, server_settings=settings
+        )
+
+    async def _take_lease(self, conn: asyncpg.Connection) -> None:
+        """Hold the lease on this node's name. A live lease of another instance (a node
+        that crashed moments ago, or one running under the same name) is waited out for up
+        to two lease terms; then ServerError."""
+        deadline = asyncio.get_running_loop().time() + 2 * self.lease
+        while not await conn.fetchval(TAKE_LEASE, self.node, self._instance, self.lease):
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServerError(
+                    f"Another wsq node named {self.node!r} is running on this database;"
+                    " give each node its own --node-name."
+                )
+            await asyncio.sleep(min(1.0, self.lease / 4))
+
+    @property
+    def heartbeat_every(self) -> float:
+        return self.lease / 5
+
+    async def heartbeat(self) -> Heartbeat:
+        """See :meth:`StateStore.heartbeat`: renew this node's lease; take the active runs
+        of nodes whose lease ran out over (one transaction: of two nodes, one takes
+        them)."""
+
+        async def query(conn: _Reader) -> Heartbeat:
+            async with conn.transaction():
+                kept = await conn.fetchval(RENEW_LEASE, self.node, self._instance, self.lease)
+                if not kept:
+                    await conn.fetchval(TAKE_LEASE, self.node, self._instance, self.lease)
+                dead = [name for (name,) in await conn.fetch(DROP_EXPIRED, self.node)]
+                rows = await conn.fetch(ADOPT_RUNS, _NO_PAYLOAD, self.node, dead) if dead else []
+            tasks = sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)
+            return Heartbeat(adopted=tasks, dead=dead, lost=not kept)
+
+        return await self._read(query)
 
     async def _listen_connect(self) -> asyncpg.Connection:
         settings = {**_settings(self.dsn, self.schema), **_KEEPALIVES}
@@ -1113,6 +1163,9 @@ class PostgresStateStore(StateStore):
             if listener is not None:
                 await listener.stop()
             await writer.stop()
+            with contextlib.suppress(Exception):  # unreachable: it expires by itself
+                async with asyncio.timeout(2.0), pool.acquire() as conn:
+                    await conn.execute(END_LEASE, self.node, self._instance)
             try:
                 await asyncio.wait_for(pool.close(), 5.0)
             except Exception:  # PostgreSQL does not answer: drop the connections
