@@ -52,6 +52,19 @@ EXPECTED_COLUMNS = {
         ("owner", "text", "YES"),
     ],
     "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
+    "wsq_attempts": [
+        ("task", "text", "NO"),
+        ("run", "bigint", "NO"),
+        ("worker", "text", "YES"),
+        ("client", "bytea", "YES"),
+        ("node", "text", "YES"),
+        ("offered", "double precision", "YES"),
+        ("started", "double precision", "YES"),
+        ("ended", "double precision", "NO"),
+        ("outcome", "text", "NO"),
+        ("error", "bytea", "YES"),
+        ("progress", "double precision", "YES"),
+    ],
     "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
     "wsq_schema_version": [
         ("version", "integer", "NO"),
@@ -75,6 +88,10 @@ EXPECTED_INDEXES = {
     ),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_state_seq ON {s}.wsq_tasks USING btree (state, seq)"),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_seq ON {s}.wsq_tasks USING btree (seq)"),
+    (
+        "wsq_attempts",
+        "CREATE UNIQUE INDEX wsq_attempts_pkey ON {s}.wsq_attempts USING btree (task, run)",
+    ),
 }
 
 
@@ -96,6 +113,7 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
         ("wsq_blobs", "key"): "C",
         ("wsq_blobs", "task"): "C",
         ("wsq_meta", "key"): "C",
+        ("wsq_attempts", "task"): "C",
     }
     indexes = await pg_schema.fetch(
         "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", pg_schema.name

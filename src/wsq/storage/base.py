@@ -6,8 +6,8 @@ here) are the core's: it emits them, and a store applies them. Writes go through
 returned future resolves only once every op in it is durable (committed and synced), and
 ops submitted later never become visible before ops submitted earlier.
 :class:`LoadWaiting` travels the same pipe so that it sees every write submitted before
-it. Reads that need no ordering (:meth:`get`, :meth:`list`, :meth:`queues`) see
-committed data and run off the event loop.
+it. Reads that need no ordering (:meth:`get`, :meth:`list`, :meth:`queues`,
+:meth:`attempts`) see committed data and run off the event loop.
 
 Backends: :mod:`wsq.storage.memory` (tests, ephemeral servers) and
 :mod:`wsq.storage.sqlite` (the embedded default). One contract suite
@@ -22,14 +22,30 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from wsq.core.ops import Delete, Insert, LoadWaiting, Op, Recovery, SetProgress, Update
+from wsq.core.ops import (
+    KEPT_ATTEMPTS,
+    Attempt,
+    AttemptOutcome,
+    Delete,
+    Insert,
+    LoadWaiting,
+    Op,
+    RecordAttempt,
+    Recovery,
+    SetProgress,
+    Update,
+)
 from wsq.core.task import State, Task
 
 __all__ = [
+    "KEPT_ATTEMPTS",
+    "Attempt",
+    "AttemptOutcome",
     "Delete",
     "Insert",
     "LoadWaiting",
     "Op",
+    "RecordAttempt",
     "Recovery",
     "SetProgress",
     "StateStore",
@@ -75,6 +91,11 @@ class StateStore(ABC):
     @abstractmethod
     async def queues(self) -> builtins.list[str]:
         """Names of queues that hold at least one task, sorted."""
+
+    @abstractmethod
+    async def attempts(self, task_id: str) -> builtins.list[Attempt]:
+        """The committed attempts of the task (:class:`RecordAttempt`), oldest run first;
+        empty if there are none or no such task."""
 
     @abstractmethod
     async def blob_keys(self) -> set[str]:
