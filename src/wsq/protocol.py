@@ -108,6 +108,13 @@ class Get(_Msg, tag="get"):
     task: TaskId
 
 
+class Attempts(_Msg, tag="attempts"):
+    """A task's runs, with who held each, when, and how it ended (docs/protocol.md §4.3)."""
+
+    id: RequestId
+    task: TaskId
+
+
 class Remove(_Msg, tag="remove"):
     id: RequestId
     task: TaskId
@@ -245,6 +252,7 @@ ClientMessage = (
     | ListTasks
     | Queues
     | Get
+    | Attempts
     | Remove
     | Retry
     | Subscribe
