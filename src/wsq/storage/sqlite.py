@@ -436,7 +436,8 @@ def _record_attempt(conn: sqlite3.Connection, attempt: Attempt) -> bool:
     params = (*_attempt_params(attempt), attempt.task_id)
     if conn.execute(RECORD_ATTEMPT, params).rowcount != 1:
         return False
-    conn.execute(PRUNE_ATTEMPTS, (attempt.task_id, attempt.run - KEPT_ATTEMPTS))
+    if attempt.run > KEPT_ATTEMPTS:  # else no older run can be past the bound
+        conn.execute(PRUNE_ATTEMPTS, (attempt.task_id, attempt.run - KEPT_ATTEMPTS))
     return True
 
 
