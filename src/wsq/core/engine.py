@@ -622,6 +622,8 @@ class Core:
         ended: float | None,
         error: str | None,
     ) -> Attempt:
+        """``current`` as an attempt; its client is its worker's, or, if the worker left,
+        the one noted on the run then (:meth:`remove_worker`)."""
         task = current.task
         worker = self._workers.get(task.worker or "")
         return Attempt(
