@@ -407,6 +407,57 @@ def _worker_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _attempt_table(attempts: list[dict[str, Any]]) -> Table:
+    """A task's runs: who held each, when (local times, then how long), how it ended."""
+    table = Table(
+        "run",
+        "worker",
+        "node",
+        Column("offered", no_wrap=True),
+        Column("started", no_wrap=True),
+        Column("ended", no_wrap=True),
+        "outcome",
+        "progress",
+    )
+    for a in attempts:
+        worker = a["worker"] or "-"
+        if a["client"]:
+            worker += f" ({a['client']})"
+        outcome = a["outcome"] or "running"
+        if a["error"]:
+            outcome += f": {a['error']}"
+        progress = "-" if a["progress"] is None else f"{a['progress']:.0%}"
+        began = a["started"] or a["offered"]
+        table.add_row(
+            str(a["run"]),
+            worker,
+            a["node"] or "-",
+            _when(a["offered"]) or "-",
+            _when(a["started"]) or "-",
+            _ended(a["ended"], began),
+            outcome,
+            progress,
+        )
+    return table
+
+
+def _ended(ended: float | None, began: float | None) -> str:
+    if ended is None:
+        return "-"
+    took = f" ({_duration(ended - began)})" if began is not None else ""
+    return _when(ended) + took
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
 def _run_text(run: dict[str, Any]) -> str:
     """One run a worker holds: its task, attempt, progress and since when."""
     if run["started"] is not None:
@@ -446,19 +497,25 @@ def tasks(
 @click.argument("task_id", metavar="ID")
 @client_options
 def show(task_id: str, as_json: bool, **kwargs: Any) -> None:
-    """Show a task: its fields and its data (streams by size)."""
+    """Show a task: its fields, its data (streams by size) and its attempts."""
 
     async def body() -> None:
         async with session(kwargs) as client:
             task = wsq.Task(client, {"id": task_id, "queue": ""})
             data = await task.get_data()
+            attempts = await task.attempts()
         if as_json:
-            print_json(task_json(task) | {"data": data})
+            print_json(task_json(task) | {"data": data, "attempts": attempts})
             return
         for name, value in task_json(task).items():
             shown = json.dumps(value) if isinstance(value, dict) else value
             click.echo(f"{name + ':':9} {shown if value is not None else ''}")
         click.echo("data:     " + json.dumps(data, default=_stream_json, indent=2))
+        if not attempts:
+            click.echo("attempts: none")
+            return
+        click.echo("attempts:")
+        _tables().print(_attempt_table(attempts))
 
     run(body())
 

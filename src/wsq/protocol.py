@@ -117,6 +117,13 @@ class Get(_Msg, tag="get"):
     task: TaskRef
 
 
+class Attempts(_Msg, tag="attempts"):
+    """A task's runs, with who held each, when, and how it ended (docs/protocol.md §4.3)."""
+
+    id: RequestId
+    task: TaskRef
+
+
 class Remove(_Msg, tag="remove"):
     id: RequestId
     task: TaskRef
@@ -254,6 +261,7 @@ ClientMessage = (
     | ListTasks
     | Queues
     | Get
+    | Attempts
     | Remove
     | Retry
     | Subscribe

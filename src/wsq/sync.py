@@ -172,6 +172,10 @@ class Client(_Bridge):
         """The workers connected now, with the runs each holds (``wsq.Client.workers``)."""
         return self.call(self._client.workers(queue))
 
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """The runs of a task, oldest first (:meth:`wsq.Client.attempts`)."""
+        return self.call(self._client.attempts(task_id))
+
     def history(self, queue: str, since: float | None = None) -> dict[str, Any]:
         """The last hour of ``queue``, second by second (:meth:`wsq.Client.history`)."""
         return self.call(self._client.history(queue, since))
@@ -381,6 +385,10 @@ class Task:
     def get_data(self) -> Any:
         """The task's data, each stream as a :class:`Stream`."""
         return _sync_streams(self._client, self._client.call(self._task.get_data()))
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """The task's runs, oldest first (:meth:`wsq.Client.attempts`)."""
+        return self._client.call(self._task.attempts())
 
     def on(self, event: str, handler: SyncHandler) -> SyncHandler:
         """Listen to this task's events (see :meth:`wsq.Task.on`), on the event thread."""

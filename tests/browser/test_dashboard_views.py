@@ -164,11 +164,15 @@ async def test_task_page_shows_data_streams_error_and_follows_the_task_live(
     await expect(page.locator('#task-fields dd[data-field="worker"]')).to_contain_text(
         "run 1 started", timeout=timeout()
     )
+    running = page.locator('#task-attempts tr[data-outcome="running"]')
+    await expect(running).to_contain_text("40%", timeout=timeout())
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard-task.png"), full_page=True)
     go.set()
     await expect(page.locator("#task-state")).to_have_text("failed", timeout=timeout())
     await worker.stop()
+    failures = page.locator('#task-attempts tr[data-outcome="failed"]')
+    await expect(failures).to_have_count(2, timeout=timeout())
     await expect(page.locator("#task-error")).to_have_text("codec missing: h265")
     await expect(page.locator('#task-fields dd[data-field="failed attempts"]')).to_contain_text(
         "2 (retries allowed: 1)"
@@ -183,6 +187,49 @@ async def test_task_page_shows_data_streams_error_and_follows_the_task_live(
         f"Task {task.id} was removed.", timeout=timeout()
     )
     assert await queue.all() == []
+    await close(page)
+
+
+async def test_task_page_lists_each_attempt_live_with_times_and_outcomes(
+    browser: Browser, server: wsq.Server, client: wsq.Client
+) -> None:
+    queue = client.queue("flaky")
+    task = await queue.add({"n": 1}, retries=1)
+    page = await open_dashboard(browser, server, f"#/task/{task.id}")
+    await expect(page.locator("#task-no-attempts")).to_be_visible(timeout=timeout())
+    first_failed = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def handler(run: wsq.Task) -> None:
+        if run.run == 1:
+            await run.update_progress(0.6)
+            raise RuntimeError(HOSTILE)  # the error text is shown as text
+        first_failed.set()
+        await finish.wait()
+
+    worker = queue.process(handler)
+    await first_failed.wait()
+    rows = page.locator("#task-attempts tbody tr")
+    # The failed run, and the run in progress: rows come as the task's events arrive.
+    await expect(rows).to_have_count(2, timeout=timeout())
+    failed, current = rows.nth(0), rows.nth(1)
+    await expect(failed.locator(".outcome")).to_contain_text("failed")
+    await expect(failed.locator(".error")).to_have_text(HOSTILE)
+    await expect(failed.locator("td.progress")).to_have_text("60%")
+    await expect(failed).to_contain_text(worker.id)
+    await expect(failed).to_contain_text("wsq-python")
+    await expect(failed).to_contain_text(server.node_name)
+    await expect(failed).to_contain_text("after the offer")
+    await expect(failed).to_contain_text("took")
+    await expect(current.locator(".outcome")).to_have_text("running", timeout=timeout())
+    finish.set()
+    await expect(current.locator(".outcome")).to_have_text("completed", timeout=timeout())
+    await expect(current).to_contain_text("took")
+    assert [await row.get_attribute("data-outcome") for row in await rows.all()] == [
+        "failed",
+        "completed",
+    ]
+    await worker.stop()
     await close(page)
 
 

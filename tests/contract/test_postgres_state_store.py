@@ -73,6 +73,19 @@ EXPECTED_COLUMNS = {
         ("state", "text", "NO"),
         ("n", "bigint", "NO"),
     ],
+    "wsq_attempts": [
+        ("task", "text", "NO"),
+        ("run", "bigint", "NO"),
+        ("worker", "text", "YES"),
+        ("client", "bytea", "YES"),
+        ("node", "text", "YES"),
+        ("offered", "double precision", "YES"),
+        ("started", "double precision", "YES"),
+        ("ended", "double precision", "NO"),
+        ("outcome", "text", "NO"),
+        ("error", "bytea", "YES"),
+        ("progress", "double precision", "YES"),
+    ],
     "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
     "wsq_schema_version": [
         ("version", "integer", "NO"),
@@ -106,6 +119,10 @@ EXPECTED_INDEXES = {
     ),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_state_seq ON {s}.wsq_tasks USING btree (state, seq)"),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_seq ON {s}.wsq_tasks USING btree (seq)"),
+    (
+        "wsq_attempts",
+        "CREATE UNIQUE INDEX wsq_attempts_pkey ON {s}.wsq_attempts USING btree (task, run)",
+    ),
 }
 
 
@@ -131,6 +148,7 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
         ("wsq_counts", "queue"): "C",
         ("wsq_nodes", "name"): "C",
         ("wsq_tasks", "node"): "C",
+        ("wsq_attempts", "task"): "C",
     }
     indexes = await pg_schema.fetch(
         "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", pg_schema.name

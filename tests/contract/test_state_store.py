@@ -27,11 +27,15 @@ from tests.pg import Schema
 from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
+    KEPT_ATTEMPTS,
+    Attempt,
+    AttemptOutcome,
     ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
     Op,
+    RecordAttempt,
     SetProgress,
     StateStore,
     Update,
@@ -598,6 +602,96 @@ async def test_a_failing_submit_writes_nothing_and_the_others_go_on(store: State
     assert [t.id for t in loaded] == ["a", "b", "d"]
     assert [t.id for t in await store.list()] == ["a", "b", "d"]
     assert await store.submit([Insert(make("c", 3))]) == [True]
+
+
+# -- attempts -----------------------------------------------------------------------------------
+
+
+def attempt(task_id: str, run: int, **fields: Any) -> Attempt:
+    fields.setdefault("outcome", AttemptOutcome.FAILED)
+    fields.setdefault("ended", 10.0 + run)
+    return Attempt(task_id, run, **fields)
+
+
+async def test_attempts_round_trip_every_field_oldest_run_first(store: StateStore) -> None:
+    await insert(store, make("a", 1))
+    full = Attempt(
+        "a", 2, "principal/w-1", "wsq-python/1.0", "host-a:4242", 1.25, 1.5, 2.75,
+        AttemptOutcome.FAILED, "bad \x00 \u00e9 \U0001f600", 0.5,
+    )  # fmt: skip
+    bare = attempt("a", 1, outcome=AttemptOutcome.NO_RESPONSE)
+    assert await store.submit([RecordAttempt(full), RecordAttempt(bare)]) == [True, True]
+    assert await store.attempts("a") == [bare, full]
+    assert await store.attempts("missing") == []
+    await reopen(store)
+    assert await store.attempts("a") == [bare, full]
+
+
+async def test_an_attempt_goes_with_its_task_s_update_in_one_batch(store: StateStore) -> None:
+    task = make("a", 1)
+    await insert(store, task)
+    active = replace(task, state=State.ACTIVE, run=1, worker="w")
+    await store.submit([Update(active, State.WAITING)])
+    # As the core emits them: the task's Update, then its attempt, for many tasks.
+    done = replace(active, state=State.COMPLETED)
+    record = attempt("a", 1, outcome=AttemptOutcome.COMPLETED)
+    assert await store.submit([Update(done, State.ACTIVE), RecordAttempt(record)]) == [True] * 2
+    assert await store.attempts("a") == [record]
+    assert (await store.get("a")) == done
+
+
+async def test_an_attempt_of_a_missing_task_is_not_stored(store: StateStore) -> None:
+    assert await store.submit([RecordAttempt(attempt("nope", 1))]) == [False]
+    assert await store.attempts("nope") == []
+
+
+async def test_an_attempt_recorded_again_replaces_the_first(store: StateStore) -> None:
+    await insert(store, make("a", 1))
+    await store.submit([RecordAttempt(attempt("a", 1, error="first"))])
+    await store.submit([RecordAttempt(attempt("a", 1, error="second"))])
+    assert [a.error for a in await store.attempts("a")] == ["second"]
+
+
+async def test_a_task_keeps_only_its_newest_attempts(store: StateStore) -> None:
+    await insert(store, make("a", 1), make("b", 2))
+    runs = range(1, KEPT_ATTEMPTS + 8)
+    # In one batch and in many: the bound holds either way.
+    await store.submit([RecordAttempt(attempt("a", run)) for run in runs])
+    for run in runs:
+        await store.submit([RecordAttempt(attempt("b", run))])
+    for task_id in ("a", "b"):
+        kept = [a.run for a in await store.attempts(task_id)]
+        assert kept == list(range(8, KEPT_ATTEMPTS + 8))
+
+
+async def test_deleting_a_task_deletes_its_attempts(store: StateStore) -> None:
+    await insert(store, make("a", 1), make("b", 2))
+    await store.submit([RecordAttempt(attempt(t, 1)) for t in ("a", "b")])
+    # A delete that does not apply (wrong state) keeps them.
+    assert await store.submit([Delete("a", State.FAILED)]) == [False]
+    assert len(await store.attempts("a")) == 1
+    assert await store.submit([Delete("a")]) == [True]
+    assert await store.attempts("a") == []
+    assert len(await store.attempts("b")) == 1
+    # A new task with the id starts with none, and an attempt after a delete in one
+    # batch finds no task.
+    await insert(store, make("a", 3))
+    assert await store.attempts("a") == []
+    ops: list[Op] = [Delete("b"), RecordAttempt(attempt("b", 2))]
+    assert await store.submit(ops) == [True, False]
+    assert await store.attempts("b") == []
+
+
+async def test_a_failing_submit_records_no_attempt(store: StateStore) -> None:
+    await insert(store, make("a", 1))
+    kept = attempt("a", 1)
+    await store.submit([RecordAttempt(kept)])
+    failing = store.submit(
+        [RecordAttempt(attempt("a", 2)), Delete("a"), Bogus()]  # type: ignore[list-item]
+    )
+    with pytest.raises(TypeError):
+        await failing
+    assert await store.attempts("a") == [kept]
 
 
 # -- lifecycle ----------------------------------------------------------------------------------

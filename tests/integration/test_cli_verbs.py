@@ -116,6 +116,30 @@ async def test_add_wait_prints_the_end_and_fails_with_the_task(client: wsq.Clien
     assert json.loads(out)["state"] == "failed" and json.loads(out)["error"] == "bad input"
 
 
+async def test_show_lists_a_task_s_attempts(client: wsq.Client) -> None:
+    queue = client.queue("shown")
+    task = await queue.add({"n": 1}, retries=1)
+
+    async def handler(run: wsq.Task) -> None:
+        if run.run == 1:
+            raise RuntimeError("first try broke")
+
+    worker = queue.process(handler)
+    await eventually(lambda: completed_count_is(queue, 1))
+    await worker.stop()
+    shown = await cli_json("show", task.id, url=client.address)
+    assert [(a["run"], a["outcome"]) for a in shown["attempts"]] == [
+        (1, "failed"),
+        (2, "completed"),
+    ]
+    assert shown["attempts"] == await task.attempts()
+    code, out, err = await cli("show", task.id, url=client.address)
+    assert code == 0, err
+    attempts = out[out.index("attempts:") :]
+    assert "failed: first try broke" in attempts and "completed" in attempts
+    assert worker.id in attempts and "wsq-python" in attempts
+
+
 async def test_workers_lists_each_worker_and_the_runs_it_holds(client: wsq.Client) -> None:
     release = asyncio.Event()
 

@@ -142,6 +142,20 @@ async def test_produce_adds_only_to_its_queues_and_reads_only_its_own_tasks(
             await stranger.remove()
 
 
+async def test_attempts_of_a_task_it_may_not_read_are_answered_as_not_found(
+    secured: wsq.Server,
+) -> None:
+    async with fast(secured.url, PRODUCER) as producer:
+        task = await producer.queue("videos").add({"n": 1})
+        assert await producer.attempts(task.id) == []  # it added it: it may read it
+    async with RawClient(secured.url, token=OTHER_PRODUCER) as raw:
+        hidden = await raw.request({"op": "attempts", "task": task.id})
+        missing = await raw.request({"op": "attempts", "task": "no-such-task"})
+    del hidden["id"], missing["id"]
+    assert hidden == {**missing, "message": missing["message"].replace("no-such-task", task.id)}
+    assert hidden["code"] == "not_found"
+
+
 async def test_work_processes_its_queue_and_nothing_else(secured: wsq.Server) -> None:
     async with (
         fast(secured.url, PRODUCER) as producer,

@@ -166,6 +166,9 @@ def test_failures_retry_and_remove(url: str) -> None:
         worker.stop()
         (stored,) = queue.failed()
         assert stored.error == "no good"
+        (attempt,) = stored.attempts()
+        assert (attempt["outcome"], attempt["error"]) == ("failed", "no good")
+        assert client.attempts(task.id) == [attempt]
         stored.retry()
         assert stored.state == "waiting" and stored.retries == 0
         stored.remove()

@@ -396,6 +396,14 @@ function apiRequest (client, sent) {
       check: (data, result, where) => checkData(data, result.data, result.streams, where),
     }
   }
+  if (op === 'attempts' && typeof sent.task === 'string') {
+    const ms = (seconds) => seconds == null ? null : seconds * 1000
+    return {
+      promise: client.attempts(sent.task),
+      check: (attempts, result, where) => assert.deepEqual(attempts, result.attempts.map((a) =>
+        ({ ...a, offered: ms(a.offered), started: ms(a.started), ended: ms(a.ended) })), where),
+    }
+  }
   if (op === 'remove' && typeof sent.task === 'string') {
     return { promise: client._removeTask(sent.task), check: (value, result, where) => assert.equal(value ?? null, result, where) }
   }
@@ -616,6 +624,7 @@ async function session (relay) {
     const stubborn = queue.process((task, callback) => callback(new Error('no')))
     await eventually(async () => (await queue.failed()).length === 1)
     await stubborn.stop()
+    assert.deepEqual((await failing.attempts()).map((a) => [a.run, a.outcome, a.error]), [[1, 'failed', 'no']])
     await failing.retry()
     await failing.remove()
     // A stream whose source fails while uploading: the upload is aborted, the add fails.
@@ -672,7 +681,7 @@ describe('the encoder: wsq.js sends what the vectors send', () => {
       }
     }
     // What the API above must have sent.
-    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'workers', 'history', 'get', 'remove', 'retry', 'subscribe',
+    const expected = ['hello', 'add', 'list', 'queues', 'stats', 'workers', 'history', 'get', 'attempts', 'remove', 'retry', 'subscribe',
       'unsubscribe', 'work', 'stop', 'ack', 'progress', 'touch', 'complete_many', 'fail', 'upload',
       'upload_end', 'upload_abort', 'download', 'credit', 'cancel', 'release', 'ping']
     // Ops of the vectors this session did not send: reported, not a failure. wsq.js has no

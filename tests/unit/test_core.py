@@ -27,7 +27,17 @@ from wsq.core.effects import Abort, DeleteBlobs, Effect, Emit, Load, Offer, Writ
 from wsq.core.engine import PAYLOAD_CAP, Core
 from wsq.core.task import TRANSITIONS, Options, State, StreamRef, Task
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
-from wsq.storage.base import Delete, Op, Recovery, SetProgress, Update
+from wsq.storage.base import (
+    KEPT_ATTEMPTS,
+    Attempt,
+    AttemptOutcome,
+    Delete,
+    Op,
+    RecordAttempt,
+    Recovery,
+    SetProgress,
+    Update,
+)
 
 WAITING, ACTIVE, COMPLETED, FAILED = State.WAITING, State.ACTIVE, State.COMPLETED, State.FAILED
 
@@ -82,6 +92,7 @@ class Harness:
         self.core = Core(worker_timeout=worker_timeout, window=window)
         self.now = 0.0
         self.store: dict[str, Task] = {}
+        self.attempts: dict[str, list[Attempt]] = {}  # the store's, by task, oldest first
         self.deleted: set[str] = set()
         self.added: list[str] = []
         self.undelivered: dict[str, Task] = {}
@@ -171,9 +182,13 @@ class Harness:
             self.strict_fifo = False
         self.last = self._handle(self.core.add(task, self.now))
 
-    def add_worker(self, worker_id: str, queue: str = "q", concurrency: int = 1) -> list[Effect]:
+    def add_worker(
+        self, worker_id: str, queue: str = "q", concurrency: int = 1, client: str | None = None
+    ) -> list[Effect]:
         connection = f"c{next(self._connections)}"
-        effects = self.core.add_worker(connection, worker_id, queue, concurrency, self.now)
+        effects = self.core.add_worker(
+            connection, worker_id, queue, concurrency, self.now, client=client
+        )
         self.workers[worker_id] = ConnectedWorker(connection, queue, concurrency)
         return self._handle(effects)
 
@@ -258,6 +273,7 @@ class Harness:
             return False
         if isinstance(op, Delete):
             del self.store[op.task_id]
+            self.attempts.pop(op.task_id, None)
             self.deleted.add(op.task_id)
         else:
             self.store[op.task.id] = replace(op.task)
@@ -338,8 +354,14 @@ class Harness:
         return effects
 
     def _apply(self, effects: Iterable[Effect]) -> None:
+        previous: Effect | None = None
         for effect in effects:
             self.log.append(effect)
+            if isinstance(effect, Write) and isinstance(effect.op, RecordAttempt):
+                # Committed with the task's Update: the attempt follows it at once.
+                assert isinstance(previous, Write) and isinstance(previous.op, Update), effect
+                assert previous.op.task.id == effect.op.attempt.task_id, effect
+            previous = effect
             if isinstance(effect, Write):
                 self._write(effect.op)
             elif isinstance(effect, Load):
@@ -377,9 +399,24 @@ class Harness:
         elif isinstance(op, Delete):
             assert op.task_id in self.store, f"Delete of {op.task_id}, which is not stored"
             del self.store[op.task_id]
+            self.attempts.pop(op.task_id, None)
             self.deleted.add(op.task_id)
+        elif isinstance(op, RecordAttempt):
+            self._record(op.attempt)
         else:
             raise AssertionError(f"the core submitted {op!r}")
+
+    def _record(self, attempt: Attempt) -> None:
+        """A RecordAttempt as the stores apply it (ops.RecordAttempt), checked: one record
+        per run that ended, in run order."""
+        stored = self.store.get(attempt.task_id)
+        assert stored is not None, f"attempt of {attempt.task_id}, which is not stored"
+        assert attempt.ended is not None and attempt.outcome is not None, attempt
+        assert attempt.run == stored.run, f"attempt of run {attempt.run}, stored {stored.run}"
+        kept = self.attempts.setdefault(attempt.task_id, [])
+        assert not kept or kept[-1].run < attempt.run, f"run {attempt.run} recorded twice"
+        kept.append(attempt)
+        kept[:] = [a for a in kept if a.run > attempt.run - KEPT_ATTEMPTS]
 
     def _first_waiting(self, queue: str, limit: int) -> list[Task]:
         tasks = [t for t in self.store.values() if t.queue == queue and t.state == WAITING]
@@ -445,8 +482,18 @@ class Harness:
             assert len(held) <= worker.concurrency, f"{worker_id} holds {held}"
         for task_id in self.added:
             assert (task_id in self.store) != (task_id in self.deleted), task_id
+        self._check_attempts()
         self._check_counts()
         self._check_no_stall()
+
+    def _check_attempts(self) -> None:
+        """Every run that ended has its record, the newest KEPT_ATTEMPTS of them; a
+        deleted task has none."""
+        assert set(self.attempts) <= set(self.store), "attempts of a deleted task"
+        for task_id, task in self.store.items():
+            ended = task.run - 1 if task.state == ACTIVE else task.run
+            runs = [a.run for a in self.attempts.get(task_id, [])]
+            assert runs == list(range(max(1, ended - KEPT_ATTEMPTS + 1), ended + 1)), task_id
 
     def _check_counts(self) -> None:
         """The core's counts are the store's, but for adds, removes and retries whose
@@ -542,7 +589,12 @@ def of_type(effects: Iterable[Effect], kind: type[Any]) -> list[Any]:
 
 
 def writes(effects: Iterable[Effect]) -> list[Op]:
-    return [e.op for e in of_type(effects, Write)]
+    """The task writes (attempt records apart: :func:`recorded`)."""
+    return [e.op for e in of_type(effects, Write) if not isinstance(e.op, RecordAttempt)]
+
+
+def recorded(effects: Iterable[Effect]) -> list[Attempt]:
+    return [e.op.attempt for e in of_type(effects, Write) if isinstance(e.op, RecordAttempt)]
 
 
 def offered(effects: Iterable[Effect]) -> list[str]:
@@ -719,7 +771,8 @@ def test_complete_write_precedes_completed_event(h: Harness) -> None:
     task_id = h.add()
     h.ack(task_id)
     effects = h.complete(task_id)
-    assert isinstance(effects[0], Write) and isinstance(effects[1], Emit)
+    # The task's Update and its attempt's record, then the event.
+    assert [type(effect) for effect in effects[:3]] == [Write, Write, Emit]
 
 
 @pytest.mark.parametrize("retries", [0, 1])
@@ -2068,6 +2121,130 @@ def test_loads_are_per_queue() -> None:
     h.answer_load()
     assert h.window_of("a") == a_ids[4:]
     assert h.window_of("b") == b_ids[:4]
+
+
+# -- attempts ----------------------------------------------------------------------------
+
+
+def test_each_run_that_ends_is_recorded_with_its_times_worker_and_progress() -> None:
+    h = Harness()
+    h.core.node = "node-a"
+    h.add_worker("w1", client="wsq-python")
+    h.now = 1.0
+    task_id = h.add(retries=1)
+    h.now = 2.0
+    h.ack(task_id)
+    h.now = 2.5
+    h.progress(task_id, 0.5)
+    h.now = 3.0
+    h.fail(task_id, "disk full")
+    h.now = 4.0
+    h.ack(task_id)
+    h.now = 6.0
+    h.complete(task_id)
+    assert h.attempts[task_id] == [
+        Attempt(task_id, 1, "w1", "wsq-python", "node-a", 1.0, 2.0, 3.0,
+                AttemptOutcome.FAILED, "disk full", 0.5),
+        # The second run reported no progress: the first run's is not carried over.
+        Attempt(task_id, 2, "w1", "wsq-python", "node-a", 3.0, 4.0, 6.0,
+                AttemptOutcome.COMPLETED, None, None),
+    ]  # fmt: skip
+
+
+def test_an_offer_never_acknowledged_is_recorded_as_no_response(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.tick(1.0)  # the worker timeout
+    (attempt,) = h.attempts[task_id]
+    assert (attempt.outcome, attempt.error) == ("no_response", "Worker w1 didn't respond.")
+    assert (attempt.offered, attempt.started, attempt.ended) == (0.0, None, 1.0)
+
+
+def test_a_started_run_that_expires_is_recorded_as_timed_out(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add(timeout=5.0)
+    h.ack(task_id)
+    h.tick(5.0)
+    (attempt,) = h.attempts[task_id]
+    assert (attempt.outcome, attempt.error, attempt.ended) == ("timed_out", "Timed out.", 5.0)
+
+
+def test_a_released_offer_is_recorded_as_released(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.remove_worker("w1")
+    effects = h.release(task_id)
+    (attempt,) = recorded(effects)
+    assert (attempt.outcome, attempt.started, attempt.error) == ("released", None, None)
+
+
+def test_a_run_whose_worker_left_keeps_its_client_name(h: Harness) -> None:
+    h.add_worker("w1", client="wsq-js")
+    task_id = h.add(timeout=5.0)
+    h.ack(task_id)
+    h.remove_worker("w1")  # its connection dropped; the run goes on until it expires
+    h.tick(5.0)
+    (attempt,) = h.attempts[task_id]
+    assert (attempt.worker, attempt.client, attempt.outcome) == ("w1", "wsq-js", "timed_out")
+
+
+def test_a_recovered_run_records_what_is_known() -> None:
+    h = Harness()
+    h.add_worker("w1")
+    task_id = h.add()
+    h.ack(task_id)
+    h.now = 7.0
+    h.restart()
+    h.now = 8.0
+    effects = h.complete(task_id)
+    (attempt,) = recorded(effects)
+    assert attempt == Attempt(
+        task_id, 1, "w1", None, None, None, None, 8.0, AttemptOutcome.COMPLETED, None, None
+    )
+
+
+def test_removed_or_autoremoved_tasks_record_no_attempt(h: Harness) -> None:
+    h.add_worker("w1", concurrency=2)
+    gone = h.add(autoremove=True)
+    removed = h.add()
+    h.ack(gone)
+    assert recorded(h.complete(gone)) == []
+    assert recorded(h.remove(removed)) == []
+    assert h.attempts == {}
+
+
+def test_a_task_s_attempts_are_deleted_with_it(h: Harness) -> None:
+    h.add_worker("w1")
+    task_id = h.add()
+    h.fail(task_id)
+    assert len(h.attempts[task_id]) == 1
+    h.remove(task_id)
+    assert task_id not in h.attempts
+
+
+def test_current_attempt_shows_the_run_in_progress(h: Harness) -> None:
+    h.core.node = "n"
+    h.add_worker("w1", client="c")
+    task_id = h.add()
+    assert h.core.current_attempt(task_id) == Attempt(task_id, 1, "w1", "c", "n", 0.0)
+    h.now = 2.0
+    h.progress(task_id, 0.25)
+    current = h.core.current_attempt(task_id)
+    assert current is not None and (current.started, current.progress) == (2.0, 0.25)
+    assert (current.ended, current.outcome) == (None, None)
+    h.complete(task_id)
+    assert h.core.current_attempt(task_id) is None
+
+
+def test_a_task_that_always_fails_records_every_run() -> None:
+    # The stores keep the newest KEPT_ATTEMPTS (the contract suite); the core asks for all.
+    h = Harness(worker_timeout=-1)
+    h.add_worker("w1")
+    task_id = h.add(retries=-1)
+    for run in range(1, KEPT_ATTEMPTS + 6):
+        assert [attempt.run for attempt in recorded(h.fail(task_id))] == [run]
+    runs = [attempt.run for attempt in h.attempts[task_id]]
+    assert runs == list(range(6, KEPT_ATTEMPTS + 6))
 
 
 # -- recovery ----------------------------------------------------------------------------

@@ -9,7 +9,16 @@ from dataclasses import replace
 import pytest
 
 from wsq.core.task import State, StreamRef, Task
-from wsq.storage.base import Delete, Insert, LoadWaiting, SetProgress, Update
+from wsq.storage.base import (
+    Attempt,
+    AttemptOutcome,
+    Delete,
+    Insert,
+    LoadWaiting,
+    RecordAttempt,
+    SetProgress,
+    Update,
+)
 from wsq.storage.postgres import Writes, plan, write_statement
 
 
@@ -72,3 +81,34 @@ def test_inserts_carry_their_blob_keys() -> None:
 def test_something_that_is_no_op_is_refused_before_anything_runs() -> None:
     with pytest.raises(TypeError, match="Not a state store op"):
         plan([Insert(task("a")), object()])  # type: ignore[list-item]
+
+
+def record(task_id: str, run: int = 1) -> RecordAttempt:
+    return RecordAttempt(Attempt(task_id, run, ended=1.0, outcome=AttemptOutcome.COMPLETED))
+
+
+def test_attempts_share_the_statement_of_their_tasks_updates() -> None:
+    # As the core emits them: each task's Update, then its attempt; 100 completions are
+    # one statement, not one per task.
+    ops = []
+    for n in range(100):
+        ops += [Update(task(f"t{n}", state=State.COMPLETED), State.ACTIVE), record(f"t{n}")]
+    (step,) = plan(ops)
+    assert isinstance(step, Writes)
+    assert len(step.rows["finish"]) == len(step.rows["attempt"]) == 100
+    sql, params = step.statement()
+    assert sql == write_statement(("finish", "attempt"))
+    assert {int(n) for n in re.findall(r"\$(\d+)", sql)} == set(range(1, len(params) + 1))
+
+
+def test_an_attempt_is_kept_apart_from_its_task_s_insert_or_delete() -> None:
+    # The statement's snapshot would not see the insert, and the delete would not see
+    # the new record: their order matters, so they are separate statements.
+    steps = plan([Insert(task("a")), record("a"), Delete("a"), record("a", 2), record("a", 3)])
+    assert shape(steps) == [
+        [("insert", "a")],
+        [("attempt", "a")],
+        [("delete", "a")],
+        [("attempt", "a")],
+        [("attempt", "a")],
+    ]

@@ -40,6 +40,19 @@ INDEXES = {
     "tasks_seq": ("tasks", ["seq"]),
     "blobs_task": ("blobs", ["task"]),
 }
+ATTEMPT_TABLE = [
+    ("task", "TEXT", 1, 1),
+    ("run", "INTEGER", 1, 2),
+    ("worker", "TEXT", 0, 0),
+    ("client", "TEXT", 0, 0),
+    ("node", "TEXT", 0, 0),
+    ("offered", "REAL", 0, 0),
+    ("started", "REAL", 0, 0),
+    ("ended", "REAL", 1, 0),
+    ("outcome", "TEXT", 1, 0),
+    ("error", "TEXT", 0, 0),
+    ("progress", "REAL", 0, 0),
+]
 
 
 @pytest.fixture
@@ -63,11 +76,15 @@ def test_migrate_builds_the_schema(conn: sqlite3.Connection) -> None:
     tables = {
         name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
-    assert tables == {"tasks", "blobs", "meta"}
+    assert tables == {"tasks", "blobs", "meta", "attempts"}
     assert columns(conn, "tasks") == TASK_TABLE
     assert [name for name, *_ in TASK_TABLE[:-1]] == [c.strip() for c in TASK_COLUMNS.split(",")]
     assert columns(conn, "blobs") == [("key", "TEXT", 1, 1), ("task", "TEXT", 1, 0)]
     assert columns(conn, "meta") == [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0)]
+    assert columns(conn, "attempts") == ATTEMPT_TABLE
+    assert [name for name, *_ in ATTEMPT_TABLE] == [
+        c.strip() for c in store.ATTEMPT_COLUMNS.split(",")
+    ]
     for index, (table, indexed) in INDEXES.items():
         owner = conn.execute("SELECT tbl_name FROM sqlite_master WHERE name = ?", (index,))
         assert owner.fetchone() == (table,)
@@ -93,6 +110,19 @@ def test_a_version_2_store_gains_an_identity_made_once(conn: sqlite3.Connection)
     assert len(store_id) == 32 and int(store_id, 16) >= 0
     migrate(conn)
     assert conn.execute("SELECT value FROM meta").fetchall() == [(store_id,)]
+
+
+def test_a_version_3_store_gains_an_empty_attempts_table_and_keeps_its_tasks(
+    conn: sqlite3.Connection,
+) -> None:
+    conn.executescript(f"BEGIN; {''.join(MIGRATIONS[:3])} PRAGMA user_version = 3; COMMIT;")
+    conn.execute(
+        "INSERT INTO tasks VALUES ('t1', 'q', 'failed', 1, x'6e756c6c', NULL, 60, 0, 0, 0, 1,"
+        " 'boom', 1, NULL, 1.0, 1.0, NULL)"
+    )
+    assert migrate(conn) == 3
+    assert conn.execute("SELECT id, state FROM tasks").fetchall() == [("t1", "failed")]
+    assert conn.execute("SELECT count(*) FROM attempts").fetchone() == (0,)
 
 
 def test_migrate_is_idempotent(conn: sqlite3.Connection) -> None:
@@ -132,6 +162,11 @@ def test_the_query_planner_uses_the_indexes(conn: sqlite3.Connection) -> None:
     assert "USING INDEX sqlite_autoindex_tasks_1" in plan(store.GET_TASKS, '["a"]')
     assert "SCAN tasks" not in plan(store.GET_WAITING_QUEUES).replace("SCAN names", "")
     assert "SCAN tasks" not in plan(store.GET_NEXT_SEQ)
+    # A task's attempts, recording, pruning and deleting them: one range of the key.
+    key = "USING PRIMARY KEY (task=?"
+    assert key in plan(store.GET_ATTEMPTS, "a")
+    assert key in plan(store.PRUNE_ATTEMPTS, "a", 1)
+    assert key in plan(store.DELETE_ATTEMPTS, "a")
 
 
 async def test_opening_a_store_migrates_its_file_in_wal_mode(tmp_path: Path) -> None:

@@ -298,6 +298,7 @@ async def test_the_python_client_sends_what_the_vectors_send(server: wsq.Server)
     expected = {"hello", "add", "add_many", "list", "queues", "stats", "workers", "history"}
     expected |= {"get", "remove", "retry", "subscribe", "work", "stop", "ack", "progress", "touch"}
     expected |= {"complete_many", "fail", "upload", "upload_end", "download", "credit"}
+    expected |= {"attempts"}
     assert expected <= ops, expected - ops
 
 
@@ -322,6 +323,7 @@ async def python_client_session(url: str) -> None:
         await client.history("codec", since=1)
         data = await task.get_data()
         assert await data["big"].read() == big
+        assert await task.attempts() == []
         seen: list[str] = []
         task.on("completed", lambda t: seen.append(t.id))
 

@@ -643,6 +643,17 @@ class Client(Emitter):
         workers: list[dict[str, Any]] = answer["workers"]
         return workers
 
+    async def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """The runs of task ``task_id``, oldest first (docs/protocol.md, ``attempts``):
+        each ``{"run", "worker", "client", "node", "offered", "started", "ended",
+        "outcome", "error", "progress"}`` (times are Unix seconds, ``None`` when unknown;
+        the run in progress, if any, comes last with ``ended`` and ``outcome`` ``None``).
+        The server keeps the last 100 runs of a task. Raises TaskNotFound if there is no
+        such task, or this client may not read it."""
+        answer = await self._request({"op": "attempts", "task": task_id})
+        attempts: list[dict[str, Any]] = answer["attempts"]
+        return attempts
+
     async def history(self, queue: str, since: float | None = None) -> dict[str, Any]:
         """The last hour of ``queue``, second by second (docs/protocol.md §4.6):
         ``{"queue", "start", "end", "added", "completed", "failed", "waiting",

@@ -97,6 +97,10 @@ class Task(Emitter):
         self.update(answer["task"])
         return resolve(self._client, self.id, answer["data"], answer["streams"])
 
+    async def attempts(self) -> list[dict[str, Any]]:
+        """The task's runs, oldest first (:meth:`Client.attempts`)."""
+        return await self._client.attempts(self.id)
+
     def _require_run(self, what: str) -> int:
         if self.run is None:
             raise InvalidState(f"{what}() is for the worker running the task.")

@@ -36,7 +36,16 @@ from wsq.core import observations as seen
 from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.names import NameIndex
 from wsq.core.observations import Observation
-from wsq.core.ops import ClaimWaiting, Delete, Recovery, SetProgress, Update
+from wsq.core.ops import (
+    Attempt,
+    AttemptOutcome,
+    ClaimWaiting,
+    Delete,
+    RecordAttempt,
+    Recovery,
+    SetProgress,
+    Update,
+)
 from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
 
@@ -71,6 +80,7 @@ class _Worker:
     concurrency: int
     name: str  # the id its client gave it, which offers and aborts carry
     since: float = 0.0  # when it was registered
+    client: str | None = None  # what its connection's hello said, for attempts
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.name, "queue": self.queue, "concurrency": self.concurrency}
@@ -84,6 +94,8 @@ class _Run:
     offered: float | None = None  # None: recovered after a restart
     started: float | None = None  # when the worker acknowledged it
     resumed: float | None = None  # recovered after a restart: the task's last update
+    progress: float | None = None  # the last progress this run reported
+    client: str | None = None  # its worker's client, noted when the worker left
 
     @property
     def began(self) -> float:
@@ -195,6 +207,8 @@ class Core:
         self._names = NameIndex()
         # What happened, for the caller's metrics (wsq.core.observations); None: nothing.
         self.observations: list[Observation] | None = None
+        # This server's node name, recorded with every attempt; the server sets it.
+        self.node: str | None = None
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -370,14 +384,17 @@ class Core:
         now: float,
         *,
         name: str | None = None,
+        client: str | None = None,
     ) -> list[Effect]:
         """Register a worker under the key ``worker_id``; its runs still active from an
         earlier connection count against ``concurrency``. ``name`` (default: the key) is
         the id its client knows it by, which offers and aborts carry; the caller makes
-        keys that separate what must not share runs (docs/security.md)."""
+        keys that separate what must not share runs (docs/security.md). ``client`` (what
+        its connection's hello said) is recorded with the attempts of its runs."""
         if worker_id in self._workers:
             raise InvalidArgument(f"Worker id {name or worker_id} is already connected.")
         worker = _Worker(worker_id, queue_name, connection, concurrency, name or worker_id, now)
+        worker.client = client
         self._workers[worker_id] = worker
         queue = self._queue(queue_name)
         queue.workers[worker_id] = worker
@@ -393,6 +410,8 @@ class Core:
         queue = self._queues[worker.queue]
         del queue.workers[worker_id]
         self._forget_if_idle(queue)
+        for task_id in self._by_worker.get(worker_id, ()):
+            self._runs[task_id].client = worker.client  # for the attempt, when it ends
         return [Emit("worker removed", worker.queue, (worker.to_json(),))]
 
     def worker_connection(self, worker_id: str) -> str | None:
@@ -429,6 +448,7 @@ class Core:
         effects = self._start(current, now)
         task = current.task
         task.progress = value
+        current.progress = value
         task.updated = now
         self._arm(current, now)
         effects.append(Write(SetProgress(task.id, value, now)))
@@ -447,6 +467,8 @@ class Core:
         task = self._end(current, State.COMPLETED, now)
         self._observe(seen.COMPLETED, task.queue, now - current.began)
         effects.append(Write(Update(task.copy(), expected=State.ACTIVE)))
+        if not task.options.autoremove:  # else its attempts go with it at once
+            effects.append(self._attempt(current, AttemptOutcome.COMPLETED, now))
         effects += self._event("task completed", task)
         if task.options.autoremove:
             effects += self._delete(task)
@@ -466,13 +488,14 @@ class Core:
         current = self._run_of(task_id, run)
         if current.acked:
             raise InvalidState(f"Run {run} of task {task_id} has started; it cannot be released.")
+        attempt = self._attempt(current, AttemptOutcome.RELEASED, now)
         task = self._detach(current)
         check_transition(task.id, task.state, State.WAITING)
         self._move(task.queue, task.state, State.WAITING)
         task.state = State.WAITING
         task.worker = None
         task.updated = now
-        effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE))]
+        effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), attempt]
         effects += self._event("task queued", task)
         queue = self._queue(task.queue)
         self._waits(queue, task)
@@ -601,6 +624,14 @@ class Core:
         """Whether run ``run`` of the task is still active."""
         current = self._runs.get(task_id)
         return current is not None and current.task.run == run
+
+    def current_attempt(self, task_id: str) -> Attempt | None:
+        """The task's run in progress as an :class:`Attempt` with no ``ended`` and no
+        ``outcome`` (the store holds only runs that ended), or ``None``."""
+        current = self._runs.get(task_id)
+        if current is None:
+            return None
+        return self._attempt_of(current, None, None, None)
 
     def lookup(self, task_id: str) -> Task | None:
         """The task if the core holds it (active, or waiting in a window)."""
@@ -838,13 +869,46 @@ class Core:
         will_retry = limit == -1 or task.retries <= limit
         kind = seen.RETRIED if will_retry else seen.FAILED
         self._observe(kind, task.queue, now - current.began)
-        failed = self._event("task failed", task, will_retry)
+        attempt = self._attempt(current, _failure(current, expired), now, error)
+        failed = [attempt, *self._event("task failed", task, will_retry)]
         if will_retry:
             task.error = None  # as the original: a task queued again carries no error
             delay = self._backoff(task.retries) if expired else 0.0
             return self._requeue(task, State.ACTIVE, now, announce=failed, delay=delay)
         effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
+
+    def _attempt(
+        self, current: _Run, outcome: AttemptOutcome, now: float, error: str | None = None
+    ) -> Write:
+        """The record of ``current``, ending now: the caller puts it right after the
+        task's Update, so that both are committed together."""
+        return Write(RecordAttempt(self._attempt_of(current, outcome, now, error)))
+
+    def _attempt_of(
+        self,
+        current: _Run,
+        outcome: AttemptOutcome | None,
+        ended: float | None,
+        error: str | None,
+    ) -> Attempt:
+        """``current`` as an attempt; its client is its worker's, or, if the worker left,
+        the one noted on the run then (:meth:`remove_worker`)."""
+        task = current.task
+        worker = self._workers.get(task.worker or "")
+        return Attempt(
+            task_id=task.id,
+            run=task.run,
+            worker=task.worker,
+            client=worker.client if worker is not None else current.client,
+            node=self.node,
+            offered=current.offered,
+            started=current.started,
+            ended=ended,
+            outcome=outcome,
+            error=error,
+            progress=current.progress,
+        )
 
     def _backoff(self, failures: int) -> float:
         """The wait before the next offer after ``failures`` failed attempts in a row."""
@@ -1191,6 +1255,13 @@ class Core:
                 effects.append(Write(Update(snapshot, expected=State.WAITING)))
         effects.append(Offer(worker.connection, worker.name, tuple(snapshots)))
         return effects
+
+
+def _failure(current: _Run, expired: bool) -> AttemptOutcome:
+    """How a failed run ended: reported by its worker, or expired (started or not)."""
+    if not expired:
+        return AttemptOutcome.FAILED
+    return AttemptOutcome.TIMED_OUT if current.acked else AttemptOutcome.NO_RESPONSE
 
 
 def _run_json(run: _Run) -> dict[str, Any]:

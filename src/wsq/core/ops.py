@@ -5,7 +5,9 @@ written here, checked by ``tests/contract/test_state_store.py``."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from wsq.core.task import State, Task
 
@@ -90,7 +92,70 @@ class Publish:
 RECORD_MAX = 7_900
 """The largest record :class:`Publish` carries (PostgreSQL's NOTIFY takes 8,000 bytes)."""
 
-Op = Insert | Update | SetProgress | Delete | LoadWaiting | ClaimWaiting | Publish
+
+KEPT_ATTEMPTS = 100
+"""How many attempts a store keeps per task: the newest, by run (a task retried forever
+must not grow without end)."""
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How a run ended (docs/protocol.md, ``attempts``)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"  # the worker reported a failure
+    TIMED_OUT = "timed_out"  # started, then silent for the task's timeout
+    NO_RESPONSE = "no_response"  # offered, never acknowledged within the worker timeout
+    RELEASED = "released"  # declined by its worker before it started
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One run of a task: who held it, when, and how it ended. ``offered`` and ``started``
+    are ``None`` when unknown (a run recovered after a restart has neither; one never
+    acknowledged has no ``started``); ``client`` and ``node`` when the server did not
+    know them. ``progress`` is the last value the worker reported in this run (``None``:
+    none). ``ended`` and ``outcome`` are ``None`` only for the run in progress, which is
+    never stored (:meth:`wsq.core.engine.Core.current_attempt`)."""
+
+    task_id: str
+    run: int
+    worker: str | None = None
+    client: str | None = None
+    node: str | None = None
+    offered: float | None = None
+    started: float | None = None
+    ended: float | None = None
+    outcome: AttemptOutcome | None = None
+    error: str | None = None
+    progress: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The attempt as ``attempts`` answers it (docs/protocol.md)."""
+        return {
+            "run": self.run,
+            "worker": self.worker,
+            "client": self.client,
+            "node": self.node,
+            "offered": self.offered,
+            "started": self.started,
+            "ended": self.ended,
+            "outcome": None if self.outcome is None else self.outcome.value,
+            "error": self.error,
+            "progress": self.progress,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAttempt:
+    """Store ``attempt`` (which has ended) if its task exists, replacing a record of the
+    same run; then drop that task's records of runs older than the newest
+    :data:`KEPT_ATTEMPTS` (runs ``<= attempt.run - KEPT_ATTEMPTS``). A :class:`Delete`
+    that deletes the task deletes its attempts. Result: whether it was stored."""
+
+    attempt: Attempt
+
+
+Op = Insert | Update | SetProgress | Delete | LoadWaiting | ClaimWaiting | Publish | RecordAttempt
 
 
 @dataclass(slots=True)

@@ -220,6 +220,7 @@ class Server:
         self.sweep_grace = sweep_grace
         self.blob_quota = BlobQuota(self.blobs, max_blob_bytes) if max_blob_bytes else None
         self.core = Core(worker_timeout=worker_timeout, window=window, shared=self.store.shared)
+        self.core.node = self.node_name  # recorded with attempts (final once listening)
         self.core.observed = self._observed
         self.core.defer_dispatch = True
         # GET /metrics and the history op (docs/operations.md, "Metrics"); the core
@@ -281,6 +282,7 @@ class Server:
         self.url = f"{'wss' if self.ssl else 'ws'}://{_url_host(host)}:{port}"
         if not self._named:
             self.node_name = f"{socket.gethostname()}:{port}"
+        self.core.node = self.node_name
         name_node(self.node_name, shown=self._named)
         bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))

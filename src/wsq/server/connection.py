@@ -89,6 +89,7 @@ class Connection:
             p.ListTasks: self._on_list,
             p.Queues: self._on_queues,
             p.Get: self._on_get,
+            p.Attempts: self._on_attempts,
             p.Remove: self._on_remove,
             p.Retry: self._on_retry,
             p.Subscribe: self._on_subscribe,
@@ -755,6 +756,23 @@ class Connection:
             "streams": [stream_json(ref) for ref in task.streams],
         }
 
+    def _on_attempts(self, message: p.Attempts) -> None:
+        self._spawn(message.id, self._attempts(message.task))
+
+    async def _attempts(self, task_id: str) -> Any:
+        """The task's attempts as stored, then its run in progress (§4.3 ``attempts``);
+        read like ``get``: a task this principal may not read is not found."""
+        task = await self._stored(task_id)  # after the writes before this request
+        if task is None:
+            raise _not_found(task_id)
+        self._require_read(task)
+        attempts = await self.server.store.attempts(task_id)
+        current = self.server.core.current_attempt(task_id)
+        # A run may have ended (and the next begun) while the store was read.
+        if current is not None and (not attempts or attempts[-1].run < current.run):
+            attempts.append(current)
+        return {"attempts": [attempt.to_json() for attempt in attempts]}
+
     def _on_remove(self, message: p.Remove) -> None:
         self._spawn(message.id, self._remove(message.id, message.task))
 
@@ -896,7 +914,13 @@ class Connection:
             self.server.apply(core.remove_worker(worker_id))
             log(logging.INFO, "worker moved", connection=self.id, worker=name)
         effects = core.add_worker(
-            self.id, worker_id, message.queue, message.concurrency, time.time(), name=name
+            self.id,
+            worker_id,
+            message.queue,
+            message.concurrency,
+            time.time(),
+            name=name,
+            client=self.client,
         )
         self._workers.add(worker_id)
         self.answer(message.id, {"worker": name})
@@ -1151,7 +1175,7 @@ _MAX_REFUSED = 1000
 _ATTEMPTS = 8
 """Reads of a task a remove or retry makes while the task keeps changing under it."""
 
-_BOUNDED = (p.Add, p.AddMany, p.ListTasks, p.Queues, p.Get, p.Remove, p.Retry)
+_BOUNDED = (p.Add, p.AddMany, p.ListTasks, p.Queues, p.Get, p.Remove, p.Retry, p.Attempts)
 """Requests that wait on the store: ``max_requests`` bounds how many may be in flight."""
 
 _REPLAYED = frozenset(

@@ -6,8 +6,8 @@ here) are the core's: it emits them, and a store applies them. Writes go through
 returned future resolves only once every op in it is durable (committed and synced), and
 ops submitted later never become visible before ops submitted earlier.
 :class:`LoadWaiting` travels the same pipe so that it sees every write submitted before
-it. Reads that need no ordering (:meth:`get`, :meth:`list`, :meth:`queues`) see
-committed data and run off the event loop.
+it. Reads that need no ordering (:meth:`get`, :meth:`list`, :meth:`queues`,
+:meth:`attempts`) see committed data and run off the event loop.
 
 Backends: :mod:`wsq.storage.memory` (tests, ephemeral servers) and
 :mod:`wsq.storage.sqlite` (the embedded default). One contract suite
@@ -25,13 +25,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsq.core.ops import (
+    KEPT_ATTEMPTS,
     RECORD_MAX,
+    Attempt,
+    AttemptOutcome,
     ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    RecordAttempt,
     Recovery,
     SetProgress,
     Update,
@@ -39,13 +43,17 @@ from wsq.core.ops import (
 from wsq.core.task import State, Task
 
 __all__ = [
+    "KEPT_ATTEMPTS",
     "RECORD_MAX",
+    "Attempt",
+    "AttemptOutcome",
     "ClaimWaiting",
     "Delete",
     "Insert",
     "LoadWaiting",
     "Op",
     "Publish",
+    "RecordAttempt",
     "Recovery",
     "SetProgress",
     "StateStore",
@@ -134,6 +142,11 @@ class StateStore(ABC):
     @abstractmethod
     async def queues(self) -> builtins.list[str]:
         """Names of queues that hold at least one task, sorted."""
+
+    @abstractmethod
+    async def attempts(self, task_id: str) -> builtins.list[Attempt]:
+        """The committed attempts of the task (:class:`RecordAttempt`), oldest run first;
+        empty if there are none or no such task."""
 
     @abstractmethod
     async def blob_keys(self) -> set[str]:

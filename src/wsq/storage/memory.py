@@ -25,12 +25,15 @@ from typing import Any
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
+    KEPT_ATTEMPTS,
+    Attempt,
     ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    RecordAttempt,
     Recovery,
     SetProgress,
     StateStore,
@@ -77,6 +80,9 @@ class MemoryStateStore(StateStore):
         self._tasks: dict[str, Task] = {}
         self._order: builtins.list[_Key] = []  # every task, by seq
         self._waiting: dict[str, builtins.list[_Key]] = {}  # waiting tasks per queue, by seq
+        self._attempts: dict[str, builtins.list[Attempt]] = {}  # per task, oldest run first
+        # Each task's attempts as they were before this batch changed them (for undo).
+        self._attempts_before: dict[str, builtins.list[Attempt] | None] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -117,11 +123,13 @@ class MemoryStateStore(StateStore):
     def _apply_all(self, ops: Sequence[Op]) -> builtins.list[Any] | Exception:
         """Results of ``ops``, or the exception that stopped them (then undo them all)."""
         journal: builtins.list[tuple[str, Task | None]] = []
+        self._attempts_before.clear()
         try:
             return [self._apply(op, journal) for op in ops]
         except Exception as exc:
             for task_id, previous in reversed(journal):
                 self._restore(task_id, previous)
+            self._restore_attempts()
             return exc
 
     def _apply(self, op: Op, journal: builtins.list[tuple[str, Task | None]]) -> Any:
@@ -139,6 +147,8 @@ class MemoryStateStore(StateStore):
             return True
         if isinstance(op, Update | SetProgress | Delete):
             return self._change(op, journal)
+        if isinstance(op, RecordAttempt):
+            return self._record(op.attempt)
         raise TypeError(f"Not a state store op: {op!r}")
 
     def _change(
@@ -159,6 +169,8 @@ class MemoryStateStore(StateStore):
             return False
         journal.append((task_id, stored))
         self._remove(task_id)
+        if isinstance(op, Delete):
+            self._set_attempts(task_id, None)
         if isinstance(op, Update):
             self._put(_updated(stored, op.task))
         elif isinstance(op, SetProgress):
@@ -191,6 +203,34 @@ class MemoryStateStore(StateStore):
                 _stripped(dataclasses.replace(active, updated=stored.updated), op.max_payload)
             )
         return claimed
+
+    def _record(self, attempt: Attempt) -> bool:
+        """:class:`RecordAttempt`: keep it, in run order, and only the newest runs."""
+        if attempt.task_id not in self._tasks:
+            return False
+        kept = [a for a in self._attempts.get(attempt.task_id, []) if a.run != attempt.run]
+        bisect.insort(kept, attempt, key=lambda a: a.run)
+        self._set_attempts(
+            attempt.task_id, [a for a in kept if a.run > attempt.run - KEPT_ATTEMPTS]
+        )
+        return True
+
+    def _set_attempts(self, task_id: str, attempts: builtins.list[Attempt] | None) -> None:
+        """Replace (``None``: drop) a task's attempts, noting the first state for undo."""
+        if task_id not in self._attempts_before:
+            self._attempts_before[task_id] = self._attempts.get(task_id)
+        if attempts:
+            self._attempts[task_id] = attempts
+        else:
+            self._attempts.pop(task_id, None)
+
+    def _restore_attempts(self) -> None:
+        for task_id, attempts in self._attempts_before.items():
+            if attempts is None:
+                self._attempts.pop(task_id, None)
+            else:
+                self._attempts[task_id] = attempts
+        self._attempts_before.clear()
 
     def _load_waiting(self, queue: str, limit: int, max_payload: int | None) -> builtins.list[Task]:
         keys = self._waiting.get(queue, [])[: max(limit, 0)]
@@ -247,6 +287,12 @@ class MemoryStateStore(StateStore):
         """Sorted names of queues holding at least one task. Raises ServerError if closed."""
         self._check_open()
         return sorted({t.queue for t in self._tasks.values()})
+
+    async def attempts(self, task_id: str) -> builtins.list[Attempt]:
+        """The stored attempts of ``task_id``, oldest run first (Attempt is immutable).
+        Raises ServerError if closed."""
+        self._check_open()
+        return builtins.list(self._attempts.get(task_id, ()))
 
     async def blob_keys(self) -> set[str]:
         """Every blob key a stored task references. Raises ServerError if closed."""

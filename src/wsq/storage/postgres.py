@@ -55,6 +55,9 @@ import msgspec
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
+    KEPT_ATTEMPTS,
+    Attempt,
+    AttemptOutcome,
     ClaimWaiting,
     Delete,
     Heartbeat,
@@ -62,6 +65,7 @@ from wsq.storage.base import (
     LoadWaiting,
     Op,
     Publish,
+    RecordAttempt,
     Recovery,
     SetProgress,
     StateStore,
@@ -266,6 +270,10 @@ LIST_TASKS_OF_QUEUE = (
     + " ORDER BY seq LIMIT $2"
 )
 GET_BLOB_KEYS = "SELECT key FROM wsq_blobs"
+ATTEMPT_COLUMNS = (
+    "task, run, worker, client, node, offered, started, ended, outcome, error, progress"
+)
+GET_ATTEMPTS = f"SELECT {ATTEMPT_COLUMNS} FROM wsq_attempts WHERE task = $1 ORDER BY run"
 
 # Queue names by a loose index scan: one index probe per distinct queue.
 _QUEUE_NAMES = """
@@ -379,7 +387,23 @@ _DELETE_CTE = (
     " AS d (id, expected)"
     " WHERE t.id = d.id AND (d.expected IS NULL OR t.state = d.expected)"
     " RETURNING t.id, t.queue, t.state),"
-    " del_blobs AS (DELETE FROM wsq_blobs WHERE task IN (SELECT id FROM del))"
+    " del_blobs AS (DELETE FROM wsq_blobs WHERE task IN (SELECT id FROM del)),"
+    " del_attempts AS (DELETE FROM wsq_attempts WHERE task IN (SELECT id FROM del))"
+)
+# Attempts of tasks that exist (as of the statement's snapshot: Writes.add keeps a task's
+# insert or delete out of a step that records its attempt), then the runs past the bound.
+_ATTEMPT_CTE = (
+    "att AS (INSERT INTO wsq_attempts (" + ATTEMPT_COLUMNS + ") SELECT a.*"
+    " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::bytea[], {p4}::text[],"
+    " {p5}::float8[], {p6}::float8[], {p7}::float8[], {p8}::text[], {p9}::bytea[],"
+    " {p10}::float8[]) AS a (" + ATTEMPT_COLUMNS + ")"
+    " WHERE EXISTS (SELECT 1 FROM wsq_tasks t WHERE t.id = a.task)"
+    " ON CONFLICT (task, run) DO UPDATE SET worker = excluded.worker,"
+    " client = excluded.client, node = excluded.node, offered = excluded.offered,"
+    " started = excluded.started, ended = excluded.ended, outcome = excluded.outcome,"
+    " error = excluded.error, progress = excluded.progress RETURNING task AS id),"
+    " att_prune AS (DELETE FROM wsq_attempts w USING unnest({p0}::text[], {p1}::bigint[])"
+    f" AS x (task, run) WHERE w.task = x.task AND w.run <= x.run - {KEPT_ATTEMPTS})"
 )
 
 # kind: (CTE, name of the CTE returning applied ids, number of array parameters)
@@ -390,6 +414,7 @@ _KINDS: dict[str, tuple[str, str, int]] = {
     "update": (_UPDATE_CTE, "upd", 11),
     "progress": (_PROGRESS_CTE, "prog", 3),
     "delete": (_DELETE_CTE, "del", 2),
+    "attempt": (_ATTEMPT_CTE, "att", 11),
 }
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 NOTIFIED = -1  # the kind code of the rows the notifications add to a step's result
@@ -523,11 +548,23 @@ class Writes:
     blobs: list[tuple[str, str]] = field(default_factory=list)  # (key, task) of inserts
     # Task id -> index of its row in rows["progress"] for a SetProgress, else -1.
     ids: dict[str, int] = field(default_factory=dict)
+    # Tasks this step records an attempt of, and tasks it inserts or deletes.
+    attempted: set[str] = field(default_factory=set)
+    made_or_gone: set[str] = field(default_factory=set)
 
     def add(self, kind: str, task_id: str, row: tuple[Any, ...]) -> bool:
         """Take the op, unless this step already writes to its task: then only a progress
         after a progress is taken (a worker's reports come in runs): the later value
-        replaces the earlier, and both apply or neither (nothing between them here)."""
+        replaces the earlier, and both apply or neither (nothing between them here).
+        An attempt goes with its task's other writes (the core sends it right after the
+        task's Update), but not with its insert or delete, nor with another attempt. A
+        refused op starts a new step (:func:`plan`): this one takes nothing more."""
+        if kind == "attempt":
+            return self._add_attempt(task_id, row)
+        if kind in ("insert", "delete"):
+            if task_id in self.attempted:
+                return False
+            self.made_or_gone.add(task_id)
         index = self.ids.get(task_id)
         if index is not None:
             if kind != "progress" or index < 0:
@@ -538,6 +575,14 @@ class Writes:
             self.ids[task_id] = len(rows) if kind == "progress" else -1
             rows.append(row)
         self.slots.append((kind, task_id))
+        return True
+
+    def _add_attempt(self, task_id: str, row: tuple[Any, ...]) -> bool:
+        if task_id in self.attempted or task_id in self.made_or_gone:
+            return False
+        self.attempted.add(task_id)
+        self.rows.setdefault("attempt", []).append(row)
+        self.slots.append(("attempt", task_id))
         return True
 
     def statement(self, node: str = "", channel: str = "") -> tuple[str, list[Any]]:
@@ -576,7 +621,36 @@ def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
             return "progress", task_id, (task_id, progress, updated)
         case Delete(task_id, expected):
             return "delete", task_id, (task_id, None if expected is None else expected.value)
+        case RecordAttempt(attempt):
+            return "attempt", attempt.task_id, _attempt_row(attempt)
     raise TypeError(f"Not a state store op: {op!r}")
+
+
+def _attempt_row(attempt: Attempt) -> tuple[Any, ...]:
+    """``attempt`` in :data:`ATTEMPT_COLUMNS` order."""
+    outcome = None if attempt.outcome is None else AttemptOutcome(attempt.outcome).value
+    return (
+        attempt.task_id,
+        clamp(attempt.run),
+        attempt.worker,
+        _text(attempt.client),
+        attempt.node,
+        attempt.offered,
+        attempt.started,
+        attempt.ended,
+        outcome,
+        _text(attempt.error),
+        attempt.progress,
+    )
+
+
+def _attempt_from_row(row: asyncpg.Record) -> Attempt:
+    """The :class:`Attempt` in a row selected as :data:`ATTEMPT_COLUMNS`."""
+    task, run, worker, client, node, offered, started, ended, outcome, error, progress = row
+    return Attempt(
+        task, run, worker, _untext(client), node, offered, started, ended,
+        AttemptOutcome(outcome), _untext(error), progress,
+    )  # fmt: skip
 
 
 def _update_row(task: Task, expected: State) -> tuple[Any, ...]:
@@ -1249,6 +1323,14 @@ class PostgresStateStore(StateStore):
 
         async def query(conn: _Reader) -> builtins.list[str]:
             return [name for (name,) in await conn.fetch(GET_QUEUES)]
+
+        return await self._read(query)
+
+    async def attempts(self, task_id: str) -> builtins.list[Attempt]:
+        """The committed attempts of ``task_id``, oldest run first."""
+
+        async def query(conn: _Reader) -> builtins.list[Attempt]:
+            return [_attempt_from_row(row) for row in await conn.fetch(GET_ATTEMPTS, task_id)]
 
         return await self._read(query)
 

@@ -50,12 +50,16 @@ import msgspec
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
+    KEPT_ATTEMPTS,
+    Attempt,
+    AttemptOutcome,
     ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    RecordAttempt,
     Recovery,
     SetProgress,
     StateStore,
@@ -122,7 +126,26 @@ SCHEMA_4 = """
 ALTER TABLE tasks ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
 """
 
-MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3, SCHEMA_4]
+# Each task's attempts (RecordAttempt): the newest KEPT_ATTEMPTS runs of each, keyed and
+# clustered by (task, run), so a task's history is one range and pruning one range delete.
+SCHEMA_5 = """
+CREATE TABLE attempts (
+    task TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    worker TEXT,
+    client TEXT,
+    node TEXT,
+    offered REAL,
+    started REAL,
+    ended REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    progress REAL,
+    PRIMARY KEY (task, run)
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5]
 
 # -- statements -----------------------------------------------------------------------------
 
@@ -173,6 +196,21 @@ SET_PROGRESS = "UPDATE tasks SET progress = ?, updated = ? WHERE id = ? AND stat
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 DELETE_TASK_IN_STATE = "DELETE FROM tasks WHERE id = ? AND state = ?"
 DELETE_BLOBS = "DELETE FROM blobs WHERE task = ?"
+ATTEMPT_COLUMNS = (
+    "task, run, worker, client, node, offered, started, ended, outcome, error, progress"
+)
+# Only for a task that exists; the same run recorded again replaces the first record.
+RECORD_ATTEMPT = f"""
+INSERT INTO attempts ({ATTEMPT_COLUMNS})
+SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?)
+ON CONFLICT (task, run) DO UPDATE SET
+    worker = excluded.worker, client = excluded.client, node = excluded.node,
+    offered = excluded.offered, started = excluded.started, ended = excluded.ended,
+    outcome = excluded.outcome, error = excluded.error, progress = excluded.progress
+"""
+PRUNE_ATTEMPTS = "DELETE FROM attempts WHERE task = ? AND run <= ?"
+DELETE_ATTEMPTS = "DELETE FROM attempts WHERE task = ?"
+GET_ATTEMPTS = f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE task = ? ORDER BY run"
 # The payload (data, inline streams) only if it fits in the first parameter's bytes;
 # else data is NULL and streams lists the blob refs alone (Task.strip). length() of a
 # BLOB reads no overflow page, so a stripped row costs little however big its data.
@@ -422,7 +460,44 @@ def _delete(conn: sqlite3.Connection, task_id: str, expected: State | None) -> b
         deleted = conn.execute(DELETE_TASK_IN_STATE, (task_id, expected.value)).rowcount == 1
     if deleted:
         conn.execute(DELETE_BLOBS, (task_id,))
+        conn.execute(DELETE_ATTEMPTS, (task_id,))
     return bool(deleted)
+
+
+def _record_attempt(conn: sqlite3.Connection, attempt: Attempt) -> bool:
+    params = (*_attempt_params(attempt), attempt.task_id)
+    if conn.execute(RECORD_ATTEMPT, params).rowcount != 1:
+        return False
+    if attempt.run > KEPT_ATTEMPTS:  # else no older run can be past the bound
+        conn.execute(PRUNE_ATTEMPTS, (attempt.task_id, attempt.run - KEPT_ATTEMPTS))
+    return True
+
+
+def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
+    """``attempt`` in :data:`ATTEMPT_COLUMNS` order."""
+    outcome = None if attempt.outcome is None else AttemptOutcome(attempt.outcome).value
+    return (
+        attempt.task_id,
+        clamp(attempt.run),
+        attempt.worker,
+        attempt.client,
+        attempt.node,
+        attempt.offered,
+        attempt.started,
+        attempt.ended,
+        outcome,
+        attempt.error,
+        attempt.progress,
+    )
+
+
+def _attempt_from_row(row: Sequence[Any]) -> Attempt:
+    """The :class:`Attempt` in a row selected as :data:`ATTEMPT_COLUMNS`."""
+    task, run, worker, client, node, offered, started, ended, outcome, error, progress = row
+    return Attempt(
+        task, run, worker, client, node, offered, started, ended,
+        AttemptOutcome(outcome), error, progress,
+    )  # fmt: skip
 
 
 def _apply(conn: sqlite3.Connection, op: Op) -> Any:
@@ -444,6 +519,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             fits = MAX_INT if max_payload is None else clamp(max_payload)
             rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, clamp(max(limit, 0))))
             return [_task_from_row(row) for row in rows]
+        case RecordAttempt(attempt):
+            return _record_attempt(conn, attempt)
     raise TypeError(f"Not a state store op: {op!r}")
 
 
@@ -845,6 +922,15 @@ class SqliteStateStore(StateStore):
     async def blob_keys(self) -> set[str]:
         """Every blob key a stored task references. Raises ServerError if closed."""
         return await self._read(lambda conn: {key for (key,) in conn.execute(GET_BLOB_KEYS)})
+
+    async def attempts(self, task_id: str) -> builtins.list[Attempt]:
+        """The committed attempts of ``task_id``, oldest run first. Raises ServerError
+        if closed."""
+
+        def query(conn: sqlite3.Connection) -> builtins.list[Attempt]:
+            return [_attempt_from_row(row) for row in conn.execute(GET_ATTEMPTS, (task_id,))]
+
+        return await self._read(query)
 
     async def list(
         self,

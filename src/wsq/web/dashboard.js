@@ -104,7 +104,7 @@ function refreshPage () {
 
 // -- refreshing, driven by events (batched so a burst costs one request) --------------------
 
-const pending = { stats: null, tasks: null, workers: null, run: null }
+const pending = { stats: null, tasks: null, workers: null, run: null, attempts: null }
 
 function later (what, fn, ms) {
   if (pending[what]) return
@@ -251,7 +251,11 @@ function showProgress (task, value) {
   for (const bar of document.querySelectorAll('#worker-list progress[data-task]')) {
     if (bar.dataset.task === task.id) bar.value = value
   }
-  if (view.page === 'task' && task.id === view.task) setTaskProgress(value)
+  if (view.page === 'task' && task.id === view.task) {
+    setTaskProgress(value)
+    const running = $('#task-attempts tr[data-outcome="running"] td.progress')
+    if (running) running.textContent = percent(value)
+  }
 }
 
 function cell (tr, text) {
@@ -550,6 +554,7 @@ async function loadTask (id) {
   showTaskData(task.data, streams)
   showStreams(id, streams)
   if (task.state === 'active') later('run', showRun, 0)
+  await showAttempts(task, loading)
 }
 
 function missing (text) {
@@ -650,6 +655,82 @@ async function showRun () {
   }
 }
 
+// -- a task's attempts ----------------------------------------------------------------------
+
+const OUTCOMES = {
+  completed: 'completed',
+  failed: 'failed',
+  timed_out: 'timed out',
+  no_response: "worker didn't respond",
+  released: 'released',
+}
+
+/** The task's runs, one row each, oldest first; read again whenever the task's events
+ *  say a run began or ended (onTaskEvent). */
+async function showAttempts (task, loading = page.loading) {
+  let attempts
+  try {
+    attempts = await client.attempts(task.id)
+  } catch {
+    return // the task is gone (its 'deleted' event says so) or the connection dropped
+  }
+  if (loading !== page.loading || page.task !== task) return
+  $('#task-attempts tbody').replaceChildren(...attempts.map(attemptRow))
+  $('#task-attempts').hidden = !attempts.length
+  $('#task-no-attempts').hidden = attempts.length > 0
+  $('#task-attempts-kept').hidden = attempts.length < 100
+}
+
+function attemptRow (attempt) {
+  const tr = document.createElement('tr')
+  const outcome = attempt.outcome ?? 'running'
+  tr.dataset.run = String(attempt.run)
+  tr.dataset.outcome = outcome
+  cell(tr, String(attempt.run))
+  const worker = cell(tr, attempt.worker ?? '—')
+  if (attempt.client) worker.append(labelled('client', attempt.client))
+  cell(tr, attempt.node ?? '—')
+  cell(tr, '').append(timeOf(attempt.offered))
+  cell(tr, '').append(timeOf(attempt.started, attempt.offered, (d) => `${d} after the offer`))
+  const ended = cell(tr, '')
+  if (attempt.ended != null) ended.append(timeOf(attempt.ended, attempt.started ?? attempt.offered, (d) => `took ${d}`))
+  else if (attempt.started != null) ended.append('running for ', since(attempt.started))
+  else ended.textContent = '—'
+  const shown = cell(tr, OUTCOMES[outcome] ?? outcome)
+  shown.className = `outcome ${outcome}`
+  if (attempt.error) shown.append(labelled('error', attempt.error))
+  cell(tr, attempt.progress == null ? '—' : percent(attempt.progress)).className = 'progress'
+  return tr
+}
+
+/** A time as local time, and how long after `from` it was (`said` words it) if both are
+ *  known. */
+function timeOf (ms, from = null, said = null) {
+  const span = document.createElement('span')
+  if (ms == null) { span.textContent = '—'; return span }
+  span.textContent = new Date(ms).toLocaleString()
+  span.title = new Date(ms).toISOString()
+  if (from != null && said) span.append(labelled('took', said(duration(ms - from))))
+  return span
+}
+
+function labelled (className, text) {
+  const span = document.createElement('span')
+  span.className = className
+  span.textContent = text
+  return span
+}
+
+function duration (ms) {
+  const s = Math.max(0, ms) / 1000
+  if (s < 1) return `${Math.round(s * 1000)} ms`
+  if (s < 60) return `${s.toFixed(1)} s`
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`
+  return `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min`
+}
+
+function percent (value) { return `${Math.round(value * 100)}%` }
+
 function onTaskEvent (name, task) {
   if (name === 'task deleted') {
     page.task = null
@@ -660,6 +741,8 @@ function onTaskEvent (name, task) {
   for (const key of ['state', 'progress', 'retries', 'error', 'worker', 'updated', 'created']) shown[key] = task[key]
   showRecord(shown)
   if (name === 'task started') later('run', showRun, 0)
+  // A run began or ended: its row appears or gets its end (progress is shown as it comes).
+  if (name !== 'task progress') later('attempts', () => showAttempts(shown), 100)
 }
 
 async function taskAction (kind) {

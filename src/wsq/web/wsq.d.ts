@@ -94,6 +94,26 @@ export interface WorkerInfo {
   runs: { task: string, run: number, offered: number | null, started: number | null, progress: number }[]
 }
 
+/** One run of a task as `client.attempts()` lists it; times in ms, null when unknown (a
+ *  run recovered after a server restart has no offered or started time). */
+export interface Attempt {
+  run: number
+  /** The worker that held it, its connection's client name, and the server node. */
+  worker: string | null
+  client: string | null
+  node: string | null
+  offered: number | null
+  /** When the worker acknowledged it; null if it never did. */
+  started: number | null
+  /** Null, with outcome, for the run in progress. */
+  ended: number | null
+  outcome: 'completed' | 'failed' | 'timed_out' | 'no_response' | 'released' | null
+  /** The failure's text (a worker's error, "Timed out.", "Worker … didn't respond."). */
+  error: string | null
+  /** The last progress this run reported; null if none. */
+  progress: number | null
+}
+
 /** The last hour of a queue, second by second (docs/protocol.md §4.6): one list entry
  *  per second from `start` to `end`. */
 export interface QueueHistory {
@@ -150,6 +170,10 @@ export class Client extends EventEmitter {
    *  code 'not_found' if there is none. */
   getTask (id: string): Promise<Task>
   getTask (id: string, callback: Callback<Task>): void
+  /** The task's runs, oldest first, the one in progress last; at most the last 100.
+   *  Rejects with code 'not_found' if there is no such task (or it may not be read). */
+  attempts (id: string): Promise<Attempt[]>
+  attempts (id: string, callback: Callback<Attempt[]>): void
   /** The last hour of a queue, second by second, for charts (needs observe on it). */
   history (queue: string, options?: HistoryOptions): Promise<QueueHistory>
   history (queue: string, callback: Callback<QueueHistory>): void
@@ -225,6 +249,9 @@ export class Task extends EventEmitter {
   retry (callback: Callback<void>): void
   getData (): Promise<any>
   getData (callback: Callback<any>): void
+  /** Its runs, oldest first (client.attempts()). */
+  attempts (): Promise<Attempt[]>
+  attempts (callback: Callback<Attempt[]>): void
 }
 
 /** What add() returns: the Task, thenable until the server has it. */

@@ -1,6 +1,6 @@
 // Uses of wsq.js's API that its declarations (wsq.d.ts) must accept under tsc --strict;
 // tests/node/types.test.mjs compiles it (no output), and checks that misuse.ts fails.
-import { Client, Task, WsqError, defaultBackoff, type TaskStream } from '../../../src/wsq/web/wsq.js'
+import { Client, Task, WsqError, defaultBackoff, type Attempt, type TaskStream } from '../../../src/wsq/web/wsq.js'
 
 export async function sample (file: Blob, readable: AsyncIterable<Uint8Array> & { readable: boolean, pipe<T> (d: T): T, on (e: string, l: () => void): unknown }): Promise<void> {
   const client = new Client('ws://localhost:4242', { backoff: defaultBackoff, token: 't' })
@@ -29,6 +29,9 @@ export async function sample (file: Blob, readable: AsyncIterable<Uint8Array> & 
   for (const worker of await client.workers('video')) console.log(worker.id, worker.node, worker.peer, worker.runs[0]?.started)
   const found = await client.getTask('some-id')
   console.log(found.state, found.data)
+  const runs: Attempt[] = await found.attempts()
+  for (const run of await client.attempts('some-id')) console.log(run.run, run.outcome ?? 'running', run.ended, run.error, run.client)
+  client.attempts('some-id', (error, listed) => console.log(error, listed?.[0]?.started, runs.length))
   const history = await client.history('videos', { since: new Date(Date.now() - 60_000) })
   const added: number = history.added.reduce((a, b) => a + b, 0)
   const depth: number | null = history.waiting[history.waiting.length - 1]

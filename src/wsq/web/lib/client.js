@@ -96,6 +96,18 @@ export class Client extends Connection {
     return settle(got, callback)
   }
 
+  /** The runs of task `id`, oldest first (docs/protocol.md, `attempts`): each `{run,
+   *  worker, client, node, offered, started, ended, outcome, error, progress}`, times in
+   *  ms (null when unknown); the run in progress, if any, comes last with `ended` and
+   *  `outcome` null. Rejects with code 'not_found' if there is no such task (or the token
+   *  may not read it). */
+  attempts (id, callback) {
+    checkType('client.attempts: the id', id, 'string')
+    checkCallback('client.attempts', callback)
+    const listed = this._request({ op: 'attempts', task: id }).then((result) => result.attempts.map(attemptInfo))
+    return settle(listed, callback)
+  }
+
   /** The last hour of queue `name`, second by second (docs/protocol.md §4.6), for charts:
    *  `{queue, start, end, added, completed, failed, waiting, latency}`, one list entry
    *  per second from `start` to `end` (milliseconds since the epoch, each a second's
@@ -408,6 +420,12 @@ function workerInfo (json) {
     since: ms(json.since),
     runs: json.runs.map((run) => ({ ...run, offered: ms(run.offered), started: ms(run.started) })),
   }
+}
+
+/** An attempt of the `attempts` answer, its times in ms. */
+function attemptInfo (json) {
+  const ms = (seconds) => seconds == null ? null : seconds * 1000
+  return { ...json, offered: ms(json.offered), started: ms(json.started), ended: ms(json.ended) }
 }
 
 function taskOrValue (client, value) {

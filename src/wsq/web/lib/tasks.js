@@ -99,6 +99,12 @@ export class Task extends platform.EventEmitter {
     return settle(this.client._getData(this.id), callback)
   }
 
+  /** The task's runs, oldest first (client.attempts()). */
+  attempts (callback) {
+    checkCallback('task.attempts', callback)
+    return settle(this.client.attempts(this.id), callback)
+  }
+
   _report (fields) {
     if (this.run == null) throw new WsqError('Only a task handed to a worker can report.', 'invalid_state')
     return this.client._report({ ...fields, task: this.id, run: this.run })
