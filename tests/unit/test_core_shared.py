@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from wsq.core.effects import Abort, Claim, Effect, Emit, Offer, Write
-from wsq.core.engine import BACKOFF, CLAIM_RETRY, NODE_BITS, POLL_INTERVAL, Core
+from wsq.core.engine import ADD_HOLD, BACKOFF, CLAIM_RETRY, NODE_BITS, POLL_INTERVAL, Core
 from wsq.core.task import Options, State, Task
 from wsq.storage.base import ClaimWaiting, Insert, Recovery, Update
 from wsq.storage.memory import MemoryStateStore
@@ -342,11 +342,13 @@ def test_an_add_does_not_overtake_an_earlier_add_still_being_inserted() -> None:
     cluster.worker(a, "w1")
     busy = cluster.add(a)  # w1's one slot
     first, second = cluster.new_task(a), cluster.new_task(a)
-    assert a.core.admit(first, cluster.now) is first  # no free slot: waits
-    assert cluster.store._apply_all([Insert(first)]) == [True]
+    record = a.core.admit(first, cluster.now)
+    assert record.state == WAITING  # no free slot: waits
+    assert cluster.store._apply_all([Insert(record)]) == [True]
     cluster.complete(a, busy)  # a slot frees while first's insert is on its way
-    assert a.core.admit(second, cluster.now) is second  # first is older: second waits too
-    assert cluster.store._apply_all([Insert(second)]) == [True]
+    record = a.core.admit(second, cluster.now)
+    assert record.state == WAITING  # first is older: second waits too
+    assert cluster.store._apply_all([Insert(record)]) == [True]
     cluster.apply(a, a.core.add(first, cluster.now))
     cluster.apply(a, a.core.add(second, cluster.now))
     assert [task for _, task, _ in a.offers] == [busy, first.id]
@@ -413,3 +415,37 @@ def test_an_adopted_run_whose_worker_never_comes_back_times_out_on_the_new_holde
     assert (stored.state, stored.retries) == (WAITING, 1)  # b failed the attempt
     b.core.drop_runs()  # had b lost its lease, the run would be no longer its own
     assert b.core.lookup(task_id) is None
+
+
+def test_no_node_claims_a_task_before_the_commit_that_announces_it() -> None:
+    """Its insert holds it (not_before); add() releases it in the same batch as "task
+    added", so no node can run it, and tell of its run, before every node heard of it."""
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    cluster.worker(b, "wb")
+    task = cluster.new_task(a)
+    record = a.core.admit(task, cluster.now)
+    assert record.not_before == cluster.now + ADD_HOLD
+    assert cluster.store._apply_all([Insert(record)]) == [True]
+    cluster.tick(POLL_INTERVAL)  # b looks: the task is there, but not claimable yet
+    assert b.offers == []
+    effects = a.core.add(task, cluster.now)
+    assert isinstance(effects[0], Write) and effects[0].op.task.not_before == 0.0
+    assert [e.event for e in effects if isinstance(e, Emit)] == ["task added", "task queued"]
+    cluster.apply(a, effects)
+    cluster.tick(POLL_INTERVAL)
+    assert b.offers == [("wb", task.id, 1)]
+
+
+def test_a_task_whose_node_died_before_announcing_it_is_claimable_after_the_hold() -> None:
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    cluster.worker(b, "wb")
+    task = cluster.new_task(a)
+    assert cluster.store._apply_all([Insert(a.core.admit(task, cluster.now))]) == [True]
+    a.dead = True  # never calls add(): its producer was never answered, and adds again
+    b.core.poll_interval = 1.0
+    cluster.tick(ADD_HOLD - 1.0)
+    assert b.offers == []
+    cluster.tick(2.0)
+    assert b.offers == [("wb", task.id, 1)]

@@ -65,6 +65,9 @@ when no notice of them arrives)."""
 CLAIM_RETRY = 1.0
 """Shared store: seconds before a claim that failed (the store unavailable) is tried
 again."""
+ADD_HOLD = 5.0
+"""Shared store: seconds a task added on a node that died before announcing it waits
+before any node may claim it (:meth:`Core.admit`)."""
 NODE_BITS = 10
 """Shared store: a seq is ``(microseconds << NODE_BITS) | node_index``."""
 
@@ -290,10 +293,14 @@ class Core:
         queue = self._queues.get(task.queue)
         worker = self._idle_worker(queue) if self._inflight.get(task.queue, 0) == 0 else None
         if queue is None or worker is None:
-            # Waits; until its insert is done, later adds wait too (FIFO).
+            # Waits; until its insert is done, later adds wait too (FIFO). No node claims
+            # it until add() releases it with its "task added": every node hears of a task
+            # before any event of its runs (else ADD_HOLD, should this node die first).
             self._inflight[task.queue] = self._inflight.get(task.queue, 0) + 1
             self._waiting_adds[task.seq] = task.queue
-            return task
+            held = task.copy()
+            held.not_before = now + ADD_HOLD
+            return held
         queue.workers[worker.id] = queue.workers.pop(worker.id)  # round robin
         self._claiming[worker.id] = self._claiming.get(worker.id, 0) + 1
         self._reserved[task.seq] = (worker.id, queue.name)
@@ -326,10 +333,16 @@ class Core:
         """A new waiting task whose insert is durable (as :meth:`admit` made it: maybe
         already the first run of a worker, which is offered it now)."""
         self._adding.discard(task.seq)
+        held = task.seq in self._waiting_adds
         self._admitted(task.seq)
         self._count(task.queue, State.WAITING, 1)
         self._observe(seen.ADDED, task.queue, 0.0)
-        effects = self._event("task added", task) + self._event("task queued", task)
+        effects: list[Effect] = []
+        if held:  # claimable from the commit that tells every node of it (admit())
+            released = task.copy()
+            released.not_before = 0.0
+            effects.append(Write(Update(released, expected=State.WAITING)))
+        effects += self._event("task added", task) + self._event("task queued", task)
         queue = self._queue(task.queue)
         reserved = self._reserved.pop(task.seq, None)
         if reserved is not None:
