@@ -862,7 +862,8 @@ _TRUNCATED = "… (truncated)"
 
 def _records(instance: str, emits: Sequence[Emit]) -> list[str]:
     """``emits`` as :class:`_Record` texts of at most RECORD_MAX bytes each. An event too
-    big alone has its task's error text cut to fit."""
+    big alone has its task's error text cut to fit (an event that does not fit even so is
+    left out, and logged: a NOTIFY over the limit would fail the writes it goes with)."""
     head = len(_encode(_Record(instance, [])))
     records: list[str] = []
     events: list[bytes] = []
@@ -870,7 +871,11 @@ def _records(instance: str, emits: Sequence[Emit]) -> list[str]:
     for emit in emits:
         event = _encode((emit.event, emit.queue, emit.args))
         if head + len(event) + 1 > RECORD_MAX:
-            event = _shrunk(emit, RECORD_MAX - head - 1)
+            shrunk = _shrunk(emit, RECORD_MAX - head - 1)
+            if shrunk is None:
+                log(logging.ERROR, "event not published", f"{emit.event} is too big to publish")
+                continue
+            event = shrunk
         if events and size + len(event) + 1 > RECORD_MAX:
             records.append(_join(instance, events))
             events, size = [], head
@@ -885,14 +890,21 @@ def _join(instance: str, events: list[bytes]) -> str:
     return f"[{_encode(instance).decode()},[{b','.join(events).decode()}]]"
 
 
-def _shrunk(emit: Emit, room: int) -> bytes:
+def _shrunk(emit: Emit, room: int) -> bytes | None:
+    """The event with its task's error cut until it encodes in ``room`` bytes (escapes
+    make the encoding longer than the text), or ``None`` if it never does."""
     task = dict(emit.args[0]) if emit.args and isinstance(emit.args[0], dict) else {}
     error = task.get("error") or ""
-    event = _encode((emit.event, emit.queue, emit.args))
-    over = len(event) - room
-    cut = error.encode()[: max(0, len(error.encode()) - over - len(_TRUNCATED.encode()) - 8)]
-    task["error"] = cut.decode(errors="ignore") + _TRUNCATED
-    return _encode((emit.event, emit.queue, (task, *emit.args[1:])))
+    while True:
+        task["error"] = error + _TRUNCATED
+        event = _encode((emit.event, emit.queue, (task, *emit.args[1:])))
+        if len(event) <= room:
+            return event
+        if not error:
+            return None
+        # Keep the share of the text that fits, a little less (escapes make the encoding
+        # longer than the text); each round keeps less, so it ends.
+        error = error[: max(0, min(len(error) - 1, len(error) * room // len(event) - 16))]
 
 
 def check_node_name(name: str) -> str:

@@ -1,0 +1,41 @@
+"""What a node publishes for the others (``wsq.server.app._records``): records that
+PostgreSQL's NOTIFY takes (at most RECORD_MAX bytes each), however big an event is."""
+
+from __future__ import annotations
+
+import msgspec
+
+from wsq.core.effects import Emit
+from wsq.core.ops import RECORD_MAX
+from wsq.core.task import State, Task
+from wsq.server.app import _decode_record, _records
+
+
+def failed(task_id: str, error: str) -> Emit:
+    task = Task(task_id, "q", State.FAILED, 1, b"{}", error=error).to_json()
+    return Emit("task failed", "q", (task, False))
+
+
+def test_many_events_are_cut_into_records_that_fit_and_keep_their_order() -> None:
+    emits = [failed(f"t{n}", "x" * 100) for n in range(300)]
+    records = _records("me", emits)
+    assert len(records) > 1 and all(len(r.encode()) <= RECORD_MAX for r in records)
+    decoded = [_decode_record(r) for r in records]
+    assert {r.instance for r in decoded} == {"me"}
+    ids = [args[0]["id"] for r in decoded for _, _, args in r.events]
+    assert ids == [f"t{n}" for n in range(300)]
+
+
+def test_an_event_too_big_alone_has_its_error_cut_even_when_escapes_inflate_it() -> None:
+    # Control characters encode as \u00XX: six bytes each.
+    for error in ("e" * 50_000, "\x01" * 50_000, "é" * 30_000, '\n"' * 20_000):
+        [record] = _records("me", [failed("big", error)])
+        assert len(record.encode()) <= RECORD_MAX
+        [(_, _, args)] = _decode_record(record).events
+        assert args[0]["error"].endswith("(truncated)") and args[1] is False
+
+
+def test_an_event_that_cannot_fit_is_left_out_not_sent_over_the_limit() -> None:
+    huge = Emit("worker added", "q", ({"id": "w" * 10_000},))
+    assert _records("me", [huge, failed("t", "x")]) == _records("me", [failed("t", "x")])
+    assert msgspec.json.decode(_records("me", [failed("t", "x")])[0])[0] == "me"
