@@ -296,13 +296,13 @@ class Core:
             # Waits; until its insert is done, later adds wait too (FIFO). No node claims
             # it until add() releases it with its "task added": every node hears of a task
             # before any event of its runs (else ADD_HOLD, should this node die first).
-            self._inflight[task.queue] = self._inflight.get(task.queue, 0) + 1
+            _tally(self._inflight, task.queue, 1)
             self._waiting_adds[task.seq] = task.queue
             held = task.copy()
             held.not_before = now + ADD_HOLD
             return held
         queue.workers[worker.id] = queue.workers.pop(worker.id)  # round robin
-        self._claiming[worker.id] = self._claiming.get(worker.id, 0) + 1
+        _tally(self._claiming, worker.id, 1)
         self._reserved[task.seq] = (worker.id, queue.name)
         active = task.copy()
         active.state = State.ACTIVE
@@ -323,11 +323,7 @@ class Core:
         """The insert of a task :meth:`admit` let wait is done (or failed)."""
         name = self._waiting_adds.pop(seq, None)
         if name is not None:
-            left = self._inflight[name] - 1
-            if left:
-                self._inflight[name] = left
-            else:
-                del self._inflight[name]
+            _tally(self._inflight, name, -1)
 
     def add(self, task: Task, now: float) -> list[Effect]:
         """A new waiting task whose insert is durable (as :meth:`admit` made it: maybe
@@ -354,11 +350,7 @@ class Core:
         return effects + self._dispatch_soon(queue, now)
 
     def _unreserve(self, worker_id: str) -> None:
-        left = self._claiming[worker_id] - 1
-        if left:
-            self._claiming[worker_id] = left
-        else:
-            del self._claiming[worker_id]
+        _tally(self._claiming, worker_id, -1)
 
     def loaded(self, name: str, tasks: list[Task], limit: int, now: float) -> list[Effect]:
         """The result of a :class:`Load` of ``limit`` tasks for queue ``name``."""
@@ -582,7 +574,7 @@ class Core:
             return []
         for worker_id in served:  # round robin: those served go to the back
             queue.workers[worker_id] = queue.workers.pop(worker_id)
-            self._claiming[worker_id] = self._claiming.get(worker_id, 0) + slots.count(worker_id)
+            _tally(self._claiming, worker_id, slots.count(worker_id))
         queue.claiming = True
         queue.added_while_claiming = False
         return [Claim(ClaimWaiting(queue.name, tuple(slots), now, self.payload_cap))]
@@ -1275,6 +1267,15 @@ def _failure(current: _Run, expired: bool) -> AttemptOutcome:
     if not expired:
         return AttemptOutcome.FAILED
     return AttemptOutcome.TIMED_OUT if current.acked else AttemptOutcome.NO_RESPONSE
+
+
+def _tally(counts: dict[str, int], key: str, delta: int) -> None:
+    """Add ``delta`` to ``counts[key]``, dropping the key at zero."""
+    left = counts.get(key, 0) + delta
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _run_json(run: _Run) -> dict[str, Any]:
