@@ -288,7 +288,7 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
 
 async def produce(producer: wsq.Client, numbers: range, expected: dict[str, str]) -> None:
     """Add a task per number (every 8th with a 1 MiB stream), recording each acknowledged
-    one with its stream's sha256. An add cut off mid-upload by a kill is added again."""
+    one with its stream's sha256. An add cut off by a kill is added again, with its id."""
     for n in numbers:
         data: dict[str, Any] = {"n": n}
         if n % 8 == 0:
@@ -296,7 +296,11 @@ async def produce(producer: wsq.Client, numbers: range, expected: dict[str, str]
             data |= {"blob": blob, "sha": hashlib.sha256(blob).hexdigest()}
         for _ in range(20):
             try:
-                task = await producer.queue("load").add(data, timeout=3.0, retries=-1)
+                # The same id each time: an add cut off after the server stored it is
+                # answered as that task, never made twice.
+                task = await producer.queue("load").add(
+                    data, timeout=3.0, retries=-1, id=f"load-{n}"
+                )
                 break
             except wsq.WsqError:
                 await asyncio.sleep(0.1)
