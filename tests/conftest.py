@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+import threading
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,45 @@ import wsq
 from tests.pg import Schema, base_dsn, check_reachable
 
 TIME_FACTOR = float(os.environ.get("WSQ_TEST_TIME_FACTOR", "1"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Shortly before pytest-timeout ends a test, print every asyncio task's stack: its
+    own report shows only the event loop waiting, which does not say what hung."""
+    marker = item.get_closest_marker("timeout")
+    if marker and marker.args:
+        limit = float(marker.args[0])
+    else:
+        limit = float(item.config.getini("timeout"))
+    timer = threading.Timer(limit * 0.9, _dump_tasks, args=(item.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _dump_tasks(nodeid: str) -> None:
+    """From the timer's thread: ask every running event loop to print its tasks."""
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+    for loop in loops:
+        if loop.is_running() and not loop.is_closed():
+            loop.call_soon_threadsafe(_print_tasks, nodeid)
+
+
+def _print_tasks(nodeid: str) -> None:
+    lines = [f"== {nodeid} is about to time out; its asyncio tasks:"]
+    for task in asyncio.all_tasks():
+        lines.append(f"-- {task.get_name()}")
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # the chain of awaits, outermost first
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                lines.extend(traceback.format_stack(frame, limit=1))
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def budget(seconds: float) -> float:
