@@ -65,6 +65,7 @@ EXPECTED_COLUMNS = {
         ("name", "text", "NO"),
         ("instance", "text", "NO"),
         ("expires", "timestamp with time zone", "NO"),
+        ("idx", "smallint", "YES"),
     ],
     "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
     "wsq_counts": [
@@ -94,6 +95,7 @@ EXPECTED_COLUMNS = {
     ],
 }
 EXPECTED_INDEXES = {
+    ("wsq_nodes", "CREATE UNIQUE INDEX wsq_nodes_idx ON {s}.wsq_nodes USING btree (idx)"),
     ("wsq_nodes", "CREATE UNIQUE INDEX wsq_nodes_pkey ON {s}.wsq_nodes USING btree (name)"),
     (
         "wsq_tasks",
@@ -224,6 +226,45 @@ async def test_a_node_that_stops_renewing_its_lease_has_its_runs_taken_over(
     assert await pg_schema.fetch("SELECT node FROM wsq_tasks") == [("heir",)]
     await heir.close()
     await dying.close()
+
+
+async def test_each_live_node_has_its_own_index_for_seqs(pg_schema: Schema) -> None:
+    """Seqs end in the node's index (Core.allocate_seq): nodes opening at once get
+    different ones, a node opened again under its name keeps its own, and a dead node's
+    index is free again once another has taken it over."""
+    stores = [PostgresStateStore(pg_schema.dsn, node=f"n{i}", lease=0.3) for i in range(6)]
+    recoveries = await asyncio.gather(*(s.open() for s in stores))
+    indexes = [r.node_index for r in recoveries]
+    assert sorted(indexes) == list(range(1, 7))
+    await stores[2].close()  # ends its lease; it may come back under its name
+    again = PostgresStateStore(pg_schema.dsn, node="n2", lease=0.3)
+    assert (await again.open()).node_index == indexes[2]
+    for store in stores[:2] + stores[3:]:
+        await store.close()
+    beat = await again.heartbeat()  # takes the closed nodes over: their rows go
+    assert sorted(beat.dead) == ["n0", "n1", "n3", "n4", "n5"]
+    newcomer = PostgresStateStore(pg_schema.dsn, node="new", lease=0.3)
+    expected = 1 if indexes[2] != 1 else 2
+    assert (await newcomer.open()).node_index == expected
+    await newcomer.close()
+    await again.close()
+
+
+async def test_a_node_whose_lease_ran_out_takes_an_index_again(pg_schema: Schema) -> None:
+    late = PostgresStateStore(pg_schema.dsn, node="late", lease=0.3)
+    index = (await late.open()).node_index
+    await asyncio.sleep(0.5)
+    other = PostgresStateStore(pg_schema.dsn, node="other", lease=0.3)
+    assert (await other.open()).node_index not in (0, index)
+    assert (await other.heartbeat()).dead == ["late"]  # its row, and index, are gone
+    beat = await late.heartbeat()
+    assert beat.lost and beat.node_index is not None
+    assert (
+        beat.node_index
+        != (await pg_schema.fetch("SELECT idx FROM wsq_nodes WHERE name = 'other'"))[0][0]
+    )
+    await other.close()
+    await late.close()
 
 
 async def test_a_schema_from_a_newer_wsq_is_refused(pg_schema: Schema) -> None:

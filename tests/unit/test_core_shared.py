@@ -267,6 +267,16 @@ def test_seqs_are_unique_across_nodes_and_increase_on_each() -> None:
         Core(shared=True, node_index=1 << NODE_BITS)
 
 
+def test_the_node_index_comes_from_the_store() -> None:
+    core = Core(shared=True)
+    core.recover(Recovery(next_seq=(7 << NODE_BITS) | 3, node_index=5), 5.0)
+    assert core.allocate_seq(5.0) & ((1 << NODE_BITS) - 1) == 5
+    core.set_node_index(9)  # a lease taken anew may come with another
+    assert core.allocate_seq(5.0) & ((1 << NODE_BITS) - 1) == 9
+    with pytest.raises(ValueError):
+        core.set_node_index(-1)
+
+
 def test_a_report_of_a_run_the_store_no_longer_holds_does_not_apply() -> None:
     """The store's guard: an update out of 'active' names the run it ends."""
     cluster = Cluster(1)

@@ -37,6 +37,7 @@ from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offe
 from wsq.core.names import NameIndex
 from wsq.core.observations import Observation
 from wsq.core.ops import (
+    NODE_BITS,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
@@ -68,8 +69,6 @@ again."""
 ADD_HOLD = 5.0
 """Shared store: seconds a task added on a node that died before announcing it waits
 before any node may claim it (:meth:`Core.admit`)."""
-NODE_BITS = 10
-"""Shared store: a seq is ``(microseconds << NODE_BITS) | node_index``."""
 
 _STATE_NAMES = tuple(state.value for state in State)
 _STATE_INDEX = {state: index for index, state in enumerate(State)}
@@ -156,11 +155,10 @@ class Core:
         node_index: int = 0,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
-        if not 0 <= node_index < 1 << NODE_BITS:
-            raise ValueError(f"node_index must be in [0, {1 << NODE_BITS}).")
         self.worker_timeout = worker_timeout
         self.shared = shared
-        self.node_index = node_index
+        self.node_index = 0
+        self.set_node_index(node_index)
         self.poll_interval = poll_interval
         self._last_micros = 0  # shared: the clock part of the last seq handed out
         # Shared: slots of each worker promised to claims on their way, and when queues
@@ -221,6 +219,8 @@ class Core:
         holding tasks to claim)."""
         self._next_seq = max(self._next_seq, recovery.next_seq)
         self._last_micros = max(self._last_micros, recovery.next_seq >> NODE_BITS)
+        if self.shared:
+            self.set_node_index(recovery.node_index)
         for (name, state), count in recovery.counts.items():
             self._count(name, state, count)
         self._hold_runs(recovery.active, now)
@@ -255,6 +255,14 @@ class Core:
         self._runs.clear()
         self._by_worker.clear()
         self._deadlines.clear()
+
+    def set_node_index(self, node_index: int) -> None:
+        """Shared store: the low bits of the seqs this node makes from now on (the store
+        gives each live node its own: :attr:`Recovery.node_index`, and again with a lease
+        taken anew)."""
+        if not 0 <= node_index < 1 << NODE_BITS:
+            raise ValueError(f"node_index must be in [0, {1 << NODE_BITS}).")
+        self.node_index = node_index
 
     def allocate_seq(self, now: float) -> int:
         """The seq of a task about to be inserted (see the module docstring)."""

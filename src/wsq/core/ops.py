@@ -89,6 +89,10 @@ class Publish:
     records: tuple[str, ...]
 
 
+NODE_BITS = 10
+"""Shared store: a seq is ``(microseconds << NODE_BITS) | node_index`` (each live node has
+its own index: :attr:`Recovery.node_index`)."""
+
 RECORD_MAX = 7_900
 """The largest record :class:`Publish` carries (PostgreSQL's NOTIFY takes 8,000 bytes)."""
 
@@ -164,10 +168,13 @@ class Recovery:
     task (stripped of its payload: :meth:`Task.strip`), the names of queues that hold
     waiting tasks, and how many tasks each queue holds in each state (the core keeps these
     counts from then on). ``store_id`` names the store's data for good (made once, when
-    the store was created): a blob store records which state store its blobs belong to."""
+    the store was created): a blob store records which state store its blobs belong to.
+    ``node_index``: a shared store's index for this node, the low bits of the seqs it
+    makes (:meth:`wsq.core.engine.Core.allocate_seq`), unique among live nodes."""
 
     next_seq: int = 1
     active: list[Task] = field(default_factory=list)
     waiting_queues: list[str] = field(default_factory=list)
     counts: dict[tuple[str, State], int] = field(default_factory=dict)
     store_id: str = ""
+    node_index: int = 0

@@ -517,6 +517,8 @@ class Server:
                 log(logging.WARNING, "lease not renewed", f"Renewing the lease failed: {exc}")
                 continue
             now = time.time()
+            if beat.node_index is not None:
+                self.core.set_node_index(beat.node_index)
             if beat.lost:
                 log(
                     logging.ERROR,

@@ -26,6 +26,7 @@ from typing import Any
 
 from wsq.core.ops import (
     KEPT_ATTEMPTS,
+    NODE_BITS,
     RECORD_MAX,
     Attempt,
     AttemptOutcome,
@@ -44,6 +45,7 @@ from wsq.core.task import State, Task
 
 __all__ = [
     "KEPT_ATTEMPTS",
+    "NODE_BITS",
     "RECORD_MAX",
     "Attempt",
     "AttemptOutcome",
@@ -65,11 +67,12 @@ __all__ = [
 class Heartbeat:
     """What :meth:`StateStore.heartbeat` found: runs this node now holds (stripped, as in
     :class:`Recovery`), the dead nodes they came from, and whether this node's own lease
-    had run out."""
+    had run out (then ``node_index`` is the index it holds now, which may differ)."""
 
     adopted: list[Task] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     lost: bool = False
+    node_index: int | None = None
 
 
 class StateStore(ABC):

@@ -56,6 +56,7 @@ from wsq.core.task import State, Task
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
+    NODE_BITS,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
@@ -299,13 +300,19 @@ GET_COUNTS = (
 GET_STORE_ID = "SELECT value FROM wsq_meta WHERE key = 'store_id'"
 # -- leases (migration 5): a node's row, renewed; a dead node's runs taken over ----------------
 
-# The lease on the node's name, unless a live instance holds it (then no row comes back).
+# The lease on the node's name, unless a live instance holds it (then no row comes back),
+# with the node's index (migration 7): the one its row had, else the smallest free one.
+# Two nodes taking the same free index at once: the second fails on the unique index and
+# tries again. NULL: all MAX_NODE_INDEX are taken.
 TAKE_LEASE = """
-INSERT INTO wsq_nodes (name, instance, expires)
-VALUES ($1, $2, now() + make_interval(secs => $3))
-ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, expires = excluded.expires
+INSERT INTO wsq_nodes (name, instance, expires, idx)
+VALUES ($1, $2, now() + make_interval(secs => $3), (
+    SELECT min(i) FROM generate_series(1, $4::int) AS i
+    WHERE NOT EXISTS (SELECT 1 FROM wsq_nodes n WHERE n.idx = i)))
+ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, expires = excluded.expires,
+    idx = coalesce(wsq_nodes.idx, excluded.idx)
 WHERE wsq_nodes.expires < now() OR wsq_nodes.instance = excluded.instance
-RETURNING name
+RETURNING idx
 """
 RENEW_LEASE = """
 UPDATE wsq_nodes SET expires = now() + make_interval(secs => $3)
@@ -334,6 +341,7 @@ WHERE state = 'active'
 RETURNING {TASK_COLUMNS_STRIPPED}
 """
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
+MAX_NODE_INDEX = (1 << NODE_BITS) - 1
 
 # -- one step of writes: a statement of data-modifying CTEs ------------------------------------
 
@@ -777,6 +785,28 @@ def _settings(dsn: str, schema: str | None) -> dict[str, str]:
     return settings
 
 
+async def _lease(
+    conn: _AnyConnection, node: str, instance: str, lease: float, retry: bool = True
+) -> int | None:
+    """Take the lease on ``node``'s name (TAKE_LEASE): the node's index, or ``None`` if a
+    live instance holds it. ``retry``: outside a transaction, try again when another node
+    took the same free index at the same moment."""
+    while True:
+        try:
+            row = await conn.fetchrow(TAKE_LEASE, node, instance, lease, MAX_NODE_INDEX)
+        except asyncpg.UniqueViolationError:
+            if not retry:
+                raise
+            continue
+        if row is None:
+            return None
+        if row["idx"] is None:
+            raise ServerError(
+                f"More than {MAX_NODE_INDEX} wsq nodes hold a lease on this database."
+            )
+        return int(row["idx"])
+
+
 async def _recover(conn: asyncpg.Connection, node: str) -> Recovery:
     """What a starting node needs; the active runs it adopts are its own from an earlier
     life and those of nodes with no live lease."""
@@ -1136,8 +1166,9 @@ class PostgresStateStore(StateStore):
             if not self.node:  # a store of its own (a library's, a test's)
                 self.node = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
             conn = await self._connect()  # the writer's
-            await self._take_lease(conn)
+            index = await self._take_lease(conn)
             recovery = await _recover(conn, self.node)
+            recovery.node_index = index
         except BaseException as exc:
             if conn is not None:
                 conn.terminate()
@@ -1173,12 +1204,15 @@ class PostgresStateStore(StateStore):
             self.dsn, timeout=self.connect_timeout, server_settings=settings
         )
 
-    async def _take_lease(self, conn: asyncpg.Connection) -> None:
-        """Hold the lease on this node's name. A live lease of another instance (a node
-        that crashed moments ago, or one running under the same name) is waited out for up
-        to two lease terms; then ServerError."""
+    async def _take_lease(self, conn: asyncpg.Connection) -> int:
+        """Hold the lease on this node's name; return the node's index. A live lease of
+        another instance (a node that crashed moments ago, or one running under the same
+        name) is waited out for up to two lease terms; then ServerError."""
         deadline = asyncio.get_running_loop().time() + 2 * self.lease
-        while not await conn.fetchval(TAKE_LEASE, self.node, self._instance, self.lease):
+        while True:
+            index = await _lease(conn, self.node, self._instance, self.lease)
+            if index is not None:
+                return index
             if asyncio.get_running_loop().time() > deadline:
                 raise ServerError(
                     f"Another wsq node named {self.node!r} is running on this database;"
@@ -1196,14 +1230,15 @@ class PostgresStateStore(StateStore):
         them)."""
 
         async def query(conn: _Reader) -> Heartbeat:
+            index = None
             async with conn.transaction():
                 kept = await conn.fetchval(RENEW_LEASE, self.node, self._instance, self.lease)
                 if not kept:
-                    await conn.fetchval(TAKE_LEASE, self.node, self._instance, self.lease)
+                    index = await _lease(conn, self.node, self._instance, self.lease, retry=False)
                 dead = [name for (name,) in await conn.fetch(DROP_EXPIRED, self.node)]
                 rows = await conn.fetch(ADOPT_RUNS, _NO_PAYLOAD, self.node, dead) if dead else []
             tasks = sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)
-            return Heartbeat(adopted=tasks, dead=dead, lost=not kept)
+            return Heartbeat(adopted=tasks, dead=dead, lost=not kept, node_index=index)
 
         return await self._read(query)
 
