@@ -18,7 +18,15 @@ from tests.integration.proxy import Proxy
 from tests.pg import Schema
 from wsq.core.task import State
 from wsq.exceptions import ServerError, Unavailable
-from wsq.storage.base import ClaimWaiting, Delete, Insert, LoadWaiting, Recovery
+from wsq.storage.base import (
+    ClaimWaiting,
+    Delete,
+    Insert,
+    LoadWaiting,
+    PutWorker,
+    Recovery,
+    WorkerRow,
+)
 from wsq.storage.postgres import (
     CLAIM_WAITING,
     PostgresStateStore,
@@ -88,6 +96,17 @@ EXPECTED_COLUMNS = {
         ("progress", "double precision", "YES"),
     ],
     "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
+    "wsq_workers": [
+        ("node", "text", "NO"),
+        ("key", "text", "NO"),
+        ("holder", "text", "NO"),
+        ("name", "text", "NO"),
+        ("queue", "text", "NO"),
+        ("concurrency", "integer", "NO"),
+        ("since", "double precision", "NO"),
+        ("client", "bytea", "YES"),
+        ("peer", "text", "YES"),
+    ],
     "wsq_schema_version": [
         ("version", "integer", "NO"),
         ("name", "text", "NO"),
@@ -125,6 +144,11 @@ EXPECTED_INDEXES = {
         "wsq_attempts",
         "CREATE UNIQUE INDEX wsq_attempts_pkey ON {s}.wsq_attempts USING btree (task, run)",
     ),
+    (
+        "wsq_workers",
+        "CREATE UNIQUE INDEX wsq_workers_pkey ON {s}.wsq_workers USING btree (node, key)",
+    ),
+    ("wsq_workers", "CREATE INDEX wsq_workers_holder ON {s}.wsq_workers USING btree (holder)"),
 }
 
 
@@ -151,6 +175,10 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
         ("wsq_nodes", "name"): "C",
         ("wsq_tasks", "node"): "C",
         ("wsq_attempts", "task"): "C",
+        ("wsq_workers", "node"): "C",
+        ("wsq_workers", "key"): "C",
+        ("wsq_workers", "holder"): "C",
+        ("wsq_workers", "queue"): "C",
     }
     indexes = await pg_schema.fetch(
         "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", pg_schema.name
@@ -226,6 +254,33 @@ async def test_a_node_that_stops_renewing_its_lease_has_its_runs_taken_over(
     assert await pg_schema.fetch("SELECT node FROM wsq_tasks") == [("heir",)]
     await heir.close()
     await dying.close()
+
+
+async def test_workers_of_a_dead_node_are_not_listed_and_go_with_its_takeover(
+    pg_schema: Schema,
+) -> None:
+    """Rows of a node whose lease ran out are hidden at once; the node that takes it over
+    deletes them; a node opened again under its name drops its rows of an earlier life."""
+    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3)
+    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    await dying.open()
+    await heir.open()
+    await dying.submit([PutWorker(WorkerRow("k", "w", "q", 1, 1.0, "dying"))])
+    await heir.submit([PutWorker(WorkerRow("h", "w", "q", 1, 1.0, "heir"))])
+    assert [w.node for w in await heir.workers()] == ["dying", "heir"]
+    await asyncio.sleep(0.5)  # dying renews nothing; heir's lease is made live by hand
+    await pg_schema.fetch(
+        "UPDATE wsq_nodes SET expires = now() + interval '1 minute' WHERE name = 'heir'"
+    )
+    assert [w.node for w in await heir.workers()] == ["heir"]
+    assert (await heir.heartbeat()).dead == ["dying"]
+    assert await pg_schema.fetch("SELECT node FROM wsq_workers") == [("heir",)]
+    await dying.close()
+    await heir.close()
+    again = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    await again.open()
+    assert await pg_schema.fetch("SELECT node FROM wsq_workers") == []
+    await again.close()
 
 
 async def test_each_live_node_has_its_own_index_for_seqs(pg_schema: Schema) -> None:

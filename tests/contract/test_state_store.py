@@ -28,17 +28,22 @@ from wsq.core.task import Options, State, StreamRef, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
+    AdoptRuns,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
     Delete,
+    DropWorkers,
+    HeldRuns,
     Insert,
     LoadWaiting,
     Op,
+    PutWorker,
     RecordAttempt,
     SetProgress,
     StateStore,
     Update,
+    WorkerRow,
 )
 from wsq.storage.memory import MemoryStateStore
 from wsq.storage.postgres import PostgresStateStore
@@ -373,6 +378,95 @@ async def test_claim_strips_payloads_over_max_payload(store: StateStore) -> None
     assert claimed.data is None and claimed.streams == (blob,)
     full = await store.get("big")
     assert full is not None and full.data == b"x" * 100 and full.streams == (note, blob)
+
+
+async def test_adopt_runs_gives_the_active_runs_of_the_named_workers(store: StateStore) -> None:
+    """A worker that moved to this node reports for its runs (AdoptRuns): the tasks
+    whose stored run and worker match come back, stripped; others do not."""
+    await insert(store, *(make(f"t{n}", n) for n in range(1, 5)))
+    await store.submit([ClaimWaiting("q", ("w1", "w1", "w2"), now=1.0)])
+    runs = (("t2", 1), ("t1", 1), ("t3", 1), ("t1", 2), ("t4", 0), ("nope", 1), ("t2", 1))
+    [adopted] = await store.submit([AdoptRuns(runs, ("w1", "w9"))])
+    assert [(t.id, t.state, t.run, t.worker, t.data) for t in adopted] == [
+        ("t1", State.ACTIVE, 1, "w1", None),
+        ("t2", State.ACTIVE, 1, "w1", None),
+    ]
+    assert await store.submit([AdoptRuns((), ("w1",))]) == [[]]
+    stored = await store.get("t1")
+    assert stored is not None and stored.data == b'{"n": 1}'  # nothing else changed
+
+
+async def test_held_runs_are_the_active_tasks_of_this_node_in_seq_order(
+    store: StateStore,
+) -> None:
+    """HeldRuns reads, in the pipe, the active runs this node holds (one server: every
+    active task), stripped: it sees the writes submitted before it."""
+    await insert(store, *(make(f"t{n}", n) for n in range(1, 5)))
+    [claimed] = await store.submit([ClaimWaiting("q", ("w1", "w2", "w1"), now=1.0)])
+    done = replace(claimed[1], state=State.COMPLETED)
+    _, held = await store.submit([Update(done, expected=State.ACTIVE), HeldRuns()])
+    assert [(t.id, t.run, t.worker, t.data) for t in held] == [
+        ("t1", 1, "w1", None),
+        ("t3", 1, "w1", None),
+    ]
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    """The stores several servers may share: PostgreSQL, and the memory store playing
+    one (as the tests of several cores over one store use it)."""
+    if request.param == "memory":
+        backend: StateStore = MemoryStateStore(shared=True)
+        await backend.open()
+        yield backend
+        await backend.close()
+        return
+    schema = await Schema(request.getfixturevalue("postgres_dsn")).create()
+    pg = PostgresStateStore(schema.dsn, node="me")
+    await pg.open()
+    yield pg
+    await pg.close()
+    await schema.drop()
+
+
+async def test_a_shared_store_lists_the_workers_of_every_node_with_their_runs(
+    shared_store: StateStore,
+) -> None:
+    """PutWorker records a worker (replacing its row), DropWorkers forgets some or all of
+    one node's; workers() lists them by node and key, each with the active runs of its
+    key in seq order (task, run, progress). Text round-trips, NUL included."""
+    store = shared_store
+    node = store.node or "me"
+    w1 = WorkerRow("k1", "w1", "q", 2, 5.0, node, client="c\x00li\u00e9nt", peer="1.2.3.4:5")
+    w2 = WorkerRow("k2", "w2", "other", 1, 6.0, node)
+    await insert(store, *(make(f"t{n}", n) for n in range(1, 4)))
+    await store.submit(
+        [
+            PutWorker(replace(w1, concurrency=9)),
+            PutWorker(w1),  # replaces the row
+            PutWorker(w2),
+            ClaimWaiting("q", ("k1", "k1"), now=1.0),
+            SetProgress("t2", 0.5, 2.0),
+        ]
+    )
+    listed = await store.workers()
+    assert listed == [
+        replace(w1, runs=(("t1", 1, 0.0), ("t2", 1, 0.5))),
+        w2,
+    ]
+    await store.submit([DropWorkers(node, ("k1", "nope")), DropWorkers("elsewhere")])
+    assert await store.workers() == [w2]
+    await store.submit([PutWorker(w1), DropWorkers(node)])
+    assert await store.workers() == []
+
+
+async def test_a_store_of_one_server_keeps_no_worker_rows(store: StateStore) -> None:
+    """A store no other server shares: its one core lists its workers itself."""
+    if store.shared:
+        pytest.skip("a shared store keeps them (the test above)")
+    row = WorkerRow("k1", "w1", "q", 1, 5.0, "me")
+    assert await store.submit([PutWorker(row), DropWorkers("me", ("k2",))]) == [None, None]
+    assert await store.workers() == []
 
 
 async def test_claims_on_their_way_together_never_take_one_task_twice(

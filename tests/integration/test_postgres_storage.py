@@ -135,6 +135,91 @@ async def test_postgres_unreachable_answers_unavailable_then_recovers(
         await proxy.close()
 
 
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_a_report_postgres_could_not_store_is_sent_again_and_nothing_sticks(
+    pg_schema: Schema, data_dir: Path, outcome: str
+) -> None:
+    """PostgreSQL goes away while a worker runs a task; its report cannot be stored: the
+    server answers ``unavailable`` (not OK), tells no one the task ended, and sets its
+    runs right once PostgreSQL is back; the worker sends the report again and it is
+    accepted: the task ends once, in its first run, and no task stays active."""
+    proxy = await Proxy(*pg_schema.address).start()
+    database = pg_schema.dsn_at("127.0.0.1", proxy.port)
+    try:
+        async with (
+            wsq.Server(data_dir=data_dir, port=0, database=database, lease=1.0) as server,
+            fast(server.url) as client,
+            fast(server.url) as observer,
+        ):
+            ends: list[tuple[str, str]] = []
+            for name in ("task completed", "task failed"):
+                observer.queue("pg").on(name, lambda t, *_, name=name: ends.append((name, t.id)))
+            await observer.stats()
+            go = asyncio.Event()
+            runs: list[int | None] = []
+
+            async def handler(task: wsq.Task) -> str:
+                runs.append(task.run)
+                await go.wait()
+                if outcome == "failed":
+                    raise RuntimeError("no luck")
+                return "ok"
+
+            client.queue("pg").process(handler)
+            task = await client.queue("pg").add(None, timeout=30.0, retries=0)
+            await eventually(lambda: runs)
+            proxy.refuse()
+            go.set()
+            await asyncio.sleep(0.5)  # the report is refused, and sent again, meanwhile
+            assert ends == []  # nothing stored: nothing told
+            proxy.restore()
+
+            async def ended() -> bool:
+                return await rows(pg_schema) == {task.id: outcome}
+
+            await eventually(ended)
+            await asyncio.sleep(0.5)
+            assert runs == [1] and ends == [(f"task {outcome}", task.id)]
+            assert server.core.lookup(task.id) is None
+    finally:
+        await proxy.close()
+
+
+async def test_worker_rows_lost_while_postgres_was_away_are_made_anew(
+    pg_schema: Schema, data_dir: Path
+) -> None:
+    """A worker that registers while PostgreSQL is out of reach has no row for the other
+    nodes' listings; the first heartbeat after PostgreSQL is back writes this node's rows
+    anew (and drops those of workers that left meanwhile)."""
+    proxy = await Proxy(*pg_schema.address).start()
+    database = pg_schema.dsn_at("127.0.0.1", proxy.port)
+
+    async def keys() -> list[str]:
+        return sorted(row[0] for row in await pg_schema.fetch("SELECT name FROM wsq_workers"))
+
+    try:
+        async with (
+            wsq.Server(data_dir=data_dir, port=0, database=database, lease=1.0) as server,
+            fast(server.url) as client,
+        ):
+            gone = client.queue("pg").process(lambda t: None)
+            await eventually(lambda: server.core.worker_counts().get("pg") == 1)
+            assert await keys() == [gone.id]
+            proxy.refuse()
+            await gone.stop()
+            stays = client.queue("pg").process(lambda t: None)
+            await eventually(lambda: server.core.worker_counts().get("pg") == 1)
+            await asyncio.sleep(0.3)  # the writes of both failed
+            proxy.restore()
+
+            async def synced() -> bool:
+                return await keys() == [stays.id]
+
+            await eventually(synced)
+    finally:
+        await proxy.close()
+
+
 async def test_database_and_storage_need_no_data_dir(pg_schema: Schema, tmp_path: Path) -> None:
     data_dir = tmp_path / "unused"
     blobs = tmp_path / "blobs"

@@ -115,6 +115,7 @@ export class Proxy {
     this.pairs = new Set()
     this.server = null
     this.held = null
+    this.refusing = false
   }
 
   get url () { return `ws://127.0.0.1:${this.port}` }
@@ -131,6 +132,7 @@ export class Proxy {
   }
 
   _pair (net, client) {
+    if (this.refusing) { client.destroy(); return }
     const upstream = net.connect(this.targetPort, '127.0.0.1')
     const pair = { client, upstream }
     this.pairs.add(pair)
@@ -142,6 +144,12 @@ export class Proxy {
   }
 
   cut () { for (const { client, upstream } of this.pairs) { client.destroy(); upstream.destroy() } this.pairs.clear() }
+
+  /** Cut every connection and refuse new ones (the target is out of reach)... */
+  refuse () { this.refusing = true; this.cut() }
+
+  /** ...until this. */
+  restore () { this.refusing = false }
 
   hold () { this.held = [] }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -19,7 +19,17 @@ import pytest
 from wsq.core.effects import Abort, Claim, Effect, Emit, Offer, Write
 from wsq.core.engine import ADD_HOLD, BACKOFF, CLAIM_RETRY, NODE_BITS, POLL_INTERVAL, Core
 from wsq.core.task import Options, State, Task
-from wsq.storage.base import ClaimWaiting, Insert, Recovery, Update
+from wsq.storage.base import (
+    AdoptRuns,
+    ClaimWaiting,
+    DropWorkers,
+    HeldRuns,
+    Insert,
+    PutWorker,
+    Recovery,
+    Update,
+    WorkerRow,
+)
 from wsq.storage.memory import MemoryStateStore
 
 WAITING, ACTIVE, COMPLETED, FAILED = State.WAITING, State.ACTIVE, State.COMPLETED, State.FAILED
@@ -427,6 +437,33 @@ def test_an_adopted_run_whose_worker_never_comes_back_times_out_on_the_new_holde
     assert b.core.lookup(task_id) is None
 
 
+def test_a_run_whose_worker_moved_to_another_live_node_is_dropped_by_its_old_holder() -> None:
+    """The worker's connection to a broke while a stays up; it reports on b, which takes
+    the run over (AdoptRuns); a hears of it and drops the run: its timers end nothing,
+    and the slot the run took there is free again."""
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    cluster.worker(a, "w1")
+    task_id = cluster.add(a, timeout=5.0)
+    late_id = cluster.add(a)
+    cluster.apply(a, a.core.ack(task_id, 1, cluster.now))
+    cluster.tick(3.0)
+    [adopted] = cluster.store._apply_all([AdoptRuns(((task_id, 1),), ("w1",))])
+    assert [(t.id, t.run) for t in adopted] == [(task_id, 1)]
+    b.core.adopt([cluster.stored(task_id).copy()], cluster.now)
+    assert not a.core.drop_run(task_id, 2)  # not the run a holds
+    assert a.core.drop_run(task_id, 1)
+    assert a.core.lookup(task_id) is None and not a.core.drop_run(task_id, 1)
+    events = len(a.events)
+    cluster.tick(3.0)  # past a's deadline (5 s after the ack), not past b's
+    assert cluster.stored(task_id).state == ACTIVE and len(a.events) == events
+    assert a.offers == [("w1", task_id, 1)]
+    cluster.apply(a, a.core.flush(cluster.now))  # the server does so at each turn's end
+    assert a.offers[-1] == ("w1", late_id, 1)  # w1's slot on a (if still there) is free
+    cluster.complete(b, task_id)
+    assert cluster.stored(task_id).state == COMPLETED
+
+
 def test_no_node_claims_a_task_before_the_commit_that_announces_it() -> None:
     """Its insert holds it (not_before); add() releases it in the same batch as "task
     added", so no node can run it, and tell of its run, before every node heard of it."""
@@ -459,3 +496,106 @@ def test_a_task_whose_node_died_before_announcing_it_is_claimable_after_the_hold
     assert b.offers == []
     cluster.tick(2.0)
     assert b.offers == [("wb", task.id, 1)]
+
+
+# -- workers: each node's, listed by every node --------------------------------------------
+
+
+def test_a_shared_core_writes_its_workers_for_the_other_nodes() -> None:
+    """add_worker puts the worker's row, remove_worker drops it, sync_workers makes them
+    anew; stats and workers list the other nodes' rows after the node's own."""
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    a.core.node, b.core.node = "a", "b"
+    a.core.add_worker("conn", "k1", "q", 2, cluster.now, name="w1", client="py", peer="p:1")
+    effects = a.core.add_worker("conn", "k2", "other", 1, cluster.now)
+    writes = [e.op for e in effects if isinstance(e, Write)]
+    assert writes == [PutWorker(WorkerRow("k2", "k2", "other", 1, cluster.now, "a"))]
+    cluster.apply(a, a.core.add_worker("c3", "k3", "q", 1, cluster.now))
+    cluster.apply(a, a.core.remove_worker("k3"))
+    drop = [e.op for e in a.core.remove_worker("k2") if isinstance(e, Write)]
+    assert drop == [DropWorkers("a", ("k2",))]
+    sync = [e.op for e in a.core.sync_workers() if isinstance(e, Write)]
+    row = WorkerRow("k1", "w1", "q", 2, cluster.now, "a", client="py", peer="p:1")
+    assert sync == [DropWorkers("a"), PutWorker(row)]
+    cluster.add(b)
+    theirs = replace(row, runs=(("ta", 3, 0.25),))  # as b reads it from the store
+    cluster.worker(b, "bw")  # claims the task b added
+    stats = b.core.stats(None, None, [theirs, replace(row, key="x", queue="only-a", runs=())])
+    assert [(q["name"], q["workers"]) for q in stats] == [
+        ("only-a", [{"id": "w1", "queue": "only-a", "concurrency": 2, "running": 0, "node": "a"}]),
+        (
+            "q",
+            [
+                {"id": "bw", "queue": "q", "concurrency": 1, "running": 1, "node": "b"},
+                {"id": "w1", "queue": "q", "concurrency": 2, "running": 1, "node": "a"},
+            ],
+        ),
+    ]
+    [own, other] = b.core.workers(None, "q", [theirs])
+    assert (own["id"], own["node"], own["connection"]) == ("bw", "b", "conn-bw")
+    assert other == {
+        "id": "w1",
+        "queue": "q",
+        "concurrency": 2,
+        "since": cluster.now,
+        "node": "a",
+        "connection": None,
+        "client": "py",
+        "peer": "p:1",
+        "runs": [{"task": "ta", "run": 3, "offered": None, "started": None, "progress": 0.25}],
+    }
+    assert b.core.workers(lambda queue: queue != "q", None, [theirs]) == []
+
+
+def test_a_core_of_one_server_writes_no_worker_rows() -> None:
+    core = Core()
+    effects = core.add_worker("conn", "k1", "q", 1, 0.0)
+    effects += core.remove_worker("k1") + core.sync_workers()
+    assert not [e for e in effects if isinstance(e, Write)]
+
+
+# -- resync: after writes that failed --------------------------------------------------------
+
+
+def test_a_run_whose_end_was_not_stored_is_held_again_after_a_resync() -> None:
+    """PostgreSQL was away when the worker completed: the core ended the run, the store
+    did not. The resync holds it again, timed from then, so its worker's report (sent
+    again) is accepted, or its timeout runs it again; nothing is stuck."""
+    cluster = Cluster(2)
+    a, _ = cluster.nodes
+    cluster.worker(a, "w1")
+    task_id = cluster.add(a, timeout=5.0, retries=1)
+    cluster.apply(a, a.core.ack(task_id, 1, cluster.now))
+    a.core.complete(task_id, 1, cluster.now)  # its writes are lost: never applied
+    assert a.core.lookup(task_id) is None and cluster.stored(task_id).state == ACTIVE
+    a.core.begin_resync()
+    [held] = cluster.store._apply_all([HeldRuns()])
+    assert a.core.resynced(held, cluster.now) == (0, 1)
+    cluster.complete(a, task_id)  # the report sent again is accepted
+    assert cluster.stored(task_id).state == COMPLETED
+
+
+def test_a_resync_leaves_runs_made_or_ended_after_its_read_alone() -> None:
+    cluster = Cluster(2)
+    a, _ = cluster.nodes
+    cluster.worker(a, "w1", concurrency=3)
+    lost = cluster.add(a, timeout=5.0)  # ended by a write that failed
+    ended = cluster.add(a, timeout=5.0)  # ended after the read, stored
+    ghost = cluster.add(a, timeout=5.0)  # held by the core, not by the store
+    for task_id in (lost, ended, ghost):
+        cluster.apply(a, a.core.ack(task_id, 1, cluster.now))
+    a.core.complete(lost, 1, cluster.now)  # lost
+    cluster.store._tasks[ghost] = replace(cluster.stored(ghost), state=WAITING, worker=None)
+    a.core.begin_resync()
+    [held] = cluster.store._apply_all([HeldRuns()])  # the read: lost and ended
+    assert sorted(t.id for t in held) == sorted([lost, ended])
+    cluster.apply(a, a.core.complete(ended, 1, cluster.now))  # after the read
+    fresh = cluster.add(a, timeout=5.0)  # claimed after the read: the store has it
+    assert a.core.lookup(fresh) is not None
+    assert a.core.resynced(held, cluster.now) == (1, 1)  # ghost forgotten, lost again
+    assert a.core.lookup(lost) is not None and a.core.lookup(fresh) is not None
+    assert a.core.lookup(ended) is None and a.core.lookup(ghost) is None
+    assert cluster.stored(ended).state == COMPLETED
+    cluster.tick(5.0)  # lost's timer, armed again, ends it in the store
+    assert cluster.stored(lost).state == FAILED

@@ -11,8 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from wsq.client.events import Emitter, Handler, logger
 from wsq.client.task import Task
-from wsq.exceptions import StaleRun, WsqError
+from wsq.exceptions import StaleRun, Unavailable, WsqError
 from wsq.protocol import MAX_BATCH
+
+REPORT_RETRIES = 10
+"""How often a worker sends again a report the server could not store (``unavailable``):
+after 0.25 s, doubling up to 5 s, about 33 s in all, then it gives up (the run times out
+on the server and is offered again)."""
+REPORT_BACKOFF = 0.25
+REPORT_BACKOFF_MAX = 5.0
 
 if TYPE_CHECKING:
     from wsq.client.client import Client
@@ -229,15 +236,19 @@ class Worker:
             return
         task.error = error
         message = {"op": "fail", "task": task.id, "run": task.run, "error": error[:65536]}
-        self._track(self._client._request_nowait(message))
+        self._send_report(message)
 
     def _send_completed(self) -> None:
         runs, self._completed = self._completed, []
         for first in range(0, len(runs), MAX_BATCH):
-            message = {"op": "complete_many", "runs": runs[first : first + MAX_BATCH]}
-            future = self._client._request_nowait(message)
+            self._send_report({"op": "complete_many", "runs": runs[first : first + MAX_BATCH]})
+
+    def _send_report(self, message: dict[str, Any], tries: int = 0) -> None:
+        future = self._client._request_nowait(message)
+        if message["op"] == "complete_many":
             future.add_done_callback(self._stale)
-            self._track(future)
+        self._reports.add(future)
+        future.add_done_callback(lambda done: self._reported(done, message, tries))
 
     def _stale(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -247,19 +258,26 @@ class Worker:
             logger.warning("a worker report was refused: %s", error)
             self._client.emit("error", error)
 
-    def _track(self, future: asyncio.Future[Any]) -> None:
-        self._reports.add(future)
-        future.add_done_callback(self._reported)
-
-    def _reported(self, future: asyncio.Future[Any]) -> None:
+    def _reported(self, future: asyncio.Future[Any], message: dict[str, Any], tries: int) -> None:
         self._reports.discard(future)
-        self._check_idle()
-        if future.cancelled():
+        exc = None if future.cancelled() else future.exception()
+        if isinstance(exc, Unavailable) and tries < REPORT_RETRIES:
+            # The server could not store it (its database was away): it holds the run
+            # again once the database is back, so the report is sent again until then.
+            logger.info("a worker report could not be stored yet, sending it again: %s", exc)
+            delay = min(REPORT_BACKOFF * 2**tries, REPORT_BACKOFF_MAX)
+            again = asyncio.ensure_future(self._report_later(message, tries + 1, delay))
+            self._reports.add(again)
+            again.add_done_callback(self._reports.discard)
             return
-        exc = future.exception()
+        self._check_idle()
         if isinstance(exc, WsqError):
             logger.warning("a worker report was refused: %s", exc)
             self._client.emit("error", exc)
+
+    async def _report_later(self, message: dict[str, Any], tries: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._send_report(message, tries)
 
     def _check_idle(self) -> None:
         if not self._running and not self._reports and not self._completed:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +42,13 @@ from wsq.core.ops import (
     AttemptOutcome,
     ClaimWaiting,
     Delete,
+    DropWorkers,
+    PutWorker,
     RecordAttempt,
     Recovery,
     SetProgress,
     Update,
+    WorkerRow,
 )
 from wsq.core.task import State, Task, check_transition
 from wsq.exceptions import InvalidArgument, InvalidState, StaleRun
@@ -83,6 +86,7 @@ class _Worker:
     name: str  # the id its client gave it, which offers and aborts carry
     since: float = 0.0  # when it was registered
     client: str | None = None  # what its connection's hello said, for attempts
+    peer: str | None = None  # its connection's remote address, for other nodes' listings
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.name, "queue": self.queue, "concurrency": self.concurrency}
@@ -98,6 +102,7 @@ class _Run:
     resumed: float | None = None  # recovered after a restart: the task's last update
     progress: float | None = None  # the last progress this run reported
     client: str | None = None  # its worker's client, noted when the worker left
+    born: int = 0  # Core._generation when it was made (Core.resynced)
 
     @property
     def began(self) -> float:
@@ -210,6 +215,10 @@ class Core:
         self.observations: list[Observation] | None = None
         # This server's node name, recorded with every attempt; the server sets it.
         self.node: str | None = None
+        # Shared store, resyncing: runs are made in the current generation; the runs
+        # ended since begin_resync (task id, run), None when no resync is on its way.
+        self._generation = 0
+        self._ended_since: set[tuple[str, int]] | None = None
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -237,7 +246,7 @@ class Core:
 
     def _hold_runs(self, tasks: Iterable[Task], now: float) -> None:
         for task in tasks:
-            run = _Run(task, acked=True, deadline=None, resumed=task.updated)
+            run = _Run(task, acked=True, deadline=None, resumed=task.updated, born=self._generation)
             self._runs[task.id] = run
             self._by_worker.setdefault(task.worker or "", set()).add(task.id)
             self._arm(run, now)
@@ -248,6 +257,54 @@ class Core:
         workers' reports are accepted here once they reconnect to this node."""
         self._hold_runs((task for task in tasks if task.id not in self._runs), now)
         return []
+
+    def drop_run(self, task_id: str, run: int) -> bool:
+        """Shared store: another node took run ``run`` of the task over (its worker moved
+        there): forget it, with no write and no event (its timers end nothing now).
+        Whether this node held it."""
+        current = self._runs.get(task_id)
+        if current is None or current.task.run != run:
+            return False
+        self._detach(current)
+        self._dirty[current.task.queue] = None  # its worker's slot, if still here, is free
+        return True
+
+    def begin_resync(self) -> None:
+        """Shared store: some of this node's writes failed (PostgreSQL was out of reach),
+        so the runs the core holds may differ from those the store gives this node. The
+        shell now reads those (:class:`HeldRuns`, in the write pipe) and hands them to
+        :meth:`resynced`; runs made or ended from here on are told apart from the read."""
+        self._generation += 1
+        self._ended_since = set()
+
+    def resynced(self, held: list[Task], now: float) -> tuple[int, int]:
+        """The store's active runs of this node as of :meth:`begin_resync` (``held``):
+        runs the core ended before it, whose end was not stored, are held again, timed
+        from now as after a takeover (their workers' reports are accepted again, and
+        their timers run); runs the core held before it that the store does not give this
+        node are forgotten, with no write and no event. Runs made or ended since are left
+        as they are: the store saw those writes after the read. Returns how many were
+        forgotten and how many held again."""
+        generation, ended = self._generation, self._ended_since or set()
+        self._ended_since = None
+        stored = {task.id: task for task in held}
+        dropped = 0
+        for task_id, current in list(self._runs.items()):
+            if current.born == generation:
+                continue
+            task = stored.get(task_id)
+            if task is None or task.run != current.task.run:
+                self._detach(current)
+                self._dirty[current.task.queue] = None
+                dropped += 1
+        again = [
+            task for task in held if task.id not in self._runs and (task.id, task.run) not in ended
+        ]
+        self._hold_runs(again, now)
+        for queue in self._queues.values():  # claims may have failed meanwhile: look again
+            queue.maybe_waiting = True
+            self._dirty[queue.name] = None
+        return dropped, len(again)
 
     def drop_runs(self) -> None:
         """Shared store: this node's lease ran out and others took its runs over: forget
@@ -398,20 +455,27 @@ class Core:
         *,
         name: str | None = None,
         client: str | None = None,
+        peer: str | None = None,
     ) -> list[Effect]:
         """Register a worker under the key ``worker_id``; its runs still active from an
         earlier connection count against ``concurrency``. ``name`` (default: the key) is
         the id its client knows it by, which offers and aborts carry; the caller makes
         keys that separate what must not share runs (docs/security.md). ``client`` (what
-        its connection's hello said) is recorded with the attempts of its runs."""
+        its connection's hello said) is recorded with the attempts of its runs; it and
+        ``peer`` (the connection's remote address) are in the worker's row for the other
+        nodes (shared store: :class:`PutWorker`)."""
         if worker_id in self._workers:
             raise InvalidArgument(f"Worker id {name or worker_id} is already connected.")
         worker = _Worker(worker_id, queue_name, connection, concurrency, name or worker_id, now)
         worker.client = client
+        worker.peer = peer
         self._workers[worker_id] = worker
         queue = self._queue(queue_name)
         queue.workers[worker_id] = worker
-        effects: list[Effect] = [Emit("worker added", queue_name, (worker.to_json(),))]
+        effects: list[Effect] = []
+        if self.shared:
+            effects.append(Write(PutWorker(self._worker_row(worker))))
+        effects.append(Emit("worker added", queue_name, (worker.to_json(),)))
         return effects + self._dispatch_soon(queue, now)
 
     def remove_worker(self, worker_id: str) -> list[Effect]:
@@ -425,7 +489,33 @@ class Core:
         self._forget_if_idle(queue)
         for task_id in self._by_worker.get(worker_id, ()):
             self._runs[task_id].client = worker.client  # for the attempt, when it ends
-        return [Emit("worker removed", worker.queue, (worker.to_json(),))]
+        effects: list[Effect] = []
+        if self.shared:
+            effects.append(Write(DropWorkers(self.node or "", (worker_id,))))
+        effects.append(Emit("worker removed", worker.queue, (worker.to_json(),)))
+        return effects
+
+    def sync_workers(self) -> list[Effect]:
+        """Shared store: this node's rows of workers made anew (all dropped, then one per
+        worker), after they may have gone astray: a write of them failed, or this node's
+        lease ran out and the node that took it over deleted them."""
+        if not self.shared:
+            return []
+        effects: list[Effect] = [Write(DropWorkers(self.node or ""))]
+        effects += [Write(PutWorker(self._worker_row(w))) for w in self._workers.values()]
+        return effects
+
+    def _worker_row(self, worker: _Worker) -> WorkerRow:
+        return WorkerRow(
+            key=worker.id,
+            name=worker.name,
+            queue=worker.queue,
+            concurrency=worker.concurrency,
+            since=worker.since,
+            node=self.node or "",
+            client=worker.client,
+            peer=worker.peer,
+        )
 
     def worker_connection(self, worker_id: str) -> str | None:
         """The connection a worker is registered on, if it is."""
@@ -854,6 +944,8 @@ class Core:
     def _detach(self, current: _Run) -> Task:
         task = current.task
         del self._runs[task.id]
+        if self._ended_since is not None:
+            self._ended_since.add((task.id, task.run))
         owned = self._by_worker.get(task.worker or "")
         if owned is not None:
             owned.discard(task.id)
@@ -1005,30 +1097,51 @@ class Core:
         self,
         patterns: Iterable[str] | None = None,
         counts: dict[tuple[str, State], int] | None = None,
+        others: Sequence[WorkerRow] = (),
     ) -> list[dict[str, Any]]:
         """Every queue holding tasks or workers (only those ``patterns`` match): its
-        counts by state and its workers, each with how many runs it holds. Costs nothing
-        per task (counts are kept as they move), nor for the queues left out. ``counts``
-        (a shared store's, of every node) replaces the core's own."""
+        counts by state and its workers, each with how many runs it holds and its node.
+        Costs nothing per task (counts are kept as they move), nor for the queues left
+        out. ``counts`` (a shared store's, of every node) replaces the core's own;
+        ``others`` are the other nodes' workers (:meth:`StateStore.workers`)."""
         names, by_name = self._names, self._counts
+        theirs: dict[str, list[WorkerRow]] = {}
+        for row in others:
+            theirs.setdefault(row.queue, []).append(row)
         if counts is not None:
             by_name = {}
             for (name, state), n in counts.items():
                 by_name.setdefault(name, [0] * len(_STATE_NAMES))[_STATE_INDEX[state]] = n
+        if counts is not None or theirs:
             names = NameIndex()
-            for name in [*by_name, *(q.name for q in self._queues.values() if q.workers)]:
+            ours = (q.name for q in self._queues.values() if q.workers)
+            for name in [*by_name, *ours, *theirs]:
                 if name not in names:
                     names.hold(name)
         out = []
         for name in names.matching(patterns):
             counts_of = by_name.get(name)
             queue = self._queues.get(name)
-            if counts_of is None and not (queue and queue.workers):
+            if counts_of is None and not (queue and queue.workers) and name not in theirs:
                 continue  # a window with no tasks counted and no workers: not a queue yet
             counts_of = counts_of or [0] * len(_STATE_NAMES)
             workers = [
-                {**worker.to_json(), "running": len(self._by_worker.get(worker.id, ()))}
+                {
+                    **worker.to_json(),
+                    "running": len(self._by_worker.get(worker.id, ())),
+                    "node": self.node,
+                }
                 for worker in (queue.workers.values() if queue else ())
+            ]
+            workers += [
+                {
+                    "id": row.name,
+                    "queue": row.queue,
+                    "concurrency": row.concurrency,
+                    "running": len(row.runs),
+                    "node": row.node,
+                }
+                for row in theirs.get(name, ())
             ]
             out.append(
                 {
@@ -1040,12 +1153,18 @@ class Core:
         return out
 
     def workers(
-        self, visible: Callable[[str], bool] | None = None, queue: str | None = None
+        self,
+        visible: Callable[[str], bool] | None = None,
+        queue: str | None = None,
+        others: Sequence[WorkerRow] = (),
     ) -> list[dict[str, Any]]:
         """Connected workers (of ``queue``, or of every queue ``visible`` accepts), each
-        with its connection key, when it registered, and the runs it holds: task, run,
-        when offered and when started (``None`` for a run recovered after a restart or
-        not acknowledged yet), and progress (docs/protocol.md, ``workers``)."""
+        with its node, its connection key, when it registered, and the runs it holds:
+        task, run, when offered and when started (``None`` for a run recovered after a
+        restart or not acknowledged yet), and progress (docs/protocol.md, ``workers``).
+        ``others``: the other nodes' workers (:meth:`StateStore.workers`), listed after
+        this node's with ``connection`` ``None``, their client and peer as their node
+        recorded them, and their runs' times ``None`` (their node alone knows them)."""
         out = []
         for worker in self._workers.values():
             if (queue is not None and worker.queue != queue) or (
@@ -1057,9 +1176,31 @@ class Core:
             out.append(
                 {
                     **worker.to_json(),
-                    "connection": worker.connection,
                     "since": worker.since,
+                    "node": self.node,
+                    "connection": worker.connection,
                     "runs": [_run_json(run) for run in runs],
+                }
+            )
+        for row in others:
+            if (queue is not None and row.queue != queue) or (
+                visible is not None and not visible(row.queue)
+            ):
+                continue
+            out.append(
+                {
+                    "id": row.name,
+                    "queue": row.queue,
+                    "concurrency": row.concurrency,
+                    "since": row.since,
+                    "node": row.node,
+                    "connection": None,
+                    "client": row.client or "",
+                    "peer": row.peer or "unknown",
+                    "runs": [
+                        {"task": t, "run": r, "offered": None, "started": None, "progress": p}
+                        for t, r, p in row.runs
+                    ],
                 }
             )
         return out
@@ -1257,7 +1398,7 @@ class Core:
                 task.run += 1
                 task.worker = worker.id
                 task.updated = now
-            current = _Run(task, acked=False, deadline=None, offered=now)
+            current = _Run(task, acked=False, deadline=None, offered=now, born=self._generation)
             self._runs[task.id] = current
             self._by_worker.setdefault(worker.id, set()).add(task.id)
             self._arm(current, now)

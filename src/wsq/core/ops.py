@@ -80,6 +80,27 @@ class ClaimWaiting:
 
 
 @dataclass(frozen=True, slots=True)
+class AdoptRuns:
+    """Make the active runs ``runs`` (task id, run) this node's, those of a worker in
+    ``workers`` (a worker that moved here from another node reports for them). Result:
+    ``list[Task]``, the tasks whose stored state is active with that run and worker, as
+    stored, stripped of their payload (:meth:`Task.strip`), in ``seq`` order. A shared
+    store records the node (the old holder's writes to those runs no longer apply); a
+    store of one server has nothing to change."""
+
+    runs: tuple[tuple[str, int], ...]
+    workers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRuns:
+    """Read the active runs this node holds, as of this point in the pipe (it sees every
+    write submitted before it): a shared store's active tasks whose node is this one; a
+    store of one server's, every active task. Result: ``list[Task]``, stripped of their
+    payload (:meth:`Task.strip`), in ``seq`` order."""
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Send ``records`` (JSON texts, each under :data:`RECORD_MAX` bytes) to the other
     servers that share the store, once the batch holding this op commits, in commit
@@ -87,6 +108,44 @@ class Publish:
     drops them."""
 
     records: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A worker registered on a node, as a shared store keeps it for the other nodes'
+    listings (``stats``, ``workers``). ``key`` is the core's key (unique in its node),
+    ``name`` the id its client gave it, ``node`` the node's ``--node-name``, ``client``
+    what its connection's hello said, ``peer`` that connection's remote address. ``runs``
+    is filled by :meth:`wsq.storage.base.StateStore.workers` only: (task id, run,
+    progress) of each active run the worker holds, in ``seq`` order."""
+
+    key: str
+    name: str
+    queue: str
+    concurrency: int
+    since: float
+    node: str
+    client: str | None = None
+    peer: str | None = None
+    runs: tuple[tuple[str, int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PutWorker:
+    """Record ``worker`` as registered on its node (replacing a row of the same node and
+    key). Result: ``None``. A store no other server shares keeps nothing: its one core
+    lists its workers itself."""
+
+    worker: WorkerRow
+
+
+@dataclass(frozen=True, slots=True)
+class DropWorkers:
+    """Forget the rows of ``node``'s workers ``keys`` (``None``: all of that node's).
+    Result: ``None``. A store no other server shares has none."""
+
+    node: str
+    keys: tuple[str, ...] | None = None
 
 
 NODE_BITS = 10
@@ -159,7 +218,20 @@ class RecordAttempt:
     attempt: Attempt
 
 
-Op = Insert | Update | SetProgress | Delete | LoadWaiting | ClaimWaiting | Publish | RecordAttempt
+Op = (
+    Insert
+    | Update
+    | SetProgress
+    | Delete
+    | LoadWaiting
+    | ClaimWaiting
+    | AdoptRuns
+    | HeldRuns
+    | Publish
+    | RecordAttempt
+    | PutWorker
+    | DropWorkers
+)
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from ssl import SSLContext
@@ -54,7 +55,15 @@ from wsq.server.metrics import Metrics
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
-from wsq.storage.base import RECORD_MAX, LoadWaiting, Op, Publish, StateStore
+from wsq.storage.base import (
+    RECORD_MAX,
+    AdoptRuns,
+    HeldRuns,
+    LoadWaiting,
+    Op,
+    Publish,
+    StateStore,
+)
 from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
@@ -75,13 +84,14 @@ def _transitions_logged() -> bool:
 class _Batch:
     """Ops submitted during one turn of the event loop, on their way to the store."""
 
-    __slots__ = ("callbacks", "done", "emits", "ops")
+    __slots__ = ("callbacks", "done", "emits", "error", "ops")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.ops: list[Op] = []
         self.emits: list[Emit] = []  # for the other nodes of a shared store
         self.callbacks: list[tuple[int, int, Callable[[Outcome], None]]] = []
         self.done = done
+        self.error: BaseException | None = None  # why the commit failed, once done
 
     def settle(self, future: asyncio.Future[list[Any]]) -> None:
         outcome: Outcome
@@ -91,9 +101,34 @@ class _Batch:
             outcome = future.exception() or future.result()
         if isinstance(outcome, BaseException):
             log(logging.ERROR, "store failed", f"State store write failed: {outcome}")
+            self.error = outcome
         for start, end, then in self.callbacks:
             then(outcome if isinstance(outcome, BaseException) else outcome[start:end])
         self.done.set_result(None)
+
+
+@dataclass(slots=True)
+class _Later:
+    """What :meth:`Server.later` runs once ``barrier`` (a batch) is done."""
+
+    barrier: _Batch | None
+    send: Callable[[], None]
+    failed: Callable[[BaseException], None] | None
+
+
+def _untold(_: BaseException) -> None:
+    """A task's event whose writes failed: not told (see :meth:`Server._apply_one`)."""
+
+
+def _run_later(
+    barrier: _Batch | None,
+    send: Callable[[], None],
+    failed: Callable[[BaseException], None] | None,
+) -> None:
+    if failed is not None and barrier is not None and barrier.error is not None:
+        failed(barrier.error)
+    else:
+        send()
 
 
 class Server:
@@ -205,6 +240,14 @@ class Server:
             self.store.lease = lease
         # Records this server publishes carry this, so that it skips its own.
         self._instance = uuid.uuid4().hex
+        # Runs this node took over from another (adopt_runs) whose record has not come
+        # back through the change feed yet: a record of another node taking the same run
+        # that arrives before it was committed before ours, so this node keeps the run.
+        self._adopting: dict[tuple[str, int], int] = {}
+        # Shared store: a batch failed, or this node's lease ran out, so what the core
+        # holds (runs, and workers' rows) may differ from what the store says this node
+        # holds: the next heartbeat sets it right (_resync).
+        self._astray = False
         self.store.listen(self._on_record)
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
@@ -244,9 +287,9 @@ class Server:
         # Blobs stored while the start-up sweep runs; the sweep must not delete them.
         self._fresh_blobs: set[str] | None = set()
         self._ids = itertools.count(1)
-        self._barrier: asyncio.Future[None] | None = None
+        self._barrier: _Batch | None = None  # the last batch sent, until it settled
         self._batch: _Batch | None = None
-        self._pending: deque[tuple[asyncio.Future[None] | None, Callable[[], None]]] = deque()
+        self._pending: deque[_Later] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._turn_scheduled = False
@@ -365,7 +408,7 @@ class Server:
             self._timer.cancel()
         if self._barrier is not None:
             with contextlib.suppress(Exception):
-                await self._barrier
+                await self._barrier.done
         await self.store.close()
         await self.blobs.close()
         if self._lock is not None:
@@ -419,8 +462,8 @@ class Server:
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
-            self._barrier = batch.done
-            batch.done.add_done_callback(self._flush)
+            self._barrier = batch
+            batch.done.add_done_callback(lambda _: self._flush(batch))
             asyncio.get_running_loop().call_soon(self._send_batch)
         start = len(batch.ops)
         batch.ops.extend(ops)
@@ -435,24 +478,39 @@ class Server:
         sent = time.perf_counter()
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
+        if self.store.shared:
+            future.add_done_callback(self._check_written)
         commit = self.metrics.commit_seconds
         future.add_done_callback(lambda _: commit.observe(time.perf_counter() - sent))
 
-    def later(self, send: Callable[[], None]) -> None:
-        """Run ``send`` once every store write submitted so far is durable, in order."""
-        barrier = self._barrier
-        if not self._pending and (barrier is None or barrier.done()):
-            send()
-        else:
-            self._pending.append((barrier, send))
+    def _check_written(self, future: asyncio.Future[list[Any]]) -> None:
+        """Shared store: a batch failed (PostgreSQL out of reach), so what the core holds
+        may differ from what the store says this node holds: the next heartbeat that
+        reaches the store sets it right (:meth:`_resync`)."""
+        if future.cancelled() or future.exception() is not None:
+            self._astray = True
 
-    def _flush(self, _: asyncio.Future[None]) -> None:
+    def later(
+        self, send: Callable[[], None], failed: Callable[[BaseException], None] | None = None
+    ) -> None:
+        """Run ``send`` once every store write submitted so far is durable, in order; if
+        the batch it waited for failed, run ``failed`` instead (``None``: ``send`` all the
+        same)."""
+        barrier = self._barrier
+        if not self._pending and (barrier is None or barrier.done.done()):
+            _run_later(barrier, send, failed)
+        else:
+            self._pending.append(_Later(barrier, send, failed))
+
+    def _flush(self, batch: _Batch) -> None:
+        if self._barrier is batch:
+            self._barrier = None  # what comes next waits for no batch, nor fails with it
         while self._pending:
-            barrier, send = self._pending[0]
-            if barrier is not None and not barrier.done():
+            pending = self._pending[0]
+            if pending.barrier is not None and not pending.barrier.done.done():
                 return
             self._pending.popleft()
-            send()
+            _run_later(pending.barrier, pending.send, pending.failed)
 
     def apply(self, effects: list[Effect]) -> None:
         """Apply the core's effects in order. At the end of this turn of the loop, the core
@@ -528,6 +586,9 @@ class Server:
                 )
                 self.core.drop_runs()
                 self.apply(self.core.wake(None, now))
+                self._astray = True  # the node that took over deleted its workers' rows
+            if self._astray:
+                self._resync()
             if beat.adopted or beat.dead:
                 log(
                     logging.WARNING,
@@ -536,6 +597,75 @@ class Server:
                     f" holds their {len(beat.adopted)} active runs now.",
                 )
                 self.apply(self.core.adopt(beat.adopted, now))
+
+    def _resync(self) -> None:
+        """Shared store, after a batch failed or the lease ran out: read the runs the store
+        says this node holds, in the write pipe (so it sees every write before it), and
+        set the core right (:meth:`Core.resynced`); write this node's workers' rows anew.
+        A read that fails leaves it for the next heartbeat."""
+        self._astray = False
+        self.core.begin_resync()
+
+        def then(outcome: Outcome) -> None:
+            if isinstance(outcome, BaseException) or self._closing:
+                return  # _check_written saw it: the next heartbeat tries again
+            dropped, held = self.core.resynced(outcome[0], time.time())
+            if dropped or held:
+                log(
+                    logging.WARNING,
+                    "runs resynced",
+                    f"After writes that failed: {held} runs held again (their ends were not"
+                    f" stored), {dropped} runs forgotten (the store gives them to no worker"
+                    " here).",
+                )
+            self.apply([])
+
+        self.submit([HeldRuns()], then)
+        self.apply(self.core.sync_workers())
+
+    async def adopt_runs(self, runs: Sequence[tuple[str, int]], workers: Sequence[str]) -> None:
+        """See :meth:`Host.adopt_runs`: the store makes the runs this node's (those still
+        active, of these workers), a record tells the other nodes, and the node that held
+        them forgets them when it hears it (:meth:`_heard_adopted`); here they are held,
+        timed from now, as after a takeover. Raises what the store raised."""
+        refs = tuple(dict.fromkeys(runs))
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        for ref in refs:
+            self._adopting[ref] = self._adopting.get(ref, 0) + 1
+        ops: list[Op] = [AdoptRuns(refs, tuple(workers))]
+        ops += [Publish(tuple(_adoption_records(self._instance, refs)))]
+
+        def settle(outcome: Outcome) -> None:
+            if not done.done():
+                done.set_result(outcome)
+
+        self.submit(ops, settle)
+        outcome = await done
+        if isinstance(outcome, BaseException):
+            self._heard_adopted(self._instance, refs)  # no record is coming
+            raise outcome
+        adopted: list[Task] = outcome[0]
+        if adopted:
+            log(
+                logging.INFO,
+                "runs taken over",
+                f"took over {len(adopted)} runs whose worker moved here from another node",
+            )
+        self.apply(self.core.adopt(adopted, time.time()))
+
+    def _heard_adopted(self, instance: str, runs: Sequence[tuple[str, int]]) -> None:
+        """A node took these runs over (``instance``: which; this one's own record comes
+        back too, in commit order with the others'): the node holding them forgets them,
+        unless it took them over itself after that."""
+        for ref in runs:
+            ref = (ref[0], ref[1])
+            if instance == self._instance:
+                left = self._adopting.pop(ref, 0) - 1
+                if left > 0:
+                    self._adopting[ref] = left
+            elif ref not in self._adopting and self.core.drop_run(*ref):
+                log(logging.INFO, "run moved", f"run {ref[1]} of {ref[0]} is another node's now")
+        self.apply([])
 
     async def _keep_counts(self) -> None:
         while True:
@@ -555,6 +685,7 @@ class Server:
             return
         now = time.time()
         if text is None:
+            self._adopting.clear()  # records may be lost: this node's too
             self.apply(self.core.wake(None, now))
             return
         try:
@@ -562,6 +693,8 @@ class Server:
         except msgspec.ValidationError:
             log(logging.ERROR, "bad record", f"A record from another node is malformed: {text!r}")
             return
+        if record.adopted:
+            self._heard_adopted(record.instance, record.adopted)
         if record.instance == self._instance:
             return
         queued: dict[str, None] = {}
@@ -575,7 +708,10 @@ class Server:
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
             self._log_event(effect)
-            self.later(lambda: self._broadcast(effect))
+            # A task's event tells of writes: if they failed, it is not told. A worker's
+            # tells of this node's own state, which holds whatever the store did.
+            failed = _untold if effect.event.startswith("task ") else None
+            self.later(lambda: self._broadcast(effect), failed)
             if self.store.shared:  # and to the other nodes, with the writes it reports
                 if self._batch is None:
                     self.submit([])
@@ -851,10 +987,12 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}\Z")
 
 
 class _Record(msgspec.Struct, array_like=True):
-    """What a node publishes per batch for the others: its instance, and its events."""
+    """What a node publishes per batch for the others: its instance, its events, and the
+    runs (task id, run) it took over from another node (:meth:`Server.adopt_runs`)."""
 
     instance: str
     events: list[tuple[str, str, list[Any]]]
+    adopted: list[tuple[str, int]] = msgspec.field(default_factory=list)
 
 
 _decode_record = msgspec.json.Decoder(_Record).decode
@@ -885,6 +1023,24 @@ def _records(instance: str, emits: Sequence[Emit]) -> list[str]:
         size += len(event) + 1
     if events:
         records.append(_join(instance, events))
+    return records
+
+
+def _adoption_records(instance: str, runs: Sequence[tuple[str, int]]) -> list[str]:
+    """``runs`` as :class:`_Record` texts of at most RECORD_MAX bytes each (task ids are
+    at most a few hundred bytes, so each record holds at least a few)."""
+    records: list[str] = []
+    chunk: list[tuple[str, int]] = []
+    size = len(_encode(_Record(instance, [])))
+    for ref in runs:
+        grown = len(_encode(ref)) + 1
+        if chunk and size + grown > RECORD_MAX:
+            records.append(_encode(_Record(instance, [], chunk)).decode())
+            chunk, size = [], len(_encode(_Record(instance, [])))
+        chunk.append(ref)
+        size += grown
+    if chunk:
+        records.append(_encode(_Record(instance, [], chunk)).decode())
     return records
 
 

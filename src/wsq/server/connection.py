@@ -45,7 +45,7 @@ from wsq.server.host import Host, Outcome
 from wsq.server.logs import log
 from wsq.server.replay import Entry, Key
 from wsq.server.streams import Download, InlineReader, Upload, stream_json
-from wsq.storage.base import Delete, Insert, Op
+from wsq.storage.base import Delete, Insert, Op, WorkerRow
 
 MAX_SUBSCRIPTIONS = 10_000
 """Queues one connection may subscribe to at once (one subscription covers every queue)."""
@@ -353,10 +353,14 @@ class Connection:
         return p.join_frame(parts)
 
     def answer(self, request_id: int | None, value: Any = None) -> None:
-        """Answer once every write made so far is durable."""
+        """Answer once every write made so far is durable; if the batch it waited for
+        failed, answer with its error instead (the request's writes may be lost)."""
         if request_id is not None:
             message = p.result(request_id, value)
-            self.server.later(lambda: self._reply(request_id, message))
+            self.server.later(
+                lambda: self._reply(request_id, message),
+                lambda exc: self.send_error(request_id, _as_error(exc)),
+            )
 
     def answer_now(self, request_id: int | None, value: Any = None) -> None:
         if request_id is not None:
@@ -921,6 +925,7 @@ class Connection:
             time.time(),
             name=name,
             client=self.client,
+            peer=_peer(self.ws),
         )
         self._workers.add(worker_id)
         self.answer(message.id, {"worker": name})
@@ -941,7 +946,37 @@ class Connection:
         self.server.apply(core.remove_worker(worker_id))
         self.answer(message.id)
 
+    def _reported(
+        self, request_id: int | None, runs: Sequence[tuple[str, int]], act: Callable[[], None]
+    ) -> None:
+        """``act`` on a worker's report for ``runs``. With a shared store, runs this node
+        does not hold may be another node's whose worker moved here (its connection to
+        that node broke): they are taken over first (:meth:`Host.adopt_runs`), so the
+        report is accepted as after a restart; runs that are not taken over stay stale."""
+        moved = self._moved(runs)
+        if not moved:
+            act()
+            return
+
+        async def adopt_then_act() -> object:
+            await self.server.adopt_runs(moved, sorted(self._workers))
+            act()
+            return _NO_ANSWER
+
+        self._spawn(request_id, adopt_then_act())
+
+    def _moved(self, runs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Of ``runs``, those another node may hold for a worker of this connection."""
+        if not self.server.store.shared or not self._workers:
+            return []
+        core = self.server.core
+        return [(task, run) for task, run in runs if not core.is_current(task, run)]
+
     def _on_ack(self, message: p.Ack) -> None:
+        refs = [(ref.task, ref.run) for ref in message.runs]
+        self._reported(message.id, refs, lambda: self._ack(message))
+
+    def _ack(self, message: p.Ack) -> None:
         now = time.time()
         core = self.server.core
         for ref in message.runs:
@@ -951,17 +986,26 @@ class Connection:
         self.answer(message.id)
 
     def _on_progress(self, message: p.Progress) -> None:
+        self._reported(message.id, [(message.task, message.run)], lambda: self._progress(message))
+
+    def _progress(self, message: p.Progress) -> None:
         self._require_work_on(message.task, message.run)
         core = self.server.core
         self.server.apply(core.progress(message.task, message.run, message.progress, time.time()))
         self.answer(message.id)
 
     def _on_touch(self, message: p.Touch) -> None:
+        self._reported(message.id, [(message.task, message.run)], lambda: self._touch(message))
+
+    def _touch(self, message: p.Touch) -> None:
         self._require_work_on(message.task, message.run)
         self.server.apply(self.server.core.touch(message.task, message.run, time.time()))
         self.answer(message.id)
 
     def _on_complete(self, message: p.Complete) -> None:
+        self._reported(message.id, [(message.task, message.run)], lambda: self._complete(message))
+
+    def _complete(self, message: p.Complete) -> None:
         self._require_work_on(message.task, message.run)
         self.server.apply(self.server.core.complete(message.task, message.run, time.time()))
         self.answer(message.id)
@@ -982,6 +1026,16 @@ class Connection:
     ) -> None:
         """``act`` on each run; the answer lists the refused ones as stale: not active, of
         tasks on queues this principal does not work on, or (a release) already started."""
+        self._require_held("work")
+        refs = [(ref.task, ref.run) for ref in runs]
+        self._reported(request_id, refs, lambda: self._each_run_now(request_id, runs, act))
+
+    def _each_run_now(
+        self,
+        request_id: int | None,
+        runs: list[p.RunRef],
+        act: Callable[[str, int, float], list[Effect]],
+    ) -> None:
         now = time.time()
         effects: list[Effect] = []
         stale = []
@@ -996,6 +1050,9 @@ class Connection:
         self.answer(request_id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
+        self._reported(message.id, [(message.task, message.run)], lambda: self._fail(message))
+
+    def _fail(self, message: p.Fail) -> None:
         self._require_work_on(message.task, message.run)
         core = self.server.core
         self.server.apply(core.fail(message.task, message.run, message.error, time.time()))
@@ -1113,35 +1170,60 @@ class Connection:
         self.answer(message.id, {"queues": self._stats(patterns)})
 
     def _stats(
-        self, patterns: Sequence[str] | None, counts: dict[tuple[str, State], int] | None = None
+        self,
+        patterns: Sequence[str] | None,
+        counts: dict[tuple[str, State], int] | None = None,
+        others: Sequence[WorkerRow] = (),
     ) -> list[dict[str, Any]]:
-        stats = self.server.core.stats(patterns, counts)
-        node = self.server.node_name
-        for queue in stats:
-            for worker in queue["workers"]:
-                worker["node"] = node  # a cluster's stats name each worker's node
-        return stats
+        return self.server.core.stats(patterns, counts, others)
 
     async def _cluster_stats(self, patterns: Sequence[str] | None) -> Any:
-        """A shared store's counts are every node's: read once this node's writes so far
-        are durable, so that they agree with every event sent before the answer."""
+        """A shared store's counts and workers are every node's: read once this node's
+        writes so far are durable, so that they agree with every event sent before the
+        answer."""
         await self._durable()
         counts = await self.server.store.counts()
-        return {"queues": self._stats(patterns, counts)}
+        return {"queues": self._stats(patterns, counts, await self._other_workers())}
+
+    async def _other_workers(self) -> list[WorkerRow]:
+        """The workers of the other live nodes of a shared store (this node's are the
+        core's, which knows their runs' times)."""
+        node = self.server.core.node
+        return [row for row in await self.server.store.workers() if row.node != node]
 
     def _on_workers(self, message: p.Workers) -> None:
         if message.queue is not None:
             self._require("observe", message.queue)
         visible = self.may_observe if self._checked else None
-        workers = self.server.core.workers(visible, message.queue)
+        if self.server.store.shared:
+            self._spawn(message.id, self._cluster_workers(visible, message.queue))
+            return
+        # Sent once the writes before it are durable, as stats is (§4.2).
+        self.answer(message.id, {"workers": self._workers_json(visible, message.queue)})
+
+    async def _cluster_workers(
+        self, visible: Callable[[str], bool] | None, queue: str | None
+    ) -> Any:
+        await self._durable()
+        others = await self._other_workers()
+        return {"workers": self._workers_json(visible, queue, others)}
+
+    def _workers_json(
+        self,
+        visible: Callable[[str], bool] | None,
+        queue: str | None,
+        others: Sequence[WorkerRow] = (),
+    ) -> list[dict[str, Any]]:
+        workers = self.server.core.workers(visible, queue, others)
         for worker in workers:
-            worker["node"] = self.server.node_name
+            key = worker.pop("connection")
+            if key is None:
+                continue  # another node's: its row says its client and peer
             # The core knows connections by key; observers see what the key stands for.
-            holder = self.server.connections.get(worker.pop("connection"))
+            holder = self.server.connections.get(key)
             worker["client"] = holder.client if holder is not None else ""
             worker["peer"] = _peer(holder.ws) if holder is not None else "unknown"
-        # Sent once the writes before it are durable, as stats is (§4.2).
-        self.answer(message.id, {"workers": workers})
+        return workers
 
     def _on_history(self, message: p.History) -> None:
         self._require("observe", message.queue)
@@ -1267,6 +1349,12 @@ def _store_failed(what: str, outcome: BaseException) -> WsqError:
 def _not_found(task_id: str) -> TaskNotFound:
     """The one answer for a task that does not exist or that this principal may not read."""
     return TaskNotFound(f"No task with id {task_id}.")
+
+
+def _as_error(exc: BaseException) -> WsqError:
+    """What a client hears of a failed store write: the store's error (``unavailable``,
+    ``storage_full``), or an internal one."""
+    return exc if isinstance(exc, WsqError) else ServerError(f"The state store failed: {exc}")
 
 
 def _peer(websocket: ServerConnection) -> str:

@@ -64,11 +64,18 @@ class Host(Protocol[C]):
     def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> None:
         """Queue writes for the next group commit; ``then`` gets their outcome."""
 
-    def later(self, send: Callable[[], None]) -> None:
-        """Run ``send`` once every write submitted before it is durable."""
+    def later(
+        self, send: Callable[[], None], failed: Callable[[BaseException], None] | None = None
+    ) -> None:
+        """Run ``send`` once every write submitted before it is durable; ``failed``
+        instead (when given) if the batch it waited for failed."""
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in the background until it ends or the server closes."""
+
+    async def adopt_runs(self, runs: Sequence[tuple[str, int]], workers: Sequence[str]) -> None:
+        """Shared store: take over the runs (task id, run) another node holds whose
+        worker, one of ``workers``, moved here; runs that are not taken stay stale."""
 
     def subscribe(self, connection: C, queue: str | None) -> None: ...
 

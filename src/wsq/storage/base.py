@@ -28,18 +28,23 @@ from wsq.core.ops import (
     KEPT_ATTEMPTS,
     NODE_BITS,
     RECORD_MAX,
+    AdoptRuns,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
     Delete,
+    DropWorkers,
+    HeldRuns,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    PutWorker,
     RecordAttempt,
     Recovery,
     SetProgress,
     Update,
+    WorkerRow,
 )
 from wsq.core.task import State, Task
 
@@ -47,19 +52,24 @@ __all__ = [
     "KEPT_ATTEMPTS",
     "NODE_BITS",
     "RECORD_MAX",
+    "AdoptRuns",
     "Attempt",
     "AttemptOutcome",
     "ClaimWaiting",
     "Delete",
+    "DropWorkers",
+    "HeldRuns",
     "Insert",
     "LoadWaiting",
     "Op",
     "Publish",
+    "PutWorker",
     "RecordAttempt",
     "Recovery",
     "SetProgress",
     "StateStore",
     "Update",
+    "WorkerRow",
 ]
 
 
@@ -116,6 +126,12 @@ class StateStore(ABC):
     @property
     def heartbeat_every(self) -> float:
         return math.inf
+
+    async def workers(self) -> builtins.list[WorkerRow]:
+        """A shared store: the workers (:class:`PutWorker`) of every node whose lease is
+        live, this one's included, each with its active runs, by node and key. A store no
+        other server shares keeps none (its one core lists its workers itself)."""
+        return []
 
     @abstractmethod
     async def counts(self) -> dict[tuple[str, State], int]:

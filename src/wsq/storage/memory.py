@@ -26,18 +26,23 @@ from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
+    AdoptRuns,
     Attempt,
     ClaimWaiting,
     Delete,
+    DropWorkers,
+    HeldRuns,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    PutWorker,
     RecordAttempt,
     Recovery,
     SetProgress,
     StateStore,
     Update,
+    WorkerRow,
 )
 
 # (seq, id): the sort key of the ordered indexes. The id breaks ties between equal seqs.
@@ -83,6 +88,10 @@ class MemoryStateStore(StateStore):
         self._attempts: dict[str, builtins.list[Attempt]] = {}  # per task, oldest run first
         # Each task's attempts as they were before this batch changed them (for undo).
         self._attempts_before: dict[str, builtins.list[Attempt] | None] = {}
+        # Shared: the workers of every node (PutWorker), by (node, key); before this batch
+        # changed them, for undo (None: unchanged).
+        self._workers: dict[tuple[str, str], WorkerRow] = {}
+        self._workers_before: dict[tuple[str, str], WorkerRow] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -124,12 +133,15 @@ class MemoryStateStore(StateStore):
         """Results of ``ops``, or the exception that stopped them (then undo them all)."""
         journal: builtins.list[tuple[str, Task | None]] = []
         self._attempts_before.clear()
+        self._workers_before = None
         try:
             return [self._apply(op, journal) for op in ops]
         except Exception as exc:
             for task_id, previous in reversed(journal):
                 self._restore(task_id, previous)
             self._restore_attempts()
+            if self._workers_before is not None:
+                self._workers = self._workers_before
             return exc
 
     def _apply(self, op: Op, journal: builtins.list[tuple[str, Task | None]]) -> Any:
@@ -139,6 +151,11 @@ class MemoryStateStore(StateStore):
             return self._claim(op, journal)
         if isinstance(op, Publish):
             return None  # no other server shares it
+        if isinstance(op, AdoptRuns):
+            return self._adoptable(op)
+        if isinstance(op, HeldRuns):  # one process: it cannot tell nodes apart
+            active = (t for t in self._tasks.values() if t.state == State.ACTIVE)
+            return [_stripped(t, -1) for t in sorted(active, key=_key)]
         if isinstance(op, Insert):
             if op.task.id in self._tasks:
                 return False
@@ -149,7 +166,23 @@ class MemoryStateStore(StateStore):
             return self._change(op, journal)
         if isinstance(op, RecordAttempt):
             return self._record(op.attempt)
+        if isinstance(op, PutWorker | DropWorkers):
+            self._change_workers(op)
+            return None
         raise TypeError(f"Not a state store op: {op!r}")
+
+    def _change_workers(self, op: PutWorker | DropWorkers) -> None:
+        if not self.shared:
+            return  # one server: its core lists its workers itself
+        if self._workers_before is None:
+            self._workers_before = dict(self._workers)
+        if isinstance(op, PutWorker):
+            row = dataclasses.replace(op.worker, runs=())
+            self._workers[(row.node, row.key)] = row
+            return
+        for node, key in list(self._workers):
+            if node == op.node and (op.keys is None or key in op.keys):
+                del self._workers[(node, key)]
 
     def _change(
         self, op: Update | SetProgress | Delete, journal: builtins.list[tuple[str, Task | None]]
@@ -176,6 +209,22 @@ class MemoryStateStore(StateStore):
         elif isinstance(op, SetProgress):
             self._put(dataclasses.replace(stored, progress=op.progress, updated=op.updated))
         return True
+
+    def _adoptable(self, op: AdoptRuns) -> builtins.list[Task]:
+        workers = set(op.workers)
+        found: dict[str, Task] = {}
+        for task_id, run in op.runs:
+            stored = self._tasks.get(task_id)
+            if (
+                stored is not None
+                and stored.state == State.ACTIVE
+                and stored.run == run
+                and stored.worker in workers
+            ):
+                task = _copy(stored)
+                task.strip()
+                found[task.id] = task
+        return sorted(found.values(), key=lambda t: t.seq)
 
     def _claim(
         self, op: ClaimWaiting, journal: builtins.list[tuple[str, Task | None]]
@@ -277,6 +326,25 @@ class MemoryStateStore(StateStore):
         """Stored tasks per queue and state. Raises ServerError if closed."""
         self._check_open()
         return dict(Counter((t.queue, t.state) for t in self._tasks.values()))
+
+    async def workers(self) -> builtins.list[WorkerRow]:
+        """See :meth:`StateStore.workers` (one process: every node it holds is live).
+        Raises ServerError if closed."""
+        self._check_open()
+        runs: dict[str, builtins.list[Task]] = {}
+        for task in self._tasks.values():
+            if task.state == State.ACTIVE and task.worker is not None:
+                runs.setdefault(task.worker, []).append(task)
+        return [
+            dataclasses.replace(
+                row,
+                runs=tuple(
+                    (t.id, t.run, t.progress)
+                    for t in sorted(runs.get(row.key, ()), key=lambda t: t.seq)
+                ),
+            )
+            for _, row in sorted(self._workers.items())
+        ]
 
     async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
         """Copies of the stored tasks with these ids, by id. Raises ServerError if closed."""

@@ -57,20 +57,25 @@ from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
     NODE_BITS,
+    AdoptRuns,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
     Delete,
+    DropWorkers,
     Heartbeat,
+    HeldRuns,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    PutWorker,
     RecordAttempt,
     Recovery,
     SetProgress,
     StateStore,
     Update,
+    WorkerRow,
 )
 from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row
 
@@ -340,13 +345,58 @@ WHERE state = 'active'
        OR node NOT IN (SELECT name FROM wsq_nodes WHERE expires >= now()))
 RETURNING {TASK_COLUMNS_STRIPPED}
 """
+# Runs a worker that moved here reports for (AdoptRuns): this node's from now on.
+ADOPT_REPORTED = f"""
+UPDATE wsq_tasks SET node = $2
+FROM unnest($3::text[], $4::bigint[]) AS r (rid, rrun)
+WHERE id = r.rid AND run = r.rrun AND state = 'active' AND worker = ANY($5::text[])
+RETURNING {TASK_COLUMNS_STRIPPED}
+"""
+# -- workers (migration 8): each node's, for the other nodes' listings ------------------------
+
+PUT_WORKERS = """
+INSERT INTO wsq_workers (node, key, name, queue, concurrency, since, client, peer)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                     $6::float8[], $7::bytea[], $8::text[])
+ON CONFLICT (node, key) DO UPDATE SET holder = excluded.holder, name = excluded.name,
+    queue = excluded.queue, concurrency = excluded.concurrency, since = excluded.since,
+    client = excluded.client, peer = excluded.peer
+"""
+DROP_WORKERS = "DELETE FROM wsq_workers WHERE node = $1 AND key = ANY($2::text[])"
+DROP_ALL_WORKERS = "DELETE FROM wsq_workers WHERE node = $1"
+# At start: this node's rows from an earlier life, and those of nodes with no live lease.
+DROP_ORPHAN_WORKERS = """
+DELETE FROM wsq_workers
+WHERE holder = $1 OR holder NOT IN (SELECT name FROM wsq_nodes WHERE expires >= now())
+"""
+DROP_DEAD_WORKERS = "DELETE FROM wsq_workers WHERE holder = ANY($1::text[])"
+GET_WORKERS = """
+SELECT w.node, w.key, w.name, w.queue, w.concurrency, w.since, w.client, w.peer, w.holder
+FROM wsq_workers w JOIN wsq_nodes n ON n.name = w.holder AND n.expires >= now()
+ORDER BY w.node, w.key
+"""
+# The active runs the live nodes hold (the index on node where active), by worker.
+GET_WORKER_RUNS = """
+SELECT node, worker, id, run, progress FROM wsq_tasks
+WHERE state = 'active' AND node = ANY($1::text[]) AND worker IS NOT NULL
+ORDER BY seq
+"""
+# The active runs this node holds (HeldRuns), $2 the node.
+GET_HELD = f"""
+SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE state = 'active' AND node = $2
+ORDER BY seq
+"""
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 MAX_NODE_INDEX = (1 << NODE_BITS) - 1
 
 # -- one step of writes: a statement of data-modifying CTEs ------------------------------------
 
 # Each kind of write, as a CTE over arrays that returns the ids it applied to. ``{p}``
-# numbers its parameters from where the previous CTEs' left off.
+# numbers its parameters from where the previous CTEs' left off. Writes to an active run
+# apply only on the node holding it (_MINE: the write connection's wsq.node): once another
+# node took the run over (its worker moved there, or this node's lease ran out), what
+# this node still decides about it (a timeout, say) changes nothing.
+_MINE = "t.node IS NOT DISTINCT FROM nullif(current_setting('wsq.node', true), '')"
 _INSERT_CTE = (
     "ins AS (INSERT INTO wsq_tasks ("
     + INSERT_COLUMNS
@@ -357,7 +407,7 @@ _INSERT_CTE = (
 )
 _START_CTE = (
     "start AS (UPDATE wsq_tasks t SET state = 'active', run = s.run, worker = s.worker,"
-    " updated = s.updated"
+    " updated = s.updated, node = nullif(current_setting('wsq.node', true), '')"
     " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::float8[])"
     " AS s (id, run, worker, updated)"
     " WHERE t.id = s.id AND t.state = 'waiting' RETURNING t.id, t.queue)"
@@ -367,11 +417,10 @@ _FINISH_CTE = (
     " retries = f.retries, error = f.error, updated = f.updated"
     " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
     " {p5}::float8[], {p6}::bigint[]) AS f (id, state, progress, retries, error, updated, run)"
-    " WHERE t.id = f.id AND t.state = 'active' AND t.run = f.run"
+    f" WHERE t.id = f.id AND t.state = 'active' AND t.run = f.run AND {_MINE}"
     " RETURNING t.id, t.queue, t.state)"
 )
-# An update out of 'active' applies only to the same run: a run another node took over
-# is not ended by the node that held it before.
+# An update out of 'active' applies only to the same run, on the node holding it.
 _UPDATE_CTE = (
     "upd AS (UPDATE wsq_tasks t SET state = u.state, seq = u.seq, progress = u.progress,"
     " retries = u.retries, error = u.error, run = u.run, worker = u.worker,"
@@ -382,13 +431,13 @@ _UPDATE_CTE = (
     " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated,"
     " not_before)"
     " WHERE t.id = u.id AND t.state = u.expected"
-    " AND (u.expected <> 'active' OR t.run = u.run)"
+    f" AND (u.expected <> 'active' OR (t.run = u.run AND {_MINE}))"
     " RETURNING t.id, t.queue, u.expected, t.state)"
 )
 _PROGRESS_CTE = (
     "prog AS (UPDATE wsq_tasks t SET progress = p.progress, updated = p.updated"
     " FROM unnest({p0}::text[], {p1}::float8[], {p2}::float8[]) AS p (id, progress, updated)"
-    " WHERE t.id = p.id AND t.state = 'active' RETURNING t.id)"
+    f" WHERE t.id = p.id AND t.state = 'active' AND {_MINE} RETURNING t.id)"
 )
 _DELETE_CTE = (
     "del AS (DELETE FROM wsq_tasks t USING unnest({p0}::text[], {p1}::text[])"
@@ -610,7 +659,15 @@ class Writes:
         return write_statement(kinds, bool(self.records)), params
 
 
-Step = Writes | LoadWaiting | ClaimWaiting
+@dataclass(slots=True)
+class WorkerWrites:
+    """A run of :class:`PutWorker` ops (one statement), or one :class:`DropWorkers`."""
+
+    puts: list[WorkerRow] = field(default_factory=list)
+    drop: DropWorkers | None = None
+
+
+Step = Writes | LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | WorkerWrites
 
 
 def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
@@ -685,8 +742,20 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     steps: list[Step] = []
     writes: Writes | None = None
     for op in ops:
-        if isinstance(op, LoadWaiting | ClaimWaiting):
+        if isinstance(op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns):
             steps.append(op)
+            writes = None
+            continue
+        if isinstance(op, PutWorker):
+            last = steps[-1] if steps else None
+            if isinstance(last, WorkerWrites) and last.drop is None:
+                last.puts.append(op.worker)
+            else:
+                steps.append(WorkerWrites([op.worker]))
+            writes = None
+            continue
+        if isinstance(op, DropWorkers):
+            steps.append(WorkerWrites(drop=op))
             writes = None
             continue
         if isinstance(op, Publish):
@@ -721,12 +790,46 @@ async def _run_step(
         args = (fits, step.queue, step.now, list(step.workers), node)
         rows = await conn.fetch(CLAIM_WAITING, *args)
         return [sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)]
+    if isinstance(step, AdoptRuns):
+        ids = [task_id for task_id, _ in step.runs]
+        runs = [clamp(run) for _, run in step.runs]
+        workers = list(step.workers)
+        rows = await conn.fetch(ADOPT_REPORTED, _NO_PAYLOAD, node, ids, runs, workers)
+        return [sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)]
+    if isinstance(step, HeldRuns):
+        rows = await conn.fetch(GET_HELD, _NO_PAYLOAD, node)
+        return [[_task_from_row(row) for row in rows]]
+    if isinstance(step, WorkerWrites):
+        return await _write_workers(conn, step)
     sql, params = step.statement(node, channel)
     applied = {(row[0], row[1]) for row in await conn.fetch(sql, *params)}
     return [
         None if kind == "publish" else (_KIND_CODES[kind], task_id) in applied
         for kind, task_id in step.slots
     ]
+
+
+async def _write_workers(conn: asyncpg.Connection, step: WorkerWrites) -> builtins.list[Any]:
+    if step.drop is not None:
+        if step.drop.keys is None:
+            await conn.execute(DROP_ALL_WORKERS, step.drop.node)
+        else:
+            await conn.execute(DROP_WORKERS, step.drop.node, list(step.drop.keys))
+        return [None]
+    # One row per (node, key): a later put of the same worker in the run replaces it.
+    rows = list({(w.node, w.key): w for w in step.puts}.values())
+    columns = (
+        [w.node for w in rows],
+        [w.key for w in rows],
+        [w.name for w in rows],
+        [w.queue for w in rows],
+        [w.concurrency for w in rows],
+        [w.since for w in rows],
+        [_text(w.client) for w in rows],
+        [w.peer for w in rows],
+    )
+    await conn.execute(PUT_WORKERS, *columns)
+    return [None] * len(step.puts)
 
 
 async def _run_steps(
@@ -812,6 +915,7 @@ async def _recover(conn: asyncpg.Connection, node: str) -> Recovery:
     life and those of nodes with no live lease."""
     async with conn.transaction():
         rows = await conn.fetch(ADOPT_ORPHANS, _NO_PAYLOAD, node)
+        await conn.execute(DROP_ORPHAN_WORKERS, node)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         next_seq = await conn.fetchval(GET_NEXT_SEQ)
         waiting = await conn.fetch(GET_WAITING_QUEUES)
@@ -1237,6 +1341,8 @@ class PostgresStateStore(StateStore):
                     index = await _lease(conn, self.node, self._instance, self.lease, retry=False)
                 dead = [name for (name,) in await conn.fetch(DROP_EXPIRED, self.node)]
                 rows = await conn.fetch(ADOPT_RUNS, _NO_PAYLOAD, self.node, dead) if dead else []
+                if dead:
+                    await conn.execute(DROP_DEAD_WORKERS, dead)
             tasks = sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)
             return Heartbeat(adopted=tasks, dead=dead, lost=not kept, node_index=index)
 
@@ -1332,6 +1438,35 @@ class PostgresStateStore(StateStore):
         async def query(conn: _Reader) -> dict[tuple[str, State], int]:
             rows = await conn.fetch(GET_COUNTS)
             return {(queue, STATES[state]): n for queue, state, n in rows}
+
+        return await self._read(query)
+
+    async def workers(self) -> builtins.list[WorkerRow]:
+        """See :meth:`StateStore.workers`: the rows of the nodes whose lease is live, with
+        the active runs each holds (one snapshot: two reads in one transaction)."""
+
+        async def query(conn: _Reader) -> builtins.list[WorkerRow]:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await conn.fetch(GET_WORKERS)
+                holders = sorted({row[8] for row in rows})
+                runs = await conn.fetch(GET_WORKER_RUNS, holders) if holders else []
+            held: dict[tuple[str, str], builtins.list[tuple[str, int, float]]] = {}
+            for holder, worker, task_id, run, progress in runs:
+                held.setdefault((holder, worker), []).append((task_id, run, progress))
+            return [
+                WorkerRow(
+                    key=row[1],
+                    name=row[2],
+                    queue=row[3],
+                    concurrency=row[4],
+                    since=row[5],
+                    node=row[0],
+                    client=_untext(row[6]),
+                    peer=row[7],
+                    runs=tuple(held.get((row[8], row[1]), ())),
+                )
+                for row in rows
+            ]
 
         return await self._read(query)
 

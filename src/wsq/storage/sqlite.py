@@ -51,14 +51,18 @@ from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
+    AdoptRuns,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
     Delete,
+    DropWorkers,
+    HeldRuns,
     Insert,
     LoadWaiting,
     Op,
     Publish,
+    PutWorker,
     RecordAttempt,
     Recovery,
     SetProgress,
@@ -232,6 +236,9 @@ CLAIMABLE = f"""
 SELECT {TASK_COLUMNS_STRIPPED} FROM tasks
 WHERE queue = ? AND state = 'waiting' AND not_before <= ?
 ORDER BY seq LIMIT ?
+"""
+GET_ACTIVE_STRIPPED = f"""
+SELECT {TASK_COLUMNS_STRIPPED} FROM tasks WHERE id = ? AND state = 'active' AND run = ?
 """
 CLAIM_TASK = """
 UPDATE tasks SET state = 'active', run = run + 1, worker = ?, updated = ?, not_before = 0
@@ -450,6 +457,20 @@ def _claim(conn: sqlite3.Connection, op: ClaimWaiting) -> builtins.list[Task]:
     return claimed
 
 
+def _adoptable(conn: sqlite3.Connection, op: AdoptRuns) -> builtins.list[Task]:
+    """No other node shares the file: the runs are this server's already."""
+    workers = set(op.workers)
+    found: dict[str, Task] = {}
+    for task_id, run in op.runs:
+        params = (_NO_PAYLOAD, _NO_PAYLOAD, task_id, clamp(run))
+        row = conn.execute(GET_ACTIVE_STRIPPED, params).fetchone()
+        if row is not None:
+            task = _task_from_row(row)
+            if task.worker in workers:
+                found[task.id] = task
+    return sorted(found.values(), key=lambda t: t.seq)
+
+
 _FINISHED = (State.COMPLETED, State.FAILED)
 
 
@@ -515,6 +536,13 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return _claim(conn, op)
         case Publish():
             return None  # no other server shares the file
+        case AdoptRuns():
+            return _adoptable(conn, op)
+        case HeldRuns():  # one server holds every run
+            rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
+            return [_task_from_row(row) for row in rows]
+        case PutWorker() | DropWorkers():
+            return None  # one server: its core lists its workers itself
         case LoadWaiting(queue_, limit, max_payload):
             fits = MAX_INT if max_payload is None else clamp(max_payload)
             rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, clamp(max(limit, 0))))

@@ -8,6 +8,9 @@ import { Download, StreamSource, Upload, extract, inlineOf, byteSize, resolveStr
 import { Task, wireOptions } from './tasks.js'
 import { WsqError, checkCallback, checkType, describe, lostConnection, optionsAndCallback, randomHex, settle } from './util.js'
 
+// How often a worker sends again a report the server could not store (unavailable): after
+// 0.25 s, doubling up to 5 s, about 33 s in all; then the run times out and runs again.
+const REPORT_RETRIES = 10
 const CLIENT_OPTIONS = ['backoff', 'token']
 
 /**
@@ -306,8 +309,15 @@ export class Client extends Connection {
 
   // -- worker reports: kept while disconnected, sent once connected again -----------------
 
-  _report (message) {
-    return this._request(message, { resend: true, keep: true }).then(() => undefined, (error) => {
+  _report (message, tries = 0) {
+    return this._request(message, { resend: true, keep: true }).then(() => undefined, async (error) => {
+      const final = message.op === 'fail' || message.op === 'complete_many'
+      if (final && error.code === 'unavailable' && tries < REPORT_RETRIES && !this.closed) {
+        // The server could not store it (its database was away): it holds the run again
+        // once the database is back, so the report is sent again until then.
+        await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** tries, 5000)))
+        return this._report(message, tries + 1)
+      }
       if (error.code !== 'stale_run') this.emit('error', error)
     })
   }
