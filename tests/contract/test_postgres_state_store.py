@@ -12,17 +12,20 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from tests.conftest import eventually
 from tests.contract.test_state_store import child_script, insert, make, run_child_until_killed
 from tests.integration.procs import free_port
 from tests.integration.proxy import Proxy
 from tests.pg import Schema
 from wsq.core.task import State
 from wsq.exceptions import ServerError, Unavailable
+from wsq.storage import postgres
 from wsq.storage.base import (
     ClaimWaiting,
     Delete,
     Insert,
     LoadWaiting,
+    Publish,
     PutWorker,
     Recovery,
     WorkerRow,
@@ -96,6 +99,11 @@ EXPECTED_COLUMNS = {
         ("progress", "double precision", "YES"),
     ],
     "wsq_meta": [("key", "text", "NO"), ("value", "text", "NO")],
+    "wsq_records": [
+        ("id", "bigint", "NO"),
+        ("at", "timestamp with time zone", "NO"),
+        ("record", "text", "NO"),
+    ],
     "wsq_workers": [
         ("node", "text", "NO"),
         ("key", "text", "NO"),
@@ -149,6 +157,8 @@ EXPECTED_INDEXES = {
         "CREATE UNIQUE INDEX wsq_workers_pkey ON {s}.wsq_workers USING btree (node, key)",
     ),
     ("wsq_workers", "CREATE INDEX wsq_workers_holder ON {s}.wsq_workers USING btree (holder)"),
+    ("wsq_records", "CREATE UNIQUE INDEX wsq_records_pkey ON {s}.wsq_records USING btree (id)"),
+    ("wsq_records", "CREATE INDEX wsq_records_at ON {s}.wsq_records USING btree (at)"),
 }
 
 
@@ -281,6 +291,42 @@ async def test_workers_of_a_dead_node_are_not_listed_and_go_with_its_takeover(
     await again.open()
     assert await pg_schema.fetch("SELECT node FROM wsq_workers") == []
     await again.close()
+
+
+async def test_records_missed_while_the_listener_was_away_are_delivered_once_it_is_back(
+    pg_schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listening node's connections break (PostgreSQL out of its reach) while another
+    node publishes; once it listens again it gets the records it missed, in commit order,
+    before the live ones, none twice; then None (it may look at every queue again). Old
+    records are deleted by heartbeats."""
+    proxy = await Proxy(*pg_schema.address).start()
+    publisher = PostgresStateStore(pg_schema.dsn, node="pub")
+    listener = PostgresStateStore(pg_schema.dsn_at("127.0.0.1", proxy.port), node="sub")
+    got: list[str | None] = []
+    listener.listen(got.append)
+    try:
+        await listener.open()
+        await publisher.open()
+        await publisher.submit([Publish(("r1",))])
+        await eventually(lambda: got == ["r1"])
+        proxy.refuse()
+        await publisher.submit([Publish(("r2",))])
+        await publisher.submit([Publish(("r3", "r4"))])
+        await asyncio.sleep(0.2)
+        assert got == ["r1"]
+        proxy.restore()
+        await eventually(lambda: got == ["r1", "r2", "r3", "r4", None])
+        await publisher.submit([Publish(("r5",))])
+        await eventually(lambda: got == ["r1", "r2", "r3", "r4", None, "r5"])
+        assert len(await pg_schema.fetch("SELECT id FROM wsq_records")) == 5
+        monkeypatch.setattr(postgres, "RECORDS_KEPT", 0.0)
+        await publisher.heartbeat()
+        assert await pg_schema.fetch("SELECT id FROM wsq_records") == []
+    finally:
+        await listener.close()
+        await publisher.close()
+        await proxy.close()
 
 
 async def test_each_live_node_has_its_own_index_for_seqs(pg_schema: Schema) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import logging
 import math
@@ -67,6 +68,9 @@ from wsq.storage.base import (
 from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
+UNSURE_BATCHES = 256
+"""Shared store: of how many failed batches the task events are kept, in case the node's
+own record shows one committed after all (Server._unsure)."""
 """Seconds a closing handshake may take before the connection is simply dropped."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
@@ -84,9 +88,10 @@ def _transitions_logged() -> bool:
 class _Batch:
     """Ops submitted during one turn of the event loop, on their way to the store."""
 
-    __slots__ = ("callbacks", "done", "emits", "error", "ops")
+    __slots__ = ("callbacks", "done", "emits", "error", "number", "ops")
 
-    def __init__(self, done: asyncio.Future[None]) -> None:
+    def __init__(self, done: asyncio.Future[None], number: int = 0) -> None:
+        self.number = number  # in the records it publishes (_Record.batch)
         self.ops: list[Op] = []
         self.emits: list[Emit] = []  # for the other nodes of a shared store
         self.callbacks: list[tuple[int, int, Callable[[Outcome], None]]] = []
@@ -114,10 +119,6 @@ class _Later:
     barrier: _Batch | None
     send: Callable[[], None]
     failed: Callable[[BaseException], None] | None
-
-
-def _untold(_: BaseException) -> None:
-    """A task's event whose writes failed: not told (see :meth:`Server._apply_one`)."""
 
 
 def _run_later(
@@ -248,6 +249,14 @@ class Server:
         # holds (runs, and workers' rows) may differ from what the store says this node
         # holds: the next heartbeat sets it right (_resync).
         self._astray = False
+        self._batch_numbers = itertools.count(1)
+        # Task events of batches that failed, by batch number, until their own record
+        # shows they committed after all (_on_record).
+        self._unsure_events: dict[int, list[Emit]] = {}
+        # Shared store: when the lease was last renewed (monotonic: asked then), and
+        # whether a timer fired while it was in doubt (lease_in_doubt).
+        self._renewed = time.monotonic()
+        self._tick_deferred = False
         self.store.listen(self._on_record)
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
@@ -308,7 +317,9 @@ class Server:
         if self._uses_data_dir:
             self._lock = await asyncio.to_thread(_lock_data_dir, self.data_dir)
         try:
+            opening = time.monotonic()
             recovery = await self.store.open()
+            self._renewed = opening  # open took the lease
             await self.blobs.open()
             await self._claim_blobs(recovery.store_id)
             self.apply(self.core.recover(recovery, time.time()))
@@ -461,7 +472,9 @@ class Server:
         """
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
+            batch = self._batch = _Batch(
+                asyncio.get_running_loop().create_future(), next(self._batch_numbers)
+            )
             self._barrier = batch
             batch.done.add_done_callback(lambda _: self._flush(batch))
             asyncio.get_running_loop().call_soon(self._send_batch)
@@ -474,7 +487,8 @@ class Server:
         batch, self._batch = self._batch, None
         assert batch is not None
         if batch.emits:
-            batch.ops.append(Publish(tuple(_records(self._instance, batch.emits))))
+            records = _records(self._instance, batch.emits, batch.number)
+            batch.ops.append(Publish(tuple(records)))
         sent = time.perf_counter()
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
@@ -569,11 +583,13 @@ class Server:
         """Renew this node's lease in the shared store, and hold the runs of dead nodes."""
         while True:
             await asyncio.sleep(self.store.heartbeat_every)
+            asked = time.monotonic()
             try:
                 beat = await self.store.heartbeat()
             except Exception as exc:  # PostgreSQL unavailable: the lease may run out
                 log(logging.WARNING, "lease not renewed", f"Renewing the lease failed: {exc}")
                 continue
+            self._renewed = asked
             now = time.time()
             if beat.node_index is not None:
                 self.core.set_node_index(beat.node_index)
@@ -589,6 +605,9 @@ class Server:
                 self._astray = True  # the node that took over deleted its workers' rows
             if self._astray:
                 self._resync()
+            if self._tick_deferred:  # timers that fired while the lease was in doubt
+                self._tick_deferred = False
+                self.apply(self.core.tick(time.time()))
             if beat.adopted or beat.dead:
                 log(
                     logging.WARNING,
@@ -678,7 +697,8 @@ class Server:
         return _transitions_logged() or None in self.subscribers or queue in self.subscribers
 
     def _on_record(self, text: str | None) -> None:
-        """A record another node published (or ``None``: some may have been missed): its
+        """A record another node published (or ``None``: the store's listening connection
+        was away, and is back): its
         events go to this node's subscribers, and queues that have tasks waiting again
         are looked at by this node's idle workers."""
         if self._closing:
@@ -696,6 +716,10 @@ class Server:
         if record.adopted:
             self._heard_adopted(record.instance, record.adopted)
         if record.instance == self._instance:
+            # A batch of this node's that seemed to fail committed after all (its COMMIT
+            # was cut off): now its events are told.
+            for effect in self._unsure_events.pop(record.batch, ()):
+                self._broadcast(effect)
             return
         queued: dict[str, None] = {}
         for event, queue, args in record.events:
@@ -705,18 +729,34 @@ class Server:
         if queued:
             self.apply(self.core.wake(queued, now))
 
+    def _batch_number(self) -> int:
+        """The number of the batch this turn's writes go in (0: none, or no shared store)."""
+        return self._batch.number if self._batch is not None and self.store.shared else 0
+
+    def _unsure(self, batch: int, effect: Emit, _: BaseException) -> None:
+        """A task's event whose writes failed is not told; with a shared store, unless
+        this node hears its own record of that batch (a COMMIT cut off may have applied):
+        kept for the last UNSURE_BATCHES batches."""
+        if not batch:
+            return
+        self._unsure_events.setdefault(batch, []).append(effect)
+        while len(self._unsure_events) > UNSURE_BATCHES:
+            del self._unsure_events[next(iter(self._unsure_events))]
+
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
             self._log_event(effect)
             # A task's event tells of writes: if they failed, it is not told. A worker's
             # tells of this node's own state, which holds whatever the store did.
-            failed = _untold if effect.event.startswith("task ") else None
-            self.later(lambda: self._broadcast(effect), failed)
             if self.store.shared:  # and to the other nodes, with the writes it reports
                 if self._batch is None:
                     self.submit([])
                 assert self._batch is not None
                 self._batch.emits.append(effect)
+            failed: Callable[[BaseException], None] | None = None
+            if effect.event.startswith("task "):
+                failed = functools.partial(self._unsure, self._batch_number(), effect)
+            self.later(lambda: self._broadcast(effect), failed)
         elif isinstance(effect, Offer):
             # Offers need not wait for the writes before them: the task's insert is
             # durable already, and a crash before its "active" write only means the task
@@ -848,7 +888,7 @@ class Server:
             self._timer.cancel()
             self._timer = None
         self._timer_at = deadline
-        if deadline is not None and not self._closing:
+        if deadline is not None and not self._closing and not self._tick_deferred:
             loop = asyncio.get_running_loop()
             delay = max(0.0, deadline - time.time())
             self._timer = loop.call_at(loop.time() + delay, self._on_timer)
@@ -856,7 +896,20 @@ class Server:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
+        if self.lease_in_doubt():
+            self._tick_deferred = True  # the next heartbeat that renews it ticks
+            return
         self.apply(self.core.tick(time.time()))
+
+    def lease_in_doubt(self) -> bool:
+        """See :meth:`Host.lease_in_doubt`: a shared store's lease not renewed for 90% of
+        its term (PostgreSQL out of reach, say) may have run out, and another node may
+        have taken this node's runs over: until the next heartbeat says, this node ends
+        no run (its timers wait, its workers' final reports are refused as unavailable),
+        so it never tells of an end the store did not make."""
+        if not self.store.shared:
+            return False
+        return time.monotonic() - self._renewed > 0.9 * self.store.lease
 
     # -- connections -----------------------------------------------------------------------
 
@@ -993,6 +1046,7 @@ class _Record(msgspec.Struct, array_like=True):
     instance: str
     events: list[tuple[str, str, list[Any]]]
     adopted: list[tuple[str, int]] = msgspec.field(default_factory=list)
+    batch: int = 0  # the number of the batch that published it (0: not numbered)
 
 
 _decode_record = msgspec.json.Decoder(_Record).decode
@@ -1000,11 +1054,11 @@ _encode = msgspec.json.Encoder().encode
 _TRUNCATED = "… (truncated)"
 
 
-def _records(instance: str, emits: Sequence[Emit]) -> list[str]:
+def _records(instance: str, emits: Sequence[Emit], batch: int = 0) -> list[str]:
     """``emits`` as :class:`_Record` texts of at most RECORD_MAX bytes each. An event too
     big alone has its task's error text cut to fit (an event that does not fit even so is
     left out, and logged: a NOTIFY over the limit would fail the writes it goes with)."""
-    head = len(_encode(_Record(instance, [])))
+    head = len(_encode(_Record(instance, [], [], batch)))
     records: list[str] = []
     events: list[bytes] = []
     size = head
@@ -1017,12 +1071,12 @@ def _records(instance: str, emits: Sequence[Emit]) -> list[str]:
                 continue
             event = shrunk
         if events and size + len(event) + 1 > RECORD_MAX:
-            records.append(_join(instance, events))
+            records.append(_join(instance, events, batch))
             events, size = [], head
         events.append(event)
         size += len(event) + 1
     if events:
-        records.append(_join(instance, events))
+        records.append(_join(instance, events, batch))
     return records
 
 
@@ -1044,8 +1098,8 @@ def _adoption_records(instance: str, runs: Sequence[tuple[str, int]]) -> list[st
     return records
 
 
-def _join(instance: str, events: list[bytes]) -> str:
-    return f"[{_encode(instance).decode()},[{b','.join(events).decode()}]]"
+def _join(instance: str, events: list[bytes], batch: int = 0) -> str:
+    return f"[{_encode(instance).decode()},[{b','.join(events).decode()}],[],{batch}]"
 
 
 def _shrunk(emit: Emit, room: int) -> bytes | None:

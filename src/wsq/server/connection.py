@@ -947,12 +947,23 @@ class Connection:
         self.answer(message.id)
 
     def _reported(
-        self, request_id: int | None, runs: Sequence[tuple[str, int]], act: Callable[[], None]
+        self,
+        request_id: int | None,
+        runs: Sequence[tuple[str, int]],
+        act: Callable[[], None],
+        *,
+        final: bool = False,
     ) -> None:
         """``act`` on a worker's report for ``runs``. With a shared store, runs this node
         does not hold may be another node's whose worker moved here (its connection to
         that node broke): they are taken over first (:meth:`Host.adopt_runs`), so the
-        report is accepted as after a restart; runs that are not taken over stay stale."""
+        report is accepted as after a restart; runs that are not taken over stay stale.
+        A ``final`` report (one that ends runs) is refused as unavailable while this
+        node's lease is in doubt (:meth:`Host.lease_in_doubt`); clients send it again."""
+        if final and self.server.lease_in_doubt():
+            raise Unavailable(
+                "This node is renewing its lease on the shared store; send it again shortly."
+            )
         moved = self._moved(runs)
         if not moved:
             act()
@@ -1003,7 +1014,9 @@ class Connection:
         self.answer(message.id)
 
     def _on_complete(self, message: p.Complete) -> None:
-        self._reported(message.id, [(message.task, message.run)], lambda: self._complete(message))
+        self._reported(
+            message.id, [(message.task, message.run)], lambda: self._complete(message), final=True
+        )
 
     def _complete(self, message: p.Complete) -> None:
         self._require_work_on(message.task, message.run)
@@ -1028,7 +1041,9 @@ class Connection:
         tasks on queues this principal does not work on, or (a release) already started."""
         self._require_held("work")
         refs = [(ref.task, ref.run) for ref in runs]
-        self._reported(request_id, refs, lambda: self._each_run_now(request_id, runs, act))
+        self._reported(
+            request_id, refs, lambda: self._each_run_now(request_id, runs, act), final=True
+        )
 
     def _each_run_now(
         self,
@@ -1050,7 +1065,9 @@ class Connection:
         self.answer(request_id, {"stale": stale})
 
     def _on_fail(self, message: p.Fail) -> None:
-        self._reported(message.id, [(message.task, message.run)], lambda: self._fail(message))
+        self._reported(
+            message.id, [(message.task, message.run)], lambda: self._fail(message), final=True
+        )
 
     def _fail(self, message: p.Fail) -> None:
         self._require_work_on(message.task, message.run)

@@ -64,6 +64,10 @@ class Host(Protocol[C]):
     def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> None:
         """Queue writes for the next group commit; ``then`` gets their outcome."""
 
+    def lease_in_doubt(self) -> bool:
+        """Whether this node's lease in a shared store may have run out (not renewed for
+        most of its term): then it ends no run until a heartbeat says."""
+
     def later(
         self, send: Callable[[], None], failed: Callable[[BaseException], None] | None = None
     ) -> None:

@@ -112,8 +112,10 @@ class StateStore(ABC):
     def listen(self, deliver: Callable[[str | None], None]) -> None:
         """Before :meth:`open`: have ``deliver`` called, on the event loop, with each
         record another server sharing the store publishes (:class:`Publish`; this
-        server's own come too), in commit order, and with ``None`` when some may have been
-        missed. A store no other server shares never calls it."""
+        server's own come too), in commit order, each once, and with ``None`` after its
+        connection to the others was away (records committed meanwhile are delivered
+        first, as far as the store still has them; the caller may look at everything
+        again). A store no other server shares never calls it."""
         return None  # a default that does nothing: not an abstract method
 
     async def heartbeat(self) -> Heartbeat:

@@ -38,12 +38,14 @@ import asyncio
 import builtins
 import collections
 import contextlib
+import datetime
 import functools
 import importlib.resources
 import logging
 import math
 import re
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -370,6 +372,24 @@ DELETE FROM wsq_workers
 WHERE holder = $1 OR holder NOT IN (SELECT name FROM wsq_nodes WHERE expires >= now())
 """
 DROP_DEAD_WORKERS = "DELETE FROM wsq_workers WHERE holder = ANY($1::text[])"
+# -- records (migration 9): what a node whose listener broke reads again ----------------------
+
+RECORDS_KEPT = 300.0
+"""Seconds the records of wsq_records are kept: a node whose listening connection was
+away longer than this misses some (then it says so)."""
+DROP_OLD_RECORDS = "DELETE FROM wsq_records WHERE at < now() - make_interval(secs => $1)"
+# The records committed since about $1 (an id: from a minute before its time on), or, when
+# $1 is none or gone, those since $2 (a time) with a greater id; oldest first: a record
+# caused by another is in a transaction that began after the other committed, so this
+# order keeps causes first.
+GET_RECORDS_SINCE = """
+WITH last AS (SELECT at FROM wsq_records WHERE id = $1::bigint)
+SELECT id, record FROM wsq_records
+WHERE CASE WHEN EXISTS (SELECT 1 FROM last)
+           THEN at >= (SELECT at FROM last) - interval '1 minute'
+           ELSE at >= $2::timestamptz AND id > coalesce($1::bigint, 0) END
+ORDER BY at, id
+"""
 GET_WORKERS = """
 SELECT w.node, w.key, w.name, w.queue, w.concurrency, w.since, w.client, w.peer, w.holder
 FROM wsq_workers w JOIN wsq_nodes n ON n.name = w.holder AND n.expires >= now()
@@ -497,9 +517,16 @@ _COUNT_CTE = (
     " GROUP BY queue, state"
     " ON CONFLICT (node, queue, state) DO UPDATE SET n = wsq_counts.n + excluded.n)"
 )
-# Records for the other nodes, sent in the statement's transaction: delivered once it
+# Records for the other nodes, kept in wsq_records (for a node that missed them: see
+# _Listener) and sent as "<id> <record>" in the statement's transaction: delivered once it
 # commits, in commit order, and never if it does not.
-_NOTIFY_CTE = "ntf AS (SELECT pg_notify({channel}::text, r) FROM unnest({records}::text[]) AS r)"
+_NOTIFY_CTE = (
+    "rec AS (INSERT INTO wsq_records (record)"
+    " SELECT r FROM unnest({records}::text[]) WITH ORDINALITY AS u (r, i) ORDER BY i"
+    " RETURNING id, record),"
+    " ntf AS (SELECT pg_notify({channel}::text, id::text || ' ' || record)"
+    " FROM (SELECT id, record FROM rec ORDER BY id) AS o)"
+)
 
 
 def moves_counts(kinds: Sequence[str]) -> bool:
@@ -1119,12 +1146,18 @@ async def _close(conn: asyncpg.Connection) -> None:
 
 
 class _Listener:
-    """LISTEN on ``channel`` on a connection of its own; hand each notification's text to
-    ``deliver`` (on the event loop, in the order PostgreSQL sends them: commit order). When
-    the connection is lost, connect again every second until it works, then
-    ``deliver(None)``: records sent meanwhile are lost."""
+    """LISTEN on ``channel`` on a connection of its own; hand each record to ``deliver``
+    (on the event loop, in the order PostgreSQL sends them: commit order), each once. When
+    the connection is lost, connect again every second until it works, then read the
+    records committed meanwhile from wsq_records and deliver them first (oldest first,
+    those already delivered left out), then ``deliver(None)`` (the server looks at every
+    queue again). Records older than :data:`RECORDS_KEPT` are gone: a longer outage loses
+    them, and says so."""
 
     RETRY = 1.0
+    SEEN_FOR = 90.0
+    """Seconds the ids of delivered records are remembered, to leave them out of a
+    catch-up (it reads from a minute before the last one delivered)."""
 
     def __init__(
         self,
@@ -1138,10 +1171,17 @@ class _Listener:
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._seen: set[int] = set()  # ids delivered in the last SEEN_FOR seconds
+        self._seen_order: collections.deque[tuple[float, int]] = collections.deque()
+        self._last: int | None = None  # the id delivered last
+        self._since: datetime.datetime | None = None  # when it first listened (PG's clock)
+        self._held: list[tuple[int, str]] | None = None  # live ones, during a catch-up
 
     async def start(self) -> None:
         """Listen now (raises if PostgreSQL cannot be reached), then keep listening."""
         await self._listen()
+        assert self._conn is not None
+        self._since = await self._conn.fetchval("SELECT now()")
         self._task = asyncio.get_running_loop().create_task(
             self._keep(), name="wsq-postgres-listener"
         )
@@ -1153,12 +1193,54 @@ class _Listener:
         except BaseException:
             conn.terminate()
             raise
-        conn.add_termination_listener(lambda _: self._lost.set())
-        self._lost.clear()
         self._conn = conn
+        # Only this connection's end counts: one given up after a failed catch-up does not.
+        conn.add_termination_listener(self._ended)
+        self._lost.clear()
+
+    def _ended(self, ended: Any) -> None:
+        if ended is self._conn:
+            self._lost.set()
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        self._deliver(str(payload))
+        number, _, record = str(payload).partition(" ")
+        if self._held is not None:
+            self._held.append((int(number), record))
+        else:
+            self._deliver_once(int(number), record)
+
+    def _deliver_once(self, number: int, record: str) -> None:
+        if number in self._seen:
+            return
+        now = time.monotonic()
+        while self._seen_order and self._seen_order[0][0] < now - self.SEEN_FOR:
+            self._seen.discard(self._seen_order.popleft()[1])
+        self._seen.add(number)
+        self._seen_order.append((now, number))
+        self._last = number
+        self._deliver(record)
+
+    async def _catch_up(self) -> None:
+        """Deliver the records committed while the connection was away (see the class),
+        then those that came live meanwhile. Raises if the read fails."""
+        assert self._conn is not None
+        try:
+            rows = await self._conn.fetch(GET_RECORDS_SINCE, self._last, self._since)
+        except BaseException:
+            self._held = None
+            raise
+        held, self._held = self._held or [], None
+        if self._last is not None and not any(row[0] == self._last for row in rows):
+            _log.warning(
+                "Records of other nodes older than %s s were missed: the listening"
+                " connection was away longer than that.",
+                RECORDS_KEPT,
+                extra={"action": "store_records_missed"},
+            )
+        for number, record in rows:
+            self._deliver_once(number, record)
+        for number, record in held:
+            self._deliver_once(number, record)
 
     async def _keep(self) -> None:
         while True:
@@ -1166,9 +1248,15 @@ class _Listener:
             self._conn = None
             while True:
                 await asyncio.sleep(self.RETRY)
+                self._held = []  # live records wait for those read from the table
                 try:
                     await self._listen()
+                    await self._catch_up()
                 except Exception as exc:
+                    self._held = None
+                    conn, self._conn = self._conn, None
+                    if conn is not None:
+                        conn.terminate()
                     _log.warning(
                         "Listening for other nodes' changes failed: %s",
                         _store_error(exc),
@@ -1343,6 +1431,7 @@ class PostgresStateStore(StateStore):
                 rows = await conn.fetch(ADOPT_RUNS, _NO_PAYLOAD, self.node, dead) if dead else []
                 if dead:
                     await conn.execute(DROP_DEAD_WORKERS, dead)
+                await conn.execute(DROP_OLD_RECORDS, RECORDS_KEPT)
             tasks = sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)
             return Heartbeat(adopted=tasks, dead=dead, lost=not kept, node_index=index)
 
