@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import itertools
 import logging
 import math
@@ -24,7 +23,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from ssl import SSLContext
@@ -70,7 +68,7 @@ from wsq.wslog import TransportLog
 CLOSE_TIMEOUT = 2.0
 UNSURE_BATCHES = 256
 """Shared store: of how many failed batches the task events are kept, in case the node's
-own record shows one committed after all (Server._unsure)."""
+own record shows one committed after all (Server._tell)."""
 """Seconds a closing handshake may take before the connection is simply dropped."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
@@ -112,24 +110,12 @@ class _Batch:
         self.done.set_result(None)
 
 
-@dataclass(slots=True)
-class _Later:
-    """What :meth:`Server.later` runs once ``barrier`` (a batch) is done."""
-
-    barrier: _Batch | None
-    send: Callable[[], None]
-    failed: Callable[[BaseException], None] | None
-
-
-def _run_later(
-    barrier: _Batch | None,
-    send: Callable[[], None],
-    failed: Callable[[BaseException], None] | None,
-) -> None:
-    if failed is not None and barrier is not None and barrier.error is not None:
-        failed(barrier.error)
-    else:
-        send()
+# What Server.later runs once the barrier (a batch) is done: a callable and what to run
+# instead if the batch failed, or an event to tell (Server._tell). A tuple: one per answer
+# and per event, on the hot path.
+_Later = tuple[
+    "_Batch | None", "Callable[[], None] | Emit", "Callable[[BaseException], None] | None"
+]
 
 
 class Server:
@@ -512,19 +498,49 @@ class Server:
         same)."""
         barrier = self._barrier
         if not self._pending and (barrier is None or barrier.done.done()):
-            _run_later(barrier, send, failed)
+            if failed is not None and barrier is not None and barrier.error is not None:
+                failed(barrier.error)
+            else:
+                send()
         else:
-            self._pending.append(_Later(barrier, send, failed))
+            self._pending.append((barrier, send, failed))
+
+    def _tell_later(self, effect: Emit) -> None:
+        """Tell ``effect`` once the writes before it are durable (:meth:`_tell`)."""
+        barrier = self._barrier
+        if not self._pending and (barrier is None or barrier.done.done()):
+            self._tell(barrier, effect)
+        else:
+            self._pending.append((barrier, effect, None))
+
+    def _tell(self, barrier: _Batch | None, effect: Emit) -> None:
+        """Broadcast an event whose batch is done. A task's event tells of writes: if its
+        batch failed, it is not told; with a shared store, unless this node hears its own
+        record of that batch (a COMMIT cut off may have applied: :meth:`_on_record`), so
+        it is kept for the last UNSURE_BATCHES batches. A worker's event tells of this
+        node's own state, which holds whatever the store did."""
+        if barrier is None or barrier.error is None or not effect.event.startswith("task "):
+            self._broadcast(effect)
+        elif barrier.number and self.store.shared:
+            self._unsure_events.setdefault(barrier.number, []).append(effect)
+            while len(self._unsure_events) > UNSURE_BATCHES:
+                del self._unsure_events[next(iter(self._unsure_events))]
 
     def _flush(self, batch: _Batch) -> None:
         if self._barrier is batch:
             self._barrier = None  # what comes next waits for no batch, nor fails with it
-        while self._pending:
-            pending = self._pending[0]
-            if pending.barrier is not None and not pending.barrier.done.done():
+        pending = self._pending
+        while pending:
+            barrier, send, failed = pending[0]
+            if barrier is not None and not barrier.done.done():
                 return
-            self._pending.popleft()
-            _run_later(pending.barrier, pending.send, pending.failed)
+            pending.popleft()
+            if type(send) is Emit:
+                self._tell(barrier, send)
+            elif failed is not None and barrier is not None and barrier.error is not None:
+                failed(barrier.error)
+            else:
+                send()  # type: ignore[operator]
 
     def apply(self, effects: list[Effect]) -> None:
         """Apply the core's effects in order. At the end of this turn of the loop, the core
@@ -729,34 +745,15 @@ class Server:
         if queued:
             self.apply(self.core.wake(queued, now))
 
-    def _batch_number(self) -> int:
-        """The number of the batch this turn's writes go in (0: none, or no shared store)."""
-        return self._batch.number if self._batch is not None and self.store.shared else 0
-
-    def _unsure(self, batch: int, effect: Emit, _: BaseException) -> None:
-        """A task's event whose writes failed is not told; with a shared store, unless
-        this node hears its own record of that batch (a COMMIT cut off may have applied):
-        kept for the last UNSURE_BATCHES batches."""
-        if not batch:
-            return
-        self._unsure_events.setdefault(batch, []).append(effect)
-        while len(self._unsure_events) > UNSURE_BATCHES:
-            del self._unsure_events[next(iter(self._unsure_events))]
-
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
             self._log_event(effect)
-            # A task's event tells of writes: if they failed, it is not told. A worker's
-            # tells of this node's own state, which holds whatever the store did.
             if self.store.shared:  # and to the other nodes, with the writes it reports
                 if self._batch is None:
                     self.submit([])
                 assert self._batch is not None
                 self._batch.emits.append(effect)
-            failed: Callable[[BaseException], None] | None = None
-            if effect.event.startswith("task "):
-                failed = functools.partial(self._unsure, self._batch_number(), effect)
-            self.later(lambda: self._broadcast(effect), failed)
+            self._tell_later(effect)
         elif isinstance(effect, Offer):
             # Offers need not wait for the writes before them: the task's insert is
             # durable already, and a crash before its "active" write only means the task
