@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,6 +184,47 @@ async def test_a_report_postgres_could_not_store_is_sent_again_and_nothing_stick
             assert server.core.lookup(task.id) is None
     finally:
         await proxy.close()
+
+
+async def test_timers_wait_while_the_lease_is_in_doubt_and_all_run_after(
+    pg_schema: Schema, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats fail (PostgreSQL away, as far as the node can tell) until its lease is in
+    doubt: a run's timeout that comes meanwhile ends nothing; once a heartbeat renews the
+    lease, that run times out, and so, later, does the next one (its timer is armed again
+    although the core changed while none could be)."""
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, database=pg_schema.dsn, lease=2.0) as server,
+        fast(server.url) as client,
+    ):
+        runs: list[str] = []
+
+        async def hang(task: wsq.Task) -> None:
+            runs.append(task.id)
+            await asyncio.Event().wait()
+
+        client.queue("t").process(hang, concurrency=2)
+        first = await client.queue("t").add(None, timeout=1.0, retries=0)
+        second = await client.queue("t").add(None, timeout=3.0, retries=0)
+        await eventually(lambda: len(runs) == 2)
+        renew = server.store.heartbeat
+
+        async def away() -> Any:
+            raise wsq.Unavailable("PostgreSQL is unavailable (the test says so)")
+
+        monkeypatch.setattr(server.store, "heartbeat", away)
+        server._renewed -= 10.0  # in doubt from now
+        await asyncio.sleep(1.3)  # first's timeout passes: nothing ends it
+        assert server.core.lookup(first.id) is not None
+        server.apply([])  # the core is looked at meanwhile
+        monkeypatch.setattr(server.store, "heartbeat", renew)
+
+        async def failed(*tasks: wsq.Task) -> bool:
+            listed = await client.queue("t").failed()
+            return sorted(t.id for t in listed) == sorted(t.id for t in tasks)
+
+        await eventually(lambda: failed(first), timeout=5)
+        await eventually(lambda: failed(first, second), timeout=5)
 
 
 async def test_worker_rows_lost_while_postgres_was_away_are_made_anew(

@@ -66,10 +66,10 @@ from wsq.storage.base import (
 from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
+"""Seconds a closing handshake may take before the connection is simply dropped."""
 UNSURE_BATCHES = 256
 """Shared store: of how many failed batches the task events are kept, in case the node's
 own record shows one committed after all (Server._tell)."""
-"""Seconds a closing handshake may take before the connection is simply dropped."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS handshake, and then the HTTP upgrade, may each take."""
 
@@ -714,9 +714,8 @@ class Server:
 
     def _on_record(self, text: str | None) -> None:
         """A record another node published (or ``None``: the store's listening connection
-        was away, and is back): its
-        events go to this node's subscribers, and queues that have tasks waiting again
-        are looked at by this node's idle workers."""
+        was away, and is back): its events go to this node's subscribers, and queues that
+        have tasks waiting again are looked at by this node's idle workers."""
         if self._closing:
             return
         now = time.time()
@@ -884,8 +883,10 @@ class Server:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_at = deadline
+        self._timer_at = None
         if deadline is not None and not self._closing and not self._tick_deferred:
+            # (While the lease is in doubt no timer is armed: the heartbeat ticks.)
+            self._timer_at = deadline
             loop = asyncio.get_running_loop()
             delay = max(0.0, deadline - time.time())
             self._timer = loop.call_at(loop.time() + delay, self._on_timer)
