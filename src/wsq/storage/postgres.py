@@ -1203,7 +1203,11 @@ class _Listener:
             self._lost.set()
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        number, _, record = str(payload).partition(" ")
+        text = str(payload)
+        number, _, record = text.partition(" ")
+        if not number.isdigit():  # from a node of a wsq before migration 9: no id
+            self._deliver(text)
+            return
         if self._held is not None:
             self._held.append((int(number), record))
         else:
