@@ -370,6 +370,16 @@ async def test_claim_skips_tasks_whose_back_off_is_not_over(store: StateStore) -
     assert [(t.id, t.run, t.retries) for t in claimed] == [("b", 2, 1)]
 
 
+async def test_an_inserted_task_is_not_claimed_before_its_not_before(store: StateStore) -> None:
+    """A task inserted held (not_before ahead: Core.admit on a shared store, until its
+    "task added" is published) is claimed by no one before then."""
+    await insert(store, replace(make("held", 1), not_before=50.0), make("free", 2))
+    [claimed] = await store.submit([ClaimWaiting("q", ("w", "w"), now=10.0)])
+    assert [t.id for t in claimed] == ["free"]
+    [claimed] = await store.submit([ClaimWaiting("q", ("w",), now=50.0)])
+    assert [t.id for t in claimed] == ["held"]
+
+
 async def test_claim_strips_payloads_over_max_payload(store: StateStore) -> None:
     blob = StreamRef(path=("f",), size=9, blob="k" * 32)
     note = StreamRef(path=("n",), size=3, inline=b"abc")

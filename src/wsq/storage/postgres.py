@@ -198,10 +198,13 @@ TASK_COLUMNS = (
     "id, queue, state, seq, data, streams, opt_timeout, opt_retries, opt_autoremove,"
     " progress, retries, error, run, worker, created, updated, owner"
 )
-INSERT_COLUMNS = TASK_COLUMNS.replace("streams,", "streams, blob_streams,")
+# An insert also sets not_before: a task inserted held (Core.admit) is claimed by no node
+# before its "task added" commits.
+INSERT_COLUMNS = TASK_COLUMNS.replace("streams,", "streams, blob_streams,") + ", not_before"
 INSERT_TYPES = (
     *("text", "text", "text", "bigint", "bytea", "text", "text", "float8", "bigint"),
     *("boolean", "float8", "bigint", "bytea", "bigint", "text", "float8", "float8", "text"),
+    "float8",
 )
 TASK_COLUMNS_SEQ = 3
 
@@ -609,6 +612,7 @@ def _insert_row(task: Task) -> tuple[Any, ...]:
         task.created,
         task.updated,
         task.owner,
+        task.not_before,
     )
 
 

@@ -175,8 +175,8 @@ TASK_COLUMNS = (
 TASK_COLUMNS_SEQ = 3  # where seq is in a row selected as TASK_COLUMNS
 
 INSERT_TASK = f"""
-INSERT INTO tasks ({TASK_COLUMNS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO tasks ({TASK_COLUMNS}, not_before)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO NOTHING
 """
 INSERT_BLOB = "INSERT OR IGNORE INTO blobs (key, task) VALUES (?, ?)"
@@ -292,7 +292,7 @@ _encode_json = msgspec.json.Encoder().encode
 
 
 def _task_params(task: Task) -> tuple[Any, ...]:
-    """``task`` as INSERT_TASK's parameters, in :data:`TASK_COLUMNS` order."""
+    """``task`` as INSERT_TASK's parameters: :data:`TASK_COLUMNS`, then not_before."""
     streams = _encode_json(task.streams).decode() if task.streams else None
     options = task.options
     return (
@@ -313,6 +313,7 @@ def _task_params(task: Task) -> tuple[Any, ...]:
         task.created,
         task.updated,
         task.owner,
+        task.not_before,
     )
 
 
