@@ -22,6 +22,7 @@ import wsq
 from tests.conftest import budget, eventually
 from tests.integration.procs import ServerProcess
 from tests.integration.proxy import Proxy
+from tests.integration.test_postgres_storage import rows
 from tests.integration.test_s3_storage import stream_bytes
 from tests.pg import Schema
 from wsq.storage.postgres import PostgresStateStore
@@ -360,20 +361,7 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             ) as a,
             contextlib.AsyncExitStack() as stack,
         ):
-            urls = [a.url, b.url, c.url]
-            rotations = [urls[i:] + urls[:i] for i in range(3)]
-            producers = [
-                await stack.enter_async_context(wsq.Client(r, backoff=lambda t: 0.05))
-                for r in rotations
-            ]
-            workers = [
-                await stack.enter_async_context(wsq.Client(r, backoff=lambda t: 0.05))
-                for r in rotations
-            ]
-            observer = await stack.enter_async_context(client(a))
-            completed: list[str] = []
-            observer.queue("load").on("task completed", lambda task: completed.append(task.id))
-            await observer.stats()
+            producers, workers, completed = await load_clients(stack, [a.url, b.url, c.url])
             expected: dict[str, str] = {}  # acknowledged task -> sha256 of its stream
             read_ok: list[bool] = []
 
@@ -395,11 +383,7 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             )
             assert len(expected) == total
 
-            async def states() -> dict[str, str]:
-                rows = await pg_schema.fetch("SELECT id, state FROM wsq_tasks")
-                return {task_id: state for task_id, state in rows}
-
-            await eventually(lambda: states_are(states, expected, "completed"), timeout=60)
+            await eventually(lambda: states_are(pg_schema, expected, "completed"), timeout=60)
             await eventually(lambda: set(completed) >= set(expected))
             assert sorted(completed) == sorted(expected)  # each once
             assert read_ok and all(read_ok)
@@ -429,19 +413,7 @@ async def test_postgres_away_under_load_loses_nothing_and_leaves_nothing_stuck(
         ):
             for server in (a, b):
                 server.core.poll_interval = 0.5  # a node may miss notifications meanwhile
-            rotations = [[a.url, b.url], [b.url, a.url]]
-            producers = [
-                await stack.enter_async_context(wsq.Client(r, backoff=lambda t: 0.05))
-                for r in rotations
-            ]
-            workers = [
-                await stack.enter_async_context(wsq.Client(r, backoff=lambda t: 0.05))
-                for r in rotations
-            ]
-            observer = await stack.enter_async_context(client(a))
-            completed: list[str] = []
-            observer.queue("load").on("task completed", lambda task: completed.append(task.id))
-            await observer.stats()
+            producers, workers, completed = await load_clients(stack, [a.url, b.url])
             expected: dict[str, str] = {}
 
             async def handler(task: wsq.Task) -> None:
@@ -466,18 +438,15 @@ async def test_postgres_away_under_load_loses_nothing_and_leaves_nothing_stuck(
             )
             assert len(expected) == total
 
-            async def states() -> dict[str, str]:
-                rows = await pg_schema.fetch("SELECT id, state FROM wsq_tasks")
-                return {task_id: state for task_id, state in rows}
-
             try:
-                await eventually(lambda: states_are(states, expected, "completed"), timeout=60)
+                await eventually(lambda: states_are(pg_schema, expected, "completed"), timeout=60)
             except AssertionError:
-                rows = await pg_schema.fetch(
+                unfinished = await pg_schema.fetch(
                     "SELECT id, state, run, node, worker FROM wsq_tasks WHERE state <> 'completed'"
                 )
                 left = [
-                    (*row, [n.node_name for n in (a, b) if n.core.lookup(row[0])]) for row in rows
+                    (*row, [n.node_name for n in (a, b) if n.core.lookup(row[0])])
+                    for row in unfinished
                 ]
                 raise AssertionError(f"not completed (and held by): {left}") from None
             await eventually(lambda: set(completed) >= set(expected))
@@ -520,7 +489,26 @@ async def kill_in_turn(expected: dict[str, str], plan: list[tuple[int, ServerPro
         await victim.start()
 
 
-async def states_are(states: Any, expected: dict[str, str], state: str) -> bool:
+async def load_clients(
+    stack: contextlib.AsyncExitStack, urls: list[str]
+) -> tuple[list[wsq.Client], list[wsq.Client], list[str]]:
+    """A producer and a worker client per node (each with every node's address, its own
+    first), and the ids an observer on the first node is told completed, in order."""
+    rotations = [urls[i:] + urls[:i] for i in range(len(urls))]
+    producers = [
+        await stack.enter_async_context(wsq.Client(r, backoff=lambda t: 0.05)) for r in rotations
+    ]
+    workers = [
+        await stack.enter_async_context(wsq.Client(r, backoff=lambda t: 0.05)) for r in rotations
+    ]
+    observer = await stack.enter_async_context(wsq.Client(urls[0], backoff=lambda t: 0.05))
+    completed: list[str] = []
+    observer.queue("load").on("task completed", lambda task: completed.append(task.id))
+    await observer.stats()  # the subscription (sent before it) is in place
+    return producers, workers, completed
+
+
+async def states_are(schema: Schema, expected: dict[str, str], state: str) -> bool:
     """Whether every task in ``expected``, and no other, is stored in ``state``."""
-    found = await states()
+    found = await rows(schema)
     return set(found) == set(expected) and set(found.values()) == {state}

@@ -1054,7 +1054,6 @@ class Connection:
         now = time.time()
         effects: list[Effect] = []
         stale = []
-        self._require_held("work")
         for ref in runs:
             try:
                 self._require_work_on(ref.task, ref.run)
