@@ -20,6 +20,7 @@ import concurrent.futures
 import inspect
 import io
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from ssl import SSLContext
 from types import TracebackType
@@ -142,6 +143,12 @@ class Client(_Bridge):
         self._handlers.shutdown(wait=True)
         for worker in self._workers:  # their handlers were cancelled with the client
             worker._threads.shutdown(wait=False, cancel_futures=True)
+        # Idle handler threads end as soon as they see the shutdown: wait for them, but not
+        # past a second for a handler that is still running (it cannot be interrupted).
+        deadline = time.monotonic() + 1.0
+        for worker in self._workers:
+            for thread in list(worker._threads._threads):
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Client:
         self.connect()
