@@ -86,11 +86,16 @@ class ServerProcess:
             self.proc.wait()
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait for a clean exit; returns the exit code."""
+        """SIGTERM and wait for a clean exit; returns the exit code. A server that has not
+        exited by ``timeout`` is killed (so it cannot outlive its test) and the wait fails."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
-        return self.proc.wait(budget(timeout))
+        try:
+            return self.proc.wait(budget(timeout))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
     @property
     def pid(self) -> int:

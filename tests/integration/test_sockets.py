@@ -195,3 +195,26 @@ async def test_failed_tls_handshakes_do_not_flood_the_log(tmp_path: Path) -> Non
         assert logged < 5_000, server.log.read_text()[-3000:]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_idle_sockets_do_not_hold_up_shutdown(tmp_path: Path, tls: bool) -> None:
+    """A socket that never finishes its handshake (nor says hello) is dropped when the
+    server closes: it does not keep a stopping server waiting for the handshake timeout."""
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+    server = wsq.Server(data_dir=tmp_path / "data", port=0, ssl=context)
+    await server.start()
+    sockets = _idle_sockets(server.port, 3)
+    try:
+        await eventually(lambda: server.gate is not None and server.gate.pending == 3)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(server.close(), HANDSHAKE_TIMEOUT * 2)
+        took = loop.time() - began
+        assert took < HANDSHAKE_TIMEOUT / 2, f"close took {took:.1f} s"
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -392,6 +392,8 @@ class Server:
         self._closing = True
         for listener in self._listeners:
             listener.close(close_connections=True)
+        if self.gate is not None:
+            self.gate.drop_waiting()
         for listener in self._listeners:
             await listener.wait_closed()
         if self.gate is not None:

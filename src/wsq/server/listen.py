@@ -67,6 +67,16 @@ class Gate:
         if peer is not None:
             self._waiting.pop(_key(peer), None)
 
+    def drop_waiting(self) -> None:
+        """The server is closing: shut down every socket that has not said hello. One in
+        the middle of its TCP, TLS or HTTP handshake would otherwise keep the close
+        waiting until its handshake timed out (ten seconds a socket that sends nothing);
+        greeted connections are closed politely by the WebSocket library."""
+        for sock in list(self._waiting.values()):
+            self._waiting.pop(sock.peer_key, None)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         if self._flush is not None:
             self._flush.cancel()
