@@ -251,3 +251,33 @@ test('a worker keys its runs by run: an old run ending does not hide a newer run
   await eventually(() => aborted.length === 1)
   assert.deepEqual(aborted, [[2, 'Timed out.']])
 })
+
+test('an add whose connection dropped after its uploads is lost, not sent naming streams the server dropped', async () => {
+  const p = await proxy()
+  const c = client(p.url)
+  c.on('error', () => {})
+  await c.ready()
+  const prepare = c._prepareStreams.bind(c)
+  let drop = true
+  c._prepareStreams = async (found) => {
+    const prepared = await prepare(found)
+    for (const entry of prepared.uploads) {
+      const send = entry.upload.send.bind(entry.upload)
+      entry.upload.send = async (value, report) => {
+        await send(value, report)
+        if (!drop) return
+        const generation = c._generation
+        p.cut() // the upload is on the server, and lost with the connection
+        await eventually(() => c._generation > generation && c.connected)
+      }
+    }
+    return prepared
+  }
+  const queue = c.queue('lost-after-upload')
+  const blob = new Uint8Array(200 << 10).fill(1)
+  await assert.rejects(queue.add({ blob }), (error) => error.code === 'connection_lost')
+  drop = false
+  const task = await queue.add({ blob })
+  assert.equal(task.state, 'waiting')
+  assert.equal((await queue.all()).length, 1)
+})
