@@ -511,3 +511,30 @@ async def test_an_add_whose_connection_dropped_after_its_upload_is_connection_lo
             assert task.state == "waiting"
         finally:
             await client.close()
+
+
+async def test_an_add_whose_stream_source_stalls_fails_when_the_connection_drops(
+    server: wsq.Server,
+) -> None:
+    """An async iterable source that has not yielded its next piece does not hold the add
+    once the connection is gone: it raises ConnectionLost at once, and the source is
+    closed."""
+    closed = asyncio.Event()
+
+    async def stalled() -> Any:
+        try:
+            yield b"x" * 1000
+            await asyncio.Event().wait()  # never yields again
+        finally:
+            closed.set()
+
+    async with (
+        proxy_to(server.url) as proxy,
+        wsq.Client(proxy.url, backoff=lambda tries: 0.05) as client,
+    ):
+        adding = asyncio.ensure_future(client.queue("up").add({"blob": stalled()}))
+        await eventually(lambda: client._uploads != {})
+        proxy.drop()
+        with pytest.raises(wsq.ConnectionLost):
+            await asyncio.wait_for(adding, budget(5))
+        assert closed.is_set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from wsq.exceptions import ConnectionLost, WsqError, error_from_wire
@@ -158,6 +158,7 @@ class Uploader:
         self._credit = window
         self._chunk = chunk
         self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()  # lost, or failed: stop waiting for the source
         self.lost = False
         self.error: WsqError | None = None
 
@@ -169,20 +170,45 @@ class Uploader:
         """The server refused or stopped this upload (a limit, a full disk)."""
         self.error = error
         self._wake.set()
+        self._stopped.set()
 
     def connection_lost(self) -> None:
         self.lost = True
         self._wake.set()
+        self._stopped.set()
 
     async def send(self, value: Any) -> None:
-        """Upload all of ``value``; raise what reading it raised, or ConnectionLost."""
+        """Upload all of ``value``; raise what reading it raised, or ConnectionLost (at
+        once, even while an async iterable source has not yielded its next piece)."""
         self._client._send({"op": "upload", "stream": self.stream})
-        async for piece in _chunks(value, self._chunk):
-            await self._wait_credit(len(piece))
-            self._credit -= len(piece)
-            self._client._send_chunk(self.stream, piece)
+        chunks = _chunks(value, self._chunk)
+        # A source that may wait (an async iterable) is watched while it does.
+        next_piece = self._next if hasattr(value, "__aiter__") else _plain_next
+        try:
+            while (piece := await next_piece(chunks)) is not None:
+                await self._wait_credit(len(piece))
+                self._credit -= len(piece)
+                self._client._send_chunk(self.stream, piece)
+        finally:
+            await chunks.aclose()
         self._check()
         self._client._send({"op": "upload_end", "stream": self.stream})
+
+    async def _next(self, chunks: AsyncIterator[bytes | memoryview]) -> bytes | memoryview | None:
+        """The source's next piece, unless the upload stops first (then raise why)."""
+        self._check()
+        step = asyncio.ensure_future(anext(chunks, None))
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+        if step.cancelled():
+            self._check()
+        return step.result()
 
     async def _wait_credit(self, need: int) -> None:
         while self._credit < need and not self.lost and self.error is None:
@@ -202,7 +228,11 @@ class Uploader:
             self._client._send({"op": "upload_abort", "stream": self.stream, "error": message})
 
 
-async def _chunks(value: Any, size: int) -> AsyncIterator[bytes | memoryview]:
+async def _plain_next(chunks: AsyncIterator[bytes | memoryview]) -> bytes | memoryview | None:
+    return await anext(chunks, None)
+
+
+async def _chunks(value: Any, size: int) -> AsyncGenerator[bytes | memoryview, None]:
     """Pieces of at most ``size`` bytes from any stream value; file reads run in a thread."""
     if isinstance(value, bytes | bytearray | memoryview):
         view = memoryview(value).cast("B")
