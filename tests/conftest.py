@@ -21,6 +21,7 @@ import pytest
 
 import wsq
 from tests.pg import Schema, base_dsn, check_reachable
+from tests.s3emulator import MotoServer
 
 TIME_FACTOR = float(os.environ.get("WSQ_TEST_TIME_FACTOR", "1"))
 
@@ -152,3 +153,21 @@ async def pg_schema(postgres_dsn: str) -> AsyncIterator[Schema]:
     schema = await Schema(postgres_dsn).create()
     yield schema
     await schema.drop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server (an S3 emulator) for the session."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new bucket, with the standard AWS variables pointing at moto for this test."""
+    for name, value in moto_server.environ().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_server.bucket()

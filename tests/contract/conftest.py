@@ -1,20 +1,11 @@
-"""The S3 for the blob store contract: one moto server (an emulator) for the session, and
-the standard AWS variables pointing at it for each test that asks."""
+"""The S3 for the blob store contract: the session's moto server (an emulator,
+tests/conftest.py), and the standard AWS variables pointing at it for each test that asks."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
 from tests.s3emulator import MotoServer
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    server = MotoServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

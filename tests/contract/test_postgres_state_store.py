@@ -17,8 +17,8 @@ from tests.contract.test_state_store import child_script, insert, make, run_chil
 from tests.integration.procs import free_port
 from tests.integration.proxy import Proxy
 from tests.pg import Schema
-from wsq.core.task import State
-from wsq.exceptions import ServerError, Unavailable
+from wsq.core.task import State, StreamRef, Task
+from wsq.exceptions import ServerError, Unavailable, UploadFailed
 from wsq.storage import postgres
 from wsq.storage.base import (
     ClaimWaiting,
@@ -78,7 +78,14 @@ EXPECTED_COLUMNS = {
         ("expires", "timestamp with time zone", "NO"),
         ("idx", "smallint", "YES"),
     ],
-    "wsq_blobs": [("key", "text", "NO"), ("task", "text", "NO")],
+    "wsq_blobs": [
+        ("key", "text", "NO"),
+        ("task", "text", "YES"),
+        ("node", "text", "YES"),
+        ("instance", "text", "YES"),
+        ("since", "timestamp with time zone", "YES"),
+        ("swept", "boolean", "NO"),
+    ],
     "wsq_counts": [
         ("node", "text", "NO"),
         ("queue", "text", "NO"),
@@ -136,6 +143,10 @@ EXPECTED_INDEXES = {
     ("wsq_blobs", "CREATE INDEX wsq_blobs_task ON {s}.wsq_blobs USING btree (task)"),
     ("wsq_blobs", "CREATE UNIQUE INDEX wsq_blobs_pkey ON {s}.wsq_blobs USING btree (key)"),
     (
+        "wsq_blobs",
+        "CREATE INDEX wsq_blobs_uploads ON {s}.wsq_blobs USING btree (node) WHERE (task IS NULL)",
+    ),
+    (
         "wsq_schema_version",
         "CREATE UNIQUE INDEX wsq_schema_version_pkey"
         " ON {s}.wsq_schema_version USING btree (version)",
@@ -179,6 +190,8 @@ async def test_migrations_make_the_expected_schema(pg_schema: Schema) -> None:
     assert collations == {("wsq_tasks", "id"): "C", ("wsq_tasks", "queue"): "C"} | {
         ("wsq_blobs", "key"): "C",
         ("wsq_blobs", "task"): "C",
+        ("wsq_blobs", "node"): "C",
+        ("wsq_blobs", "instance"): "C",
         ("wsq_meta", "key"): "C",
         ("wsq_counts", "node"): "C",
         ("wsq_counts", "queue"): "C",
@@ -290,6 +303,63 @@ async def test_workers_of_a_dead_node_are_not_listed_and_go_with_its_takeover(
     again = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
     await again.open()
     assert await pg_schema.fetch("SELECT node FROM wsq_workers") == []
+    await again.close()
+
+
+def with_blob(task_id: str, seq: int, key: str) -> Task:
+    return make(task_id, seq, streams=(StreamRef(path=("b",), size=1, blob=key),))
+
+
+async def test_uploads_of_a_node_that_died_are_swept_and_fence_their_inserts(
+    pg_schema: Schema,
+) -> None:
+    """A reserved key counts as referenced; an insert takes its reservation over. Once
+    the node's lease ran out, its reservations (and only those no insert took) are swept,
+    once; an insert naming a swept one fails with UploadFailed, alone, and leaves no
+    task; a released reservation is gone. Swept keys no longer count as referenced."""
+    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3)
+    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    await dying.open()
+    await heir.open()
+    kept, lost, freed = "a" * 32, "b" * 32, "c" * 32
+    for key in (kept, lost, freed):
+        await dying.reserve_blob(key)
+    assert await heir.blob_keys() == {kept, lost, freed}
+    assert await dying.submit([Insert(with_blob("t1", 1, kept))]) == [True]
+    await dying.release_blobs([freed, kept])  # kept belongs to t1 now: left alone
+    assert await heir.sweep_uploads() == []  # dying's lease is live
+    await asyncio.sleep(0.5)  # dying renews nothing
+    await pg_schema.fetch(
+        "UPDATE wsq_nodes SET expires = now() + interval '1 minute' WHERE name = 'heir'"
+    )
+    assert await heir.sweep_uploads() == [lost]
+    assert await heir.sweep_uploads() == []  # swept once
+    assert await heir.blob_keys() == {kept}
+    late = dying.submit([Insert(with_blob("t2", 2, lost))])
+    after = dying.submit([Insert(make("t3", 3))])
+    with pytest.raises(UploadFailed, match="discarded"):
+        await late
+    assert await after == [True]
+    assert await heir.get("t2") is None
+    assert await heir.get("t1") is not None
+    assert sorted(await pg_schema.fetch("SELECT key, task, swept FROM wsq_blobs")) == [
+        (kept, "t1", False),
+        (lost, None, True),
+    ]
+    await dying.close()
+    await heir.close()
+
+
+async def test_uploads_of_a_node_s_earlier_life_are_swept(pg_schema: Schema) -> None:
+    first = PostgresStateStore(pg_schema.dsn, node="n", lease=0.3)
+    await first.open()
+    await first.reserve_blob("d" * 32)
+    await first.close()  # ends its lease: as after a crash, once the lease ran out
+    again = PostgresStateStore(pg_schema.dsn, node="n", lease=0.3)
+    await again.open()
+    await again.reserve_blob("e" * 32)
+    assert await again.sweep_uploads() == ["d" * 32]
+    assert await again.blob_keys() == {"e" * 32}
     await again.close()
 
 

@@ -23,8 +23,9 @@ from tests.conftest import budget, eventually
 from tests.integration.procs import ServerProcess
 from tests.integration.proxy import Proxy
 from tests.integration.test_postgres_storage import rows
-from tests.integration.test_s3_storage import stream_bytes
+from tests.integration.test_s3_storage import PREFIX, objects, stream_bytes
 from tests.pg import Schema
+from tests.s3emulator import MotoServer
 from wsq.storage.postgres import PostgresStateStore
 
 NO_POLL = 3600.0  # a node hears of others' tasks by notification only
@@ -332,14 +333,17 @@ async def test_a_node_killed_mid_run_has_its_run_taken_over_and_the_worker_repor
 
 
 async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
-    pg_schema: Schema, tmp_path: Path
+    pg_schema: Schema, tmp_path: Path, moto_server: MotoServer, bucket: str
 ) -> None:
     """Nodes b and c (processes of their own) are killed with SIGKILL in turn, twice each,
     and started again, while producers and workers connected to every node add and run
-    tasks (every 8th with a 1 MiB stream) and an observer on node a watches. Then every
-    acknowledged task is completed, once (in the store and in the events), no task is
-    left waiting or active, and every run that read a stream read it whole."""
-    shared = tmp_path / "blobs"
+    tasks (every 8th with a stream of 3 MiB, every 24th of 9 MiB: a multipart upload)
+    through S3 and an observer on node a watches. Then every acknowledged task is
+    completed, once (in the store and in the events), no task is left waiting or active,
+    every run that read a stream read it whole, and S3 holds no orphan: no unfinished
+    upload, and no object but those of the tasks (none once they are removed)."""
+    storage = f"s3://{bucket}/{PREFIX}"
+    s3 = moto_server.client()
     total = 96
 
     def node(name: str) -> ServerProcess:
@@ -347,8 +351,16 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             tmp_path / name,
             None,
             *("--database", pg_schema.dsn, "--node-name", name, "--lease", str(LEASE)),
-            *("--storage", shared.as_uri(), "--heartbeat-interval", "0.5"),
+            *("--storage", storage, "--heartbeat-interval", "0.5"),
         )
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    async def no_orphan() -> bool:
+        referenced = await pg_schema.fetch("SELECT key FROM wsq_blobs WHERE task IS NOT NULL")
+        blobs = {f"{PREFIX}/{key}" for (key,) in referenced}
+        return uploads() == [] and set(objects(moto_server, bucket)) == blobs
 
     b, c = node("b"), node("c")
     await b.start()
@@ -356,9 +368,7 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
     store = PostgresStateStore(pg_schema.dsn, node="a", lease=LEASE)
     try:
         async with (
-            wsq.Server(
-                data_dir=tmp_path / "a", port=0, state_store=store, storage=shared.as_uri()
-            ) as a,
+            wsq.Server(data_dir=tmp_path / "a", port=0, state_store=store, storage=storage) as a,
             contextlib.AsyncExitStack() as stack,
         ):
             producers, workers, completed = await load_clients(stack, [a.url, b.url, c.url])
@@ -377,9 +387,12 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             await asyncio.wait_for(
                 asyncio.gather(
                     kill_in_turn(expected, [(15, b), (35, c), (55, b), (75, c)]),
-                    *(produce(p, range(i, total, 3), expected) for i, p in enumerate(producers)),
+                    *(
+                        produce(p, range(i, total, 3), expected, big=True)
+                        for i, p in enumerate(producers)
+                    ),
                 ),
-                budget(120),
+                budget(180),
             )
             assert len(expected) == total
 
@@ -387,9 +400,60 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             await eventually(lambda: set(completed) >= set(expected))
             assert sorted(completed) == sorted(expected)  # each once
             assert read_ok and all(read_ok)
+            await eventually(no_orphan, timeout=budget(30))
+            assert len(objects(moto_server, bucket)) == total // 8
+            for task in await producers[0].queue("load").completed():
+                await task.remove()
+            await eventually(lambda: objects(moto_server, bucket) == [], timeout=budget(30))
     finally:
         b.kill()
         c.kill()
+
+
+async def test_a_node_killed_mid_upload_leaves_no_upload_and_no_object(
+    pg_schema: Schema, tmp_path: Path, moto_server: MotoServer, bucket: str
+) -> None:
+    """Node b (a process of its own) is killed with SIGKILL while a producer's stream goes
+    through it into S3 as a multipart upload. Once b's lease has run out, node a aborts
+    the upload: nothing of it is left in the bucket, unfinished or whole."""
+    storage = f"s3://{bucket}/{PREFIX}"
+    s3 = moto_server.client()
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    b = ServerProcess(
+        tmp_path / "b",
+        None,
+        *("--database", pg_schema.dsn, "--node-name", "b", "--lease", str(LEASE)),
+        *("--storage", storage, "--heartbeat-interval", "0.5"),
+    )
+    await b.start()
+    store = PostgresStateStore(pg_schema.dsn, node="a", lease=LEASE)
+    stalled = asyncio.Event()
+    try:
+        async with (
+            wsq.Server(data_dir=tmp_path / "a", port=0, state_store=store, storage=storage),
+            wsq.Client(b.url, backoff=lambda tries: 0.05) as producer,
+        ):
+
+            async def stream() -> AsyncIterator[bytes]:
+                for _ in range(10):  # more than a part: S3 holds an unfinished upload
+                    yield stream_bytes(1 << 20, seed=3)
+                await stalled.wait()  # never set: the node dies first
+
+            adding = asyncio.ensure_future(producer.queue("big").add({"blob": stream()}))
+            await eventually(lambda: len(uploads()) == 1, timeout=budget(30))
+            (key,) = await pg_schema.fetch("SELECT key FROM wsq_blobs WHERE task IS NULL")
+            assert uploads() == [f"{PREFIX}/{key[0]}"]
+            b.kill()
+            with pytest.raises(wsq.WsqError):
+                await asyncio.wait_for(adding, budget(10))
+            await eventually(lambda: uploads() == [], timeout=budget(30))
+            assert objects(moto_server, bucket) == []
+            assert await pg_schema.fetch("SELECT swept FROM wsq_blobs") == [(True,)]
+    finally:
+        b.kill()
 
 
 async def test_postgres_away_under_load_loses_nothing_and_leaves_nothing_stuck(
@@ -456,13 +520,17 @@ async def test_postgres_away_under_load_loses_nothing_and_leaves_nothing_stuck(
         await proxy.close()
 
 
-async def produce(producer: wsq.Client, numbers: range, expected: dict[str, str]) -> None:
-    """Add a task per number (every 8th with a 1 MiB stream), recording each acknowledged
-    one with its stream's sha256. An add cut off by a kill is added again, with its id."""
+async def produce(
+    producer: wsq.Client, numbers: range, expected: dict[str, str], big: bool = False
+) -> None:
+    """Add a task per number (every 8th with a 1 MiB stream; ``big``: 3 MiB, and 9 MiB
+    every 24th), recording each acknowledged one with its stream's sha256. An add cut off
+    by a kill is added again, with its id."""
     for n in numbers:
         data: dict[str, Any] = {"n": n}
         if n % 8 == 0:
-            blob = stream_bytes(1 << 20, seed=n)
+            size = (9 if n % 24 == 0 else 3) if big else 1
+            blob = stream_bytes(size << 20, seed=n)
             data |= {"blob": blob, "sha": hashlib.sha256(blob).hexdigest()}
         for _ in range(60):  # 6 s: a kill, or PostgreSQL away for two leases
             try:

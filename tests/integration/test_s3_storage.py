@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,21 +19,6 @@ from tests.s3emulator import MotoServer
 from wsq.blobs.base import OWNER_MARK
 
 PREFIX = "queues/streams"
-
-
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[MotoServer]:
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name, value in moto_server.environ().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    return moto_server.bucket()
 
 
 @pytest.fixture

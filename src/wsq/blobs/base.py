@@ -97,6 +97,12 @@ class BlobStore(ABC):
     async def delete(self, keys: Iterable[str]) -> None:
         """Delete these blobs; keys that do not exist are ignored."""
 
+    async def discard(self, keys: Iterable[str]) -> None:
+        """Delete these blobs, and what is written of them if they are still being
+        written, by a writer that will never finish (its server died). By default
+        :meth:`delete`: a store whose unfinished writes are not kept under their keys."""
+        await self.delete(keys)
+
     @abstractmethod
     def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
         """Every committed key (for the orphan sweep); with ``min_age``, only those

@@ -266,6 +266,13 @@ class FileBlobStore(BlobStore):
         if paths:
             self.used_bytes -= await self._run(_unlink_all, paths)
 
+    async def discard(self, keys: Iterable[str]) -> None:
+        """See :meth:`BlobStore.discard`: unlink these blobs and their ``tmp`` files."""
+        checked = [check_key(key) for key in keys]
+        if checked:
+            await self._run(_unlink_all, [self._paths(key)[0] for key in checked])
+            await self.delete(checked)
+
     async def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
         """Every committed key (with ``min_age``: whose file was last modified at least
         that many seconds ago), one fan-out folder (one thread hop) at a time. Files

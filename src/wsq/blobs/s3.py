@@ -301,6 +301,14 @@ class S3BlobStore(BlobStore):
             await self._run(self._delete_batch, batch)
             self.used_bytes -= sum(self._sizes.pop(key, 0) for key in batch)
 
+    async def discard(self, keys: Iterable[str]) -> None:
+        """See :meth:`BlobStore.discard`: abort the unfinished multipart uploads of these
+        keys (one ListMultipartUploads each), then delete their objects."""
+        checked = list(dict.fromkeys(check_key(key) for key in keys))
+        for key in checked:
+            await self._run(self._abort_uploads_of, key)
+        await self.delete(checked)
+
     async def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
         """Every committed key (with ``min_age``: whose object is at least that many
         seconds old on S3's clock), one LIST page (1,000 keys, one thread hop) at a time.
@@ -519,6 +527,15 @@ class S3BlobStore(BlobStore):
                 continue
             found[name] = item.get("Size", 0)
         return found
+
+    def _abort_uploads_of(self, key: str) -> None:
+        """Abort every unfinished upload of ``key``."""
+        paginator = self._s3.get_paginator("list_multipart_uploads")
+        with self._errors("list the uploads of", key):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._base + key):
+                for upload in page.get("Uploads", []):
+                    if upload.get("Key") == self._base + key:
+                        self._abort_upload(key, upload["UploadId"])
 
     def _abort_stale_uploads(self) -> int:
         """Abort the unfinished uploads of keys under the prefix older than the age; return

@@ -54,6 +54,7 @@ from wsq.server.metrics import Metrics
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
 from wsq.server.streams import BlobQuota, stream_json
+from wsq.server.uploads import ReservedBlobs
 from wsq.storage.base import (
     RECORD_MAX,
     AdoptRuns,
@@ -247,6 +248,7 @@ class Server:
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
         self.blobs = blob_store or _blob_store(storage, self.data_dir)
+        self.blobs = ReservedBlobs.of(self.blobs, self.store)
         # The orphan sweep deletes blobs no task references. A store named by --storage may
         # be shared with other servers, whose uploads in progress are unreferenced for a
         # while: there it spares blobs younger than the grace and runs again every quarter
@@ -634,6 +636,8 @@ class Server:
                     f" holds their {len(beat.adopted)} active runs now.",
                 )
                 self.apply(self.core.adopt(beat.adopted, now))
+            if beat.dead:
+                self.spawn(self._sweep_uploads(), "wsq-sweep-uploads")
 
     def _resync(self) -> None:
         """Shared store, after a batch failed or the lease ran out: read the runs the store
@@ -1005,6 +1009,7 @@ class Server:
         start, and with a shared store (:attr:`sweep_grace`) every quarter of the grace."""
         while True:
             try:
+                await self._sweep_uploads()
                 await self._sweep_once()
             except Exception as exc:
                 if not self.sweep_grace:
@@ -1016,6 +1021,19 @@ class Server:
                 return
             await asyncio.sleep(self.sweep_grace / 4)
             self._fresh_blobs = set()  # blobs stored while this round runs are spared
+
+    async def _sweep_uploads(self) -> None:
+        """Shared store: discard the blobs dead nodes were writing (wsq.server.uploads).
+        Keys that fail to go are left for the orphan sweep and the blob store's own."""
+        keys = await self.store.sweep_uploads()
+        if not keys:
+            return
+        try:
+            await self.blobs.discard(keys)
+        except Exception as exc:
+            log(logging.WARNING, "sweep failed", f"Discarding dead nodes' uploads failed: {exc}")
+            return
+        log(logging.INFO, "swept", f"Discarded {len(keys)} uploads of nodes that died")
 
     async def _sweep_once(self) -> None:
         referenced = await self.store.blob_keys()

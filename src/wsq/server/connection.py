@@ -38,6 +38,7 @@ from wsq.exceptions import (
     TaskNotFound,
     TooLarge,
     Unavailable,
+    UploadFailed,
     WsqError,
 )
 from wsq.server.auth import EVERYONE, ROLES, Principal
@@ -1359,6 +1360,8 @@ def _store_failed(what: str, outcome: BaseException) -> WsqError:
     is out of reach (worth trying again), else an internal error (its text only logged)."""
     if isinstance(outcome, Unavailable):
         return Unavailable(f"{what}: {outcome}")
+    if isinstance(outcome, UploadFailed):  # a stream swept meanwhile (wsq.server.uploads)
+        return UploadFailed(f"{what}: {outcome}")
     return ServerError(f"{what}: {outcome}")
 
 

@@ -171,7 +171,26 @@ class StateStore(ABC):
 
     @abstractmethod
     async def blob_keys(self) -> set[str]:
-        """Every blob key that a stored task references (for the orphan sweep)."""
+        """Every blob key that a stored task references (for the orphan sweep), and, in a
+        shared store, every key an upload in progress reserved (:meth:`reserve_blob`)."""
+
+    async def reserve_blob(self, key: str) -> None:
+        """A shared store: record, durably, that this node starts to write blob ``key``
+        (before any of it reaches the blob store), so that another node may delete it
+        if this one dies first (:meth:`sweep_uploads`). An insert naming a blob whose
+        reservation was swept fails with UploadFailed. Others: nothing to do."""
+        return None
+
+    async def release_blobs(self, keys: Sequence[str]) -> None:
+        """A shared store: forget the reservations of these blobs (deleted, no task will
+        hold them). Reservations an insert took over are left alone."""
+        return None
+
+    async def sweep_uploads(self) -> builtins.list[str]:
+        """A shared store: the reserved keys of nodes that died (or of this node's earlier
+        life) before their tasks were stored, now swept: the caller deletes their blobs
+        and aborts their unfinished uploads. Others: none."""
+        return []
 
     @abstractmethod
     async def close(self) -> None:

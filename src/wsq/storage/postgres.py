@@ -55,7 +55,7 @@ import asyncpg
 import msgspec
 
 from wsq.core.task import State, Task
-from wsq.exceptions import ServerError, Unavailable
+from wsq.exceptions import ServerError, Unavailable, UploadFailed
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
     NODE_BITS,
@@ -280,7 +280,7 @@ LIST_TASKS_OF_QUEUE = (
     " UNION ALL ".join(_OF_STATE.format(state=state.value) for state in State)
     + " ORDER BY seq LIMIT $2"
 )
-GET_BLOB_KEYS = "SELECT key FROM wsq_blobs"
+GET_BLOB_KEYS = "SELECT key FROM wsq_blobs WHERE NOT swept"
 ATTEMPT_COLUMNS = (
     "task, run, worker, client, node, offered, started, ended, outcome, error, progress"
 )
@@ -419,6 +419,25 @@ MAX_NODE_INDEX = (1 << NODE_BITS) - 1
 # apply only on the node holding it (_MINE: the write connection's wsq.node): once another
 # node took the run over (its worker moved there, or this node's lease ran out), what
 # this node still decides about it (a timeout, say) changes nothing.
+# -- uploads in progress (migration 10): a blob's row before its task's --------------------
+
+SWEPT_STATE = "WQ001"
+"""The SQLSTATE of an insert that names a blob whose upload row was swept."""
+RESERVE_BLOB = (
+    "INSERT INTO wsq_blobs (key, node, instance, since) VALUES ($1, $2, $3, now())"
+    " ON CONFLICT (key) DO NOTHING"
+)
+RELEASE_BLOBS = "DELETE FROM wsq_blobs WHERE key = ANY($1::text[]) AND task IS NULL"
+# The uploads of node instances that hold no live lease (dead, or this node's earlier
+# life): marked swept, which fences their inserts (_INSERT_CTE). Swept rows a day old go.
+SWEEP_UPLOADS = """
+UPDATE wsq_blobs b SET swept = true, since = now()
+WHERE task IS NULL AND NOT swept
+  AND NOT EXISTS (SELECT 1 FROM wsq_nodes n
+                  WHERE n.name = b.node AND n.instance = b.instance AND n.expires >= now())
+RETURNING key
+"""
+DROP_SWEPT = "DELETE FROM wsq_blobs WHERE swept AND since < now() - interval '1 day'"
 _MINE = "t.node IS NOT DISTINCT FROM nullif(current_setting('wsq.node', true), '')"
 _INSERT_CTE = (
     "ins AS (INSERT INTO wsq_tasks ("
@@ -426,7 +445,14 @@ _INSERT_CTE = (
     + ") SELECT * FROM unnest({params}) ON CONFLICT (id) DO NOTHING RETURNING id, queue, state),"
     " ins_blobs AS (INSERT INTO wsq_blobs (key, task)"
     " SELECT b.key, b.task FROM unnest({p0}::text[], {p1}::text[]) AS b (key, task)"
-    " WHERE b.task IN (SELECT id FROM ins) ON CONFLICT (key) DO NOTHING)"
+    " WHERE b.task IN (SELECT id FROM ins) ON CONFLICT (key) DO UPDATE SET"
+    " task = excluded.task, node = NULL, instance = NULL, since = NULL"
+    " WHERE wsq_blobs.task IS NULL AND NOT wsq_blobs.swept RETURNING key),"
+    # A blob whose upload row was swept (its node's lease ran out: the blob is deleted):
+    # the whole insert fails, so that no task references it (migration 10).
+    " ins_fence AS (SELECT wsq_fail('" + SWEPT_STATE + "', 'blob ' || b.key || ' was swept')"
+    " AS x FROM unnest({p0}::text[], {p1}::text[]) AS b (key, task)"
+    " WHERE b.task IN (SELECT id FROM ins) AND b.key NOT IN (SELECT key FROM ins_blobs))"
 )
 _START_CTE = (
     "start AS (UPDATE wsq_tasks t SET state = 'active', run = s.run, worker = s.worker,"
@@ -558,6 +584,8 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
             cte = cte.replace("{params}", columns)
         ctes.append(cte.format(**named))
         selects.append(f"SELECT {_KIND_CODES[kind]}, id FROM {name}")
+        if kind == "insert":  # never a row: evaluated so that it may raise
+            selects.append(f"SELECT {NOTIFIED}, NULL FROM ins_fence WHERE x IS NULL")
         next_param += count
     deltas = [_DELTAS[kind] for kind in kinds if kind in _DELTAS]
     if deltas:
@@ -898,6 +926,11 @@ def _store_error(exc: BaseException, conn: _AnyConnection | None = None) -> Base
     if isinstance(exc, _UNAVAILABLE) or (lost and isinstance(exc, asyncpg.InterfaceError)):
         reason = "did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
         error: BaseException = Unavailable(f"PostgreSQL is unavailable: {reason}")
+    elif getattr(exc, "sqlstate", None) == SWEPT_STATE:
+        error = UploadFailed(
+            "A stream of this task was discarded while it was stored (this node's lease"
+            " had run out, so its uploads were taken for a dead node's); add it again."
+        )
     elif isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
         error = ServerError(f"State store error: {exc}")
     else:
@@ -1606,6 +1639,37 @@ class PostgresStateStore(StateStore):
 
         async def query(conn: _Reader) -> set[str]:
             return {key for (key,) in await conn.fetch(GET_BLOB_KEYS)}
+
+        return await self._read(query)
+
+    async def reserve_blob(self, key: str) -> None:
+        """See :meth:`StateStore.reserve_blob`: a row of wsq_blobs with no task yet, this
+        node's instance's."""
+
+        async def query(conn: _Reader) -> None:
+            await conn.execute(RESERVE_BLOB, key, self.node, self._instance)
+
+        await self._read(query)
+
+    async def release_blobs(self, keys: Sequence[str]) -> None:
+        """See :meth:`StateStore.release_blobs`."""
+        if not keys:
+            return
+
+        async def query(conn: _Reader) -> None:
+            await conn.execute(RELEASE_BLOBS, list(keys))
+
+        await self._read(query)
+
+    async def sweep_uploads(self) -> builtins.list[str]:
+        """See :meth:`StateStore.sweep_uploads`: the uploads of node instances holding no
+        live lease, marked swept (which fences their inserts)."""
+
+        async def query(conn: _Reader) -> builtins.list[str]:
+            async with conn.transaction():
+                keys = [key for (key,) in await conn.fetch(SWEEP_UPLOADS)]
+                await conn.execute(DROP_SWEPT)
+            return keys
 
         return await self._read(query)
 

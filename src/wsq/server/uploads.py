@@ -1,0 +1,107 @@
+"""A cluster node's blob store: every blob it writes is first reserved in the state store.
+
+Nodes share one blob store (S3). A node that dies while it uploads leaves what it wrote
+(an unfinished multipart upload, or an object its task never got to reference) that no
+other node could tell from an upload still in progress elsewhere. So each node records the
+key of a blob in the state store before writing any of it (:meth:`StateStore.reserve_blob`,
+one committed row), and the add's insert takes that row over. When a node's lease runs
+out, a live node sweeps its reservations (:meth:`StateStore.sweep_uploads`, which also
+fences any insert that still names them) and discards the blobs
+(:meth:`BlobStore.discard`: deleted, their unfinished uploads aborted).
+
+A store no other server shares reserves nothing (its orphans are swept at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+from wsq.blobs.base import BlobReader, BlobStore, BlobWriter
+from wsq.exceptions import WsqError
+from wsq.storage.base import StateStore
+
+logger = logging.getLogger("wsq.server")
+
+
+class ReservedBlobs(BlobStore):
+    """``blobs`` with each new blob reserved in ``store`` first, and released when it is
+    deleted or its writer aborted."""
+
+    def __init__(self, blobs: BlobStore, store: StateStore) -> None:
+        self.blobs = blobs
+        self.store = store
+
+    @classmethod
+    def of(cls, blobs: BlobStore, store: StateStore) -> BlobStore:
+        """The blob store a server with ``store`` uses: ``blobs`` itself unless the state
+        store is shared with other nodes."""
+        return cls(blobs, store) if store.shared else blobs
+
+    @property
+    def used_bytes(self) -> int:
+        return self.blobs.used_bytes
+
+    @used_bytes.setter
+    def used_bytes(self, value: int) -> None:
+        self.blobs.used_bytes = value
+
+    async def open(self) -> None:
+        await self.blobs.open()
+
+    async def create(self) -> BlobWriter:
+        """A writer whose key is reserved. Raises what the reservation raised
+        (``unavailable`` while PostgreSQL is away): nothing is written then."""
+        writer = await self.blobs.create()
+        try:
+            await self.store.reserve_blob(writer.key)
+        except BaseException:
+            await writer.abort()
+            raise
+        return _ReservedWriter(writer, self.store)
+
+    async def reader(self, key: str, offset: int = 0) -> BlobReader:
+        return await self.blobs.reader(key, offset)
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Delete the blobs, then their reservations (those no task took over)."""
+        keys = list(keys)
+        await self.blobs.delete(keys)
+        await self.store.release_blobs(keys)
+
+    async def discard(self, keys: Iterable[str]) -> None:
+        await self.blobs.discard(keys)
+
+    def keys(self, min_age: float = 0.0) -> AsyncIterator[str]:
+        return self.blobs.keys(min_age)
+
+    async def claim(self, owner: str) -> str | None:
+        return await self.blobs.claim(owner)
+
+    async def close(self) -> None:
+        await self.blobs.close()
+
+    async def check(self) -> None:
+        await self.blobs.check()
+
+
+class _ReservedWriter(BlobWriter):
+    def __init__(self, writer: BlobWriter, store: StateStore) -> None:
+        self.key = writer.key
+        self._writer = writer
+        self._store = store
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self._writer.write(data)
+
+    async def commit(self) -> int:
+        return await self._writer.commit()
+
+    async def abort(self) -> None:
+        """Abort the write, then release the reservation (if that fails, the row stays
+        until this node's lease ends and it is swept: harmless)."""
+        await self._writer.abort()
+        try:
+            await self._store.release_blobs([self.key])
+        except WsqError as exc:
+            logger.warning("Could not release the reservation of blob %s: %s", self.key, exc)
