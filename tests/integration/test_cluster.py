@@ -38,9 +38,11 @@ async def cluster(
     tmp_path: Path,
     names: tuple[str, ...] = ("a", "b", "c"),
     dsn: str | None = None,
+    storage: str | None = None,
 ) -> AsyncIterator[list[wsq.Server]]:
-    """Nodes on the schema (through ``dsn`` when given: a proxy's address)."""
-    shared = tmp_path / "blobs"  # one blob store for all, as S3 would be
+    """Nodes on the schema (through ``dsn`` when given: a proxy's address), their streams
+    in ``storage`` (default: one folder for all, as S3 would be)."""
+    storage = storage or (tmp_path / "blobs").as_uri()
     async with contextlib.AsyncExitStack() as stack:
         servers = []
         for name in names:
@@ -49,7 +51,7 @@ async def cluster(
                 data_dir=tmp_path / name,
                 port=0,
                 state_store=store,
-                storage=shared.as_uri(),
+                storage=storage,
                 node_name=name,
                 heartbeat_interval=1.0,
             )
@@ -516,6 +518,77 @@ async def test_postgres_away_under_load_loses_nothing_and_leaves_nothing_stuck(
             await eventually(lambda: set(completed) >= set(expected))
             await asyncio.sleep(0.5)
             assert sorted(completed) == sorted(expected)  # each once
+    finally:
+        await proxy.close()
+
+
+async def test_s3_away_under_load_loses_nothing_and_leaves_no_orphan(
+    pg_schema: Schema,
+    tmp_path: Path,
+    moto_server: MotoServer,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nodes a and b reach S3 through a proxy that refuses everything twice, for two
+    seconds each, while producers and workers on both add and run tasks with streams of
+    3 and 9 MiB. Adds with streams fail with unavailable meanwhile and are made again,
+    reads fail and their runs are retried. Then every acknowledged task is completed once,
+    every stream read whole, and S3 holds no orphan: uploads cut off by the outage are
+    aborted once S3 is back, and no object is left but the tasks'."""
+    proxy = await Proxy("127.0.0.1", moto_server.port).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3 = moto_server.client()  # straight to moto
+    total = 48
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    async def no_orphan() -> bool:
+        referenced = await pg_schema.fetch("SELECT key FROM wsq_blobs WHERE task IS NOT NULL")
+        blobs = {f"{PREFIX}/{key}" for (key,) in referenced}
+        return uploads() == [] and set(objects(moto_server, bucket)) == blobs
+
+    try:
+        async with (
+            cluster(pg_schema, tmp_path, ("a", "b"), storage=f"s3://{bucket}/{PREFIX}") as (a, b),
+            contextlib.AsyncExitStack() as stack,
+        ):
+            producers, workers, completed = await load_clients(stack, [a.url, b.url])
+            expected: dict[str, str] = {}
+            read_ok: list[bool] = []
+
+            async def handler(task: wsq.Task) -> None:
+                if "blob" in task.data:
+                    got = await task.data["blob"].read()  # fails while S3 is away: retried
+                    read_ok.append(hashlib.sha256(got).hexdigest() == task.data["sha"])
+
+            for worker in workers:
+                worker.queue("load").process(handler, concurrency=3)
+
+            async def outages() -> None:
+                for at in (8, 24):
+                    await eventually(lambda at=at: len(expected) >= at, timeout=60)
+                    proxy.refuse()
+                    await asyncio.sleep(2.0)
+                    proxy.restore()
+
+            await asyncio.wait_for(
+                asyncio.gather(
+                    outages(),
+                    *(
+                        produce(p, range(i, total, 2), expected, big=True)
+                        for i, p in enumerate(producers)
+                    ),
+                ),
+                budget(120),
+            )
+            assert len(expected) == total
+            await eventually(lambda: states_are(pg_schema, expected, "completed"), timeout=60)
+            await eventually(lambda: set(completed) >= set(expected))
+            assert sorted(completed) == sorted(expected)  # each once
+            assert read_ok and all(read_ok)
+            await eventually(no_orphan, timeout=budget(30))
+            assert len(objects(moto_server, bucket)) == total // 8
     finally:
         await proxy.close()
 

@@ -3,6 +3,7 @@ for S3 (an emulator, tests/s3emulator.py), configured through the standard AWS v
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -15,6 +16,7 @@ import pytest
 
 import wsq
 from tests.conftest import budget, eventually
+from tests.integration.proxy import Proxy
 from tests.s3emulator import MotoServer
 from wsq.blobs.base import OWNER_MARK
 
@@ -81,6 +83,46 @@ async def test_s3_unreachable_fails_the_add_with_unavailable_and_the_server_goes
             assert (await task.get_data())["small"] == "no stream, no S3"
     finally:
         own.stop()
+
+
+async def test_an_upload_aborted_while_s3_is_away_is_aborted_once_it_is_back(
+    bucket: str,
+    moto_server: MotoServer,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A producer goes away mid-upload while S3 is unreachable: the server cannot abort
+    the multipart upload then, and does so once S3 answers again (not a day later)."""
+    proxy = await Proxy("127.0.0.1", moto_server.port).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3 = moto_server.client()
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    async def stalled() -> AsyncIterator[bytes]:
+        for n in range(9):  # a part and more: S3 holds an unfinished upload
+            yield stream_bytes(1 << 20, seed=n)
+        await asyncio.Event().wait()
+
+    try:
+        storage = f"s3://{bucket}/{PREFIX}"
+        async with wsq.Server(data_dir=data_dir, port=0, storage=storage) as server:
+            client = wsq.Client(server.url)
+            await client.connect()
+            adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled()}))
+            await eventually(lambda: len(uploads()) == 1, timeout=budget(30))
+            proxy.refuse()
+            await client.close()  # the server aborts the upload: S3 does not answer
+            with pytest.raises(wsq.WsqError):
+                await adding
+            await asyncio.sleep(1.0)
+            assert len(uploads()) == 1
+            proxy.restore()
+            await eventually(lambda: uploads() == [], timeout=budget(15))
+            assert objects(moto_server, bucket) == []
+    finally:
+        await proxy.close()
 
 
 async def test_bad_storage_url_is_refused_at_once(data_dir: Path) -> None:

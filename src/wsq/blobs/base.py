@@ -47,6 +47,9 @@ class BlobWriter(ABC):
     :meth:`commit` and :meth:`abort`."""
 
     key: str
+    left: bool = False
+    """After :meth:`abort`: what was written could not all be removed (the store was out of
+    reach); :meth:`BlobStore.discard` of the key, later, removes it."""
 
     @abstractmethod
     async def write(self, data: bytes | memoryview) -> None:

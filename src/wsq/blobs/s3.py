@@ -127,6 +127,7 @@ class S3BlobWriter(BlobWriter):
         try:
             await self._lane.run(self._abort_sync)
         except Unavailable as exc:
+            self.left = True
             logger.warning("Could not discard blob %s: %s", self.key, exc)
 
     def _send_part(self, part: bytearray) -> None:

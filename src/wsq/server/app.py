@@ -76,6 +76,7 @@ HANDSHAKE_TIMEOUT = 10.0
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
 COUNTS_EVERY = 1.0
+DISCARD_LEFT_EVERY = 2.0  # seconds between tries to discard what aborts left behind
 """Seconds between reads of a shared store's counts, for metrics and history."""
 STATE_NAMES = tuple(state.value for state in State)
 
@@ -247,8 +248,11 @@ class Server:
         self.store.listen(self._on_record)
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
-        self.blobs = blob_store or _blob_store(storage, self.data_dir)
-        self.blobs = ReservedBlobs.of(self.blobs, self.store)
+        # Each blob reserved in the state store first, where nodes share it; writes that
+        # could not be aborted are discarded again later (wsq.server.uploads).
+        blobs = ReservedBlobs(blob_store or _blob_store(storage, self.data_dir), self.store)
+        self._reserved = blobs
+        self.blobs: BlobStore = blobs
         # The orphan sweep deletes blobs no task references. A store named by --storage may
         # be shared with other servers, whose uploads in progress are unreferenced for a
         # while: there it spares blobs younger than the grace and runs again every quarter
@@ -329,6 +333,7 @@ class Server:
         bound = [self.host, *(s.getsockname()[0] for s in sockets)]
         self.origins = OriginPolicy(self.allowed_origins, self.server_names, bound, bool(self.ssl))
         self.spawn(self._sweep_orphans(), "wsq-sweep")
+        self.spawn(self._discard_left(), "wsq-discard-left")
         if self.store.shared:
             await self._refresh_counts()
             self.spawn(self._keep_counts(), "wsq-counts")
@@ -1021,6 +1026,18 @@ class Server:
                 return
             await asyncio.sleep(self.sweep_grace / 4)
             self._fresh_blobs = set()  # blobs stored while this round runs are spared
+
+    async def _discard_left(self) -> None:
+        """Every few seconds, discard what aborted uploads could not remove (the blob store
+        was out of reach then), until it is gone."""
+        while True:
+            await asyncio.sleep(DISCARD_LEFT_EVERY)
+            if not self._reserved.left:
+                continue
+            try:
+                await self._reserved.discard_left()
+            except Exception as exc:
+                log(logging.INFO, "discard failed", f"Discarding aborted uploads failed: {exc}")
 
     async def _sweep_uploads(self) -> None:
         """Shared store: discard the blobs dead nodes were writing (wsq.server.uploads).

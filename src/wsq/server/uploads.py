@@ -9,7 +9,9 @@ out, a live node sweeps its reservations (:meth:`StateStore.sweep_uploads`, whic
 fences any insert that still names them) and discards the blobs
 (:meth:`BlobStore.discard`: deleted, their unfinished uploads aborted).
 
-A store no other server shares reserves nothing (its orphans are swept at start).
+A store no other server shares reserves nothing (its orphans are swept at start), but
+uses this class too: a blob whose abort could not reach the blob store is discarded again
+later (:meth:`ReservedBlobs.discard_left`), rather than left until the store's next start.
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ class ReservedBlobs(BlobStore):
     def __init__(self, blobs: BlobStore, store: StateStore) -> None:
         self.blobs = blobs
         self.store = store
+        self.left: set[str] = set()
+        """Keys whose writer could not remove what it wrote (the store was out of reach):
+        :meth:`discard_left` tries again; their reservations are kept meanwhile."""
 
-    @classmethod
-    def of(cls, blobs: BlobStore, store: StateStore) -> BlobStore:
-        """The blob store a server with ``store`` uses: ``blobs`` itself unless the state
-        store is shared with other nodes."""
-        return cls(blobs, store) if store.shared else blobs
+    async def discard_left(self) -> None:
+        """Discard the blobs aborts left behind, then release their reservations. Raises
+        what the stores raise (the keys stay for the next try)."""
+        keys = sorted(self.left)
+        if keys:
+            await self.blobs.discard(keys)
+            await self.store.release_blobs(keys)
+            self.left.difference_update(keys)
 
     @property
     def used_bytes(self) -> int:
@@ -58,7 +66,7 @@ class ReservedBlobs(BlobStore):
         except BaseException:
             await writer.abort()
             raise
-        return _ReservedWriter(writer, self.store)
+        return _ReservedWriter(writer, self)
 
     async def reader(self, key: str, offset: int = 0) -> BlobReader:
         return await self.blobs.reader(key, offset)
@@ -86,10 +94,10 @@ class ReservedBlobs(BlobStore):
 
 
 class _ReservedWriter(BlobWriter):
-    def __init__(self, writer: BlobWriter, store: StateStore) -> None:
+    def __init__(self, writer: BlobWriter, owner: ReservedBlobs) -> None:
         self.key = writer.key
         self._writer = writer
-        self._store = store
+        self._owner = owner
 
     async def write(self, data: bytes | memoryview) -> None:
         await self._writer.write(data)
@@ -98,10 +106,15 @@ class _ReservedWriter(BlobWriter):
         return await self._writer.commit()
 
     async def abort(self) -> None:
-        """Abort the write, then release the reservation (if that fails, the row stays
-        until this node's lease ends and it is swept: harmless)."""
+        """Abort the write, then release the reservation; if the abort left something
+        behind, keep it and leave the key to :meth:`ReservedBlobs.discard_left`. (A release
+        that fails leaves the row until this node's lease ends and it is swept.)"""
         await self._writer.abort()
+        if self._writer.left:
+            self.left = True
+            self._owner.left.add(self.key)
+            return
         try:
-            await self._store.release_blobs([self.key])
+            await self._owner.store.release_blobs([self.key])
         except WsqError as exc:
             logger.warning("Could not release the reservation of blob %s: %s", self.key, exc)
