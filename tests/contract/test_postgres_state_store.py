@@ -77,6 +77,8 @@ EXPECTED_COLUMNS = {
         ("instance", "text", "NO"),
         ("expires", "timestamp with time zone", "NO"),
         ("idx", "smallint", "YES"),
+        ("alone", "boolean", "YES"),
+        ("ended", "boolean", "NO"),
     ],
     "wsq_blobs": [
         ("key", "text", "NO"),
@@ -236,18 +238,19 @@ async def test_a_node_name_has_one_live_store_at_a_time(pg_schema: Schema) -> No
     """Nodes hold a lease on their name: another store of that name waits out two lease
     terms, then is refused; once the holder closes (ending its lease) it opens at once.
     Stores of other names share the schema."""
-    first = PostgresStateStore(pg_schema.dsn, node="a", lease=0.3)
+    first = PostgresStateStore(pg_schema.dsn, node="a", lease=0.3, may_be_alone=False)
     await first.open()
 
-    async def renew() -> None:  # as its server does
+    async def renew() -> None:  # as its server does (with no writes to wait for)
         while True:
-            await first.heartbeat()
+            if (await first.heartbeat()).alone is None:
+                await first.end_alone()
             await asyncio.sleep(first.heartbeat_every)
 
     renewing = asyncio.create_task(renew())
-    other = PostgresStateStore(pg_schema.dsn, node="b", lease=0.3)
+    other = PostgresStateStore(pg_schema.dsn, node="b", lease=0.3, may_be_alone=False)
     await other.open()
-    second = PostgresStateStore(pg_schema.dsn, node="a", lease=0.3)
+    second = PostgresStateStore(pg_schema.dsn, node="a", lease=0.3, may_be_alone=False)
     with pytest.raises(ServerError, match="Another wsq node named 'a'"):
         await second.open()
     renewing.cancel()
@@ -262,11 +265,11 @@ async def test_a_node_name_has_one_live_store_at_a_time(pg_schema: Schema) -> No
 async def test_a_node_that_stops_renewing_its_lease_has_its_runs_taken_over(
     pg_schema: Schema,
 ) -> None:
-    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3)
+    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3, may_be_alone=False)
     await dying.open()
     _, claimed = await dying.submit([Insert(make("t", 1)), ClaimWaiting("q", ("w",), 1.0)])
     assert [t.id for t in claimed] == ["t"]
-    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3, may_be_alone=False)
     await heir.open()
     assert (await heir.heartbeat()).adopted == []  # dying's lease is live
     await asyncio.sleep(0.5)  # dying renews nothing (a server would, every lease / 5)
@@ -284,8 +287,8 @@ async def test_workers_of_a_dead_node_are_not_listed_and_go_with_its_takeover(
 ) -> None:
     """Rows of a node whose lease ran out are hidden at once; the node that takes it over
     deletes them; a node opened again under its name drops its rows of an earlier life."""
-    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3)
-    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3, may_be_alone=False)
+    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3, may_be_alone=False)
     await dying.open()
     await heir.open()
     await dying.submit([PutWorker(WorkerRow("k", "w", "q", 1, 1.0, "dying"))])
@@ -300,10 +303,81 @@ async def test_workers_of_a_dead_node_are_not_listed_and_go_with_its_takeover(
     assert await pg_schema.fetch("SELECT node FROM wsq_workers") == [("heir",)]
     await dying.close()
     await heir.close()
-    again = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    again = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3, may_be_alone=False)
     await again.open()
     assert await pg_schema.fetch("SELECT node FROM wsq_workers") == []
     await again.close()
+
+
+async def test_a_node_is_alone_until_another_starts_which_waits_for_its_answer(
+    pg_schema: Schema,
+) -> None:
+    """A node with no other live node turns alone at a heartbeat; a node that starts asks
+    it to stop and waits (its open does not return) until the lone node answers
+    (end_alone); neither is alone while the other lives; once the other's lease has run
+    out, a node turns alone again, and a node that starts then waits for nobody."""
+    first = PostgresStateStore(pg_schema.dsn, node="first", lease=0.5)
+    assert (await first.open()).alone is True
+    assert (await first.heartbeat()).alone is True
+    assert (await first.heartbeat()).alone is True
+    second = PostgresStateStore(pg_schema.dsn, node="second", lease=0.5)
+    opening = asyncio.ensure_future(second.open())
+    await asyncio.sleep(0.2)
+    assert not opening.done()  # waits for first's answer
+    assert (await first.heartbeat()).alone is None  # asked
+    await first.end_alone()
+    assert (await asyncio.wait_for(opening, 5)).alone is False
+    assert (await first.heartbeat()).alone is False
+    assert (await second.heartbeat()).alone is False
+    await second.close()  # ends its lease
+    assert (await first.heartbeat()).alone is True
+    await first.close()
+    third = PostgresStateStore(pg_schema.dsn, node="third", lease=0.5)
+    await asyncio.wait_for(third.open(), 1)  # first's lease ended: nobody to wait for
+    await third.close()
+
+
+async def test_a_starting_node_does_not_wait_for_a_lone_node_that_died(pg_schema: Schema) -> None:
+    lone = PostgresStateStore(pg_schema.dsn, node="lone", lease=0.5)
+    await lone.open()
+    assert (await lone.heartbeat()).alone is True
+    other = PostgresStateStore(pg_schema.dsn, node="other", lease=0.5)
+    opening = asyncio.ensure_future(other.open())
+    await asyncio.sleep(0.2)
+    assert not opening.done()
+    await asyncio.wait_for(opening, 2)  # lone renews nothing: its lease runs out
+    await other.close()
+    await lone.close()
+
+
+async def asked(store: PostgresStateStore) -> bool:
+    return (await store.heartbeat()).alone is None
+
+
+async def test_no_node_turns_alone_while_one_that_died_may_come_back(
+    pg_schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose lease ran out (it did not end it) may be alive, cut off from
+    PostgreSQL: while the records it missed are kept, the others keep publishing them.
+    Back, it asks lone nodes to publish again."""
+    monkeypatch.setattr(postgres, "RECORDS_KEPT", 1.0)
+    first = PostgresStateStore(pg_schema.dsn, node="first", lease=0.3)
+    assert (await first.open()).alone is True
+    cut_off = PostgresStateStore(pg_schema.dsn, node="cut", lease=0.3, may_be_alone=False)
+    opening = asyncio.ensure_future(cut_off.open())
+    await eventually(lambda: asked(first))
+    await first.end_alone()
+    await opening
+    await asyncio.sleep(0.4)  # cut renews nothing
+    beat = await first.heartbeat()
+    assert beat.dead == ["cut"] and beat.alone is False
+    assert (await first.heartbeat()).alone is False
+    await asyncio.sleep(1.0)
+    assert (await first.heartbeat()).alone is True
+    assert (await cut_off.heartbeat()).lost  # back, and it asks first to publish again
+    assert (await first.heartbeat()).alone is None
+    await cut_off.close()
+    await first.close()
 
 
 def with_blob(task_id: str, seq: int, key: str) -> Task:
@@ -317,8 +391,8 @@ async def test_uploads_of_a_node_that_died_are_swept_and_fence_their_inserts(
     the node's lease ran out, its reservations (and only those no insert took) are swept,
     once; an insert naming a swept one fails with UploadFailed, alone, and leaves no
     task; a released reservation is gone. Swept keys no longer count as referenced."""
-    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3)
-    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3)
+    dying = PostgresStateStore(pg_schema.dsn, node="dying", lease=0.3, may_be_alone=False)
+    heir = PostgresStateStore(pg_schema.dsn, node="heir", lease=0.3, may_be_alone=False)
     await dying.open()
     await heir.open()
     kept, lost, freed = "a" * 32, "b" * 32, "c" * 32
@@ -351,11 +425,11 @@ async def test_uploads_of_a_node_that_died_are_swept_and_fence_their_inserts(
 
 
 async def test_uploads_of_a_node_s_earlier_life_are_swept(pg_schema: Schema) -> None:
-    first = PostgresStateStore(pg_schema.dsn, node="n", lease=0.3)
+    first = PostgresStateStore(pg_schema.dsn, node="n", lease=0.3, may_be_alone=False)
     await first.open()
     await first.reserve_blob("d" * 32)
     await first.close()  # ends its lease: as after a crash, once the lease ran out
-    again = PostgresStateStore(pg_schema.dsn, node="n", lease=0.3)
+    again = PostgresStateStore(pg_schema.dsn, node="n", lease=0.3, may_be_alone=False)
     await again.open()
     await again.reserve_blob("e" * 32)
     assert await again.sweep_uploads() == ["d" * 32]
@@ -406,18 +480,21 @@ async def test_each_live_node_has_its_own_index_for_seqs(pg_schema: Schema) -> N
     """Seqs end in the node's index (Core.allocate_seq): nodes opening at once get
     different ones, a node opened again under its name keeps its own, and a dead node's
     index is free again once another has taken it over."""
-    stores = [PostgresStateStore(pg_schema.dsn, node=f"n{i}", lease=0.3) for i in range(6)]
+    stores = [
+        PostgresStateStore(pg_schema.dsn, node=f"n{i}", lease=0.3, may_be_alone=False)
+        for i in range(6)
+    ]
     recoveries = await asyncio.gather(*(s.open() for s in stores))
     indexes = [r.node_index for r in recoveries]
     assert sorted(indexes) == list(range(1, 7))
     await stores[2].close()  # ends its lease; it may come back under its name
-    again = PostgresStateStore(pg_schema.dsn, node="n2", lease=0.3)
+    again = PostgresStateStore(pg_schema.dsn, node="n2", lease=0.3, may_be_alone=False)
     assert (await again.open()).node_index == indexes[2]
     for store in stores[:2] + stores[3:]:
         await store.close()
     beat = await again.heartbeat()  # takes the closed nodes over: their rows go
     assert sorted(beat.dead) == ["n0", "n1", "n3", "n4", "n5"]
-    newcomer = PostgresStateStore(pg_schema.dsn, node="new", lease=0.3)
+    newcomer = PostgresStateStore(pg_schema.dsn, node="new", lease=0.3, may_be_alone=False)
     expected = 1 if indexes[2] != 1 else 2
     assert (await newcomer.open()).node_index == expected
     await newcomer.close()
@@ -425,10 +502,10 @@ async def test_each_live_node_has_its_own_index_for_seqs(pg_schema: Schema) -> N
 
 
 async def test_a_node_whose_lease_ran_out_takes_an_index_again(pg_schema: Schema) -> None:
-    late = PostgresStateStore(pg_schema.dsn, node="late", lease=0.3)
+    late = PostgresStateStore(pg_schema.dsn, node="late", lease=0.3, may_be_alone=False)
     index = (await late.open()).node_index
     await asyncio.sleep(0.5)
-    other = PostgresStateStore(pg_schema.dsn, node="other", lease=0.3)
+    other = PostgresStateStore(pg_schema.dsn, node="other", lease=0.3, may_be_alone=False)
     assert (await other.open()).node_index not in (0, index)
     assert (await other.heartbeat()).dead == ["late"]  # its row, and index, are gone
     beat = await late.heartbeat()

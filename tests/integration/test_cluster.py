@@ -114,6 +114,66 @@ async def test_a_task_added_on_one_node_runs_on_another_and_a_third_sees_it_all(
             assert (queue["waiting"], queue["active"], queue["completed"]) == (0, 0, 10)
 
 
+async def test_a_lone_node_publishes_again_once_another_starts(
+    pg_schema: Schema, tmp_path: Path
+) -> None:
+    """A node alone (no other node alive) publishes nothing; a node that starts waits
+    until it publishes again. Tasks added on the lone node, before and after, run on the
+    new node's worker, and each node's observer sees the events of every task from the
+    new node's start on, in order."""
+    async with contextlib.AsyncExitStack() as stack:
+        (a,) = await stack.enter_async_context(cluster(pg_schema, tmp_path, ("a",)))
+        await eventually(lambda: a._alone)
+        producer = await stack.enter_async_context(client(a))
+        seen_a: list[tuple[str, str]] = []
+        seen_b: list[tuple[str, str]] = []
+        names = ("task added", "task started", "task completed")
+        observer_a = await stack.enter_async_context(client(a))
+        for name in names:
+            observer_a.queue("q").on(name, lambda t, *_, n=name: seen_a.append((n, t.id)))
+        await observer_a.stats()
+        early = await producer.queue("q").add({"n": 0})  # told on a only
+        await eventually(lambda: ("task added", early.id) in seen_a)
+
+        store = PostgresStateStore(pg_schema.dsn, node="b", lease=LEASE)
+        b = wsq.Server(data_dir=tmp_path / "b", port=0, state_store=store, node_name="b")
+        b.core.poll_interval = NO_POLL
+        await stack.enter_async_context(b)
+        assert not a._alone  # b's start waited for a's answer
+        observer_b = await stack.enter_async_context(client(b))
+        for name in names:
+            observer_b.queue("q").on(name, lambda t, *_, n=name: seen_b.append((n, t.id)))
+        await observer_b.stats()
+        late = await producer.queue("q").add({"n": 1})
+        worker = await stack.enter_async_context(client(b))
+        worker.queue("q").process(lambda task: None)
+        for seen in (seen_a, seen_b):
+            await eventually(lambda seen=seen: ("task completed", late.id) in seen)
+            await eventually(lambda seen=seen: ("task completed", early.id) in seen)
+            assert [n for n, tid in seen if tid == late.id] == list(names)
+        assert [n for n, tid in seen_a if tid == early.id] == list(names)
+        assert [n for n, tid in seen_b if tid == early.id] == ["task started", "task completed"]
+
+
+async def test_a_lone_node_whose_lease_is_in_doubt_publishes_again(
+    pg_schema: Schema, tmp_path: Path
+) -> None:
+    """PostgreSQL out of a lone node's reach: before its lease can run out (and another
+    node start beside it unasked), it publishes again."""
+    proxy = await Proxy(*pg_schema.address).start()
+    try:
+        async with cluster(
+            pg_schema, tmp_path, ("a",), dsn=pg_schema.dsn_at("127.0.0.1", proxy.port)
+        ) as (a,):
+            await eventually(lambda: a._alone)
+            proxy.refuse()
+            await eventually(lambda: not a._alone, timeout=LEASE * 0.8)
+            proxy.restore()
+            await eventually(lambda: a._alone, timeout=budget(10))
+    finally:
+        await proxy.close()
+
+
 async def test_workers_on_every_node_share_the_tasks_of_producers_on_every_node(
     pg_schema: Schema, tmp_path: Path
 ) -> None:

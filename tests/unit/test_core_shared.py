@@ -484,6 +484,23 @@ def test_no_node_claims_a_task_before_the_commit_that_announces_it() -> None:
     assert b.offers == [("wb", task.id, 1)]
 
 
+def test_a_node_alone_inserts_unheld_and_releases_nothing_and_holds_again_once_not() -> None:
+    """No other node is alive: nobody could claim a task before hearing of it, so the
+    insert is claimable at once and add() writes no release."""
+    cluster = Cluster(1)
+    (a,) = cluster.nodes
+    a.core.alone = True
+    task = cluster.new_task(a)
+    record = a.core.admit(task, cluster.now)
+    assert record.not_before == 0.0
+    assert cluster.store._apply_all([Insert(record)]) == [True]
+    effects = a.core.add(task, cluster.now)
+    assert not any(isinstance(e, Write) and isinstance(e.op, Update) for e in effects)
+    a.core.alone = False
+    again = cluster.new_task(a)
+    assert a.core.admit(again, cluster.now).not_before == cluster.now + ADD_HOLD
+
+
 def test_a_task_whose_node_died_before_announcing_it_is_claimable_after_the_hold() -> None:
     cluster = Cluster(2)
     a, b = cluster.nodes

@@ -171,6 +171,10 @@ class Core:
         self._claiming: dict[str, int] = {}
         self._reserved: dict[int, tuple[str, str]] = {}  # seq -> (worker, queue): admit()
         self._waiting_adds: dict[int, str] = {}  # seq -> queue, of adds admit() let wait
+        self._held_adds: set[int] = set()  # seqs of those inserted held (not_before)
+        # Shared: no other node is alive (the store says so: Heartbeat.alone), so no other
+        # node can claim a task before it hears of it: inserts need no hold and release.
+        self.alone = False
         self._inflight: dict[str, int] = {}  # queue -> how many of those
         self._wakes: list[tuple[float, str]] = []
         self._poll_at: float | None = None
@@ -363,6 +367,9 @@ class Core:
             # before any event of its runs (else ADD_HOLD, should this node die first).
             _tally(self._inflight, task.queue, 1)
             self._waiting_adds[task.seq] = task.queue
+            if self.alone:
+                return task
+            self._held_adds.add(task.seq)
             held = task.copy()
             held.not_before = now + ADD_HOLD
             return held
@@ -386,6 +393,7 @@ class Core:
 
     def _admitted(self, seq: int) -> None:
         """The insert of a task :meth:`admit` let wait is done (or failed)."""
+        self._held_adds.discard(seq)
         name = self._waiting_adds.pop(seq, None)
         if name is not None:
             _tally(self._inflight, name, -1)
@@ -394,7 +402,7 @@ class Core:
         """A new waiting task whose insert is durable (as :meth:`admit` made it: maybe
         already the first run of a worker, which is offered it now)."""
         self._adding.discard(task.seq)
-        held = task.seq in self._waiting_adds
+        held = task.seq in self._held_adds
         self._admitted(task.seq)
         self._count(task.queue, State.WAITING, 1)
         self._observe(seen.ADDED, task.queue, 0.0)

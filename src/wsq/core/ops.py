@@ -242,7 +242,9 @@ class Recovery:
     counts from then on). ``store_id`` names the store's data for good (made once, when
     the store was created): a blob store records which state store its blobs belong to.
     ``node_index``: a shared store's index for this node, the low bits of the seqs it
-    makes (:meth:`wsq.core.engine.Core.allocate_seq`), unique among live nodes."""
+    makes (:meth:`wsq.core.engine.Core.allocate_seq`), unique among live nodes.
+    ``alone``: a shared store's node that no other live node shares it with
+    (:attr:`wsq.storage.base.Heartbeat.alone`)."""
 
     next_seq: int = 1
     active: list[Task] = field(default_factory=list)
@@ -250,3 +252,4 @@ class Recovery:
     counts: dict[tuple[str, State], int] = field(default_factory=dict)
     store_id: str = ""
     node_index: int = 0
+    alone: bool = False

@@ -245,6 +245,9 @@ class Server:
         # whether a timer fired while it was in doubt (lease_in_doubt).
         self._renewed = time.monotonic()
         self._tick_deferred = False
+        # Shared store: no other node is alive (Heartbeat.alone), so this one publishes
+        # nothing and holds no insert; see _set_alone.
+        self._alone = False
         self.store.listen(self._on_record)
         if blob_store is not None and storage is not None:
             raise ValueError("pass blob_store or storage, not both")
@@ -315,6 +318,8 @@ class Server:
             await self.blobs.open()
             await self._claim_blobs(recovery.store_id)
             self.apply(self.core.recover(recovery, time.time()))
+            if recovery.alone:
+                self._set_alone(True)
             await self.readiness.check()
             self._listeners = [await self._serve(sock) for sock in self._bind()]
             if self.ssl is not None:
@@ -338,6 +343,7 @@ class Server:
             await self._refresh_counts()
             self.spawn(self._keep_counts(), "wsq-counts")
             self.spawn(self._keep_lease(), "wsq-lease")
+            self.spawn(self._watch_alone(), "wsq-alone")
         self.spawn(self.metrics.run(), "wsq-metrics")
         self.spawn(self.readiness.run(), "wsq-readiness")
         log(
@@ -633,6 +639,7 @@ class Server:
             if self._tick_deferred:  # timers that fired while the lease was in doubt
                 self._tick_deferred = False
                 self.apply(self.core.tick(time.time()))
+            self._heard_alone(beat.alone)
             if beat.adopted or beat.dead:
                 log(
                     logging.WARNING,
@@ -643,6 +650,49 @@ class Server:
                 self.apply(self.core.adopt(beat.adopted, now))
             if beat.dead:
                 self.spawn(self._sweep_uploads(), "wsq-sweep-uploads")
+
+    def _heard_alone(self, alone: bool | None) -> None:
+        """What the heartbeat said of this node being alone (:attr:`Heartbeat.alone`)."""
+        if alone is True:
+            if not self._alone and not self.lease_in_doubt():
+                self._set_alone(True)
+            return
+        if self._alone:
+            self._set_alone(False)
+        if alone is None:  # a node that started waits: answer once all made alone is told
+            self.later(self._answer_joiner)
+
+    def _set_alone(self, alone: bool) -> None:
+        """Alone: events go to this node's subscribers only (and snapshots are made only
+        for queues someone here observes), and inserts are not held. Not alone: every
+        event is published with the writes it reports, and inserts are held until then."""
+        self._alone = alone
+        self.core.alone = alone
+        log(
+            logging.INFO,
+            "alone" if alone else "not alone",
+            "No other node is alive: this node publishes nothing."
+            if alone
+            else "Publishing this node's events to the other nodes.",
+        )
+
+    def _answer_joiner(self) -> None:
+        self.spawn(self._end_alone(), "wsq-end-alone")
+
+    async def _end_alone(self) -> None:
+        try:
+            await self.store.end_alone()
+        except Exception as exc:  # the next heartbeat asks again
+            log(logging.WARNING, "not alone", f"Answering a starting node failed: {exc}")
+
+    async def _watch_alone(self) -> None:
+        """Stop being alone once the lease has gone unrenewed for half its term: it may
+        run out, and another node start and serve beside this one, before the heartbeat
+        can say so."""
+        while True:
+            await asyncio.sleep(self.store.lease / 10)
+            if self._alone and time.monotonic() - self._renewed > self.store.lease / 2:
+                self._set_alone(False)
 
     def _resync(self) -> None:
         """Shared store, after a batch failed or the lease ran out: read the runs the store
@@ -719,7 +769,7 @@ class Server:
             await self._refresh_counts()
 
     def _observed(self, queue: str) -> bool:
-        if self.store.shared:
+        if self.store.shared and not self._alone:
             return True  # subscribers of other nodes may observe it
         return _transitions_logged() or None in self.subscribers or queue in self.subscribers
 
@@ -758,7 +808,7 @@ class Server:
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
             self._log_event(effect)
-            if self.store.shared:  # and to the other nodes, with the writes it reports
+            if self.store.shared and not self._alone:  # to the other nodes, with its writes
                 if self._batch is None:
                     self.submit([])
                 assert self._batch is not None

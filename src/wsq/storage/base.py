@@ -83,6 +83,10 @@ class Heartbeat:
     dead: list[str] = field(default_factory=list)
     lost: bool = False
     node_index: int | None = None
+    alone: bool | None = False
+    """Whether no other node is alive, so that this one need not publish what it writes
+    (``True``), or another node that started asks it to publish again (``None``: it does,
+    then says so with :meth:`StateStore.end_alone`)."""
 
 
 class StateStore(ABC):
@@ -124,6 +128,12 @@ class StateStore(ABC):
         ``lost``: this node's lease had run out itself (others took its runs). Others:
         nothing to do."""
         return Heartbeat()
+
+    async def end_alone(self) -> None:
+        """A shared store: tell a node that asked (:attr:`Heartbeat.alone` ``None``) that
+        every write this node made alone is durable and told, and that it publishes what
+        it writes from now on. Others: nothing to do."""
+        return None
 
     @property
     def heartbeat_every(self) -> float:

@@ -320,7 +320,7 @@ VALUES ($1, $2, now() + make_interval(secs => $3), (
     SELECT min(i) FROM generate_series(1, $4::int) AS i
     WHERE NOT EXISTS (SELECT 1 FROM wsq_nodes n WHERE n.idx = i)))
 ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, expires = excluded.expires,
-    idx = coalesce(wsq_nodes.idx, excluded.idx)
+    idx = coalesce(wsq_nodes.idx, excluded.idx), alone = false, ended = false
 WHERE wsq_nodes.expires < now() OR wsq_nodes.instance = excluded.instance
 RETURNING idx
 """
@@ -328,13 +328,44 @@ RENEW_LEASE = """
 UPDATE wsq_nodes SET expires = now() + make_interval(secs => $3)
 WHERE name = $1 AND instance = $2 RETURNING name
 """
+# -- a node alone (migration 11) -------------------------------------------------------------
+
+# Held (per transaction) by a node turning alone and by a node asking lone nodes to stop.
+ALONE_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext(current_setting('search_path')))"
+ALONE_KEY = 0x77737101
+# Unless another node is alive, or one died (its lease ran out, not ended) less than $3
+# seconds ago: it may be alive after all, and read the records it missed (RECORDS_KEPT).
+BECOME_ALONE = """
+UPDATE wsq_nodes SET alone = true
+WHERE name = $1 AND instance = $2 AND alone = false
+  AND NOT EXISTS (SELECT 1 FROM wsq_nodes o WHERE o.name <> $1
+                  AND (o.expires >= now()
+                       OR (NOT o.ended AND o.expires >= now() - make_interval(secs => $3))))
+  AND NOT EXISTS (SELECT 1 FROM wsq_meta WHERE key = 'node_died'
+                  AND value::timestamptz >= now() - make_interval(secs => $3))
+"""
+NODE_DIED = """
+INSERT INTO wsq_meta (key, value) VALUES ('node_died', now()::text)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+GET_ALONE = "SELECT alone FROM wsq_nodes WHERE name = $1 AND instance = $2"
+ASK_NOT_ALONE = (
+    "UPDATE wsq_nodes SET alone = NULL WHERE name <> $1 AND alone AND expires >= now()"
+    " RETURNING name"
+)
+STILL_ALONE = "SELECT name FROM wsq_nodes WHERE name <> $1 AND alone IS NULL AND expires >= now()"
+END_ALONE = (
+    "UPDATE wsq_nodes SET alone = false"
+    " WHERE name = $1 AND instance = $2 AND alone IS DISTINCT FROM false"
+)
 # A node closing ends its lease now, so that another takes its runs over at once.
 END_LEASE = (
-    "UPDATE wsq_nodes SET expires = now() - interval '1 second' WHERE name = $1 AND instance = $2"
+    "UPDATE wsq_nodes SET expires = now() - interval '1 second', ended = true"
+    " WHERE name = $1 AND instance = $2"
 )
 # Leases that ran out: their nodes are dead. Deleting them decides who takes over: of two
 # nodes deleting one row, the second finds none.
-DROP_EXPIRED = "DELETE FROM wsq_nodes WHERE expires < now() AND name <> $1 RETURNING name"
+DROP_EXPIRED = "DELETE FROM wsq_nodes WHERE expires < now() AND name <> $1 RETURNING name, ended"
 # Active runs of the nodes in $3 (dead ones) become this node's ($2); $1 as in _FITS.
 ADOPT_RUNS = f"""
 UPDATE wsq_tasks SET node = $2
@@ -1353,6 +1384,7 @@ class PostgresStateStore(StateStore):
         readers: int = 4,
         node: str = "",
         lease: float = 10.0,
+        may_be_alone: bool = True,
     ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1.")
@@ -1369,6 +1401,10 @@ class PostgresStateStore(StateStore):
             raise ValueError("lease must be a positive number of seconds.")
         self.node = node
         self.lease = lease
+        # Whether this node turns alone when no other is alive (docs/architecture.md,
+        # "A node alone"); False: it always publishes, and a node that starts never
+        # waits for its answer (the heartbeats then report alone False).
+        self.may_be_alone = may_be_alone
         self._instance = uuid.uuid4().hex
         self.channel = ""  # wsq_<store id>, known once open
         self._deliver: Callable[[str | None], None] | None = None
@@ -1400,8 +1436,10 @@ class PostgresStateStore(StateStore):
                 self.node = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
             conn = await self._connect()  # the writer's
             index = await self._take_lease(conn)
+            alone = await self._join(conn)
             recovery = await _recover(conn, self.node)
             recovery.node_index = index
+            recovery.alone = alone
         except BaseException as exc:
             if conn is not None:
                 conn.terminate()
@@ -1453,6 +1491,35 @@ class PostgresStateStore(StateStore):
                 )
             await asyncio.sleep(min(1.0, self.lease / 4))
 
+    async def _join(self, conn: asyncpg.Connection) -> bool:
+        """Ask the nodes that are alone to stop (they publish nothing), and wait until each
+        has answered (at its next heartbeat) or its lease has run out, before this node
+        reads any state: from then on they publish all they write. With no other live
+        node, turn alone at once instead; return whether this node is alone."""
+        async with conn.transaction():
+            await conn.execute(ALONE_LOCK, ALONE_KEY)
+            asked = await conn.fetch(ASK_NOT_ALONE, self.node)
+            if not asked and self.may_be_alone:
+                await conn.execute(BECOME_ALONE, self.node, self._instance, RECORDS_KEPT)
+                return bool(await conn.fetchval(GET_ALONE, self.node, self._instance))
+        names = ", ".join(name for (name,) in asked)
+        _log.info("Waiting for %s, alone until now, to publish its writes.", names)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.lease
+        while await conn.fetch(STILL_ALONE, self.node):
+            if loop.time() > deadline:
+                raise ServerError(f"Node {names} did not answer within {2 * self.lease:g} s.")
+            await asyncio.sleep(min(0.05, self.lease / 20))
+        return False
+
+    async def end_alone(self) -> None:
+        """See :meth:`StateStore.end_alone`."""
+
+        async def query(conn: _Reader) -> None:
+            await conn.execute(END_ALONE, self.node, self._instance)
+
+        await self._read(query)
+
     @property
     def heartbeat_every(self) -> float:
         return self.lease / 5
@@ -1468,13 +1535,22 @@ class PostgresStateStore(StateStore):
                 kept = await conn.fetchval(RENEW_LEASE, self.node, self._instance, self.lease)
                 if not kept:
                     index = await _lease(conn, self.node, self._instance, self.lease, retry=False)
-                dead = [name for (name,) in await conn.fetch(DROP_EXPIRED, self.node)]
+                expired = await conn.fetch(DROP_EXPIRED, self.node)
+                dead = [name for (name, _) in expired]
+                if not all(ended for (_, ended) in expired):
+                    await conn.execute(NODE_DIED)
                 rows = await conn.fetch(ADOPT_RUNS, _NO_PAYLOAD, self.node, dead) if dead else []
                 if dead:
                     await conn.execute(DROP_DEAD_WORKERS, dead)
                 await conn.execute(DROP_OLD_RECORDS, RECORDS_KEPT)
+                await conn.execute(ALONE_LOCK, ALONE_KEY)
+                if not kept:  # back: lone nodes must publish again (see _join)
+                    await conn.execute(ASK_NOT_ALONE, self.node)
+                elif self.may_be_alone:
+                    await conn.execute(BECOME_ALONE, self.node, self._instance, RECORDS_KEPT)
+                alone = await conn.fetchval(GET_ALONE, self.node, self._instance)
             tasks = sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)
-            return Heartbeat(adopted=tasks, dead=dead, lost=not kept, node_index=index)
+            return Heartbeat(adopted=tasks, dead=dead, lost=not kept, node_index=index, alone=alone)
 
         return await self._read(query)
 
