@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,38 @@ async def test_postgres_unreachable_answers_unavailable_then_recovers(
             await eventually(lambda: len(done) == 2)
             assert done == ["before", "after"]
             assert await rows(pg_schema) == {before.id: "completed", after.id: "completed"}
+    finally:
+        await proxy.close()
+
+
+async def test_a_server_whose_postgres_stopped_answering_stops_in_bounded_time(
+    pg_schema: Schema, data_dir: Path
+) -> None:
+    """PostgreSQL stops answering (a network that drops everything): a server told to stop
+    does not wait out the store's 30 s timeouts for each batch it holds. The adds that
+    were waiting fail (never acknowledged), and what was acknowledged before is kept."""
+    proxy = await Proxy(*pg_schema.address).start()
+    database = pg_schema.dsn_at("127.0.0.1", proxy.port)
+    try:
+        server = wsq.Server(data_dir=data_dir, port=0, database=database)
+        await server.start()
+        try:
+            async with fast(server.url) as client:
+                queue = client.queue("pg")
+                kept = await queue.add("kept")
+                proxy.blackhole()
+                adds = [asyncio.ensure_future(queue.add(n)) for n in range(50)]
+                await asyncio.sleep(0.5)  # on their way to PostgreSQL, which does not answer
+                started = time.monotonic()
+                await asyncio.wait_for(server.close(), 20)
+                assert time.monotonic() - started < 10
+        finally:
+            await server.close()
+        # The client kept them to send again; none was acknowledged.
+        results = await asyncio.gather(*adds, return_exceptions=True)
+        assert all(isinstance(r, wsq.WsqError) for r in results)
+        proxy.restore()
+        assert await rows(pg_schema) == {kept.id: "waiting"}
     finally:
         await proxy.close()
 

@@ -76,6 +76,7 @@ HANDSHAKE_TIMEOUT = 10.0
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
 COUNTS_EVERY = 1.0
+CLOSE_GRACE = 2.0  # seconds close waits for the writes in flight before closing the store
 DISCARD_LEFT_EVERY = 2.0  # seconds between tries to discard what aborts left behind
 """Seconds between reads of a shared store's counts, for metrics and history."""
 STATE_NAMES = tuple(state.value for state in State)
@@ -418,9 +419,9 @@ class Server:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
-        if self._barrier is not None:
+        if self._barrier is not None:  # the last batch settles (the store may not answer)
             with contextlib.suppress(Exception):
-                await self._barrier.done
+                await asyncio.wait_for(asyncio.shield(self._barrier.done), CLOSE_GRACE)
         await self.store.close()
         await self.blobs.close()
         if self._lock is not None:

@@ -452,6 +452,9 @@ MAX_NODE_INDEX = (1 << NODE_BITS) - 1
 # this node still decides about it (a timeout, say) changes nothing.
 # -- uploads in progress (migration 10): a blob's row before its task's --------------------
 
+CLOSE_GRACE = 1.0
+"""Seconds a closing store waits for PostgreSQL to commit what is queued; then the jobs
+left fail (never acknowledged) and it closes, so that a node stops in bounded time."""
 SWEPT_STATE = "WQ001"
 """The SQLSTATE of an insert that names a blob whose upload row was swept."""
 RESERVE_BLOB = (
@@ -1077,11 +1080,19 @@ class _Writer:
         self._inbox.append(job)
         self._wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = math.inf) -> None:
+        """Commit what is queued, then stop; after ``grace`` seconds (PostgreSQL does not
+        answer), stop at once: the jobs not committed fail (ServerError)."""
         self._stopping = True
         self._wake.set()
         try:
-            await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                self._drop()
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         finally:
             self.accepting = False
             conn, self._conn = self._conn, None
@@ -1200,6 +1211,31 @@ def _split(results: builtins.list[Any], batch: builtins.list[_Job]) -> builtins.
 def _settle_all(batch: builtins.list[_Job], outcomes: builtins.list[_Outcome]) -> None:
     for job, outcome in zip(batch, outcomes, strict=True):
         job.settle(outcome)
+
+
+async def _end_lease(pool: asyncpg.Pool, node: str, instance: str) -> None:
+    """End the lease now (another node takes the runs over at once), if PostgreSQL answers
+    within a second; else it expires by itself. A connection cut off mid-statement is
+    terminated, not handed back: the pool would wait on a cancel request that PostgreSQL
+    may never answer."""
+    conn: Any = None
+    try:
+        async with asyncio.timeout(1.0):
+            conn = await pool.acquire()
+            await conn.execute(END_LEASE, node, instance)
+    except (Exception, asyncio.CancelledError) as exc:
+        if conn is not None:
+            conn.terminate()
+        if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, TimeoutError):
+            raise
+    finally:
+        if conn is not None:
+            releasing = asyncio.ensure_future(pool.release(conn))
+            await asyncio.wait({releasing}, timeout=1.0)
+            if not releasing.done():
+                releasing.cancel()
+            elif not releasing.cancelled():
+                releasing.exception()  # retrieved: a failure to release is no matter here
 
 
 async def _close(conn: asyncpg.Connection) -> None:
@@ -1583,13 +1619,17 @@ class PostgresStateStore(StateStore):
         try:
             if listener is not None:
                 await listener.stop()
-            await writer.stop()
-            with contextlib.suppress(Exception):  # unreachable: it expires by itself
-                async with asyncio.timeout(2.0), pool.acquire() as conn:
-                    await conn.execute(END_LEASE, self.node, self._instance)
-            try:
-                await asyncio.wait_for(pool.close(), 5.0)
-            except Exception:  # PostgreSQL does not answer: drop the connections
+            await writer.stop(CLOSE_GRACE)
+            await _end_lease(pool, self.node, self._instance)
+            # PostgreSQL may not answer: then drop the connections. (Not wait_for: it would
+            # wait for the cancelled close, which waits on PostgreSQL.)
+            closing = asyncio.ensure_future(pool.close())
+            await asyncio.wait({closing}, timeout=1.0)
+            if not closing.done():
+                pool.terminate()
+                await asyncio.wait({closing}, timeout=1.0)
+                closing.cancel()
+            elif closing.exception() is not None:
                 pool.terminate()
         finally:
             self._past_commits += writer.commits
