@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -123,6 +125,52 @@ async def test_an_upload_aborted_while_s3_is_away_is_aborted_once_it_is_back(
             assert objects(moto_server, bucket) == []
     finally:
         await proxy.close()
+
+
+async def test_a_server_whose_s3_stopped_answering_stops_in_bounded_time(
+    bucket: str,
+    moto_server: MotoServer,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3 stops answering while a stream is on its way into it: a server told to stop
+    does not wait out boto3's timeouts and retries for the upload it aborts."""
+    proxy = await Proxy("127.0.0.1", moto_server.port).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3 = moto_server.client()
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    async def stalled() -> AsyncIterator[bytes]:
+        for n in range(9):
+            yield stream_bytes(1 << 20, seed=n)
+        await asyncio.Event().wait()
+
+    try:
+        server = wsq.Server(data_dir=data_dir, port=0, storage=f"s3://{bucket}/{PREFIX}")
+        await server.start()
+        try:
+            client = wsq.Client(server.url)
+            await client.connect()
+            adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled()}))
+            await eventually(lambda: len(uploads()) == 1, timeout=budget(30))
+            proxy.blackhole()
+            started = time.monotonic()
+            await asyncio.wait_for(server.close(), 60)
+            assert time.monotonic() - started < 10
+            await client.close()
+            with pytest.raises(wsq.WsqError):
+                await adding
+        finally:
+            await server.close()
+    finally:
+        await proxy.close()  # the calls left running fail now (connection reset), and end
+
+    def s3_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("wsq-s3")]
+
+    await eventually(lambda: s3_threads() == [], timeout=budget(30))
 
 
 async def test_bad_storage_url_is_refused_at_once(data_dir: Path) -> None:

@@ -65,6 +65,7 @@ PART_SIZE = 8 << 20
 1,000 parts it grows by as much, so the 10,000-part limit is reached only at 440 GB."""
 
 STALE_UPLOAD_AGE = 24 * 3600.0
+CLOSE_GRACE = 2.0  # seconds close waits for S3 calls in flight
 """Seconds after which open() takes an unfinished multipart upload for a dead server's."""
 
 DELETE_BATCH = 1000
@@ -126,7 +127,7 @@ class S3BlobWriter(BlobWriter):
         self._buffer = bytearray()
         try:
             await self._lane.run(self._abort_sync)
-        except Unavailable as exc:
+        except (Unavailable, RuntimeError) as exc:  # RuntimeError: the store was closed
             self.left = True
             logger.warning("Could not discard blob %s: %s", self.key, exc)
 
@@ -324,11 +325,19 @@ class S3BlobStore(BlobStore):
         return await self._run(self._claim, owner)
 
     async def close(self) -> None:
-        """Wait for calls in flight, stop the threads, close the connections. Idempotent."""
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        """Wait for calls in flight (at most :data:`CLOSE_GRACE` seconds: S3 may not
+        answer, and boto3 would wait out its timeouts and retries), stop the threads,
+        close the connections. Idempotent. Calls still running then end in their threads
+        by themselves; their results are dropped."""
+        stopping = asyncio.ensure_future(asyncio.to_thread(self._executor.shutdown, wait=True))
+        await asyncio.wait({stopping}, timeout=CLOSE_GRACE)
+        if not stopping.done():
+            logger.warning("S3 calls still running at close; leaving them to end by themselves")
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             client, self._client = self._client, None
-            await asyncio.to_thread(client.close)
+            closing = asyncio.ensure_future(asyncio.to_thread(client.close))
+            await asyncio.wait({closing}, timeout=CLOSE_GRACE)
 
     def _count(self, key: str, size: int) -> None:
         """A blob was committed: count it in :attr:`used_bytes`."""

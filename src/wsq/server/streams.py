@@ -30,6 +30,14 @@ from wsq.exceptions import (
 )
 from wsq.server.logs import log
 
+CLOSE_GRACE = 2.0
+"""Seconds closing an upload waits for the blob store to discard what it holds."""
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
 SendText = Callable[[bytes], None]
 SendBinary = Callable[[bytes], None]
 
@@ -141,10 +149,12 @@ class Upload:
         self._send(protocol.stream_error(self.stream, error.code, str(error)))
 
     async def close(self) -> None:
-        """Stop, discarding the blob unless it was committed."""
+        """Stop, discarding the blob unless it was committed. Waits at most
+        :data:`CLOSE_GRACE` seconds for the blob store (which may not answer): the pump
+        goes on discarding by itself, and what it cannot is swept later."""
         self.abort("Connection closed.")
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        await asyncio.wait({self._task}, timeout=CLOSE_GRACE)
+        self._task.add_done_callback(_retrieve)  # the pump reported what went wrong
 
     async def _pump(self) -> None:
         writer: BlobWriter | None = None
