@@ -76,9 +76,11 @@ HANDSHAKE_TIMEOUT = 10.0
 
 _LOG_LEVELS = {"task progress": logging.DEBUG}
 COUNTS_EVERY = 1.0
-CLOSE_GRACE = 2.0  # seconds close waits for the writes in flight before closing the store
-DISCARD_LEFT_EVERY = 2.0  # seconds between tries to discard what aborts left behind
 """Seconds between reads of a shared store's counts, for metrics and history."""
+CLOSE_GRACE = 2.0
+"""Seconds close waits for the writes in flight before it closes the store."""
+DISCARD_LEFT_EVERY = 2.0
+"""Seconds between tries to discard what aborted uploads left behind."""
 STATE_NAMES = tuple(state.value for state in State)
 
 

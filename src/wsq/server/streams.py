@@ -38,6 +38,7 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
+
 SendText = Callable[[bytes], None]
 SendBinary = Callable[[bytes], None]
 

@@ -408,6 +408,9 @@ WHERE holder = $1 OR holder NOT IN (SELECT name FROM wsq_nodes WHERE expires >= 
 DROP_DEAD_WORKERS = "DELETE FROM wsq_workers WHERE holder = ANY($1::text[])"
 # -- records (migration 9): what a node whose listener broke reads again ----------------------
 
+CLOSE_GRACE = 1.0
+"""Seconds a closing store waits for PostgreSQL to commit what is queued; then the jobs
+left fail (never acknowledged) and it closes, so that a node stops in bounded time."""
 RECORDS_KEPT = 300.0
 """Seconds the records of wsq_records are kept: a node whose listening connection was
 away longer than this misses some (then it says so)."""
@@ -452,9 +455,6 @@ MAX_NODE_INDEX = (1 << NODE_BITS) - 1
 # this node still decides about it (a timeout, say) changes nothing.
 # -- uploads in progress (migration 10): a blob's row before its task's --------------------
 
-CLOSE_GRACE = 1.0
-"""Seconds a closing store waits for PostgreSQL to commit what is queued; then the jobs
-left fail (never acknowledged) and it closes, so that a node stops in bounded time."""
 SWEPT_STATE = "WQ001"
 """The SQLSTATE of an insert that names a blob whose upload row was swept."""
 RESERVE_BLOB = (
@@ -1535,7 +1535,9 @@ class PostgresStateStore(StateStore):
         async with conn.transaction():
             await conn.execute(ALONE_LOCK, ALONE_KEY)
             asked = await conn.fetch(ASK_NOT_ALONE, self.node)
-            if not asked and self.may_be_alone:
+            if not asked:
+                if not self.may_be_alone:
+                    return False
                 await conn.execute(BECOME_ALONE, self.node, self._instance, RECORDS_KEPT)
                 return bool(await conn.fetchval(GET_ALONE, self.node, self._instance))
         names = ", ".join(name for (name,) in asked)
