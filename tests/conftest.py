@@ -164,10 +164,17 @@ def moto_server() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A new bucket, with the standard AWS variables pointing at moto for this test."""
+def s3(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+    """The moto server, with the standard AWS variables (AWS_ENDPOINT_URL and dummy
+    credentials) pointing at it for this test."""
     for name, value in moto_server.environ().items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return moto_server.bucket()
+    return moto_server
+
+
+@pytest.fixture
+def bucket(s3: MotoServer) -> str:
+    """A new bucket on moto, the AWS variables pointing there for this test (:func:`s3`)."""
+    return s3.bucket()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,12 @@ from tests.conftest import budget, eventually
 from tests.integration.procs import ServerProcess
 from tests.integration.proxy import Proxy
 from tests.integration.test_postgres_storage import rows
-from tests.integration.test_s3_storage import PREFIX, objects, stream_bytes
+from tests.integration.test_s3_storage import (
+    PREFIX,
+    objects,
+    stream_bytes,
+    unfinished_uploads,
+)
 from tests.pg import Schema
 from tests.s3emulator import MotoServer
 from wsq.storage.postgres import PostgresStateStore
@@ -405,7 +410,6 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
     every run that read a stream read it whole, and S3 holds no orphan: no unfinished
     upload, and no object but those of the tasks (none once they are removed)."""
     storage = f"s3://{bucket}/{PREFIX}"
-    s3 = moto_server.client()
     total = 96
 
     def node(name: str) -> ServerProcess:
@@ -415,14 +419,6 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             *("--database", pg_schema.dsn, "--node-name", name, "--lease", str(LEASE)),
             *("--storage", storage, "--heartbeat-interval", "0.5"),
         )
-
-    def uploads() -> list[str]:
-        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-    async def no_orphan() -> bool:
-        referenced = await pg_schema.fetch("SELECT key FROM wsq_blobs WHERE task IS NOT NULL")
-        blobs = {f"{PREFIX}/{key}" for (key,) in referenced}
-        return uploads() == [] and set(objects(moto_server, bucket)) == blobs
 
     b, c = node("b"), node("c")
     await b.start()
@@ -436,15 +432,8 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             producers, workers, completed = await load_clients(stack, [a.url, b.url, c.url])
             expected: dict[str, str] = {}  # acknowledged task -> sha256 of its stream
             read_ok: list[bool] = []
-
-            async def handler(task: wsq.Task) -> None:
-                if "blob" in task.data:
-                    got = await task.data["blob"].read()
-                    read_ok.append(hashlib.sha256(got).hexdigest() == task.data["sha"])
-                await asyncio.sleep(0.01)
-
             for worker in workers:
-                worker.queue("load").process(handler, concurrency=3)
+                worker.queue("load").process(checking(read_ok, pause=0.01), concurrency=3)
 
             await asyncio.wait_for(
                 asyncio.gather(
@@ -462,7 +451,7 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
             await eventually(lambda: set(completed) >= set(expected))
             assert sorted(completed) == sorted(expected)  # each once
             assert read_ok and all(read_ok)
-            await eventually(no_orphan, timeout=budget(30))
+            await eventually(lambda: no_orphan(pg_schema, moto_server, bucket), timeout=budget(30))
             assert len(objects(moto_server, bucket)) == total // 8
             for task in await producers[0].queue("load").completed():
                 await task.remove()
@@ -479,10 +468,9 @@ async def test_a_node_killed_mid_upload_leaves_no_upload_and_no_object(
     through it into S3 as a multipart upload. Once b's lease has run out, node a aborts
     the upload: nothing of it is left in the bucket, unfinished or whole."""
     storage = f"s3://{bucket}/{PREFIX}"
-    s3 = moto_server.client()
 
     def uploads() -> list[str]:
-        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+        return unfinished_uploads(moto_server, bucket)
 
     b = ServerProcess(
         tmp_path / "b",
@@ -597,16 +585,7 @@ async def test_s3_away_under_load_loses_nothing_and_leaves_no_orphan(
     aborted once S3 is back, and no object is left but the tasks'."""
     proxy = await Proxy("127.0.0.1", moto_server.port).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    s3 = moto_server.client()  # straight to moto
     total = 48
-
-    def uploads() -> list[str]:
-        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-    async def no_orphan() -> bool:
-        referenced = await pg_schema.fetch("SELECT key FROM wsq_blobs WHERE task IS NOT NULL")
-        blobs = {f"{PREFIX}/{key}" for (key,) in referenced}
-        return uploads() == [] and set(objects(moto_server, bucket)) == blobs
 
     try:
         async with (
@@ -615,15 +594,9 @@ async def test_s3_away_under_load_loses_nothing_and_leaves_no_orphan(
         ):
             producers, workers, completed = await load_clients(stack, [a.url, b.url])
             expected: dict[str, str] = {}
-            read_ok: list[bool] = []
-
-            async def handler(task: wsq.Task) -> None:
-                if "blob" in task.data:
-                    got = await task.data["blob"].read()  # fails while S3 is away: retried
-                    read_ok.append(hashlib.sha256(got).hexdigest() == task.data["sha"])
-
+            read_ok: list[bool] = []  # a read fails while S3 is away: its run is retried
             for worker in workers:
-                worker.queue("load").process(handler, concurrency=3)
+                worker.queue("load").process(checking(read_ok), concurrency=3)
 
             async def outages() -> None:
                 for at in (8, 24):
@@ -647,10 +620,31 @@ async def test_s3_away_under_load_loses_nothing_and_leaves_no_orphan(
             await eventually(lambda: set(completed) >= set(expected))
             assert sorted(completed) == sorted(expected)  # each once
             assert read_ok and all(read_ok)
-            await eventually(no_orphan, timeout=budget(30))
+            await eventually(lambda: no_orphan(pg_schema, moto_server, bucket), timeout=budget(30))
             assert len(objects(moto_server, bucket)) == total // 8
     finally:
         await proxy.close()
+
+
+def checking(read_ok: list[bool], pause: float = 0.0) -> Callable[[wsq.Task], Awaitable[None]]:
+    """A handler that reads a task's stream, if it has one, and appends to ``read_ok``
+    whether its sha256 is the one the producer recorded."""
+
+    async def handler(task: wsq.Task) -> None:
+        if "blob" in task.data:
+            got = await task.data["blob"].read()
+            read_ok.append(hashlib.sha256(got).hexdigest() == task.data["sha"])
+        await asyncio.sleep(pause)
+
+    return handler
+
+
+async def no_orphan(schema: Schema, moto_server: MotoServer, bucket: str) -> bool:
+    """Whether S3 holds no unfinished upload and no object but the stored tasks' blobs."""
+    referenced = await schema.fetch("SELECT key FROM wsq_blobs WHERE task IS NOT NULL")
+    blobs = {f"{PREFIX}/{key}" for (key,) in referenced}
+    unfinished = unfinished_uploads(moto_server, bucket)
+    return unfinished == [] and set(objects(moto_server, bucket)) == blobs
 
 
 async def produce(

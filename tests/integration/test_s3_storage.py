@@ -44,6 +44,19 @@ def stream_bytes(size: int, seed: int) -> bytes:
     return b"".join(blocks)[:size]
 
 
+def unfinished_uploads(moto_server: MotoServer, bucket: str) -> list[str]:
+    """The object names of the bucket's multipart uploads not completed nor aborted."""
+    answer = moto_server.client().list_multipart_uploads(Bucket=bucket)
+    return [upload["Key"] for upload in answer.get("Uploads", [])]
+
+
+async def stalled_stream() -> AsyncIterator[bytes]:
+    """9 MiB (a part and more: S3 holds an unfinished upload), then nothing, ever."""
+    for n in range(9):
+        yield stream_bytes(1 << 20, seed=n)
+    await asyncio.Event().wait()
+
+
 async def test_streams_go_through_s3_and_removal_leaves_no_object(
     s3_server: wsq.Server, moto_server: MotoServer, bucket: str
 ) -> None:
@@ -97,22 +110,16 @@ async def test_an_upload_aborted_while_s3_is_away_is_aborted_once_it_is_back(
     the multipart upload then, and does so once S3 answers again (not a day later)."""
     proxy = await Proxy("127.0.0.1", moto_server.port).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    s3 = moto_server.client()
 
     def uploads() -> list[str]:
-        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-    async def stalled() -> AsyncIterator[bytes]:
-        for n in range(9):  # a part and more: S3 holds an unfinished upload
-            yield stream_bytes(1 << 20, seed=n)
-        await asyncio.Event().wait()
+        return unfinished_uploads(moto_server, bucket)
 
     try:
         storage = f"s3://{bucket}/{PREFIX}"
         async with wsq.Server(data_dir=data_dir, port=0, storage=storage) as server:
             client = wsq.Client(server.url)
             await client.connect()
-            adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled()}))
+            adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled_stream()}))
             await eventually(lambda: len(uploads()) == 1, timeout=budget(30))
             proxy.refuse()
             await client.close()  # the server aborts the upload: S3 does not answer
@@ -137,15 +144,9 @@ async def test_a_server_whose_s3_stopped_answering_stops_in_bounded_time(
     does not wait out boto3's timeouts and retries for the upload it aborts."""
     proxy = await Proxy("127.0.0.1", moto_server.port).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    s3 = moto_server.client()
 
     def uploads() -> list[str]:
-        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-    async def stalled() -> AsyncIterator[bytes]:
-        for n in range(9):
-            yield stream_bytes(1 << 20, seed=n)
-        await asyncio.Event().wait()
+        return unfinished_uploads(moto_server, bucket)
 
     try:
         server = wsq.Server(data_dir=data_dir, port=0, storage=f"s3://{bucket}/{PREFIX}")
@@ -153,7 +154,7 @@ async def test_a_server_whose_s3_stopped_answering_stops_in_bounded_time(
         try:
             client = wsq.Client(server.url)
             await client.connect()
-            adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled()}))
+            adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled_stream()}))
             await eventually(lambda: len(uploads()) == 1, timeout=budget(30))
             proxy.blackhole()
             started = time.monotonic()

@@ -932,7 +932,7 @@ class Server:
         log(level, emit.event, **fields)
 
     def _delete_blobs(self, keys: Sequence[str]) -> None:
-        self.spawn(self.blobs.delete(keys), "wsq-delete-blobs")
+        self.spawn(self._reserved.delete_unreserved(keys), "wsq-delete-blobs")
 
     # -- timer -----------------------------------------------------------------------------
 
@@ -1115,7 +1115,7 @@ class Server:
             # Keys made since the listing began may have been claimed meanwhile.
             referenced = await self.store.blob_keys()
             orphans = [k for k in orphans if k not in referenced and k not in fresh]
-            await self.blobs.delete(orphans)
+            await self._reserved.delete_unreserved(orphans)
             log(logging.INFO, "swept", f"Deleted {len(orphans)} orphaned blobs")
 
     def blob_stored(self, key: str) -> None:

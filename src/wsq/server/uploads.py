@@ -77,6 +77,11 @@ class ReservedBlobs(BlobStore):
         await self.blobs.delete(keys)
         await self.store.release_blobs(keys)
 
+    async def delete_unreserved(self, keys: Iterable[str]) -> None:
+        """Delete blobs that hold no reservation (a removed task's, whose rows went with
+        it, or orphans no row names): no round trip to the state store."""
+        await self.blobs.delete(keys)
+
     async def discard(self, keys: Iterable[str]) -> None:
         await self.blobs.discard(keys)
 
