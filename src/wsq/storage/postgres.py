@@ -986,6 +986,17 @@ def _settings(dsn: str, schema: str | None) -> dict[str, str]:
     return settings
 
 
+# The write connection's statements address rows by key (ids from arrays): index probes
+# in nested loops are always their plan, whatever the row estimates of a table that grew
+# since it was last analyzed (a hash join over a scan of the whole table costs time that
+# grows with it). One generic plan per statement: none re-planned per batch.
+_WRITER_PLANS = {
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+    "plan_cache_mode": "force_generic_plan",
+}
+
+
 async def _lease(
     conn: _AnyConnection, node: str, instance: str, lease: float, retry: bool = True
 ) -> int | None:
@@ -1506,7 +1517,7 @@ class PostgresStateStore(StateStore):
 
     async def _connect(self) -> asyncpg.Connection:
         """The write connection: what it inserts is this node's (``wsq.node``)."""
-        settings = {**_settings(self.dsn, self.schema), "wsq.node": self.node}
+        settings = {**_settings(self.dsn, self.schema), "wsq.node": self.node, **_WRITER_PLANS}
         return await asyncpg.connect(
             self.dsn, timeout=self.connect_timeout, server_settings=settings
         )
