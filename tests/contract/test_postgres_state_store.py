@@ -32,6 +32,7 @@ from wsq.storage.base import (
     PutWorker,
     RecordAttempt,
     Recovery,
+    SetProgress,
     Update,
     WorkerRow,
 )
@@ -479,6 +480,63 @@ async def test_records_missed_while_the_listener_was_away_are_delivered_once_it_
         await listener.close()
         await publisher.close()
         await proxy.close()
+
+
+async def test_events_tied_to_writes_that_did_not_apply_are_not_published(
+    pg_schema: Schema,
+) -> None:
+    """An event tied to a write (Publish.events) is published only if the write applied,
+    whether that write is in the statement that publishes, in an earlier one of the same
+    transaction (a second write to a task), or in another submit of the same commit; a
+    record none of whose events is left is not sent."""
+    publisher = PostgresStateStore(pg_schema.dsn, node="pub", may_be_alone=False)
+    listener = PostgresStateStore(pg_schema.dsn, node="sub", may_be_alone=False)
+    got: list[str | None] = []
+    listener.listen(got.append)
+    try:
+        await listener.open()
+        await publisher.open()
+        await insert(publisher, make("a", 1), make("b", 2, state=State.ACTIVE, run=1, worker="w"))
+        done_a = make("a", 1, state=State.COMPLETED, run=1)  # a waits: does not apply
+        done_b = make("b", 2, state=State.COMPLETED, run=1, worker="w")  # applies
+        publish = Publish(
+            events=(("1", 0, 0), ("2", 0, 1), ("3", 1, 0), ("4", 1, None), ("5", 2, 0)),
+            head="[",
+            tail="]",
+        )
+        ops = [Update(done_a, expected=State.ACTIVE), Update(done_b, expected=State.ACTIVE)]
+        assert await publisher.submit([*ops, publish]) == [False, True, None]
+        await eventually(lambda: got == ["[2]", "[4]"])
+        # The tied writes in an earlier statement: each task written to twice.
+        got.clear()
+        again = Publish(events=(("x", 0, 0), ("y", 0, 1), ("z", 1, 2)), head="<", tail=">")
+        progress_a = SetProgress("a", 0.5, 1.0)  # a is not active: does not apply
+        progress_b = SetProgress("b", 0.5, 1.0)  # b is completed now: does not apply
+        ops2 = [progress_a, Delete("b"), progress_b, Delete("a")]
+        results = await publisher.submit([*ops2, again])
+        assert results == [False, True, False, True, None]
+        await eventually(lambda: got == ["<y>"])
+        # Two submits in one commit: each one's ties are into its own ops.
+        got.clear()
+        await insert(publisher, make("c", 3), make("d", 4))
+        commits = publisher.commits
+        first = publisher.submit([Delete("c"), Publish(events=(("c", 0, 0),), head="(", tail=")")])
+        second = publisher.submit(
+            [Delete("nothing"), Publish(events=(("n", 0, 0),), head="(", tail=")")]
+        )
+        third = publisher.submit([Delete("d"), Publish(events=(("d", 0, 0),), head="(", tail=")")])
+        assert await asyncio.gather(first, second, third) == [
+            [True, None],
+            [False, None],
+            [True, None],
+        ]
+        assert publisher.commits == commits + 1
+        await eventually(lambda: got == ["(c)", "(d)"])
+        await asyncio.sleep(0.1)
+        assert got == ["(c)", "(d)"]
+    finally:
+        await listener.close()
+        await publisher.close()
 
 
 async def test_each_live_node_has_its_own_index_for_seqs(pg_schema: Schema) -> None:

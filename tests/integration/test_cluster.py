@@ -348,6 +348,48 @@ async def test_a_worker_that_moves_to_another_node_keeps_its_runs(
             await proxy.close()
 
 
+async def test_the_end_of_a_run_another_node_took_over_is_told_to_no_one(
+    pg_schema: Schema, tmp_path: Path
+) -> None:
+    """Node a ends a run (its worker completes it) that another node took over before a
+    heard of it (here: the row moved under a's feet, as a takeover moves it): a's write
+    does not apply, so neither a's observers nor b's hear of an end that did not happen."""
+    async with (
+        cluster(pg_schema, tmp_path, ("a", "b")) as (a, b),
+        client(a) as worker,
+        client(a) as here,
+        client(b) as there,
+    ):
+        events: list[tuple[str, str, str]] = []
+        for name, observer in (("a", here), ("b", there)):
+            for event in ("task started", "task completed", "task failed", "task progress"):
+                observer.queue("q").on(
+                    event, lambda task, *_, e=event, n=name: events.append((n, e, task.id))
+                )
+            await observer.stats()  # the subscription (sent before it) is in place
+        running, finish = asyncio.Event(), asyncio.Event()
+
+        async def handler(task: wsq.Task) -> str:
+            running.set()
+            await finish.wait()
+            with contextlib.suppress(wsq.WsqError):
+                await task.update_progress(0.5)
+            return "done"
+
+        worker.queue("q").process(handler)
+        task = await here.queue("q").add(None)
+        await asyncio.wait_for(running.wait(), budget(10))
+        started = [("a", "task started", task.id), ("b", "task started", task.id)]
+        await eventually(lambda: sorted(events) == started)
+        await pg_schema.execute(f"UPDATE wsq_tasks SET node = 'b' WHERE id = '{task.id}'")
+        finish.set()
+        await eventually(lambda: a.core.lookup(task.id) is None)  # a ended the run
+        await asyncio.sleep(0.5)
+        assert sorted(events) == started  # no progress, no completion told anywhere
+        [row] = await pg_schema.fetch("SELECT state, node FROM wsq_tasks")
+        assert tuple(row) == ("active", "b")
+
+
 async def test_a_node_killed_mid_run_has_its_run_taken_over_and_the_worker_reports_to_the_heir(
     pg_schema: Schema, tmp_path: Path
 ) -> None:

@@ -1,5 +1,6 @@
-"""What a node publishes for the others (``wsq.server.app._records``): records that
-PostgreSQL's NOTIFY takes (at most RECORD_MAX bytes each), however big an event is."""
+"""What a node publishes for the others (``wsq.server.app._publish``): records that
+PostgreSQL's NOTIFY takes (at most RECORD_MAX bytes each), however big an event is, with
+no event of a write that did not apply."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import msgspec
 from wsq.core.effects import Emit
 from wsq.core.ops import RECORD_MAX
 from wsq.core.task import State, Task
-from wsq.server.app import _decode_record, _records
+from wsq.server.app import _decode_record, _publish
+
+
+def _records(instance: str, emits: list[Emit]) -> list[str]:
+    """The records sent for ``emits``, none of them tied to a write."""
+    return _publish(instance, [(emit, None) for emit in emits]).texts(lambda op: True)
 
 
 def failed(task_id: str, error: str) -> Emit:
@@ -39,3 +45,19 @@ def test_an_event_that_cannot_fit_is_left_out_not_sent_over_the_limit() -> None:
     huge = Emit("worker added", "q", ({"id": "w" * 10_000},))
     assert _records("me", [huge, failed("t", "x")]) == _records("me", [failed("t", "x")])
     assert msgspec.json.decode(_records("me", [failed("t", "x")])[0])[0] == "me"
+
+
+def test_events_of_writes_that_did_not_apply_are_left_out_and_so_are_records_left_empty() -> None:
+    emits = [(failed(f"t{n}", "x" * 1000), n) for n in range(30)]  # tied to ops 0-29
+    publish = _publish("me", [*emits, (failed("untied", ""), None)], batch=7)
+    everything = publish.texts(lambda op: True)
+    assert len(everything) > 2
+    kept = publish.texts(lambda op: op % 2 == 0)
+    decoded = [_decode_record(r) for r in kept]
+    ids = [args[0]["id"] for r in decoded for _, _, args in r.events]
+    assert ids == [f"t{n}" for n in range(0, 30, 2)] + ["untied"]
+    assert {r.batch for r in decoded} == {7}
+    only_untied = publish.texts(lambda op: False)
+    assert [[args[0]["id"] for _, _, args in _decode_record(r).events] for r in only_untied] == [
+        ["untied"]
+    ]

@@ -62,11 +62,16 @@ class Abort:
 
 @dataclass(frozen=True, slots=True)
 class Emit:
-    """Send event ``event`` with JSON-ready ``args`` to the listeners of ``queue``."""
+    """Send event ``event`` with JSON-ready ``args`` to the listeners of ``queue``.
+    ``tells``: the write (an op of a :class:`Write` before it in the same list) whose
+    change the event tells of; if that write does not apply, the event is not sent,
+    here or to the other nodes (with a shared store, another node may have taken the run
+    over before this one heard of it)."""
 
     event: str
     queue: str
     args: tuple[Any, ...]
+    tells: Op | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from wsq.core.ops import (
     ClaimWaiting,
     Delete,
     DropWorkers,
+    Op,
     PutWorker,
     RecordAttempt,
     Recovery,
@@ -562,8 +563,9 @@ class Core:
         current.progress = value
         task.updated = now
         self._arm(current, now)
-        effects.append(Write(SetProgress(task.id, value, now)))
-        effects += self._event("task progress", task, value)
+        op = SetProgress(task.id, value, now)
+        effects.append(Write(op))
+        effects += self._event("task progress", task, value, tells=op)
         return effects
 
     def touch(self, task_id: str, run: int, now: float) -> list[Effect]:
@@ -577,10 +579,11 @@ class Core:
         effects = self._start(current, now)
         task = self._end(current, State.COMPLETED, now)
         self._observe(seen.COMPLETED, task.queue, now - current.began)
-        effects.append(Write(Update(task.copy(), expected=State.ACTIVE)))
+        op = Update(task.copy(), expected=State.ACTIVE)
+        effects.append(Write(op))
         if not task.options.autoremove:  # else its attempts go with it at once
             effects.append(self._attempt(current, AttemptOutcome.COMPLETED, now))
-        effects += self._event("task completed", task)
+        effects += self._event("task completed", task, tells=op)
         if task.options.autoremove:
             effects += self._delete(task)
         return effects + self._dispatch_soon(self._queue(task.queue), now)
@@ -606,8 +609,8 @@ class Core:
         task.state = State.WAITING
         task.worker = None
         task.updated = now
-        effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), attempt]
-        effects += self._event("task queued", task)
+        op = Update(task.copy(), expected=State.ACTIVE)
+        effects: list[Effect] = [Write(op), attempt, *self._event("task queued", task, tells=op)]
         queue = self._queue(task.queue)
         self._waits(queue, task)
         return effects + self._dispatch_soon(queue, now)
@@ -897,11 +900,12 @@ class Core:
 
     # -- internals: runs -------------------------------------------------------------------
 
-    def _event(self, name: str, task: Task, *extra: Any) -> list[Effect]:
-        """The event, with a snapshot of the task, if anyone observes its queue."""
+    def _event(self, name: str, task: Task, *extra: Any, tells: Op | None = None) -> list[Effect]:
+        """The event, with a snapshot of the task, if anyone observes its queue; ``tells``:
+        the write it tells of (:attr:`Emit.tells`)."""
         if not self.observed(task.queue):
             return []
-        return [Emit(name, task.queue, (task.to_json(), *extra))]
+        return [Emit(name, task.queue, (task.to_json(), *extra), tells)]
 
     def _run_of(self, task_id: str, run: int) -> _Run:
         current = self._runs.get(task_id)
@@ -988,7 +992,8 @@ class Core:
             task.error = None  # as the original: a task queued again carries no error
             delay = self._backoff(task.retries) if expired else 0.0
             return self._requeue(task, State.ACTIVE, now, announce=failed, delay=delay)
-        effects: list[Effect] = [Write(Update(task.copy(), expected=State.ACTIVE)), *failed]
+        op = Update(task.copy(), expected=State.ACTIVE)
+        effects: list[Effect] = [Write(op), *_telling(failed, op)]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
 
     def _attempt(
@@ -1042,10 +1047,11 @@ class Core:
         task.updated = now
         if self.shared and delay > 0:
             task.not_before = now + delay  # in the row: any node's claim waits for it
+        op = Update(task.copy(), expected=expected)
         effects: list[Effect] = [
-            Write(Update(task.copy(), expected=expected)),
-            *(announce or []),
-            *self._event("task queued", task),
+            Write(op),
+            *_telling(announce or [], op),
+            *self._event("task queued", task, tells=op),
         ]
         if self.shared:
             task.not_before = 0.0
@@ -1066,15 +1072,16 @@ class Core:
         return effects + self._dispatch_soon(queue, now)
 
     def _delete(self, task: Task) -> list[Effect]:
-        return [Write(Delete(task.id)), *self._forget(task)]
+        op = Delete(task.id)
+        return [Write(op), *self._forget(task, tells=op)]
 
-    def _forget(self, task: Task) -> list[Effect]:
+    def _forget(self, task: Task, tells: Op | None = None) -> list[Effect]:
         """A deleted task: its count, its blobs and the event."""
         self._count(task.queue, task.state, -1)
         effects: list[Effect] = []
         if task.blobs:
             effects.append(DeleteBlobs(tuple(task.blobs)))
-        effects += self._event("task deleted", task)
+        effects += self._event("task deleted", task, tells=tells)
         return effects
 
     # -- internals: counts ------------------------------------------------------------------
@@ -1424,6 +1431,11 @@ def _failure(current: _Run, expired: bool) -> AttemptOutcome:
     if not expired:
         return AttemptOutcome.FAILED
     return AttemptOutcome.TIMED_OUT if current.acked else AttemptOutcome.NO_RESPONSE
+
+
+def _telling(effects: list[Effect], op: Op) -> list[Effect]:
+    """``effects`` with each event among them telling of ``op`` (:attr:`Emit.tells`)."""
+    return [Emit(e.event, e.queue, e.args, op) if type(e) is Emit else e for e in effects]
 
 
 def _tally(counts: dict[str, int], key: str, delta: int) -> None:

@@ -91,15 +91,23 @@ def _transitions_logged() -> bool:
 class _Batch:
     """Ops submitted during one turn of the event loop, on their way to the store."""
 
-    __slots__ = ("callbacks", "done", "emits", "error", "number", "ops")
+    __slots__ = ("callbacks", "done", "emits", "error", "number", "ops", "results")
 
     def __init__(self, done: asyncio.Future[None], number: int = 0) -> None:
         self.number = number  # in the records it publishes (_Record.batch)
         self.ops: list[Op] = []
-        self.emits: list[Emit] = []  # for the other nodes of a shared store
+        # For the other nodes of a shared store: each event, and the index in ops of the
+        # write it tells of (Emit.tells), if any.
+        self.emits: list[tuple[Emit, int | None]] = []
         self.callbacks: list[tuple[int, int, Callable[[Outcome], None]]] = []
         self.done = done
         self.error: BaseException | None = None  # why the commit failed, once done
+        self.results: list[Any] = []  # each op's result, once committed
+
+    def applied(self, index: int | None) -> bool:
+        """Whether the op at ``index`` (``None``: no op) did not fail to apply, as far as
+        is known: a batch not yet done or failed tells nothing."""
+        return index is None or index >= len(self.results) or self.results[index] is not False
 
     def settle(self, future: asyncio.Future[list[Any]]) -> None:
         outcome: Outcome
@@ -110,16 +118,20 @@ class _Batch:
         if isinstance(outcome, BaseException):
             log(logging.ERROR, "store failed", f"State store write failed: {outcome}")
             self.error = outcome
+        else:
+            self.results = outcome
         for start, end, then in self.callbacks:
             then(outcome if isinstance(outcome, BaseException) else outcome[start:end])
         self.done.set_result(None)
 
 
 # What Server.later runs once the barrier (a batch) is done: a callable and what to run
-# instead if the batch failed, or an event to tell (Server._tell). A tuple: one per answer
-# and per event, on the hot path.
+# instead if the batch failed, or an event to tell and the index in the batch of the
+# write it tells of (Server._tell). A tuple: one per answer and per event, on the hot path.
 _Later = tuple[
-    "_Batch | None", "Callable[[], None] | Emit", "Callable[[BaseException], None] | None"
+    "_Batch | None",
+    "Callable[[], None] | Emit",
+    "Callable[[BaseException], None] | int | None",
 ]
 
 
@@ -241,9 +253,9 @@ class Server:
         # holds: the next heartbeat sets it right (_resync).
         self._astray = False
         self._batch_numbers = itertools.count(1)
-        # Task events of batches that failed, by batch number, until their own record
-        # shows they committed after all (_on_record).
-        self._unsure_events: dict[int, list[Emit]] = {}
+        # Numbers of batches that failed whose task events were not told: if their own
+        # records show they committed after all, the events in them are (_on_record).
+        self._unsure_batches: dict[int, None] = {}
         # Shared store: when the lease was last renewed (monotonic: asked then), and
         # whether a timer fired while it was in doubt (lease_in_doubt).
         self._renewed = time.monotonic()
@@ -468,11 +480,12 @@ class Server:
 
     # -- applying the core's effects -------------------------------------------------------
 
-    def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> None:
+    def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> int:
         """Send ``ops`` to the store; later sends wait for them (see :meth:`later`).
 
         Ops submitted in one turn of the event loop travel to the store as one job.
         ``then`` gets these ops' results (or the exception) once they are durable.
+        Returns the index of the first of them in that job.
         """
         batch = self._batch
         if batch is None:
@@ -486,13 +499,13 @@ class Server:
         batch.ops.extend(ops)
         if then is not None:
             batch.callbacks.append((start, len(batch.ops), then))
+        return start
 
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, None
         assert batch is not None
         if batch.emits:
-            records = _records(self._instance, batch.emits, batch.number)
-            batch.ops.append(Publish(tuple(records)))
+            batch.ops.append(_publish(self._instance, batch.emits, batch.number))
         sent = time.perf_counter()
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
@@ -523,26 +536,30 @@ class Server:
         else:
             self._pending.append((barrier, send, failed))
 
-    def _tell_later(self, effect: Emit) -> None:
-        """Tell ``effect`` once the writes before it are durable (:meth:`_tell`)."""
+    def _tell_later(self, effect: Emit, op: int | None) -> None:
+        """Tell ``effect`` once the writes before it are durable (:meth:`_tell`); ``op``:
+        the index in the current batch of the write it tells of."""
         barrier = self._barrier
         if not self._pending and (barrier is None or barrier.done.done()):
-            self._tell(barrier, effect)
+            self._tell(barrier, effect, op)
         else:
-            self._pending.append((barrier, effect, None))
+            self._pending.append((barrier, effect, op))
 
-    def _tell(self, barrier: _Batch | None, effect: Emit) -> None:
-        """Broadcast an event whose batch is done. A task's event tells of writes: if its
-        batch failed, it is not told; with a shared store, unless this node hears its own
-        record of that batch (a COMMIT cut off may have applied: :meth:`_on_record`), so
-        it is kept for the last UNSURE_BATCHES batches. A worker's event tells of this
-        node's own state, which holds whatever the store did."""
+    def _tell(self, barrier: _Batch | None, effect: Emit, op: int | None = None) -> None:
+        """Broadcast an event whose batch is done, unless the write it tells of (``op``,
+        an index into the batch) did not apply: another node took the run over first.
+        A task's event tells of writes: if its batch failed, it is not told; with a
+        shared store, unless this node hears its own record of that batch (a COMMIT cut
+        off may have applied: :meth:`_on_record`), which is looked for in the records of
+        the last UNSURE_BATCHES batches. A worker's event tells of this node's own
+        state, which holds whatever the store did."""
         if barrier is None or barrier.error is None or not effect.event.startswith("task "):
-            self._broadcast(effect)
+            if barrier is None or barrier.applied(op):
+                self._broadcast(effect)
         elif barrier.number and self.store.shared:
-            self._unsure_events.setdefault(barrier.number, []).append(effect)
-            while len(self._unsure_events) > UNSURE_BATCHES:
-                del self._unsure_events[next(iter(self._unsure_events))]
+            self._unsure_batches[barrier.number] = None
+            while len(self._unsure_batches) > UNSURE_BATCHES:
+                del self._unsure_batches[next(iter(self._unsure_batches))]
 
     def _flush(self, batch: _Batch) -> None:
         if self._barrier is batch:
@@ -554,9 +571,9 @@ class Server:
                 return
             pending.popleft()
             if type(send) is Emit:
-                self._tell(barrier, send)
+                self._tell(barrier, send, failed)  # type: ignore[arg-type]
             elif failed is not None and barrier is not None and barrier.error is not None:
-                failed(barrier.error)
+                failed(barrier.error)  # type: ignore[operator]
             else:
                 send()  # type: ignore[operator]
 
@@ -579,6 +596,7 @@ class Server:
     def _apply_now(self, effects: list[Effect]) -> None:
         ops: list[Op] = []
         reads: list[tuple[int, Load | Claim]] = []  # ops whose results the core awaits
+        tells = False  # whether an event tells of a write (Emit.tells)
         for effect in effects:
             if isinstance(effect, Write):
                 ops.append(effect.op)
@@ -588,10 +606,20 @@ class Server:
             elif isinstance(effect, Claim):
                 reads.append((len(ops), effect))
                 ops.append(effect.op)
+            elif type(effect) is Emit and effect.tells is not None:
+                tells = True
+        start = 0
         if ops:
-            self.submit(ops, (lambda outcome: self._loaded(outcome, reads)) if reads else None)
+            then = (lambda outcome: self._loaded(outcome, reads)) if reads else None
+            start = self.submit(ops, then)
+        # Where in the batch each write an event tells of went (the ops are in the batch
+        # for as long as this runs, so their ids are theirs).
+        at = {id(op): start + n for n, op in enumerate(ops)} if tells else {}
         for effect in effects:
-            self._apply_one(effect)
+            if type(effect) is Emit:
+                self._emit(effect, at.get(id(effect.tells)) if effect.tells is not None else None)
+            else:
+                self._apply_one(effect)
 
     def _counts(self) -> dict[str, dict[str, int]]:
         """Tasks per queue and state: this server's, or a shared store's (every node's)."""
@@ -796,9 +824,12 @@ class Server:
             self._heard_adopted(record.instance, record.adopted)
         if record.instance == self._instance:
             # A batch of this node's that seemed to fail committed after all (its COMMIT
-            # was cut off): now its events are told.
-            for effect in self._unsure_events.pop(record.batch, ()):
-                self._broadcast(effect)
+            # was cut off): now its task events are told, as its records hold them
+            # (those of writes that applied).
+            if record.batch in self._unsure_batches:
+                for event, queue, args in record.events:
+                    if event.startswith("task "):
+                        self._broadcast(Emit(event, queue, tuple(args)))
             return
         queued: dict[str, None] = {}
         for event, queue, args in record.events:
@@ -808,15 +839,20 @@ class Server:
         if queued:
             self.apply(self.core.wake(queued, now))
 
+    def _emit(self, effect: Emit, op: int | None) -> None:
+        """An event of the core; ``op``: the index in the current batch of the write it
+        tells of (:attr:`Emit.tells`)."""
+        self._log_event(effect)
+        if self.store.shared and not self._alone:  # to the other nodes, with its writes
+            if self._batch is None:
+                self.submit([])
+            assert self._batch is not None
+            self._batch.emits.append((effect, op))
+        self._tell_later(effect, op)
+
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):
-            self._log_event(effect)
-            if self.store.shared and not self._alone:  # to the other nodes, with its writes
-                if self._batch is None:
-                    self.submit([])
-                assert self._batch is not None
-                self._batch.emits.append(effect)
-            self._tell_later(effect)
+            self._emit(effect, None)
         elif isinstance(effect, Offer):
             # Offers need not wait for the writes before them: the task's insert is
             # durable already, and a crash before its "active" write only means the task
@@ -1142,30 +1178,29 @@ _encode = msgspec.json.Encoder().encode
 _TRUNCATED = "… (truncated)"
 
 
-def _records(instance: str, emits: Sequence[Emit], batch: int = 0) -> list[str]:
-    """``emits`` as :class:`_Record` texts of at most RECORD_MAX bytes each. An event too
-    big alone has its task's error text cut to fit (an event that does not fit even so is
+def _publish(instance: str, emits: Sequence[tuple[Emit, int | None]], batch: int = 0) -> Publish:
+    """``emits`` (each with the index of the write it tells of) as :class:`_Record`
+    texts of at most RECORD_MAX bytes each (:class:`Publish` chunks). An event too big
+    alone has its task's error text cut to fit (an event that does not fit even so is
     left out, and logged: a NOTIFY over the limit would fail the writes it goes with)."""
-    head = len(_encode(_Record(instance, [], [], batch)))
-    records: list[str] = []
-    events: list[bytes] = []
-    size = head
-    for emit in emits:
+    head = f"[{_encode(instance).decode()},["
+    tail = f"],[],{batch}]"
+    room = RECORD_MAX - len(head.encode()) - len(tail.encode())
+    events: list[tuple[str, int, int | None]] = []
+    chunk = size = 0
+    for emit, op in emits:
         event = _encode((emit.event, emit.queue, emit.args))
-        if head + len(event) + 1 > RECORD_MAX:
-            shrunk = _shrunk(emit, RECORD_MAX - head - 1)
+        if len(event) > room:
+            shrunk = _shrunk(emit, room)
             if shrunk is None:
                 log(logging.ERROR, "event not published", f"{emit.event} is too big to publish")
                 continue
             event = shrunk
-        if events and size + len(event) + 1 > RECORD_MAX:
-            records.append(_join(instance, events, batch))
-            events, size = [], head
-        events.append(event)
-        size += len(event) + 1
-    if events:
-        records.append(_join(instance, events, batch))
-    return records
+        if size and size + 1 + len(event) > room:
+            chunk, size = chunk + 1, 0
+        size += len(event) + (1 if size else 0)
+        events.append((event.decode(), chunk, op))
+    return Publish(events=tuple(events), head=head, tail=tail)
 
 
 def _adoption_records(instance: str, runs: Sequence[tuple[str, int]]) -> list[str]:
@@ -1184,10 +1219,6 @@ def _adoption_records(instance: str, runs: Sequence[tuple[str, int]]) -> list[st
     if chunk:
         records.append(_encode(_Record(instance, [], chunk)).decode())
     return records
-
-
-def _join(instance: str, events: list[bytes], batch: int = 0) -> str:
-    return f"[{_encode(instance).decode()},[{b','.join(events).decode()}],[],{batch}]"
 
 
 def _shrunk(emit: Emit, room: int) -> bytes | None:

@@ -61,8 +61,9 @@ class Host(Protocol[C]):
     def apply(self, effects: list[Effect]) -> None:
         """Apply the core's effects in order (stores, then sends, durable first)."""
 
-    def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> None:
-        """Queue writes for the next group commit; ``then`` gets their outcome."""
+    def submit(self, ops: Sequence[Op], then: Callable[[Outcome], None] | None = None) -> int:
+        """Queue writes for the next group commit; ``then`` gets their outcome. Returns
+        the index of the first of them among the ops of that commit."""
 
     def lease_in_doubt(self) -> bool:
         """Whether this node's lease in a shared store may have run out (not renewed for

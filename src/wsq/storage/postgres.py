@@ -38,6 +38,7 @@ import asyncio
 import builtins
 import collections
 import contextlib
+import dataclasses
 import datetime
 import functools
 import importlib.resources
@@ -582,10 +583,18 @@ _COUNT_CTE = (
 )
 # Records for the other nodes, kept in wsq_records (for a node that missed them: see
 # _Listener) and sent as "<id> <record>" in the statement's transaction: delivered once it
-# commits, in commit order, and never if it does not.
+# commits, in commit order, and never if it does not. Each is made of the notes of one
+# chunk (head || the bodies, comma-joined || tail), leaving out the notes tied to a write
+# of the statement that did not apply (code and id: a row of "app"); a record of notes
+# none of which is left is not made. A record given whole is one note (body '').
 _NOTIFY_CTE = (
-    "rec AS (INSERT INTO wsq_records (record)"
-    " SELECT r FROM unnest({records}::text[]) WITH ORDINALITY AS u (r, i) ORDER BY i"
+    "app (code, id) AS ({applied}),"
+    " rec AS (INSERT INTO wsq_records (record)"
+    " SELECT n.head || string_agg(n.body, ',' ORDER BY n.i) || n.tail"
+    " FROM unnest({p0}::text[], {p1}::text[], {p2}::text[], {p3}::int[], {p4}::int[],"
+    " {p5}::text[]) WITH ORDINALITY AS n (head, body, tail, chunk, code, id, i)"
+    " WHERE n.code IS NULL OR (n.code, n.id) IN (SELECT code, id FROM app)"
+    " GROUP BY n.chunk, n.head, n.tail ORDER BY n.chunk"
     " RETURNING id, record),"
     " ntf AS (SELECT pg_notify({channel}::text, id::text || ' ' || record)"
     " FROM (SELECT id, record FROM rec ORDER BY id) AS o)"
@@ -601,10 +610,12 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
     """The statement applying one step holding ops of ``kinds`` (in :data:`_KINDS` order):
     its rows are ``(kind code, id)`` for every op that applied. Its parameters are those
     of the kinds, then the node whose counts it moves (if a kind moves any:
-    :func:`moves_counts`), then, with ``notify``, the channel and the records to send
-    there (a row ``(NOTIFIED, '')`` each)."""
+    :func:`moves_counts`), then, with ``notify``, the channel and the notes of the records
+    to send there (:attr:`Writes.notes`, as six arrays; a row ``(NOTIFIED, '')`` per
+    record sent)."""
     ctes = []
     selects = []
+    applied = []
     next_param = 1
     for kind in kinds:
         cte, name, count = _KINDS[kind]
@@ -618,6 +629,7 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
             cte = cte.replace("{params}", columns)
         ctes.append(cte.format(**named))
         selects.append(f"SELECT {_KIND_CODES[kind]}, id FROM {name}")
+        applied.append(selects[-1])
         if kind == "insert":  # never a row: evaluated so that it may raise
             selects.append(f"SELECT {NOTIFIED}, NULL FROM ins_fence WHERE x IS NULL")
         next_param += count
@@ -626,7 +638,9 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
         ctes.append(_COUNT_CTE.format(node=f"${next_param}", deltas=" UNION ALL ".join(deltas)))
         next_param += 1
     if notify:
-        ctes.append(_NOTIFY_CTE.format(channel=f"${next_param}", records=f"${next_param + 1}"))
+        named = {f"p{i}": f"${next_param + 1 + i}" for i in range(6)}
+        applied_sql = " UNION ALL ".join(applied) or "SELECT NULL::int, NULL::text WHERE false"
+        ctes.append(_NOTIFY_CTE.format(channel=f"${next_param}", applied=applied_sql, **named))
         selects.append(f"SELECT {NOTIFIED}, '' FROM ntf")
     return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(selects)
 
@@ -694,7 +708,13 @@ class Writes:
 
     slots: list[tuple[str, str]] = field(default_factory=list)
     rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
-    records: list[str] = field(default_factory=list)  # for the other nodes (Publish)
+    # For the other nodes (Publish): the notes of the records to send, as (head, body,
+    # tail, chunk, kind code, task id), tied by the last two to a write of this step (else
+    # None); the number of the next chunk; and the notes tied to a write of an earlier
+    # step, with its index among the ops planned (resolve()).
+    notes: list[tuple[str, str, str, int, int | None, str | None]] = field(default_factory=list)
+    chunks: int = 0
+    earlier: list[tuple[int, int]] = field(default_factory=list)
     blobs: list[tuple[str, str]] = field(default_factory=list)  # (key, task) of inserts
     # Task id -> index of its row in rows["progress"] for a SetProgress, else -1.
     ids: dict[str, int] = field(default_factory=dict)
@@ -735,9 +755,37 @@ class Writes:
         self.slots.append(("attempt", task_id))
         return True
 
+    def publish(self, op: Publish, located: list[tuple[int, str, str] | None], here: int) -> None:
+        """Take ``op``'s records and events as notes; ``located``: for each op planned
+        so far, the step, kind and task of the write it became (``None``: no write), so
+        that an event's tie (an index into them) is known; ``here``: this step's number."""
+        for record in op.records:
+            self.notes.append((record, "", "", self.chunks, None, None))
+            self.chunks += 1
+        first = self.chunks
+        for body, chunk, index in op.events:
+            code = task_id = None
+            where = located[index] if index is not None and 0 <= index < len(located) else None
+            if where is not None and index is not None:
+                step, kind, task_id = where
+                if step == here:
+                    code = _KIND_CODES[kind]
+                else:  # known once that step has run (resolve())
+                    self.earlier.append((len(self.notes), index))
+                    task_id = None
+            self.notes.append((op.head, body, op.tail, first + chunk, code, task_id))
+            self.chunks = max(self.chunks, first + chunk + 1)
+
+    def resolve(self, results: Sequence[Any]) -> None:
+        """Leave out the notes tied to a write of an earlier step that did not apply
+        (``results``: those of the ops planned before this step, in order)."""
+        dropped = {at for at, index in self.earlier if results[index] is False}
+        self.notes = [note for at, note in enumerate(self.notes) if at not in dropped]
+        self.earlier.clear()
+
     def statement(self, node: str = "", channel: str = "") -> tuple[str, list[Any]]:
         """The SQL and its parameters; ``node`` names the counts it moves, ``channel``
-        is where its :attr:`records` go."""
+        is where its :attr:`notes` go."""
         kinds = tuple(kind for kind in _KINDS if kind in self.rows)
         params: list[Any] = []
         for kind in kinds:
@@ -747,9 +795,10 @@ class Writes:
                 params.append([task for _, task in self.blobs])
         if moves_counts(kinds):
             params.append(node)
-        if self.records:
-            params += [channel, self.records]
-        return write_statement(kinds, bool(self.records)), params
+        if self.notes:
+            params.append(channel)
+            params.extend(list(column) for column in zip(*self.notes, strict=True))
+        return write_statement(kinds, bool(self.notes)), params
 
 
 @dataclass(slots=True)
@@ -834,7 +883,10 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     TypeError for something that is no op (before anything runs)."""
     steps: list[Step] = []
     writes: Writes | None = None
+    # Per op planned: the step, kind and task of the write it became (None: no write).
+    located: list[tuple[int, str, str] | None] = []
     for op in ops:
+        located.append(None)
         if isinstance(op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns):
             steps.append(op)
             writes = None
@@ -856,7 +908,7 @@ def plan(ops: Sequence[Op]) -> list[Step]:
             if writes is None:
                 writes = Writes()
                 steps.append(writes)
-            writes.records.extend(op.records)
+            writes.publish(op, located, len(steps) - 1)
             writes.slots.append(("publish", ""))
             continue
         kind, task_id, row = _write(op)
@@ -864,6 +916,7 @@ def plan(ops: Sequence[Op]) -> list[Step]:
             writes = Writes()
             steps.append(writes)
             writes.add(kind, task_id, row)
+        located[-1] = (len(steps) - 1, kind, task_id)
         if kind == "insert" and isinstance(op, Insert) and op.task.streams:
             writes.blobs.extend((key, task_id) for key in op.task.blobs)
     return steps
@@ -930,6 +983,8 @@ async def _run_steps(
 ) -> builtins.list[Any]:
     results: builtins.list[Any] = []
     for step in steps:
+        if isinstance(step, Writes) and step.earlier:
+            step.resolve(results)
         results += await _run_step(conn, step, node, channel)
     return results
 
@@ -1169,7 +1224,7 @@ class _Writer:
         """The fast path runs the whole batch as one plan (one statement when it is one
         step, else one transaction). Only if that raises something other than the
         connection failing is the batch redone job by job, each in its own savepoint."""
-        ops = [op for job in batch for op in job.ops]
+        ops = _flatten(batch)
         try:
             steps = plan(ops)
             if len(steps) == 1:
@@ -1208,6 +1263,23 @@ async def _apply_job(
         if isinstance(error, Unavailable):
             raise
         return error
+
+
+def _flatten(batch: builtins.list[_Job]) -> builtins.list[Op]:
+    """The ops of the jobs in order, each Publish's ties (indices into its job's ops)
+    made indices into all of them."""
+    ops: builtins.list[Op] = []
+    for job in batch:
+        base = len(ops)
+        for op in job.ops:
+            if base and isinstance(op, Publish) and op.events:
+                events = tuple(
+                    (body, chunk, None if index is None else base + index)
+                    for body, chunk, index in op.events
+                )
+                op = dataclasses.replace(op, events=events)
+            ops.append(op)
+    return ops
 
 
 def _split(results: builtins.list[Any], batch: builtins.list[_Job]) -> builtins.list[_Outcome]:
