@@ -32,6 +32,7 @@ from wsq.storage.base import (
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
+    CountTasks,
     Delete,
     DropWorkers,
     HeldRuns,
@@ -419,6 +420,23 @@ async def test_held_runs_are_the_active_tasks_of_this_node_in_seq_order(
         ("t1", 1, "w1", None),
         ("t3", 1, "w1", None),
     ]
+
+
+async def test_count_tasks_reads_the_counts_in_the_pipe(store: StateStore) -> None:
+    """CountTasks counts the stored tasks per queue and state as of its place in the
+    pipe: the writes submitted before it are in; no zeros."""
+    await insert(store, *(make(f"t{n}", n) for n in range(1, 5)), make("o", 5, queue="other"))
+    [claimed] = await store.submit([ClaimWaiting("q", ("w1", "w2"), now=1.0)])
+    done = replace(claimed[0], state=State.COMPLETED)
+    _, _, counts = await store.submit(
+        [Update(done, expected=State.ACTIVE), Delete("o"), CountTasks()]
+    )
+    assert counts == {
+        ("q", State.WAITING): 2,
+        ("q", State.ACTIVE): 1,
+        ("q", State.COMPLETED): 1,
+    }
+    assert counts == await store.counts()
 
 
 @pytest.fixture(params=["memory", "postgres"])

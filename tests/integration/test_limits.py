@@ -294,6 +294,59 @@ async def test_a_full_disk_fails_adds_clearly_and_recovers(
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def fill(folder: Path) -> Path:
+    """A file in ``folder`` that takes up all the space left there."""
+    filler = folder / "filler"
+    with open(filler, "wb") as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    return filler
+
+
+async def test_a_report_the_full_disk_could_not_store_is_sent_again_and_nothing_sticks(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """The state store's disk fills while a worker runs a task: its report cannot be
+    stored, so the server answers unavailable (not OK), tells no one the task ended, and,
+    a moment later, sets its state right from the file; the worker sends the report
+    again; once there is room it is stored: the task ends once, in its first run, and
+    the counts are the file's."""
+    async with (
+        wsq.Server(data_dir=small_disk, port=0, blob_store=FileBlobStore(tmp_path)) as server,
+        fast(server.url) as client,
+        fast(server.url) as observer,
+    ):
+        ends: list[tuple[str, str]] = []
+        for name in ("task completed", "task failed"):
+            observer.queue("disk").on(name, lambda t, *_, name=name: ends.append((name, t.id)))
+        await observer.stats()
+        go = asyncio.Event()
+        runs: list[int | None] = []
+
+        async def handler(task: wsq.Task) -> str:
+            runs.append(task.run)
+            await go.wait()
+            return "ok"
+
+        client.queue("disk").process(handler)
+        task = await client.queue("disk").add(None, timeout=30.0, retries=0)
+        await eventually(lambda: runs)
+        filler = fill(small_disk)
+        go.set()
+        await asyncio.sleep(2.5)  # refused, sent again and refused; the state set right
+        assert ends == []  # nothing stored: nothing told
+        filler.unlink()
+        await eventually(lambda: ends == [("task completed", task.id)])
+        await asyncio.sleep(0.5)
+        assert runs == [1] and ends == [("task completed", task.id)]
+        assert server.core.lookup(task.id) is None
+        [queue] = [q for q in await observer.stats() if q["name"] == "disk"]
+        assert (queue["active"], queue["completed"]) == (0, 1)
+    with sqlite3.connect(small_disk / "wsq.db") as db:
+        assert db.execute("SELECT state, run FROM tasks").fetchall() == [("completed", 1)]
+
+
 async def test_downloads_count_against_requests_in_flight(data_dir: Path) -> None:
     async with serving(data_dir, max_requests=3) as server:
         async with fast(server.url) as client:

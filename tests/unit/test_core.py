@@ -2274,6 +2274,45 @@ def test_recover_marks_waiting_queues_spilled_and_loads_them() -> None:
     assert effects == [Load("a", 16, PAYLOAD_CAP), Load("b", 16, PAYLOAD_CAP)]
 
 
+def resync(h: Harness) -> tuple[int, int]:
+    """A resync after writes that failed, as the server makes it: the store's active runs
+    and counts read in the pipe, then the queues that changed dispatched."""
+    h.core.begin_resync()
+    held = [replace(h.store[task_id]) for task_id in h.in_state(ACTIVE)]
+    counts = dict(Counter((t.queue, t.state) for t in h.store.values()))
+    result = h.core.resynced(held, h.now, counts)
+    h._handle(h.core.flush(h.now))
+    return result
+
+
+def test_after_writes_that_failed_a_resync_sets_runs_windows_and_counts_right() -> None:
+    """A store of one server whose batch failed (a full disk): a completion, the offer it
+    made and a re-queue were not stored. The resync holds the unstored end's run again
+    (its worker's report, sent again, is accepted), forgets the unstored offers (their
+    tasks wait in the store, and come back through a load), holds again the run whose
+    failure and re-queue were not stored, and counts as the store does."""
+    h = Harness()
+    done, failing, waiting = h.add(), h.add(retries=1), h.add()
+    h.add_worker("w1", concurrency=2)
+    assert h.held_by("w1") == sorted([done, failing])
+    h.ack(done)
+    h.ack(failing)
+    # One batch, not stored: done completes (waiting is offered in its place), failing
+    # fails and is queued again.
+    lost = h.core.complete(done, 1, h.now) + h.core.fail(failing, 1, "boom", h.now)
+    assert any(isinstance(e, Offer) for e in lost)
+    assert h.core.counts()["q"]["completed"] == 1
+    # Forgotten: the offers of waiting and of failing's second run; held again: the first
+    # runs of done and failing.
+    assert resync(h) == (2, 2)
+    assert h.core.counts()["q"] == {"waiting": 1, "active": 2, "completed": 0, "failed": 0}
+    back = h.core.lookup(waiting)  # loaded into its window again
+    assert h.core.lookup(done) is not None and back is not None and back.state == WAITING
+    h.complete(done)  # sent again: accepted
+    h.work_off()
+    assert {h.state(t) for t in (done, failing, waiting)} == {COMPLETED}
+
+
 def test_restart_resumes_waiting_tasks_in_order() -> None:
     h = Harness(window=4)
     ids = [h.add() for _ in range(10)]

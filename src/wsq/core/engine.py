@@ -224,6 +224,7 @@ class Core:
         # ended since begin_resync (task id, run), None when no resync is on its way.
         self._generation = 0
         self._ended_since: set[tuple[str, int]] | None = None
+        self._counts_then: dict[str, list[int]] = {}  # a store of its own: at begin_resync
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -275,21 +276,35 @@ class Core:
         return True
 
     def begin_resync(self) -> None:
-        """Shared store: some of this node's writes failed (PostgreSQL was out of reach),
-        so the runs the core holds may differ from those the store gives this node. The
-        shell now reads those (:class:`HeldRuns`, in the write pipe) and hands them to
-        :meth:`resynced`; runs made or ended from here on are told apart from the read."""
+        """Some of this node's writes failed (PostgreSQL was out of reach, the disk was
+        full), so the runs the core holds may differ from those the store gives this
+        node (and, with a store of its own, its windows and counts from the store's).
+        The shell now reads those (:class:`HeldRuns`, and, with a store of its own,
+        :class:`CountTasks`, in the write pipe) and hands them to :meth:`resynced`;
+        runs made or ended from here on are told apart from the read."""
         self._generation += 1
         self._ended_since = set()
+        if not self.shared:  # the moves from here on are not in the read
+            self._counts_then = {name: list(counts) for name, counts in self._counts.items()}
 
-    def resynced(self, held: list[Task], now: float) -> tuple[int, int]:
+    def resynced(
+        self,
+        held: list[Task],
+        now: float,
+        counts: dict[tuple[str, State], int] | None = None,
+    ) -> tuple[int, int]:
         """The store's active runs of this node as of :meth:`begin_resync` (``held``):
         runs the core ended before it, whose end was not stored, are held again, timed
         from now as after a takeover (their workers' reports are accepted again, and
         their timers run); runs the core held before it that the store does not give this
         node are forgotten, with no write and no event. Runs made or ended since are left
         as they are: the store saw those writes after the read. Returns how many were
-        forgotten and how many held again."""
+        forgotten and how many held again.
+
+        With a store of its own, also: a task held again leaves its window (its
+        re-queue was not stored); every window is filled from the store again as it
+        drains (tasks whose start or delete was not stored wait there); and ``counts``
+        (the store's, as of the read) are the counts again, with the moves made since."""
         generation, ended = self._generation, self._ended_since or set()
         self._ended_since = None
         stored = {task.id: task for task in held}
@@ -305,11 +320,40 @@ class Core:
         again = [
             task for task in held if task.id not in self._runs and (task.id, task.run) not in ended
         ]
+        if not self.shared:
+            self._resync_windows(again, counts)
         self._hold_runs(again, now)
         for queue in self._queues.values():  # claims may have failed meanwhile: look again
             queue.maybe_waiting = True
             self._dirty[queue.name] = None
         return dropped, len(again)
+
+    def _resync_windows(
+        self, again: list[Task], counts: dict[tuple[str, State], int] | None
+    ) -> None:
+        """The part of :meth:`resynced` for a store of one server."""
+        for task in again:
+            self._unplace(task)
+            if self._delayed.pop(task.id, None) is not None:
+                self._queue(task.queue).delayed -= 1
+        for queue in self._queues.values():
+            queue.spilled = True  # loads bring back what the store has waiting
+        then, self._counts_then = self._counts_then, {}
+        if counts is None:
+            return
+        moved = {name: list(values) for name, values in self._counts.items()}
+        for name, values in then.items():  # the moves since begin_resync...
+            mine = moved.setdefault(name, [0] * len(_STATE_NAMES))
+            for index, value in enumerate(values):
+                mine[index] -= value
+        for (name, state), count in counts.items():  # ...on top of what the store had
+            moved.setdefault(name, [0] * len(_STATE_NAMES))[_STATE_INDEX[state]] += count
+        for name, values in moved.items():
+            if any(values):
+                self._counts_of(name)[:] = values
+            elif name in self._counts:
+                del self._counts[name]
+                self._names.drop(name)
 
     def drop_runs(self) -> None:
         """Shared store: this node's lease ran out and others took its runs over: forget

@@ -102,6 +102,13 @@ class HeldRuns:
 
 
 @dataclass(frozen=True, slots=True)
+class CountTasks:
+    """Read the stored tasks per queue and state, as of this point in the pipe (every
+    write submitted before it is in). Result: ``dict[tuple[str, State], int]``, without
+    zeros (a shared store: every node's tasks)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Send records (JSON texts, each under :data:`RECORD_MAX` bytes) to the other
     servers that share the store, once the batch holding this op commits, in commit
@@ -246,6 +253,7 @@ Op = (
     | ClaimWaiting
     | AdoptRuns
     | HeldRuns
+    | CountTasks
     | Publish
     | RecordAttempt
     | PutWorker

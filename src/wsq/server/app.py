@@ -58,6 +58,7 @@ from wsq.server.uploads import ReservedBlobs
 from wsq.storage.base import (
     RECORD_MAX,
     AdoptRuns,
+    CountTasks,
     HeldRuns,
     LoadWaiting,
     Op,
@@ -68,6 +69,9 @@ from wsq.wslog import TransportLog
 
 CLOSE_TIMEOUT = 2.0
 """Seconds a closing handshake may take before the connection is simply dropped."""
+RESYNC_AFTER = 1.0
+"""A store of one server: seconds after a batch failed (a full disk) before the core is
+set right from what the store holds (Server._resync)."""
 UNSURE_BATCHES = 256
 """Shared store: of how many failed batches the task events are kept, in case the node's
 own record shows one committed after all (Server._tell)."""
@@ -252,6 +256,7 @@ class Server:
         # holds (runs, and workers' rows) may differ from what the store says this node
         # holds: the next heartbeat sets it right (_resync).
         self._astray = False
+        self._resync_due = False  # a store of its own: a resync is on its way (RESYNC_AFTER)
         self._batch_numbers = itertools.count(1)
         # Numbers of batches that failed whose task events were not told: if their own
         # records show they committed after all, the events in them are (_on_record).
@@ -509,17 +514,26 @@ class Server:
         sent = time.perf_counter()
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
-        if self.store.shared:
-            future.add_done_callback(self._check_written)
+        future.add_done_callback(self._check_written)
         commit = self.metrics.commit_seconds
         future.add_done_callback(lambda _: commit.observe(time.perf_counter() - sent))
 
     def _check_written(self, future: asyncio.Future[list[Any]]) -> None:
-        """Shared store: a batch failed (PostgreSQL out of reach), so what the core holds
+        """A batch failed (PostgreSQL out of reach, a full disk), so what the core holds
         may differ from what the store says this node holds: the next heartbeat that
-        reaches the store sets it right (:meth:`_resync`)."""
-        if future.cancelled() or future.exception() is not None:
-            self._astray = True
+        reaches a shared store sets it right (:meth:`_resync`); with a store of its own,
+        a resync RESYNC_AFTER seconds later (and again while one fails)."""
+        if not (future.cancelled() or future.exception() is not None):
+            return
+        self._astray = True
+        if not self.store.shared and not self._resync_due and not self._closing:
+            self._resync_due = True
+            asyncio.get_running_loop().call_later(RESYNC_AFTER, self._resync_alone)
+
+    def _resync_alone(self) -> None:
+        self._resync_due = False
+        if self._astray and not self._closing:
+            self._resync()
 
     def later(
         self, send: Callable[[], None], failed: Callable[[BaseException], None] | None = None
@@ -726,17 +740,20 @@ class Server:
                 self._set_alone(False)
 
     def _resync(self) -> None:
-        """Shared store, after a batch failed or the lease ran out: read the runs the store
-        says this node holds, in the write pipe (so it sees every write before it), and
-        set the core right (:meth:`Core.resynced`); write this node's workers' rows anew.
-        A read that fails leaves it for the next heartbeat."""
+        """After a batch failed or (shared store) the lease ran out: read the runs the
+        store says this node holds (and, with a store of its own, the counts), in the
+        write pipe (so it sees every write before it), and set the core right
+        (:meth:`Core.resynced`); write this node's workers' rows anew. A read that fails
+        leaves it for the next heartbeat (or, alone, the next try)."""
         self._astray = False
         self.core.begin_resync()
+        shared = self.store.shared
 
         def then(outcome: Outcome) -> None:
             if isinstance(outcome, BaseException) or self._closing:
                 return  # _check_written saw it: the next heartbeat tries again
-            dropped, held = self.core.resynced(outcome[0], time.time())
+            counts = None if shared else outcome[1]
+            dropped, held = self.core.resynced(outcome[0], time.time(), counts)
             if dropped or held:
                 log(
                     logging.WARNING,
@@ -747,7 +764,7 @@ class Server:
                 )
             self.apply([])
 
-        self.submit([HeldRuns()], then)
+        self.submit([HeldRuns()] if shared else [HeldRuns(), CountTasks()], then)
         self.apply(self.core.sync_workers())
 
     async def adopt_runs(self, runs: Sequence[tuple[str, int]], workers: Sequence[str]) -> None:
@@ -998,6 +1015,10 @@ class Server:
             self._tick_deferred = True  # the next heartbeat that renews it ticks
             return
         self.apply(self.core.tick(time.time()))
+
+    def astray(self) -> bool:
+        """See :meth:`Host.astray`."""
+        return self._astray
 
     def lease_in_doubt(self) -> bool:
         """See :meth:`Host.lease_in_doubt`: a shared store's lease not renewed for 90% of

@@ -960,11 +960,21 @@ class Connection:
         that node broke): they are taken over first (:meth:`Host.adopt_runs`), so the
         report is accepted as after a restart; runs that are not taken over stay stale.
         A ``final`` report (one that ends runs) is refused as unavailable while this
-        node's lease is in doubt (:meth:`Host.lease_in_doubt`); clients send it again."""
+        node's lease is in doubt (:meth:`Host.lease_in_doubt`); clients send it again.
+        With a store of its own, a report for runs the core does not hold is refused
+        so too while a write failed and the core is not set right yet (:meth:`Host.astray`):
+        the store may still hold them (their end was not stored)."""
         if final and self.server.lease_in_doubt():
             raise Unavailable(
                 "This node is renewing its lease on the shared store; send it again shortly."
             )
+        if not self.server.store.shared and self.server.astray():
+            core = self.server.core
+            if not all(core.is_current(task, run) for task, run in runs):
+                raise Unavailable(
+                    "A write to the state store failed and the server is setting its state"
+                    " right; send it again shortly."
+                )
         moved = self._moved(runs)
         if not moved:
             act()

@@ -65,6 +65,10 @@ class Host(Protocol[C]):
         """Queue writes for the next group commit; ``then`` gets their outcome. Returns
         the index of the first of them among the ops of that commit."""
 
+    def astray(self) -> bool:
+        """Whether a write failed and the core was not yet set right from what the store
+        holds (a resync is on its way)."""
+
     def lease_in_doubt(self) -> bool:
         """Whether this node's lease in a shared store may have run out (not renewed for
         most of its term): then it ends no run until a heartbeat says."""

@@ -29,6 +29,7 @@ from wsq.storage.base import (
     AdoptRuns,
     Attempt,
     ClaimWaiting,
+    CountTasks,
     Delete,
     DropWorkers,
     HeldRuns,
@@ -151,6 +152,8 @@ class MemoryStateStore(StateStore):
             return self._claim(op, journal)
         if isinstance(op, Publish):
             return None  # no other server shares it
+        if isinstance(op, CountTasks):
+            return dict(Counter((t.queue, t.state) for t in self._tasks.values()))
         if isinstance(op, AdoptRuns):
             return self._adoptable(op)
         if isinstance(op, HeldRuns):  # one process: it cannot tell nodes apart

@@ -64,6 +64,7 @@ from wsq.storage.base import (
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
+    CountTasks,
     Delete,
     DropWorkers,
     Heartbeat,
@@ -809,7 +810,7 @@ class WorkerWrites:
     drop: DropWorkers | None = None
 
 
-Step = Writes | LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | WorkerWrites
+Step = Writes | LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks | WorkerWrites
 
 
 def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
@@ -887,7 +888,7 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     located: list[tuple[int, str, str] | None] = []
     for op in ops:
         located.append(None)
-        if isinstance(op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns):
+        if isinstance(op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks):
             steps.append(op)
             writes = None
             continue
@@ -942,6 +943,9 @@ async def _run_step(
         workers = list(step.workers)
         rows = await conn.fetch(ADOPT_REPORTED, _NO_PAYLOAD, node, ids, runs, workers)
         return [sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)]
+    if isinstance(step, CountTasks):
+        rows = await conn.fetch(GET_COUNTS)
+        return [{(queue, STATES[state]): n for queue, state, n in rows if n}]
     if isinstance(step, HeldRuns):
         rows = await conn.fetch(GET_HELD, _NO_PAYLOAD, node)
         return [[_task_from_row(row) for row in rows]]

@@ -48,13 +48,14 @@ from typing import Any, TypeVar
 import msgspec
 
 from wsq.core.task import State, Task
-from wsq.exceptions import ServerError
+from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
     AdoptRuns,
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
+    CountTasks,
     Delete,
     DropWorkers,
     HeldRuns,
@@ -394,9 +395,14 @@ def _recover(conn: sqlite3.Connection) -> Recovery:
 
 
 def _server_error(exc: Exception) -> Exception:
-    """What a caller sees for ``exc``: SQLite's errors become ServerError."""
+    """What a caller sees for ``exc``: SQLite's errors become ServerError, but a full
+    disk, which may pass, is Unavailable (clients send reports again)."""
     if isinstance(exc, sqlite3.Error):
-        error = ServerError(f"State store error: {exc}")
+        error: Exception
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            error = Unavailable(f"The state store's disk is full: {exc}")
+        else:
+            error = ServerError(f"State store error: {exc}")
         error.__cause__ = exc
         return error
     return exc
@@ -535,15 +541,15 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return _delete(conn, task_id, expected)
         case ClaimWaiting():
             return _claim(conn, op)
-        case Publish():
-            return None  # no other server shares the file
+        case CountTasks():
+            return {(q, STATES[state]): n for q, state, n in conn.execute(GET_COUNTS)}
         case AdoptRuns():
             return _adoptable(conn, op)
         case HeldRuns():  # one server holds every run
             rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
             return [_task_from_row(row) for row in rows]
-        case PutWorker() | DropWorkers():
-            return None  # one server: its core lists its workers itself
+        case Publish() | PutWorker() | DropWorkers():
+            return None  # one server: no other shares the file; its core lists its workers
         case LoadWaiting(queue_, limit, max_payload):
             fits = MAX_INT if max_payload is None else clamp(max_payload)
             rows = conn.execute(LOAD_WAITING, (fits, fits, queue_, clamp(max(limit, 0))))
@@ -776,6 +782,8 @@ class _Writer:
             # Some errors (I/O, full disk) make SQLite roll the transaction back by itself;
             # later statements would then autocommit one by one.
             if not conn.in_transaction:
+                if isinstance(outcomes[-1], Unavailable):  # the disk is full
+                    raise outcomes[-1]
                 raise ServerError("The state store transaction was rolled back.")
         conn.execute(COMMIT)
         self.commits += 1
