@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import os
 import resource
 import signal
 import ssl
+import sys
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from wsq import __version__
 from wsq.exceptions import ServerError, Unavailable
 from wsq.server.app import Server
 from wsq.server.auth import Authenticator, AuthFileError
-from wsq.server.logs import configure
+from wsq.server.logs import configure, log
 
 _LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
@@ -429,11 +433,26 @@ def server(
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main``; a server that cannot start (its folder in use, its port taken) ends
-    with the reason and exit code 1, not a traceback."""
+    with the reason and exit code 1, not a traceback. Once it has stopped, the process
+    exits at once even if calls it gave up on are still running in threads (S3 not
+    answering: boto3 ends them only after its timeouts and retries, minutes later)."""
     try:
         _run_loop(main)
     except (ServerError, Unavailable, OSError) as exc:
         raise click.ClickException(f"wsq server could not run: {exc}") from None
+    left = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    left.remove(threading.main_thread().name)
+    if left:
+        names = ", ".join(sorted(set(left)))
+        log(
+            logging.WARNING,
+            "calls abandoned",
+            f"Exiting without waiting for {len(left)} threads still in calls ({names}).",
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

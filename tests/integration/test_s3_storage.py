@@ -18,6 +18,7 @@ import pytest
 
 import wsq
 from tests.conftest import budget, eventually
+from tests.integration.procs import ServerProcess
 from tests.integration.proxy import Proxy
 from tests.s3emulator import MotoServer
 from wsq.blobs.base import OWNER_MARK
@@ -172,6 +173,38 @@ async def test_a_server_whose_s3_stopped_answering_stops_in_bounded_time(
         return [t.name for t in threading.enumerate() if t.name.startswith("wsq-s3")]
 
     await eventually(lambda: s3_threads() == [], timeout=budget(30))
+
+
+async def test_a_server_process_whose_s3_stopped_answering_exits_in_bounded_time(
+    bucket: str,
+    moto_server: MotoServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for ``wsq server``: once it has stopped, the process exits without
+    waiting for the S3 calls its threads are still in (boto3 ends them only after its
+    timeouts and retries: minutes)."""
+    proxy = await Proxy("127.0.0.1", moto_server.port).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    server = ServerProcess(tmp_path / "data", None, "--storage", f"s3://{bucket}/{PREFIX}")
+    try:
+        await server.start()
+        client = wsq.Client(server.url)
+        await client.connect()
+        adding = asyncio.ensure_future(client.queue("s3").add({"blob": stalled_stream()}))
+        await eventually(
+            lambda: len(unfinished_uploads(moto_server, bucket)) == 1, timeout=budget(30)
+        )
+        proxy.blackhole()
+        started = time.monotonic()
+        assert server.stop(timeout=20) == 0
+        assert time.monotonic() - started < 15
+        with pytest.raises(wsq.WsqError):
+            await adding
+        await client.close()
+    finally:
+        server.kill()
+        await proxy.close()
 
 
 async def test_bad_storage_url_is_refused_at_once(data_dir: Path) -> None:

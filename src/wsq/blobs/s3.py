@@ -42,9 +42,11 @@ import concurrent.futures
 import contextlib
 import datetime
 import email.utils
+import functools
 import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -329,15 +331,14 @@ class S3BlobStore(BlobStore):
         answer, and boto3 would wait out its timeouts and retries), stop the threads,
         close the connections. Idempotent. Calls still running then end in their threads
         by themselves; their results are dropped."""
-        stopping = asyncio.ensure_future(asyncio.to_thread(self._executor.shutdown, wait=True))
+        stopping = _in_daemon_thread(functools.partial(self._executor.shutdown, wait=True))
         await asyncio.wait({stopping}, timeout=CLOSE_GRACE)
         if not stopping.done():
             logger.warning("S3 calls still running at close; leaving them to end by themselves")
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             client, self._client = self._client, None
-            closing = asyncio.ensure_future(asyncio.to_thread(client.close))
-            await asyncio.wait({closing}, timeout=CLOSE_GRACE)
+            await asyncio.wait({_in_daemon_thread(client.close)}, timeout=CLOSE_GRACE)
 
     def _count(self, key: str, size: int) -> None:
         """A blob was committed: count it in :attr:`used_bytes`."""
@@ -584,3 +585,27 @@ def _server_time(page: Any) -> datetime.datetime:
 
 def _endpoint_from_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _in_daemon_thread(call: Callable[[], object]) -> asyncio.Future[None]:
+    """Run ``call`` in a daemon thread of its own: a future of its end. A wait given up
+    on leaves neither the event loop's default executor (which the loop's shutdown
+    joins) nor the process's exit waiting for it."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            call()
+        except Exception:
+            logger.exception("S3 close step failed")
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=run, name="wsq-s3-close", daemon=True).start()
+    return done
