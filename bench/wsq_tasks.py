@@ -13,7 +13,10 @@ apart, stamping each just before ``add``; the handler stamps on entry (both
 ``time.monotonic()``, the same clock on Linux).
 
 ``--database URL``: the server keeps its state in that PostgreSQL database, a fresh
-schema per run (dropped after), instead of SQLite.
+schema per run (dropped after), instead of SQLite. ``--history N`` (with ``--database``):
+the schema holds N completed tasks, each with its attempt, before the run, and
+PostgreSQL's statistics were taken while it was empty (as for a history that grew since
+the last ``ANALYZE``). ``--concurrency C``: the draining worker's (default 100).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -79,6 +83,7 @@ async def produce_bulk(url: str, count: int) -> dict[str, Any]:
 async def drain(url: str, count: int, queue_name: str = "bench") -> dict[str, Any]:
     import wsq
 
+    concurrency = int(os.environ.get("WSQ_BENCH_CONCURRENCY") or CONCURRENCY)
     done = 0
     finished = asyncio.Event()
 
@@ -90,7 +95,7 @@ async def drain(url: str, count: int, queue_name: str = "bench") -> dict[str, An
 
     async with wsq.Client(url) as client:
         start = time.perf_counter()
-        worker = client.queue(queue_name).process(handler, concurrency=CONCURRENCY)
+        worker = client.queue(queue_name).process(handler, concurrency=concurrency)
         await asyncio.wait_for(finished.wait(), 600)
         elapsed = time.perf_counter() - start
         await worker.stop()
@@ -154,17 +159,49 @@ def run_child(role: str, url: str, count: int) -> dict[str, Any]:
 
 
 DATABASE: str | None = None  # --database
+HISTORY = 0  # --history
 
 
 @contextlib.contextmanager
 def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A fresh server: SQLite in a new folder, or a new schema of ``--database``."""
+    """A fresh server: SQLite in a new folder, or a new schema of ``--database`` (with
+    ``--history`` completed tasks in it)."""
     if DATABASE is None:
         with wsq_server() as started:
             yield started
         return
     with postgres_schema(DATABASE) as url, wsq_server(None, "--database", url) as started:
+        if HISTORY:
+            asyncio.run(_history(url, HISTORY))
         yield started
+
+
+async def _history(url: str, count: int) -> None:
+    """``count`` completed tasks of another queue, each with its attempt, inserted after
+    the server made (and PostgreSQL analyzed) the empty tables."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "ALTER TABLE wsq_tasks SET (autovacuum_enabled = false);"
+            " ALTER TABLE wsq_attempts SET (autovacuum_enabled = false);"
+            " ANALYZE wsq_tasks; ANALYZE wsq_attempts"
+        )
+        await conn.execute(
+            "INSERT INTO wsq_tasks (id, queue, state, seq, data, opt_timeout, opt_retries,"
+            " opt_autoremove, progress, retries, run, worker, created, updated)"
+            " SELECT 'old' || n, 'old', 'completed', n, '\\x7b7d', -1, 0, false, 0, 0, 1,"
+            " 'w', 0, 0 FROM generate_series(1, $1::int) AS n",
+            count,
+        )
+        await conn.execute(
+            "INSERT INTO wsq_attempts (task, run, ended, outcome)"
+            " SELECT 'old' || n, 1, 0, 'completed' FROM generate_series(1, $1::int) AS n",
+            count,
+        )
+    finally:
+        await conn.close()
 
 
 def throughput_run(count: int) -> dict[str, Any]:
@@ -202,12 +239,19 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=None)
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--database", default=None)
+    parser.add_argument("--history", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=None)
     add_role_arguments(parser, ROLES)
     args = parser.parse_args()
     if run_role(args, ROLES):
         return
-    global DATABASE
-    DATABASE = args.database
+    global DATABASE, HISTORY
+    DATABASE, HISTORY = args.database, args.history
+    if HISTORY and DATABASE is None:
+        parser.error("--history needs --database")
+    if args.concurrency is not None:
+        os.environ["WSQ_BENCH_CONCURRENCY"] = str(args.concurrency)
+    concurrency = args.concurrency or CONCURRENCY
     tasks = args.tasks or (500 if args.quick else 20_000)
     runs = args.runs or (1 if args.quick else 3)
     latency_tasks = 50 if args.quick else 1000
@@ -222,7 +266,8 @@ def main() -> None:
         "server_cpu_us_per_add": median([r["server_cpu_us_per_add"] for r in rounds]),
         "server_cpu_us_per_task": median([r["server_cpu_us_per_task"] for r in rounds]),
         "config": f"enqueue: pipelined add(), {IN_FLIGHT} in flight (bulk: add_many of"
-        f" {BULK}); one worker process, concurrency {CONCURRENCY}",
+        f" {BULK}); one worker process, concurrency {concurrency}"
+        + (f"; {HISTORY} completed tasks of history" if HISTORY else ""),
         "latency": {"tasks": latency_tasks, **latency_run(latency_tasks)},
     }
     write_results(args.json, results)
