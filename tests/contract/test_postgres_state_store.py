@@ -451,8 +451,10 @@ async def test_records_missed_while_the_listener_was_away_are_delivered_once_it_
     before the live ones, none twice; then None (it may look at every queue again). Old
     records are deleted by heartbeats."""
     proxy = await Proxy(*pg_schema.address).start()
-    publisher = PostgresStateStore(pg_schema.dsn, node="pub")
-    listener = PostgresStateStore(pg_schema.dsn_at("127.0.0.1", proxy.port), node="sub")
+    publisher = PostgresStateStore(pg_schema.dsn, node="pub", may_be_alone=False)
+    listener = PostgresStateStore(
+        pg_schema.dsn_at("127.0.0.1", proxy.port), node="sub", may_be_alone=False
+    )
     got: list[str | None] = []
     listener.listen(got.append)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,29 @@ async def test_a_lone_node_publishes_again_once_another_starts(
             assert [n for n, tid in seen if tid == late.id] == list(names)
         assert [n for n, tid in seen_a if tid == early.id] == list(names)
         assert [n for n, tid in seen_b if tid == early.id] == ["task started", "task completed"]
+
+
+async def test_a_starting_node_is_answered_at_once_not_at_the_lone_node_s_next_heartbeat(
+    pg_schema: Schema, tmp_path: Path
+) -> None:
+    """A lone node renews its lease every fifth of it (here 12 s); a node that starts
+    tells it so on the store's channel, and it answers at once: the start does not wait
+    for that heartbeat."""
+    lease = 60.0
+    async with contextlib.AsyncExitStack() as stack:
+        servers = []
+        for name in ("a", "b"):
+            store = PostgresStateStore(pg_schema.dsn, node=name, lease=lease)
+            servers.append(
+                wsq.Server(data_dir=tmp_path / name, port=0, state_store=store, node_name=name)
+            )
+        a, b = servers
+        await stack.enter_async_context(a)
+        await eventually(lambda: a._alone)
+        started = time.monotonic()
+        await stack.enter_async_context(b)
+        assert time.monotonic() - started < 6  # a's next heartbeat was 12 s away
+        assert not a._alone and not b._alone
 
 
 async def test_a_lone_node_whose_lease_is_in_doubt_publishes_again(

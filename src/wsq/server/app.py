@@ -257,6 +257,7 @@ class Server:
         # holds: the next heartbeat sets it right (_resync).
         self._astray = False
         self._resync_due = False  # a store of its own: a resync is on its way (RESYNC_AFTER)
+        self._beat_soon = asyncio.Event()  # a shared store: renew the lease now
         self._batch_numbers = itertools.count(1)
         # Numbers of batches that failed whose task events were not told: if their own
         # records show they committed after all, the events in them are (_on_record).
@@ -658,7 +659,9 @@ class Server:
     async def _keep_lease(self) -> None:
         """Renew this node's lease in the shared store, and hold the runs of dead nodes."""
         while True:
-            await asyncio.sleep(self.store.heartbeat_every)
+            with contextlib.suppress(TimeoutError):  # or sooner: _on_record
+                await asyncio.wait_for(self._beat_soon.wait(), self.store.heartbeat_every)
+            self._beat_soon.clear()
             asked = time.monotonic()
             try:
                 beat = await self.store.heartbeat()
@@ -840,14 +843,10 @@ class Server:
         if record.adopted:
             self._heard_adopted(record.instance, record.adopted)
         if record.instance == self._instance:
-            # A batch of this node's that seemed to fail committed after all (its COMMIT
-            # was cut off): now its task events are told, as its records hold them
-            # (those of writes that applied).
-            if record.batch in self._unsure_batches:
-                for event, queue, args in record.events:
-                    if event.startswith("task "):
-                        self._broadcast(Emit(event, queue, tuple(args)))
+            self._heard_own(record)
             return
+        if self._alone:
+            self._beat_soon.set()  # another node started: it may be waiting for an answer
         queued: dict[str, None] = {}
         for event, queue, args in record.events:
             self._broadcast(Emit(event, queue, tuple(args)))
@@ -866,6 +865,15 @@ class Server:
             assert self._batch is not None
             self._batch.emits.append((effect, op))
         self._tell_later(effect, op)
+
+    def _heard_own(self, record: _Record) -> None:
+        """A record of this node's own: if it is of a batch that seemed to fail, that
+        batch committed after all (its COMMIT was cut off): now its task events are
+        told, as the record holds them (those of writes that applied)."""
+        if record.batch in self._unsure_batches:
+            for event, queue, args in record.events:
+                if event.startswith("task "):
+                    self._broadcast(Emit(event, queue, tuple(args)))
 
     def _apply_one(self, effect: Effect) -> None:
         if isinstance(effect, Emit):

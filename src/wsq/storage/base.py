@@ -121,7 +121,9 @@ class StateStore(ABC):
         server's own come too), in commit order, each once, and with ``None`` after its
         connection to the others was away (records committed meanwhile are delivered
         first, as far as the store still has them; the caller may look at everything
-        again). A store no other server shares never calls it."""
+        again). A server that starts while others are alone (:attr:`Heartbeat.alone`)
+        sends them a record naming it with nothing in it, ``[instance, []]``, so that
+        they answer at once. A store no other server shares never calls it."""
         return None  # a default that does nothing: not an abstract method
 
     async def heartbeat(self) -> Heartbeat:

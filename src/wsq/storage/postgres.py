@@ -1627,6 +1627,11 @@ class PostgresStateStore(StateStore):
                     return False
                 await conn.execute(BECOME_ALONE, self.node, self._instance, RECORDS_KEPT)
                 return bool(await conn.fetchval(GET_ALONE, self.node, self._instance))
+            # Told at once (not at their next heartbeat): a record naming this node, with
+            # nothing in it, on the store's channel, sent as this transaction commits.
+            store_id = await conn.fetchval(GET_STORE_ID)
+            notice = _encode_json([self._instance, []]).decode()
+            await conn.execute("SELECT pg_notify($1, $2)", f"wsq_{store_id}", notice)
         names = ", ".join(name for (name,) in asked)
         _log.info("Waiting for %s, alone until now, to publish its writes.", names)
         loop = asyncio.get_running_loop()
