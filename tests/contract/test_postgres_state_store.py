@@ -37,6 +37,9 @@ from wsq.storage.base import (
     WorkerRow,
 )
 from wsq.storage.postgres import (
+    ALONE_KEY,
+    ALONE_LOCK,
+    ASK_NOT_ALONE,
     CLAIM_WAITING,
     PostgresStateStore,
     migrate,
@@ -341,6 +344,37 @@ async def test_a_node_is_alone_until_another_starts_which_waits_for_its_answer(
     third = PostgresStateStore(pg_schema.dsn, node="third", lease=0.5)
     await asyncio.wait_for(third.open(), 1)  # first's lease ended: nobody to wait for
     await third.close()
+
+
+async def test_a_heartbeat_and_a_starting_node_s_ask_take_their_locks_in_one_order(
+    pg_schema: Schema,
+) -> None:
+    """A node that starts takes the lock that orders turning alone, then marks the lone
+    nodes' rows asked; a lone node's heartbeat that renews its row meanwhile must wait for
+    that lock before it locks its row, or each waits for the other (PostgreSQL then
+    aborts one: the start, or the heartbeat, fails with "deadlock detected")."""
+    first = PostgresStateStore(pg_schema.dsn, node="first", lease=30.0)
+    assert (await first.open()).alone is True
+    starting = await asyncpg.connect(pg_schema.dsn)
+    try:
+        asking = starting.transaction()
+        await asking.start()
+        await starting.execute(ALONE_LOCK, ALONE_KEY)  # as a starting node does (_join)
+        beat = asyncio.ensure_future(first.heartbeat())
+
+        async def waiting() -> bool:  # the heartbeat is held up by the lock
+            rows = await starting.fetch(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            return bool(rows)
+
+        await eventually(waiting)
+        assert [row[0] for row in await starting.fetch(ASK_NOT_ALONE, "second")] == ["first"]
+        await asking.commit()
+        assert (await asyncio.wait_for(beat, 10)).alone is None  # it sees it was asked
+    finally:
+        await starting.close()
+        await first.close()
 
 
 async def test_a_starting_node_does_not_wait_for_a_lone_node_that_died(pg_schema: Schema) -> None:

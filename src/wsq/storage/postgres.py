@@ -1662,6 +1662,9 @@ class PostgresStateStore(StateStore):
         async def query(conn: _Reader) -> Heartbeat:
             index = None
             async with conn.transaction():
+                # First, as a starting node's ask (_join) takes it before it locks the rows
+                # of wsq_nodes: the other order would deadlock with it.
+                await conn.execute(ALONE_LOCK, ALONE_KEY)
                 kept = await conn.fetchval(RENEW_LEASE, self.node, self._instance, self.lease)
                 if not kept:
                     index = await _lease(conn, self.node, self._instance, self.lease, retry=False)
@@ -1673,7 +1676,6 @@ class PostgresStateStore(StateStore):
                 if dead:
                     await conn.execute(DROP_DEAD_WORKERS, dead)
                 await conn.execute(DROP_OLD_RECORDS, RECORDS_KEPT)
-                await conn.execute(ALONE_LOCK, ALONE_KEY)
                 if not kept:  # back: lone nodes must publish again (see _join)
                     await conn.execute(ASK_NOT_ALONE, self.node)
                 elif self.may_be_alone:
