@@ -512,13 +512,9 @@ async def test_nodes_killed_under_load_lose_nothing_and_complete_nothing_twice(
                 budget(180),
             )
             assert len(expected) == total
-
-            await eventually(lambda: states_are(pg_schema, expected, "completed"), timeout=60)
-            await eventually(lambda: set(completed) >= set(expected))
-            assert sorted(completed) == sorted(expected)  # each once
-            assert read_ok and all(read_ok)
-            await eventually(lambda: no_orphan(pg_schema, moto_server, bucket), timeout=budget(30))
-            assert len(objects(moto_server, bucket)) == total // 8
+            await each_once_and_no_orphan(
+                pg_schema, moto_server, bucket, expected, completed, read_ok
+            )
             for task in await producers[0].queue("load").completed():
                 await task.remove()
             await eventually(lambda: objects(moto_server, bucket) == [], timeout=budget(30))
@@ -682,12 +678,9 @@ async def test_s3_away_under_load_loses_nothing_and_leaves_no_orphan(
                 budget(120),
             )
             assert len(expected) == total
-            await eventually(lambda: states_are(pg_schema, expected, "completed"), timeout=60)
-            await eventually(lambda: set(completed) >= set(expected))
-            assert sorted(completed) == sorted(expected)  # each once
-            assert read_ok and all(read_ok)
-            await eventually(lambda: no_orphan(pg_schema, moto_server, bucket), timeout=budget(30))
-            assert len(objects(moto_server, bucket)) == total // 8
+            await each_once_and_no_orphan(
+                pg_schema, moto_server, bucket, expected, completed, read_ok
+            )
     finally:
         await proxy.close()
 
@@ -703,6 +696,25 @@ def checking(read_ok: list[bool], pause: float = 0.0) -> Callable[[wsq.Task], Aw
         await asyncio.sleep(pause)
 
     return handler
+
+
+async def each_once_and_no_orphan(
+    schema: Schema,
+    moto_server: MotoServer,
+    bucket: str,
+    expected: dict[str, str],
+    completed: list[str],
+    read_ok: list[bool],
+) -> None:
+    """Every acknowledged task (``expected``: id -> sha256 of its stream, every eighth
+    one has a stream) completed, each once; every stream read whole; S3 holds no orphan
+    and one object per stream."""
+    await eventually(lambda: states_are(schema, expected, "completed"), timeout=60)
+    await eventually(lambda: set(completed) >= set(expected))
+    assert sorted(completed) == sorted(expected)  # each once
+    assert read_ok and all(read_ok)
+    await eventually(lambda: no_orphan(schema, moto_server, bucket), timeout=budget(30))
+    assert len(objects(moto_server, bucket)) == len(expected) // 8
 
 
 async def no_orphan(schema: Schema, moto_server: MotoServer, bucket: str) -> bool:

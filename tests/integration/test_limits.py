@@ -20,6 +20,7 @@ from websockets.exceptions import InvalidStatus
 import wsq
 from tests.conftest import budget, eventually
 from tests.integration.rawclient import RawClient
+from tests.integration.reports import held_run
 from wsq import protocol
 from wsq.blobs.files import FileBlobStore
 from wsq.cli import parse_size
@@ -317,30 +318,16 @@ async def test_a_report_the_full_disk_could_not_store_is_sent_again_and_nothing_
         fast(server.url) as client,
         fast(server.url) as observer,
     ):
-        ends: list[tuple[str, str]] = []
-        for name in ("task completed", "task failed"):
-            observer.queue("disk").on(name, lambda t, *_, name=name: ends.append((name, t.id)))
-        await observer.stats()
-        go = asyncio.Event()
-        runs: list[int | None] = []
-
-        async def handler(task: wsq.Task) -> str:
-            runs.append(task.run)
-            await go.wait()
-            return "ok"
-
-        client.queue("disk").process(handler)
-        task = await client.queue("disk").add(None, timeout=30.0, retries=0)
-        await eventually(lambda: runs)
+        held = await held_run(client, observer, "disk")
         filler = fill(small_disk)
-        go.set()
+        held.go.set()
         await asyncio.sleep(2.5)  # refused, sent again and refused; the state set right
-        assert ends == []  # nothing stored: nothing told
+        assert held.ends == []  # nothing stored: nothing told
         filler.unlink()
-        await eventually(lambda: ends == [("task completed", task.id)])
+        await eventually(lambda: held.ends == [("task completed", held.task.id)])
         await asyncio.sleep(0.5)
-        assert runs == [1] and ends == [("task completed", task.id)]
-        assert server.core.lookup(task.id) is None
+        assert held.runs == [1] and held.ends == [("task completed", held.task.id)]
+        assert server.core.lookup(held.task.id) is None
         [queue] = [q for q in await observer.stats() if q["name"] == "disk"]
         assert (queue["active"], queue["completed"]) == (0, 1)
     with sqlite3.connect(small_disk / "wsq.db") as db:

@@ -16,6 +16,7 @@ import wsq
 from tests.conftest import budget, eventually
 from tests.integration.procs import ServerProcess, free_port
 from tests.integration.proxy import Proxy
+from tests.integration.reports import held_run
 from tests.integration.test_durability import fast, kill_9_under_load
 from tests.integration.test_s3_storage import run_server, stream_bytes
 from tests.pg import Schema
@@ -185,36 +186,20 @@ async def test_a_report_postgres_could_not_store_is_sent_again_and_nothing_stick
             fast(server.url) as client,
             fast(server.url) as observer,
         ):
-            ends: list[tuple[str, str]] = []
-            for name in ("task completed", "task failed"):
-                observer.queue("pg").on(name, lambda t, *_, name=name: ends.append((name, t.id)))
-            await observer.stats()
-            go = asyncio.Event()
-            runs: list[int | None] = []
-
-            async def handler(task: wsq.Task) -> str:
-                runs.append(task.run)
-                await go.wait()
-                if outcome == "failed":
-                    raise RuntimeError("no luck")
-                return "ok"
-
-            client.queue("pg").process(handler)
-            task = await client.queue("pg").add(None, timeout=30.0, retries=0)
-            await eventually(lambda: runs)
+            held = await held_run(client, observer, "pg", failed=outcome == "failed")
             proxy.refuse()
-            go.set()
+            held.go.set()
             await asyncio.sleep(0.5)  # the report is refused, and sent again, meanwhile
-            assert ends == []  # nothing stored: nothing told
+            assert held.ends == []  # nothing stored: nothing told
             proxy.restore()
 
             async def ended() -> bool:
-                return await rows(pg_schema) == {task.id: outcome}
+                return await rows(pg_schema) == {held.task.id: outcome}
 
             await eventually(ended)
             await asyncio.sleep(0.5)
-            assert runs == [1] and ends == [(f"task {outcome}", task.id)]
-            assert server.core.lookup(task.id) is None
+            assert held.runs == [1] and held.ends == [(f"task {outcome}", held.task.id)]
+            assert server.core.lookup(held.task.id) is None
     finally:
         await proxy.close()
 

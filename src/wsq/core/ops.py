@@ -6,7 +6,6 @@ written here, checked by ``tests/contract/test_state_store.py``."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,25 +114,15 @@ class Publish:
     order; never if it does not. Result: ``None``. A store that no other server shares
     drops them.
 
-    ``records`` are sent as they are. ``events`` are ``(text, chunk, op)``: the events
-    of one chunk, in order, make one record ``head + ",".join(texts) + tail``, leaving
-    out each event whose ``op`` (an index into the ops of the same submit, before this
-    one; ``None``: none) is a write that did not apply, and the record if none is left
-    (:meth:`texts`). Whoever makes the op sees to it that a chunk fits."""
+    ``events`` are ``(text, chunk, op)``: the events of one chunk, in order, make one
+    record ``head + ",".join(texts) + tail``, leaving out each event whose ``op`` (an
+    index into the ops of the same submit, before this one; ``None``: none) is a write
+    that did not apply, and the record if none is left. Whoever makes the op sees to it
+    that a chunk fits."""
 
-    records: tuple[str, ...] = ()
-    events: tuple[tuple[str, int, int | None], ...] = ()
+    events: tuple[tuple[str, int, int | None], ...]
     head: str = ""
     tail: str = ""
-
-    def texts(self, applied: Callable[[int], bool]) -> list[str]:
-        """The records to send, given which ops of the submit applied."""
-        chunks: dict[int, list[str]] = {}
-        for text, chunk, op in self.events:
-            if op is None or applied(op):
-                chunks.setdefault(chunk, []).append(text)
-        made = [self.head + ",".join(texts) + self.tail for texts in chunks.values()]
-        return [*self.records, *made]
 
 
 @dataclass(frozen=True, slots=True)

@@ -529,9 +529,9 @@ class Server:
         self._astray = True
         if not self.store.shared and not self._resync_due and not self._closing:
             self._resync_due = True
-            asyncio.get_running_loop().call_later(RESYNC_AFTER, self._resync_alone)
+            asyncio.get_running_loop().call_later(RESYNC_AFTER, self._resync_own)
 
-    def _resync_alone(self) -> None:
+    def _resync_own(self) -> None:
         self._resync_due = False
         if self._astray and not self._closing:
             self._resync()
@@ -780,7 +780,7 @@ class Server:
         for ref in refs:
             self._adopting[ref] = self._adopting.get(ref, 0) + 1
         ops: list[Op] = [AdoptRuns(refs, tuple(workers))]
-        ops += [Publish(tuple(_adoption_records(self._instance, refs)))]
+        ops += [_adoption_records(self._instance, refs)]
 
         def settle(outcome: Outcome) -> None:
             if not done.done():
@@ -1214,9 +1214,8 @@ def _publish(instance: str, emits: Sequence[tuple[Emit, int | None]], batch: int
     left out, and logged: a NOTIFY over the limit would fail the writes it goes with)."""
     head = f"[{_encode(instance).decode()},["
     tail = f"],[],{batch}]"
-    room = RECORD_MAX - len(head.encode()) - len(tail.encode())
-    events: list[tuple[str, int, int | None]] = []
-    chunk = size = 0
+    room = _room(head, tail)
+    events: list[tuple[bytes, int | None]] = []
     for emit, op in emits:
         event = _encode((emit.event, emit.queue, emit.args))
         if len(event) > room:
@@ -1225,29 +1224,37 @@ def _publish(instance: str, emits: Sequence[tuple[Emit, int | None]], batch: int
                 log(logging.ERROR, "event not published", f"{emit.event} is too big to publish")
                 continue
             event = shrunk
-        if size and size + 1 + len(event) > room:
-            chunk, size = chunk + 1, 0
-        size += len(event) + (1 if size else 0)
-        events.append((event.decode(), chunk, op))
-    return Publish(events=tuple(events), head=head, tail=tail)
+        events.append((event, op))
+    return Publish(events=_chunked(events, room), head=head, tail=tail)
 
 
-def _adoption_records(instance: str, runs: Sequence[tuple[str, int]]) -> list[str]:
+def _adoption_records(instance: str, runs: Sequence[tuple[str, int]]) -> Publish:
     """``runs`` as :class:`_Record` texts of at most RECORD_MAX bytes each (task ids are
     at most a few hundred bytes, so each record holds at least a few)."""
-    records: list[str] = []
-    chunk: list[tuple[str, int]] = []
-    size = len(_encode(_Record(instance, [])))
-    for ref in runs:
-        grown = len(_encode(ref)) + 1
-        if chunk and size + grown > RECORD_MAX:
-            records.append(_encode(_Record(instance, [], chunk)).decode())
-            chunk, size = [], len(_encode(_Record(instance, [])))
-        chunk.append(ref)
-        size += grown
-    if chunk:
-        records.append(_encode(_Record(instance, [], chunk)).decode())
-    return records
+    head = f"[{_encode(instance).decode()},[],["
+    tail = "]]"
+    refs = [(_encode(ref), None) for ref in runs]
+    return Publish(events=_chunked(refs, _room(head, tail)), head=head, tail=tail)
+
+
+def _room(head: str, tail: str) -> int:
+    """Bytes a record with ``head`` and ``tail`` has left for its comma-joined items."""
+    return RECORD_MAX - len(head.encode()) - len(tail.encode())
+
+
+def _chunked(
+    items: Sequence[tuple[bytes, int | None]], room: int
+) -> tuple[tuple[str, int, int | None], ...]:
+    """Encoded items (each at most ``room`` bytes, with the op it is tied to) numbered
+    by the chunk they go in: as many in a row as fit in ``room``, comma-joined."""
+    chunked: list[tuple[str, int, int | None]] = []
+    chunk = size = 0
+    for item, op in items:
+        if size and size + 1 + len(item) > room:
+            chunk, size = chunk + 1, 0
+        size += len(item) + (1 if size else 0)
+        chunked.append((item.decode(), chunk, op))
+    return tuple(chunked)
 
 
 def _shrunk(emit: Emit, room: int) -> bytes | None:

@@ -587,7 +587,7 @@ _COUNT_CTE = (
 # commits, in commit order, and never if it does not. Each is made of the notes of one
 # chunk (head || the bodies, comma-joined || tail), leaving out the notes tied to a write
 # of the statement that did not apply (code and id: a row of "app"); a record of notes
-# none of which is left is not made. A record given whole is one note (body '').
+# none of which is left is not made.
 _NOTIFY_CTE = (
     "app (code, id) AS ({applied}),"
     " rec AS (INSERT INTO wsq_records (record)"
@@ -693,6 +693,11 @@ def _insert_row(task: Task) -> tuple[Any, ...]:
     )
 
 
+def _counts(rows: Sequence[asyncpg.Record]) -> dict[tuple[str, State], int]:
+    """Rows of :data:`GET_COUNTS` as tasks per (queue, state)."""
+    return {(queue, STATES[state]): n for queue, state, n in rows}
+
+
 def _task_from_row(row: asyncpg.Record) -> Task:
     """The :class:`Task` in a row selected as :data:`TASK_COLUMNS`."""
     return task_from_row(row, _untext(row[11]))
@@ -757,12 +762,9 @@ class Writes:
         return True
 
     def publish(self, op: Publish, located: list[tuple[int, str, str] | None], here: int) -> None:
-        """Take ``op``'s records and events as notes; ``located``: for each op planned
-        so far, the step, kind and task of the write it became (``None``: no write), so
-        that an event's tie (an index into them) is known; ``here``: this step's number."""
-        for record in op.records:
-            self.notes.append((record, "", "", self.chunks, None, None))
-            self.chunks += 1
+        """Take ``op``'s events as notes; ``located``: for each op planned so far, the
+        step, kind and task of the write it became (``None``: no write), so that an
+        event's tie (an index into them) is known; ``here``: this step's number."""
         first = self.chunks
         for body, chunk, index in op.events:
             code = task_id = None
@@ -944,8 +946,7 @@ async def _run_step(
         rows = await conn.fetch(ADOPT_REPORTED, _NO_PAYLOAD, node, ids, runs, workers)
         return [sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq)]
     if isinstance(step, CountTasks):
-        rows = await conn.fetch(GET_COUNTS)
-        return [{(queue, STATES[state]): n for queue, state, n in rows if n}]
+        return [_counts(await conn.fetch(GET_COUNTS))]
     if isinstance(step, HeldRuns):
         rows = await conn.fetch(GET_HELD, _NO_PAYLOAD, node)
         return [[_task_from_row(row) for row in rows]]
@@ -1093,7 +1094,7 @@ async def _recover(conn: asyncpg.Connection, node: str) -> Recovery:
         next_seq=next_seq,
         active=sorted((_task_from_row(row) for row in rows), key=lambda t: t.seq),
         waiting_queues=[name for (name,) in waiting],
-        counts={(queue, STATES[state]): n for queue, state, n in counts},
+        counts=_counts(counts),
         store_id=store_id,
     )
 
@@ -1778,8 +1779,7 @@ class PostgresStateStore(StateStore):
         """Committed tasks per queue and state, from wsq_counts (the sums over nodes)."""
 
         async def query(conn: _Reader) -> dict[tuple[str, State], int]:
-            rows = await conn.fetch(GET_COUNTS)
-            return {(queue, STATES[state]): n for queue, state, n in rows}
+            return _counts(await conn.fetch(GET_COUNTS))
 
         return await self._read(query)
 

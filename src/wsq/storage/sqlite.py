@@ -389,9 +389,14 @@ def _recover(conn: sqlite3.Connection) -> Recovery:
     rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
     active = [_task_from_row(row) for row in rows]
     waiting_queues = [name for (name,) in conn.execute(GET_WAITING_QUEUES)]
-    counts = {(queue, STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
+    counts = _count_tasks(conn)
     (store_id,) = conn.execute(GET_STORE_ID).fetchone()
     return Recovery(next_seq, active, waiting_queues, counts, store_id)
+
+
+def _count_tasks(conn: sqlite3.Connection) -> dict[tuple[str, State], int]:
+    """The stored tasks per (queue, state)."""
+    return {(queue, STATES[state]): n for queue, state, n in conn.execute(GET_COUNTS)}
 
 
 def _server_error(exc: Exception) -> Exception:
@@ -542,7 +547,7 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
         case ClaimWaiting():
             return _claim(conn, op)
         case CountTasks():
-            return {(q, STATES[state]): n for q, state, n in conn.execute(GET_COUNTS)}
+            return _count_tasks(conn)
         case AdoptRuns():
             return _adoptable(conn, op)
         case HeldRuns():  # one server holds every run
@@ -938,10 +943,7 @@ class SqliteStateStore(StateStore):
     async def counts(self) -> dict[tuple[str, State], int]:
         """Committed tasks per queue and state."""
 
-        def query(conn: sqlite3.Connection) -> dict[tuple[str, State], int]:
-            return {(q, STATES[state]): n for q, state, n in conn.execute(GET_COUNTS)}
-
-        return await self._read(query)
+        return await self._read(_count_tasks)
 
     async def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
         """The committed tasks with these ids, by id. Raises ServerError if closed."""
