@@ -334,6 +334,46 @@ async def test_a_report_the_full_disk_could_not_store_is_sent_again_and_nothing_
         assert db.execute("SELECT state, run FROM tasks").fetchall() == [("completed", 1)]
 
 
+async def test_a_run_whose_start_the_full_disk_could_not_store_is_not_offered_again(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """An offer goes out before its write is durable: with the disk full, the start of
+    the run is not stored. The resyncs that follow keep the run (its worker is running
+    it) instead of loading its task, still waiting in the file, and offering it again;
+    once there is room the start and the end are stored: one run, ended once."""
+    async with (
+        wsq.Server(data_dir=small_disk, port=0, blob_store=FileBlobStore(tmp_path)) as server,
+        fast(server.url) as client,
+        fast(server.url) as observer,
+    ):
+        ends: list[str] = []
+        observer.queue("disk").on("task completed", lambda t, *_: ends.append(t.id))
+        await observer.stats()  # the subscription (sent before it) is in place
+        task = await client.queue("disk").add(None, timeout=30.0, retries=0)
+        filler = fill(small_disk)
+        runs: list[int | None] = []
+        go = asyncio.Event()
+
+        async def handler(task: wsq.Task) -> str:
+            runs.append(task.run)
+            await go.wait()
+            return "ok"
+
+        client.queue("disk").process(handler)
+        await asyncio.sleep(3.5)  # the start refused; the state set right, again and again
+        assert runs == [1]
+        filler.unlink()
+        await asyncio.sleep(1.5)  # the start written again
+        go.set()
+        await eventually(lambda: ends == [task.id])
+        await asyncio.sleep(0.5)
+        assert runs == [1] and ends == [task.id]
+        [queue] = [q for q in await observer.stats() if q["name"] == "disk"]
+        assert (queue["waiting"], queue["active"], queue["completed"]) == (0, 0, 1)
+    with sqlite3.connect(small_disk / "wsq.db") as db:
+        assert db.execute("SELECT state, run FROM tasks").fetchall() == [("completed", 1)]
+
+
 async def test_downloads_count_against_requests_in_flight(data_dir: Path) -> None:
     async with serving(data_dir, max_requests=3) as server:
         async with fast(server.url) as client:

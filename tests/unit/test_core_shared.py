@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from wsq.core.effects import Abort, Claim, Effect, Emit, Offer, Write
-from wsq.core.engine import ADD_HOLD, BACKOFF, CLAIM_RETRY, NODE_BITS, POLL_INTERVAL, Core
+from wsq.core.engine import ADD_HOLD, BACKOFF, CLAIM_RETRY, NODE_BITS, POLL_INTERVAL, Core, Resynced
 from wsq.core.task import Options, State, Task
 from wsq.storage.base import (
     AdoptRuns,
@@ -588,7 +588,7 @@ def test_a_run_whose_end_was_not_stored_is_held_again_after_a_resync() -> None:
     assert a.core.lookup(task_id) is None and cluster.stored(task_id).state == ACTIVE
     a.core.begin_resync()
     [held] = cluster.store._apply_all([HeldRuns()])
-    assert a.core.resynced(held, cluster.now) == (0, 1)
+    assert a.core.resynced(held, cluster.now) == Resynced(0, 1, 0, [])
     cluster.complete(a, task_id)  # the report sent again is accepted
     assert cluster.stored(task_id).state == COMPLETED
 
@@ -610,7 +610,7 @@ def test_a_resync_leaves_runs_made_or_ended_after_its_read_alone() -> None:
     cluster.apply(a, a.core.complete(ended, 1, cluster.now))  # after the read
     fresh = cluster.add(a, timeout=5.0)  # claimed after the read: the store has it
     assert a.core.lookup(fresh) is not None
-    assert a.core.resynced(held, cluster.now) == (1, 1)  # ghost forgotten, lost again
+    assert a.core.resynced(held, cluster.now) == Resynced(1, 1, 0, [])  # ghost forgotten
     assert a.core.lookup(lost) is not None and a.core.lookup(fresh) is not None
     assert a.core.lookup(ended) is None and a.core.lookup(ghost) is None
     assert cluster.stored(ended).state == COMPLETED

@@ -78,6 +78,17 @@ _STATE_NAMES = tuple(state.value for state in State)
 _STATE_INDEX = {state: index for index, state in enumerate(State)}
 
 
+@dataclass(frozen=True, slots=True)
+class Resynced:
+    """What :meth:`Core.resynced` did: runs forgotten, held again and whose start it
+    writes again, and the effects to apply (those writes, aborts of forgotten runs)."""
+
+    dropped: int
+    held: int
+    started: int
+    effects: list[Effect]
+
+
 @dataclass(slots=True)
 class _Worker:
     id: str  # the key the core knows it by (unique in the server)
@@ -225,6 +236,10 @@ class Core:
         self._generation = 0
         self._ended_since: set[tuple[str, int]] | None = None
         self._counts_then: dict[str, list[int]] = {}  # a store of its own: at begin_resync
+        # A store of its own: task id -> the run a resync forgot (its start was not stored
+        # and the store holds an earlier run); the task's next run is numbered above it,
+        # so no worker is offered a run it may still be running.
+        self._spent: dict[str, int] = {}
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -292,41 +307,58 @@ class Core:
         held: list[Task],
         now: float,
         counts: dict[tuple[str, State], int] | None = None,
-    ) -> tuple[int, int]:
+    ) -> Resynced:
         """The store's active runs of this node as of :meth:`begin_resync` (``held``):
         runs the core ended before it, whose end was not stored, are held again, timed
         from now as after a takeover (their workers' reports are accepted again, and
         their timers run); runs the core held before it that the store does not give this
         node are forgotten, with no write and no event. Runs made or ended since are left
-        as they are: the store saw those writes after the read. Returns how many were
-        forgotten and how many held again.
+        as they are: the store saw those writes after the read.
 
-        With a store of its own, also: a task held again leaves its window (its
-        re-queue was not stored); every window is filled from the store again as it
-        drains (tasks whose start or delete was not stored wait there); and ``counts``
-        (the store's, as of the read) are the counts again, with the moves made since."""
+        With a store of its own, also: a run whose start was not stored (offers go out
+        before their write is durable) while the store still has its task waiting is kept,
+        and its start written again (its worker is running it: it must not be offered
+        again); a run forgotten because the store holds an earlier run of the task is
+        aborted at its worker, and the task's next run is numbered above it. A task held
+        again leaves its window (its re-queue was not stored); every window is filled from
+        the store again as it drains (tasks whose delete was not stored wait there); and
+        ``counts`` (the store's, as of the read) are the counts again, with the moves made
+        since."""
         generation, ended = self._generation, self._ended_since or set()
         self._ended_since = None
         stored = {task.id: task for task in held}
+        effects: list[Effect] = []
+        started: list[_Run] = []
         dropped = 0
         for task_id, current in list(self._runs.items()):
             if current.born == generation:
                 continue
             task = stored.get(task_id)
-            if task is None or task.run != current.task.run:
-                self._detach(current)
-                self._dirty[current.task.queue] = None
-                dropped += 1
+            if task is not None and task.run == current.task.run:
+                continue
+            if task is None and not self.shared:
+                started.append(current)
+                continue
+            self._detach(current)
+            self._dirty[current.task.queue] = None
+            dropped += 1
+            if not self.shared:
+                effects += self._abort(current, "Its start was not stored (the store failed).")
+                self._spent[task_id] = current.task.run
         again = [
             task for task in held if task.id not in self._runs and (task.id, task.run) not in ended
         ]
         if not self.shared:
             self._resync_windows(again, counts)
+            for current in started:
+                if counts is not None:  # the store counts the task as waiting
+                    self._move(current.task.queue, State.WAITING, State.ACTIVE)
+                effects.append(Write(Update(current.task.copy(), expected=State.WAITING)))
         self._hold_runs(again, now)
         for queue in self._queues.values():  # claims may have failed meanwhile: look again
             queue.maybe_waiting = True
             self._dirty[queue.name] = None
-        return dropped, len(again)
+        return Resynced(dropped, len(again), len(started), effects)
 
     def _resync_windows(
         self, again: list[Task], counts: dict[tuple[str, State], int] | None
@@ -622,6 +654,8 @@ class Core:
         current = self._run_of(task_id, run)
         effects = self._start(current, now)
         task = self._end(current, State.COMPLETED, now)
+        if self._spent:  # no next run to number
+            self._spent.pop(task.id, None)
         self._observe(seen.COMPLETED, task.queue, now - current.began)
         op = Update(task.copy(), expected=State.ACTIVE)
         effects.append(Write(op))
@@ -1036,6 +1070,8 @@ class Core:
             task.error = None  # as the original: a task queued again carries no error
             delay = self._backoff(task.retries) if expired else 0.0
             return self._requeue(task, State.ACTIVE, now, announce=failed, delay=delay)
+        if self._spent:  # no next run to number
+            self._spent.pop(task.id, None)
         op = Update(task.copy(), expected=State.ACTIVE)
         effects: list[Effect] = [Write(op), *_telling(failed, op)]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
@@ -1454,7 +1490,7 @@ class Core:
                 # back across a restart must not make it negative.
                 self._observe(seen.STARTED, task.queue, max(0.0, now - task.updated))
                 task.state = State.ACTIVE
-                task.run += 1
+                task.run = max(task.run, self._spent.pop(task.id, 0)) + 1
                 task.worker = worker.id
                 task.updated = now
             current = _Run(task, acked=False, deadline=None, offered=now, born=self._generation)

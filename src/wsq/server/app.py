@@ -756,16 +756,17 @@ class Server:
             if isinstance(outcome, BaseException) or self._closing:
                 return  # _check_written saw it: the next heartbeat tries again
             counts = None if shared else outcome[1]
-            dropped, held = self.core.resynced(outcome[0], time.time(), counts)
-            if dropped or held:
+            done = self.core.resynced(outcome[0], time.time(), counts)
+            if done.dropped or done.held or done.started:
                 log(
                     logging.WARNING,
                     "runs resynced",
-                    f"After writes that failed: {held} runs held again (their ends were not"
-                    f" stored), {dropped} runs forgotten (the store gives them to no worker"
+                    f"After writes that failed: {done.held} runs held again (their ends were"
+                    f" not stored), {done.started} runs kept and their start written again,"
+                    f" {done.dropped} runs forgotten (the store gives them to no worker"
                     " here).",
                 )
-            self.apply([])
+            self.apply(done.effects)
 
         self.submit([HeldRuns()] if shared else [HeldRuns(), CountTasks()], then)
         self.apply(self.core.sync_workers())
