@@ -530,6 +530,9 @@ async def test_a_node_killed_mid_upload_leaves_no_upload_and_no_object(
     through it into S3 as a multipart upload. Once b's lease has run out, node a aborts
     the upload: nothing of it is left in the bucket, unfinished or whole."""
     storage = f"s3://{bucket}/{PREFIX}"
+    # Longer than LEASE: a heartbeat of b's late on a loaded machine would have a sweep
+    # b's upload while b is alive (as it must, once the lease has run out).
+    lease = 3 * LEASE
 
     def uploads() -> list[str]:
         return unfinished_uploads(moto_server, bucket)
@@ -537,11 +540,11 @@ async def test_a_node_killed_mid_upload_leaves_no_upload_and_no_object(
     b = ServerProcess(
         tmp_path / "b",
         None,
-        *("--database", pg_schema.dsn, "--node-name", "b", "--lease", str(LEASE)),
+        *("--database", pg_schema.dsn, "--node-name", "b", "--lease", str(lease)),
         *("--storage", storage, "--heartbeat-interval", "0.5"),
     )
     await b.start()
-    store = PostgresStateStore(pg_schema.dsn, node="a", lease=LEASE)
+    store = PostgresStateStore(pg_schema.dsn, node="a", lease=lease)
     stalled = asyncio.Event()
     try:
         async with (
