@@ -222,6 +222,37 @@ async def test_a_client_that_never_reads_is_dropped_and_others_go_on(data_dir: P
         ws.transport.abort()
 
 
+async def test_a_burst_of_offers_larger_than_max_outgoing_is_paced_not_dropped(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers that read: one of concurrency 1,000 on a queue of 400 KB tasks (payloads
+    read from the store at offer time), one on a queue of 15 KB tasks (payloads kept in
+    the window): each is offered several times ``max_outgoing`` at once. The offers leave
+    as the client reads, so neither is dropped as a slow consumer: every task runs once,
+    in its first run."""
+    async with (
+        serving(data_dir, max_outgoing=4_000_000) as server,
+        fast(server.url) as producer,
+        fast(server.url) as worker,
+    ):
+        await producer.queue("big").add_many([{"pad": "x" * 400_000}] * 60)  # 24 MB
+        await producer.queue("small").add_many([{"pad": "y" * 15_000}] * 600)  # 9 MB
+        runs: list[int | None] = []
+
+        async def handler(task: wsq.Task) -> None:
+            runs.append(task.run)
+
+        worker.queue("big").process(handler, concurrency=1000)
+        worker.queue("small").process(handler, concurrency=1000)
+        await eventually(lambda: len(runs) >= 660, timeout=30)
+        await asyncio.sleep(0.5)
+        assert runs == [1] * 660
+        for name in ("big", "small"):
+            [queue] = [q for q in await producer.stats() if q["name"] == name]
+            assert (queue["waiting"], queue["active"], queue["failed"]) == (0, 0, 0)
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]
+
+
 async def test_a_client_sending_byte_by_byte_slows_nobody(data_dir: Path) -> None:
     async with serving(data_dir) as server, fast(server.url) as client:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

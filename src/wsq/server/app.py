@@ -53,7 +53,7 @@ from wsq.server.logs import log, logger, name_node
 from wsq.server.metrics import Metrics
 from wsq.server.origins import OriginPolicy
 from wsq.server.replay import Replay
-from wsq.server.streams import BlobQuota, stream_json
+from wsq.server.streams import BlobQuota
 from wsq.server.uploads import ReservedBlobs
 from wsq.storage.base import (
     RECORD_MAX,
@@ -918,52 +918,9 @@ class Server:
             connection.send_text(message)
 
     def _send_offer(self, offer: Offer) -> None:
-        if offer.connection not in self.connections:
-            return  # The ack timeout fails these runs.
-        if any(task.data is None for task in offer.tasks):
-            self.spawn(self._send_offer_read(offer), f"wsq-offer-{offer.connection}")
-            return
-        self._send_offer_now(offer, offer.tasks)
-
-    async def _send_offer_read(self, offer: Offer) -> None:
-        """An offer of tasks whose payloads the window did not keep: one read of the
-        store for all of them (the reader sees every insert, all durable by now), then
-        the runs still current."""
-        missing = [task.id for task in offer.tasks if task.data is None]
-        try:
-            stored = await self.store.get_many(missing)
-        except Exception as exc:  # the runs time out and are offered again
-            log(logging.ERROR, "store failed", f"Reading offered tasks failed: {exc}")
-            return
-        tasks = []
-        for task in offer.tasks:
-            if task.data is None:
-                full = stored.get(task.id)
-                if full is None:
-                    continue  # removed meanwhile
-                task = task.copy()
-                task.data, task.streams = full.data, full.streams
-            if self.core.is_current(task.id, task.run):
-                tasks.append(task)
-        if tasks:
-            self._send_offer_now(offer, tasks)
-
-    def _send_offer_now(self, offer: Offer, offered: Sequence[Task]) -> None:
         connection = self.connections.get(offer.connection)
-        if connection is None:
-            return
-        tasks = [
-            {
-                "task": task.to_json(),
-                "run": task.run,
-                "data": msgspec.Raw(task.data or b"null"),
-                "streams": [stream_json(ref) for ref in task.streams],
-            }
-            for task in offered
-        ]
-        connection.send_text(
-            protocol.encode({"op": "offer", "worker": offer.worker, "tasks": tasks})
-        )
+        if connection is not None:  # else the ack timeout fails these runs
+            connection.offer(offer.worker, offer.tasks)
 
     def _broadcast(self, emit: Emit) -> None:
         everyone = self.subscribers.get(None, set())

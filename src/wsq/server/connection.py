@@ -70,6 +70,11 @@ class Connection:
         self._out_bytes = 0
         self._wake = asyncio.Event()
         self._closing = False
+        # Offers that wait for room in the outgoing buffer (or for payloads to be read):
+        # (worker, snapshots of the runs); _offering: the task sending them is running.
+        self._offers: deque[tuple[str, list[Task]]] = deque()
+        self._offering: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()  # set each time the outgoing buffer shrinks
         self._uploads: dict[int, Upload] = {}
         self._downloads: dict[int, Download] = {}
         self._unclaimed: set[str] = set()
@@ -295,15 +300,25 @@ class Connection:
         self.server.budget.used += len(data)
         self._wake.set()
         if self._out_bytes > self.server.max_outgoing:
-            log(
-                logging.WARNING,
-                "slow consumer",
-                "dropping a client that does not read",
-                connection=self.id,
-            )
-            self.drop(1008, "Slow consumer")
+            self._drop_slow()
         elif self.server.budget.over:
             self.server.shed_load()
+
+    def _drop_slow(self) -> None:
+        log(
+            logging.WARNING,
+            "slow consumer",
+            "dropping a client that does not read",
+            connection=self.id,
+        )
+        self.drop(1008, "Slow consumer")
+
+    def _stalled_after(self) -> float:
+        """How long offers wait on a client that reads nothing before it is dropped: half
+        the worker timeout (the runs it holds would time out unacknowledged soon after,
+        and must not be offered to it again), 10 s when runs have no worker timeout."""
+        timeout = self.server.worker_timeout
+        return timeout / 2 if timeout >= 0 else 10.0
 
     @property
     def backlog(self) -> int:
@@ -322,6 +337,88 @@ class Connection:
         self.server.budget.used -= self._out_bytes
         self._out.clear()
         self._out_bytes = 0
+        self._offers.clear()
+        self._room.set()
+
+    # -- offers ----------------------------------------------------------------------------
+
+    def offer(self, worker: str, tasks: Sequence[Task]) -> None:
+        """Send an offer of these runs to ``worker``. The server makes offers in bursts a
+        worker did not ask to be paced (a worker of concurrency 100 on a queue of 1 MiB
+        tasks is offered 100 MiB at once), so they never fill the outgoing buffer past
+        half of ``max_outgoing``: what does not fit waits here, as the runs' snapshots
+        without payloads, and leaves in slices of at most a quarter of it as the client
+        reads (:meth:`_send_offers`); a payload the window did not keep is read from the
+        store then. The wait is bounded by the worker's concurrency (offered runs hold
+        its slots), and a worker that does not read is dropped by the ``max_outgoing``
+        rule all the same, once what it was sent before piles up."""
+        if self._closing:
+            return
+        if (
+            not self._offers
+            and all(task.data is not None for task in tasks)
+            and self._out_bytes + _offer_bytes(tasks, 0) <= self.server.max_outgoing // 2
+        ):
+            self._send_offer(worker, tasks)
+            return
+        self._offers.append((worker, list(tasks)))
+        if self._offering is None:
+            self._offering = asyncio.create_task(self._send_offers(), name=f"wsq-offers-{self.id}")
+            self._requests.add(self._offering)
+            self._offering.add_done_callback(self._requests.discard)
+
+    async def _send_offers(self) -> None:
+        server = self.server
+        try:
+            while self._offers and not self._closing:
+                while self._out_bytes > server.max_outgoing // 2 and not self._closing:
+                    self._room.clear()
+                    try:
+                        await asyncio.wait_for(self._room.wait(), self._stalled_after())
+                    except TimeoutError:
+                        self._drop_slow()
+                        return
+                if self._closing:
+                    return
+                worker, tasks = self._offers[0]
+                budget, size, count = server.max_outgoing // 4, 0, 0
+                for task in tasks:
+                    cost = _offer_bytes((task,), server.max_message_size)
+                    if count and size + cost > budget:
+                        break
+                    size += cost
+                    count += 1
+                part = [t for t in tasks[:count] if server.core.is_current(t.id, t.run)]
+                del tasks[:count]
+                if not tasks:
+                    self._offers.popleft()
+                missing = [task.id for task in part if task.data is None]
+                if missing:
+                    try:
+                        stored = await server.store.get_many(missing)
+                    except Exception as exc:  # these runs time out and are offered again
+                        log(logging.ERROR, "store failed", f"Reading offered tasks failed: {exc}")
+                        continue
+                    read = [_with_payload(t, stored) for t in part]
+                    part = [
+                        t for t in read if t is not None and server.core.is_current(t.id, t.run)
+                    ]
+                if part and not self._closing:
+                    self._send_offer(worker, part)
+        finally:
+            self._offering = None
+
+    def _send_offer(self, worker: str, tasks: Sequence[Task]) -> None:
+        offered = [
+            {
+                "task": task.to_json(),
+                "run": task.run,
+                "data": msgspec.Raw(task.data or b"null"),
+                "streams": [stream_json(ref) for ref in task.streams],
+            }
+            for task in tasks
+        ]
+        self.send_text(p.encode({"op": "offer", "worker": worker, "tasks": offered}))
 
     async def _write_loop(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -340,6 +437,7 @@ class Connection:
                     self._out_bytes -= len(data)
                     self.server.budget.used -= len(data)
                     frame = data
+                self._room.set()
                 await self.ws.send(frame, text=text)
 
     def _take_text(self) -> bytes:
@@ -1395,3 +1493,26 @@ def _version() -> str:
     from wsq import __version__
 
     return __version__
+
+
+_OFFER_OVERHEAD = 512  # bytes of an offered run besides its payload (task, run, streams)
+
+
+def _offer_bytes(tasks: Sequence[Task], unread: int) -> int:
+    """About how many bytes an offer of ``tasks`` takes, counting ``unread`` for each
+    payload not in memory (at most the largest message a client may send)."""
+    return sum(
+        _OFFER_OVERHEAD + (task.payload_size if task.data is not None else unread) for task in tasks
+    )
+
+
+def _with_payload(task: Task, stored: dict[str, Task]) -> Task | None:
+    """``task`` with its payload as read from the store (``None``: removed meanwhile)."""
+    if task.data is not None:
+        return task
+    full = stored.get(task.id)
+    if full is None:
+        return None
+    task = task.copy()
+    task.data, task.streams = full.data, full.streams
+    return task

@@ -48,6 +48,7 @@ class Host(Protocol[C]):
     connections: dict[str, C]
     node_name: str
     heartbeat_interval: float
+    worker_timeout: float
     max_connections: int
     max_requests: int
     max_uploads: int
