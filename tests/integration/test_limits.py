@@ -253,6 +253,37 @@ async def test_a_burst_of_offers_larger_than_max_outgoing_is_paced_not_dropped(
     assert not [r for r in caplog.records if "does not read" in r.getMessage()]
 
 
+async def test_a_listing_larger_than_max_outgoing_comes_in_pages_cut_by_size(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 failed tasks with 60 KB errors: a page of all of them would be 18 MB, past
+    ``max_outgoing`` (4 MB here), and the client asking would be dropped as a slow
+    consumer. Pages are cut by size instead; following their cursors gives every task,
+    once, in order."""
+    async with (
+        serving(data_dir, max_outgoing=4_000_000) as server,
+        fast(server.url) as client,
+    ):
+        queue = client.queue("errors")
+        added = [t.id for t in await queue.add_many(list(range(300)), retries=0)]
+
+        async def handler(task: wsq.Task) -> None:
+            raise RuntimeError("x" * 60_000)
+
+        queue.process(handler, concurrency=50)
+        await eventually(lambda: _count(queue.failed(), 300), timeout=30)
+        async with RawClient(server.url) as raw:
+            answer = await raw.request(
+                {"op": "list", "queue": "errors", "state": "failed", "limit": 300}
+            )
+        page = answer["result"]
+        assert 0 < len(page["tasks"]) < 300 and page["cursor"] is not None  # cut by size
+        assert all(len(t["error"]) >= 60_000 for t in page["tasks"])
+        listed = await queue.failed()  # every page, following the cursors
+        assert [t.id for t in listed] == added
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]
+
+
 async def test_a_client_sending_byte_by_byte_slows_nobody(data_dir: Path) -> None:
     async with serving(data_dir) as server, fast(server.url) as client:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

@@ -53,6 +53,7 @@ MAX_SUBSCRIPTIONS = 10_000
 HELLO_TIMEOUT = 5.0
 """Seconds a connection may take to say hello after its WebSocket handshake."""
 _FRAME_BYTES = 1 << 20
+_LIST_SLICE = 500  # tasks per store read of a listing (Connection._list)
 
 
 class Connection:
@@ -798,17 +799,34 @@ class Connection:
         self._spawn(message.id, self._list(message))
 
     async def _list(self, message: p.ListTasks) -> Any:
+        """A page of at most ``limit`` tasks, and of at most a quarter of
+        ``max_outgoing`` bytes (a task's error may be 64 KiB: a full page of them would
+        be 640 MB): a page cut short by its size has a cursor like any other. Read in
+        slices of :data:`_LIST_SLICE`, so that what a page costs the server is bounded
+        by the same, however many tasks it asks for."""
         after = int(message.cursor) if message.cursor is not None else None
         state = State(message.state) if message.state else None
         await self._durable()  # listings show every transition anyone was told of
-        # One more than asked for tells whether another page follows.
-        tasks = await self.server.store.list(
-            queue=message.queue, state=state, limit=message.limit + 1, after=after
-        )
-        more = len(tasks) > message.limit
-        del tasks[message.limit :]
-        cursor = str(tasks[-1].seq) if more else None
-        return {"tasks": [self._fresh(t).to_json() for t in tasks], "cursor": cursor}
+        budget = self.server.max_outgoing // 4
+        page: list[msgspec.Raw] = []
+        size = 0
+        while True:
+            want = min(message.limit - len(page), _LIST_SLICE)
+            # One more than asked for tells whether more follow.
+            tasks = await self.server.store.list(
+                queue=message.queue, state=state, limit=want + 1, after=after
+            )
+            for task in tasks[:want]:
+                encoded = msgspec.Raw(p.encode(self._fresh(task).to_json()))
+                if page and size + len(encoded) > budget:
+                    return {"tasks": page, "cursor": str(after)}
+                page.append(encoded)
+                size += len(encoded)
+                after = task.seq
+            if len(tasks) <= want:
+                return {"tasks": page, "cursor": None}
+            if len(page) == message.limit:
+                return {"tasks": page, "cursor": str(after)}
 
     def _fresh(self, task: Task) -> Task:
         """The core's copy of a task when it holds one (its progress may be newer)."""

@@ -172,7 +172,9 @@ class StateStore(ABC):
         after: int | None = None,
     ) -> builtins.list[Task]:
         """Committed tasks in ``seq`` order, filtered by ``queue`` and ``state`` when given,
-        starting after ``seq == after`` (a cursor), at most ``limit`` of them."""
+        starting after ``seq == after`` (a cursor), at most ``limit`` of them, without
+        their payloads (``data`` is ``None``, ``streams`` empty: listings show neither, and
+        a page of large tasks must not cost their bytes)."""
 
     @abstractmethod
     async def queues(self) -> builtins.list[str]:

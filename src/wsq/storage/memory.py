@@ -379,7 +379,8 @@ class MemoryStateStore(StateStore):
         after: int | None = None,
     ) -> builtins.list[Task]:
         """Copies of stored tasks in ``seq`` order, filtered by ``queue`` and ``state``,
-        with ``seq > after`` when given, at most ``limit``. Raises ServerError if closed."""
+        with ``seq > after`` when given, at most ``limit``, without payloads. Raises
+        ServerError if closed."""
         self._check_open()
         start = 0 if after is None else bisect.bisect_right(self._order, after, key=_seq)
         found: builtins.list[Task] = []
@@ -388,7 +389,9 @@ class MemoryStateStore(StateStore):
                 break
             task = self._tasks[task_id]
             if (queue is None or task.queue == queue) and (state is None or task.state == state):
-                found.append(_copy(task))
+                listed = _copy(task)
+                listed.data, listed.streams = None, ()
+                found.append(listed)
         return found
 
 

@@ -263,19 +263,22 @@ SELECT * FROM claimed
 """
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = $1"
 GET_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = ANY($1::text[])"
-LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE seq > $1 ORDER BY seq LIMIT $2"
+# Listings show no payloads (Task.to_json): they read none, so that a page of large tasks
+# costs what a page of small ones does.
+LISTED_COLUMNS = TASK_COLUMNS.replace("data, streams,", "NULL, NULL,")
+LIST_TASKS = f"SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE seq > $1 ORDER BY seq LIMIT $2"
 LIST_TASKS_IN_STATE = (
-    f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE state = $3 AND seq > $1 ORDER BY seq LIMIT $2"
+    f"SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE state = $3 AND seq > $1 ORDER BY seq LIMIT $2"
 )
 LIST_TASKS_OF_QUEUE_IN_STATE = f"""
-SELECT {TASK_COLUMNS} FROM wsq_tasks
+SELECT {LISTED_COLUMNS} FROM wsq_tasks
 WHERE queue = $3 AND state = $4 AND seq > $1
 ORDER BY seq LIMIT $2
 """
 # A queue's first tasks by seq: the first of each state, merged (a Merge Append of four
 # index range scans) rather than a sort of the whole queue.
 _OF_STATE = (
-    f"(SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE queue = $3 AND state = '{{state}}'"
+    f"(SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE queue = $3 AND state = '{{state}}'"
     " AND seq > $1 ORDER BY seq LIMIT $2)"
 )
 LIST_TASKS_OF_QUEUE = (

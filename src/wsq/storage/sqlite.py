@@ -248,12 +248,15 @@ WHERE id = ?
 GET_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
 
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
-LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?"
+# Listings show no payloads (Task.to_json): they read none, so that a page of large tasks
+# costs what a page of small ones does.
+LISTED_COLUMNS = TASK_COLUMNS.replace("data, streams,", "NULL, NULL,")
+LIST_TASKS = f"SELECT {LISTED_COLUMNS} FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?"
 LIST_TASKS_IN_STATE = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?"
+    f"SELECT {LISTED_COLUMNS} FROM tasks WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
 LIST_TASKS_OF_QUEUE_IN_STATE = f"""
-SELECT {TASK_COLUMNS} FROM tasks
+SELECT {LISTED_COLUMNS} FROM tasks
 WHERE queue = ? AND state = ? AND seq > ?
 ORDER BY seq LIMIT ?
 """
