@@ -36,3 +36,25 @@ def test_an_abandoned_request_is_forgotten_and_its_waiters_woken_with_none() -> 
     entry.abandon()
     assert got == [None]
     assert replay.seen(key) is None
+
+
+def test_the_oldest_answers_are_forgotten_past_the_byte_bound() -> None:
+    """A bulk producer's answers (1,000 ids each) must not hold gigabytes: past
+    ``max_bytes`` the oldest answers go, whatever their number; requests still in flight
+    stay (they count nothing until answered), and a forgotten entry uncounts its answer."""
+    replay = Replay(limit=100, max_bytes=250)
+    keys = [(None, "s" * 16, n) for n in range(6)]
+    pending = replay.begin(keys[0])
+    for key in keys[1:4]:
+        replay.begin(key).settle(b"x" * 100)
+    assert replay.bytes == 200  # a third answer would pass 250: the oldest answered went
+    assert [replay.seen(k) is not None for k in keys[:4]] == [True, False, True, True]
+    pending.settle(b"late")  # still held: counted
+    assert replay.bytes == 204
+    entry = replay.begin(keys[4])
+    replay.forget(keys[4], entry)
+    entry.settle(b"y" * 100)  # an abandoned first copy answers after all: not counted
+    assert replay.bytes == 204
+    replay.begin(keys[5]).settle(b"z" * 1000)  # larger than the bound alone: kept
+    assert replay.bytes == 1000 and replay.seen(keys[5]) is not None
+    assert [replay.seen(k) is not None for k in keys[:4]] == [False] * 4

@@ -7,7 +7,8 @@ the server remembers each one's answer under the client's principal, its ``sessi
 (§4.1) and the request id, and answers a request it has seen with that answer instead of
 doing it again. A request seen while its first copy is still being handled waits for that
 copy's answer; if the first copy was dropped before it acted, the new one is handled
-afresh. Memory is bounded: the oldest answers are forgotten first.
+afresh. Memory is bounded, in answers and in bytes: the oldest answers are forgotten
+first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from collections.abc import Callable
 REMEMBERED = 65_536
 """Answers kept, over all sessions (each is one encoded answer message, most under 1 KiB)."""
 
+REMEMBERED_BYTES = 64 << 20
+"""Bytes of answers kept, over all sessions: an ``add_many`` of 1,000 is answered with
+its 1,000 ids (23 KB with the Python client's ids, more with longer ones), so a bulk
+producer's answers alone would fill 65,536 entries with 1.5 GB and more. 64 MiB keeps
+about 2,800 of those, minutes of history at the rates a server sustains; a client sends
+its requests again within seconds of reconnecting."""
+
 Key = tuple[str | None, str, int]
 """(principal name, session, request id)."""
 
@@ -25,15 +33,18 @@ Key = tuple[str | None, str, int]
 class Entry:
     """One request's answer: pending until :meth:`settle` or :meth:`abandon`."""
 
-    __slots__ = ("answer", "waiters")
+    __slots__ = ("_key", "_replay", "answer", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, replay: Replay, key: Key) -> None:
         self.answer: bytes | None = None
         # Called with the answer, or with None if the first copy never acted.
         self.waiters: list[Callable[[bytes | None], None]] = []
+        self._replay = replay
+        self._key = key
 
     def settle(self, answer: bytes) -> None:
         self.answer = answer
+        self._replay._settled(self._key, self)
         self._wake(answer)
 
     def abandon(self) -> None:
@@ -49,8 +60,10 @@ class Entry:
 class Replay:
     """The remembered answers, oldest first."""
 
-    def __init__(self, limit: int = REMEMBERED) -> None:
+    def __init__(self, limit: int = REMEMBERED, max_bytes: int = REMEMBERED_BYTES) -> None:
         self._limit = limit
+        self._max_bytes = max_bytes
+        self._bytes = 0  # of the answers of the entries held
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
 
     def __len__(self) -> int:
@@ -60,14 +73,45 @@ class Replay:
         """The entry of a request already seen, if it is still remembered."""
         return self._entries.get(key)
 
+    @property
+    def bytes(self) -> int:
+        """Bytes of the answers remembered."""
+        return self._bytes
+
     def begin(self, key: Key) -> Entry:
         """Start remembering a request seen for the first time."""
-        entry = self._entries[key] = Entry()
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._drop(old)
+        entry = self._entries[key] = Entry(self, key)
         if len(self._entries) > self._limit:
-            self._entries.popitem(last=False)
+            self._drop(self._entries.popitem(last=False)[1])
         return entry
 
     def forget(self, key: Key, entry: Entry) -> None:
         """Drop an abandoned entry, so that the request may be handled afresh."""
         if self._entries.get(key) is entry:
             del self._entries[key]
+            self._drop(entry)
+
+    def _settled(self, key: Key, entry: Entry) -> None:
+        """``entry`` has its answer: count it (unless it was forgotten meanwhile), then
+        forget the oldest answers while they pass ``max_bytes`` (requests still in flight,
+        and this answer, however large, stay)."""
+        if self._entries.get(key) is not entry or entry.answer is None:
+            return
+        self._bytes += len(entry.answer)
+        for _ in range(len(self._entries)):
+            if self._bytes <= self._max_bytes:
+                break
+            old_key, old = next(iter(self._entries.items()))
+            if old.answer is None or old is entry:  # in flight, or this one: kept
+                self._entries.move_to_end(old_key)
+                continue
+            del self._entries[old_key]
+            self._bytes -= len(old.answer)
+
+    def _drop(self, entry: Entry) -> None:
+        """Uncount an entry no longer held."""
+        if entry.answer is not None:
+            self._bytes -= len(entry.answer)
