@@ -100,16 +100,23 @@ class AddMany(_Msg, tag="add_many"):
     tasks: Annotated[list[NewTask], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
+PageLimit = Annotated[int, msgspec.Meta(ge=1, le=10000)]
+
+
 class ListTasks(_Msg, tag="list"):
     id: RequestId
     queue: QueueName | None = None
     state: StateName | None = None
-    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1000
+    limit: PageLimit = 1000
     cursor: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}\Z")] | None = None
 
 
 class Queues(_Msg, tag="queues"):
+    """Queue names in order, a page at a time (docs/protocol.md, ``queues``)."""
+
     id: RequestId
+    limit: PageLimit = 1000
+    cursor: QueueName | None = None  # the last name of the previous page
 
 
 class Get(_Msg, tag="get"):
@@ -232,7 +239,11 @@ class Cancel(_Msg, tag="cancel"):
 
 
 class Stats(_Msg, tag="stats"):
+    """Queues' counts and workers in name order, a page at a time (docs/protocol.md)."""
+
     id: RequestId
+    limit: PageLimit = 1000
+    cursor: QueueName | None = None  # the last name of the previous page
 
 
 class Workers(_Msg, tag="workers"):

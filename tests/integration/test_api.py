@@ -318,7 +318,8 @@ async def test_stats_count_tasks_by_state_and_list_workers(data_dir: Any) -> Non
                     {"name": "s", "waiting": 1, "active": 2, "completed": 2, "failed": 0,
                      "workers": [{"id": worker.id, "queue": "s", "concurrency": 2,
                                   "running": 2, "node": server.node_name}]}
-                ]
+                ],
+                "cursor": None,
             }  # fmt: skip
             release.set()
             await eventually(lambda: queue.failed())

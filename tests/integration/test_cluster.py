@@ -118,6 +118,10 @@ async def test_a_task_added_on_one_node_runs_on_another_and_a_third_sees_it_all(
         for node in (producer, worker, observer):
             [queue] = [q for q in await node.stats() if q["name"] == "q"]
             assert (queue["waiting"], queue["active"], queue["completed"]) == (0, 0, 10)
+            assert "q" in [q.name for q in await node.list_queues()]
+            # Its charts too: every node's history counts every node's tasks.
+            history = await node.history("q")
+            assert (sum(history["added"]), sum(history["completed"])) == (10, 10)
 
 
 async def test_a_lone_node_publishes_again_once_another_starts(

@@ -284,6 +284,46 @@ async def test_a_listing_larger_than_max_outgoing_comes_in_pages_cut_by_size(
     assert not [r for r in caplog.records if "does not read" in r.getMessage()]
 
 
+async def test_queues_and_stats_larger_than_max_outgoing_come_in_pages(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 queues with 195-character names: the answer to ``queues`` or ``stats`` for
+    all of them at once would be 400 KB or more, past ``max_outgoing`` (200 KB here), and
+    the client asking (a dashboard, say) would be dropped as a slow consumer, every time.
+    They come in pages cut by count and by size instead, in name order; the clients
+    follow the cursors."""
+    names = sorted(f"{n:04}-" + "q" * 190 for n in range(2000))
+    async with serving(data_dir, max_outgoing=200_000) as server:
+        async with RawClient(server.url) as raw:
+            for start in range(0, 2000, 100):
+                batch = [
+                    {"op": "add", "id": n, "queue": names[n], "data": n}
+                    for n in range(start, start + 100)
+                ]
+                await raw.send(json.dumps(batch))
+                for _ in range(100):
+                    assert (await raw.expect("result"))["op"] == "result"
+            for op in ("queues", "stats"):
+                page = (await raw.request({"op": op, "limit": 3}))["result"]
+                listed = [q if op == "queues" else q["name"] for q in page["queues"]]
+                assert listed == names[:3] and page["cursor"] == names[2]
+                page = (await raw.request({"op": op, "limit": 3, "cursor": names[2]}))["result"]
+                listed = [q if op == "queues" else q["name"] for q in page["queues"]]
+                assert listed == names[3:6]
+                page = (await raw.request({"op": op, "limit": 5, "cursor": names[-2]}))["result"]
+                assert len(page["queues"]) == 1 and page["cursor"] is None
+                page = (await raw.request({"op": op, "limit": 2000}))["result"]
+                assert 0 < len(page["queues"]) < 2000 and page["cursor"] is not None  # by size
+            bad = await raw.request({"op": "stats", "limit": 0})
+            assert bad["op"] == "error"
+        async with fast(server.url) as client:
+            assert [q.name for q in await client.list_queues()] == names
+            stats = await client.stats()
+            assert [q["name"] for q in stats] == names
+            assert all(q["waiting"] == 1 for q in stats)
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]
+
+
 async def test_a_client_sending_byte_by_byte_slows_nobody(data_dir: Path) -> None:
     async with serving(data_dir) as server, fast(server.url) as client:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

@@ -538,7 +538,7 @@ def test_a_shared_core_writes_its_workers_for_the_other_nodes() -> None:
     cluster.add(b)
     theirs = replace(row, runs=(("ta", 3, 0.25),))  # as b reads it from the store
     cluster.worker(b, "bw")  # claims the task b added
-    stats = b.core.stats(None, None, [theirs, replace(row, key="x", queue="only-a", runs=())])
+    stats = list(b.core.stats(None, None, [theirs, replace(row, key="x", queue="only-a", runs=())]))
     assert [(q["name"], q["workers"]) for q in stats] == [
         ("only-a", [{"id": "w1", "queue": "only-a", "concurrency": 2, "running": 0, "node": "a"}]),
         (

@@ -62,3 +62,43 @@ def test_matching_agrees_with_fnmatch(held: set[str], patterns: list[str]) -> No
         index.hold(name)
     expected = sorted(n for n in held if any(fnmatch.fnmatchcase(n, p) for p in patterns))
     assert index.matching(patterns) == expected
+
+
+@given(
+    st.sets(st.text(alphabet="ab-[]", min_size=1, max_size=5)),
+    st.none() | st.lists(names, max_size=4),
+    st.none() | st.text(alphabet="ab-[]", min_size=1, max_size=5),
+)
+def test_a_page_after_a_name_agrees_with_fnmatch(
+    held: set[str], patterns: list[str] | None, after: str | None
+) -> None:
+    index = NameIndex()
+    for name in held:
+        index.hold(name)
+    expected = sorted(
+        n
+        for n in held
+        if (patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        and (after is None or n > after)
+    )
+    assert list(index.iter_matching(patterns, after)) == expected
+
+
+def test_a_page_after_a_name_reads_from_that_name_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of ``queues`` and ``stats`` start at their cursor: the names before it in a
+    pattern's range cost no pattern match."""
+    index = NameIndex()
+    for n in range(10_000):
+        index.hold(f"q-{n:05}")
+    calls = 0
+    real = fnmatch.fnmatchcase
+
+    def counting(name: str, pattern: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(name, pattern)
+
+    monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+    names = index.iter_matching(["q-*"], "q-09000")
+    assert [next(names) for _ in range(3)] == ["q-09001", "q-09002", "q-09003"]
+    assert calls == 3

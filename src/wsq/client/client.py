@@ -621,16 +621,25 @@ class Client(Emitter):
         return queue
 
     async def list_queues(self) -> list[Queue]:
-        """Queues the server holds tasks or workers for."""
-        answer = await self._request({"op": "queues"})
-        return [self.queue(name) for name in answer["queues"]]
+        """Queues the server holds tasks or workers for, in name order."""
+        return [self.queue(name) for name in await self._pages("queues")]
 
     async def stats(self) -> list[dict[str, Any]]:
         """Every queue's task counts by state and its workers (docs/protocol.md, ``stats``):
-        ``[{"name", "waiting", "active", "completed", "failed", "workers": [...]}, ...]``."""
-        answer = await self._request({"op": "stats"})
-        queues: list[dict[str, Any]] = answer["queues"]
-        return queues
+        ``[{"name", "waiting", "active", "completed", "failed", "workers": [...]}, ...]``
+        in name order."""
+        return await self._pages("stats")
+
+    async def _pages(self, op: str) -> list[Any]:
+        """Every page of a listing of queues (``queues``, ``stats``), cursor to cursor."""
+        found: list[Any] = []
+        message: dict[str, Any] = {"op": op, "limit": 10000}
+        while True:
+            answer = await self._request(message)
+            found += answer["queues"]
+            if answer.get("cursor") is None:
+                return found
+            message["cursor"] = answer["cursor"]
 
     async def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """The workers connected now, of ``queue`` or of every queue this client may

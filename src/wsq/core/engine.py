@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -614,11 +614,40 @@ class Core:
         """Queues the core holds anything for (workers, waiting or active tasks)."""
         return list(self._queues)
 
-    def names(self, patterns: Iterable[str] | None = None) -> list[str]:
-        """Sorted names of the queues that hold tasks (in any state) or have workers,
-        only those ``patterns`` match when given (shell-style, as in the auth file). Costs
-        the names that share a pattern's literal head, not every queue's."""
-        return self._names.matching(patterns)
+    def names(
+        self,
+        patterns: Iterable[str] | None = None,
+        after: str | None = None,
+        counts: dict[tuple[str, State], int] | None = None,
+        others: Sequence[WorkerRow] = (),
+    ) -> Iterator[str]:
+        """The sorted names of the queues that hold tasks (in any state) or have workers,
+        after ``after``, lazily, only those ``patterns`` match when given (shell-style, as
+        in the auth file). A page costs its names and those that share a pattern's literal
+        head, not every queue's. ``counts`` and ``others``: as in :meth:`stats`."""
+        return self._listed(counts, others)[0].iter_matching(patterns, after)
+
+    def _listed(
+        self, counts: dict[tuple[str, State], int] | None, others: Sequence[WorkerRow]
+    ) -> tuple[NameIndex, dict[str, list[int]], dict[str, list[WorkerRow]]]:
+        """What ``queues`` and ``stats`` list: the names, the counts by name and the other
+        nodes' workers by queue; the core's own, unless a shared store's ``counts`` and
+        ``others`` are given: then theirs, and the queues of this node's workers."""
+        names, by_name = self._names, self._counts
+        theirs: dict[str, list[WorkerRow]] = {}
+        for row in others:
+            theirs.setdefault(row.queue, []).append(row)
+        if counts is not None:
+            by_name = {}
+            for (name, state), n in counts.items():
+                by_name.setdefault(name, [0] * len(_STATE_NAMES))[_STATE_INDEX[state]] = n
+        if counts is not None or theirs:
+            names = NameIndex()
+            ours = (q.name for q in self._queues.values() if q.workers)
+            for name in [*by_name, *ours, *theirs]:
+                if name not in names:
+                    names.hold(name)
+        return names, by_name, theirs
 
     def worker_json(self, worker_id: str) -> dict[str, Any] | None:
         worker = self._workers.get(worker_id)
@@ -1193,28 +1222,16 @@ class Core:
         patterns: Iterable[str] | None = None,
         counts: dict[tuple[str, State], int] | None = None,
         others: Sequence[WorkerRow] = (),
-    ) -> list[dict[str, Any]]:
-        """Every queue holding tasks or workers (only those ``patterns`` match): its
-        counts by state and its workers, each with how many runs it holds and its node.
-        Costs nothing per task (counts are kept as they move), nor for the queues left
-        out. ``counts`` (a shared store's, of every node) replaces the core's own;
+        after: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The queues holding tasks or workers (only those ``patterns`` match), in name
+        order after ``after``, lazily (a page costs its own queues): each with its counts
+        by state and its workers, each with how many runs it holds and its node. Costs
+        nothing per task (counts are kept as they move), nor for the queues left out.
+        ``counts`` (a shared store's, of every node) replaces the core's own;
         ``others`` are the other nodes' workers (:meth:`StateStore.workers`)."""
-        names, by_name = self._names, self._counts
-        theirs: dict[str, list[WorkerRow]] = {}
-        for row in others:
-            theirs.setdefault(row.queue, []).append(row)
-        if counts is not None:
-            by_name = {}
-            for (name, state), n in counts.items():
-                by_name.setdefault(name, [0] * len(_STATE_NAMES))[_STATE_INDEX[state]] = n
-        if counts is not None or theirs:
-            names = NameIndex()
-            ours = (q.name for q in self._queues.values() if q.workers)
-            for name in [*by_name, *ours, *theirs]:
-                if name not in names:
-                    names.hold(name)
-        out = []
-        for name in names.matching(patterns):
+        names, by_name, theirs = self._listed(counts, others)
+        for name in names.iter_matching(patterns, after):
             counts_of = by_name.get(name)
             queue = self._queues.get(name)
             if counts_of is None and not (queue and queue.workers) and name not in theirs:
@@ -1238,14 +1255,11 @@ class Core:
                 }
                 for row in theirs.get(name, ())
             ]
-            out.append(
-                {
-                    "name": name,
-                    **dict(zip(_STATE_NAMES, counts_of, strict=True)),
-                    "workers": workers,
-                }
-            )
-        return out
+            yield {
+                "name": name,
+                **dict(zip(_STATE_NAMES, counts_of, strict=True)),
+                "workers": workers,
+            }
 
     def workers(
         self,

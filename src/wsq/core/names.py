@@ -11,6 +11,7 @@ may see them all anyway.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedSet
@@ -57,23 +58,41 @@ class NameIndex:
 
     def matching(self, patterns: Iterable[str] | None) -> list[str]:
         """The sorted names any of ``patterns`` matches (every name for ``None``)."""
+        return list(self.iter_matching(patterns))
+
+    def iter_matching(
+        self, patterns: Iterable[str] | None, after: str | None = None
+    ) -> Iterator[str]:
+        """The names any of ``patterns`` matches (every name for ``None``) that sort after
+        ``after``, lazily and in order: a page of them costs its own names (and the
+        names that share a pattern's literal head but do not match), not every one."""
         if patterns is None:
-            return list(self._sorted)
-        found: set[str] = set()
-        for pattern in patterns:
+            yield from self._from("", after)
+            return
+        ranges: list[Iterator[str]] = []
+        for pattern in dict.fromkeys(patterns):
             head = literal_head(pattern)
             if head == pattern:
-                if pattern in self._holders:
-                    found.add(pattern)
+                if pattern in self._holders and (after is None or pattern > after):
+                    ranges.append(iter((pattern,)))
                 continue
-            found.update(n for n in self._starting(head) if fnmatch.fnmatchcase(n, pattern))
-        return sorted(found)
+            ranges.append(self._matching(pattern, head, after))
+        last = None
+        for name in heapq.merge(*ranges):
+            if name != last:  # matched by more than one pattern
+                yield name
+                last = name
 
-    def _starting(self, head: str) -> Iterator[str]:
-        if not head:
-            yield from self._sorted
-            return
-        for name in self._sorted.irange(minimum=head):
+    def _matching(self, pattern: str, head: str, after: str | None) -> Iterator[str]:
+        return (n for n in self._from(head, after) if fnmatch.fnmatchcase(n, pattern))
+
+    def _from(self, head: str, after: str | None) -> Iterator[str]:
+        """The names starting with ``head`` that sort after ``after``, in order."""
+        if after is not None and after >= head:
+            names = self._sorted.irange(minimum=after, inclusive=(False, True))
+        else:
+            names = self._sorted.irange(minimum=head)
+        for name in names:
             if not name.startswith(head):
                 return
             yield name

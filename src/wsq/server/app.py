@@ -37,9 +37,11 @@ from picows.websockets import Server as WsServer
 from wsq import protocol
 from wsq.blobs import STALE_UPLOAD_AGE
 from wsq.blobs.base import BlobStore
+from wsq.core import observations as seen
 from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offer, Write
 from wsq.core.engine import Core
 from wsq.core.history import History
+from wsq.core.observations import Observation
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.server import health, web
@@ -849,10 +851,16 @@ class Server:
         if self._alone:
             self._beat_soon.set()  # another node started: it may be waiting for an answer
         queued: dict[str, None] = {}
+        happened: list[Observation] = []
         for event, queue, args in record.events:
             self._broadcast(Emit(event, queue, tuple(args)))
             if event == "task queued":
                 queued[queue] = None
+            kind = _HISTORY_KINDS.get(event)
+            if kind is not None and not (kind == seen.FAILED and args[1:2] != [False]):
+                happened.append((kind, queue, 0.0))
+        if happened:  # the charts of every node show every node's tasks
+            self.metrics.history.observe(happened, now)
         if queued:
             self.apply(self.core.wake(queued, now))
 
@@ -1148,6 +1156,16 @@ class Server:
 
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}\Z")
+
+
+# The events of another node's record that its history counts (core/observations.py):
+# a task added, a run completed, a run failed with no retry left ("task failed" with
+# will_retry false). Enqueue-to-start latency is known only to the node that offered.
+_HISTORY_KINDS = {
+    "task added": seen.ADDED,
+    "task completed": seen.COMPLETED,
+    "task failed": seen.FAILED,
+}
 
 
 class _Record(msgspec.Struct, array_like=True):

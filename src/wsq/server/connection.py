@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -836,9 +836,44 @@ class Connection:
     def _on_queues(self, message: p.Queues) -> None:
         # The core knows every queue that holds a task (its counts) or a worker; the names
         # as of now, sent once the writes that made them are durable. A restricted token
-        # costs only the names its patterns can match (core/names.py).
+        # costs only the names its patterns can match (core/names.py), and a page its own.
         patterns = self.principal.patterns(*ROLES) if self._checked else None
-        self.answer(message.id, {"queues": self.server.core.names(patterns)})
+        if self.server.store.shared:
+            self._spawn(message.id, self._cluster_queues(message, patterns))
+            return
+        names = self.server.core.names(patterns, message.cursor)
+        page, cursor = self._page(names, message.limit, lambda name: name)
+        self.answer(message.id, {"queues": page, "cursor": cursor})
+
+    async def _cluster_queues(self, message: p.Queues, patterns: Sequence[str] | None) -> Any:
+        """A shared store's queues are every node's: read as ``stats`` reads them."""
+        await self._durable()
+        counts = await self.server.store.counts()
+        others = await self._other_workers()
+        names = self.server.core.names(patterns, message.cursor, counts, others)
+        page, cursor = self._page(names, message.limit, lambda name: name)
+        return {"queues": page, "cursor": cursor}
+
+    def _page(
+        self, items: Iterator[Any], limit: int, name: Callable[[Any], str]
+    ) -> tuple[list[msgspec.Raw], str | None]:
+        """A page of queues: at most ``limit`` of ``items``, and at most a quarter of
+        ``max_outgoing`` bytes (as a page of ``list``; a queue in ``stats`` lists its
+        workers), encoded; and its cursor, the ``name`` of its last item, or ``None`` when
+        no item is left. Builds only the page (and one more item), however many queues."""
+        budget = self.server.max_outgoing // 4
+        page: list[msgspec.Raw] = []
+        size, last = 0, None
+        for item in items:
+            if len(page) == limit:
+                return page, last
+            encoded = msgspec.Raw(p.encode(item))
+            if page and size + len(encoded) > budget:
+                return page, last
+            page.append(encoded)
+            size += len(encoded)
+            last = name(item)
+        return page, None
 
     async def _find(self, task_id: str) -> Task:
         """The task as the core holds it (else as stored, read after the writes before
@@ -1307,26 +1342,25 @@ class Connection:
     def _on_stats(self, message: p.Stats) -> None:
         patterns = self.principal.patterns("observe") if self._checked else None
         if self.server.store.shared:
-            self._spawn(message.id, self._cluster_stats(patterns))
+            self._spawn(message.id, self._cluster_stats(message, patterns))
             return
         # The counts as of now, sent once the writes they count are durable.
-        self.answer(message.id, {"queues": self._stats(patterns)})
+        stats = self.server.core.stats(patterns, after=message.cursor)
+        self.answer(message.id, self._stats_page(stats, message.limit))
 
-    def _stats(
-        self,
-        patterns: Sequence[str] | None,
-        counts: dict[tuple[str, State], int] | None = None,
-        others: Sequence[WorkerRow] = (),
-    ) -> list[dict[str, Any]]:
-        return self.server.core.stats(patterns, counts, others)
+    def _stats_page(self, stats: Iterator[dict[str, Any]], limit: int) -> dict[str, Any]:
+        page, cursor = self._page(stats, limit, lambda queue: queue["name"])
+        return {"queues": page, "cursor": cursor}
 
-    async def _cluster_stats(self, patterns: Sequence[str] | None) -> Any:
+    async def _cluster_stats(self, message: p.Stats, patterns: Sequence[str] | None) -> Any:
         """A shared store's counts and workers are every node's: read once this node's
         writes so far are durable, so that they agree with every event sent before the
         answer."""
         await self._durable()
         counts = await self.server.store.counts()
-        return {"queues": self._stats(patterns, counts, await self._other_workers())}
+        others = await self._other_workers()
+        stats = self.server.core.stats(patterns, counts, others, message.cursor)
+        return self._stats_page(stats, message.limit)
 
     async def _other_workers(self) -> list[WorkerRow]:
         """The workers of the other live nodes of a shared store (this node's are the

@@ -62,17 +62,30 @@ export class Client extends Connection {
     return queue
   }
 
-  /** Queues that hold tasks or workers on the server. */
+  /** Queues that hold tasks or workers on the server, in name order. */
   listQueues (callback) {
     checkCallback('client.listQueues', callback)
-    const listed = this._request({ op: 'queues' }).then((result) => result.queues.map((name) => this.queue(name)))
+    const listed = this._pages('queues').then((names) => names.map((name) => this.queue(name)))
     return settle(listed, callback)
   }
 
-  /** Every queue's task counts by state and its workers (the server keeps the counts). */
+  /** Every queue's task counts by state and its workers (the server keeps the counts),
+   *  in name order. */
   stats (callback) {
     checkCallback('client.stats', callback)
-    return settle(this._request({ op: 'stats' }), callback)
+    return settle(this._pages('stats').then((queues) => ({ queues })), callback)
+  }
+
+  /** Every page of a listing of queues (`queues`, `stats`), cursor to cursor. */
+  async _pages (op) {
+    const found = []
+    const message = { op, limit: 10000 }
+    for (;;) {
+      const result = await this._request({ ...message })
+      found.push(...result.queues)
+      if (result.cursor == null) return found
+      message.cursor = result.cursor
+    }
   }
 
   /** The workers connected now (of `queue`, or of every queue), each with the runs it
