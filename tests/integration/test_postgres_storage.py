@@ -379,3 +379,41 @@ def test_wsq_migrate_without_a_database_migrates_the_sqlite_file(data_dir: Path)
     assert done.returncode == 0, done.stderr
     assert "SQLite schema at version" in done.stdout
     assert (data_dir / "wsq.db").exists()
+
+
+async def test_a_claim_commits_ahead_of_the_run_end_that_freed_its_slot(
+    pg_schema: Schema, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's completion frees its slot, and the claim that fills it goes to
+    PostgreSQL first, in a transaction of its own: the next task is offered while the
+    completion's writes still commit (here held for a second), not after them."""
+    from wsq.storage import postgres
+
+    finished: dict[str, float] = {}
+    real_step = postgres._run_step
+
+    async def slow_ends(conn: Any, step: Any, node: str = "", channel: str = "") -> Any:
+        ends = isinstance(step, postgres.Writes) and "finish" in step.rows
+        if ends:
+            await asyncio.sleep(1.0)
+        results = await real_step(conn, step, node, channel)
+        if ends:
+            for kind, task_id in step.slots:
+                if kind == "finish":
+                    finished[task_id] = time.monotonic()
+        return results
+
+    monkeypatch.setattr(postgres, "_run_step", slow_ends)
+    started: dict[str, float] = {}
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, database=pg_schema.dsn) as server,
+        fast(server.url) as client,
+    ):
+        first, second = await client.queue("q").add_many([{"n": 1}, {"n": 2}])
+
+        def handler(task: wsq.Task) -> None:
+            started[task.id] = time.monotonic()
+
+        client.queue("q").process(handler, concurrency=1)
+        await eventually(lambda: len(finished) == 2, timeout=10)
+    assert started[second.id] < finished[first.id]  # offered while the first's end committed

@@ -18,6 +18,14 @@ import pytest
 
 from wsq.core.effects import Abort, Claim, Effect, Emit, Offer, Write
 from wsq.core.engine import ADD_HOLD, BACKOFF, CLAIM_RETRY, NODE_BITS, POLL_INTERVAL, Core, Resynced
+from wsq.core.ops import (
+    Attempt,
+    AttemptOutcome,
+    Delete,
+    RecordAttempt,
+    SetProgress,
+    claims_may_pass,
+)
 from wsq.core.task import Options, State, Task
 from wsq.storage.base import (
     AdoptRuns,
@@ -616,3 +624,29 @@ def test_a_resync_leaves_runs_made_or_ended_after_its_read_alone() -> None:
     assert cluster.stored(ended).state == COMPLETED
     cluster.tick(5.0)  # lost's timer, armed again, ends it in the store
     assert cluster.stored(lost).state == FAILED
+
+
+def test_a_claim_passes_only_the_writes_that_cannot_change_what_it_finds() -> None:
+    """The server sends a claim ahead of the writes decided before it only when they
+    neither make a task claimable nor take or remove one (``claims_may_pass``): a run's
+    end, a progress, an attempt record."""
+
+    def task(state: State) -> Task:
+        return Task(id="t", queue="q", state=state, seq=1, data=b"{}", created=1.0, updated=1.0)
+
+    passes = [
+        Update(task(State.COMPLETED), expected=State.ACTIVE),
+        Update(task(State.FAILED), expected=State.ACTIVE),
+        SetProgress("t", 0.5, 1.0),
+        RecordAttempt(Attempt("t", 1, ended=1.0, outcome=AttemptOutcome.COMPLETED)),
+    ]
+    assert all(claims_may_pass(op) for op in passes)
+    stops = [
+        Insert(task(State.WAITING)),
+        Update(task(State.WAITING), expected=State.ACTIVE),  # queued again: a retry
+        Update(task(State.WAITING), expected=State.FAILED),  # retried by hand
+        Update(task(State.ACTIVE), expected=State.WAITING),  # taken by another way
+        Delete("t", State.WAITING),
+        ClaimWaiting("q", ("w",), 1.0),
+    ]
+    assert not any(claims_may_pass(op) for op in stops)

@@ -79,6 +79,22 @@ class ClaimWaiting:
     max_payload: int | None = None
 
 
+def claims_may_pass(op: object) -> bool:
+    """Whether a :class:`ClaimWaiting` decided after ``op`` may commit before it: ``op``
+    neither makes a task claimable (an insert, a task queued again) nor takes or removes
+    one, so the claim finds the same tasks either way. True of a run's end (an
+    :class:`Update` from ``active`` to ``completed`` or ``failed``), a progress and an
+    attempt record: the writes that free a worker's slot and are followed by the claim
+    that fills it (docs/architecture.md, "Claims go first")."""
+    if isinstance(op, SetProgress | RecordAttempt):
+        return True
+    return (
+        isinstance(op, Update)
+        and op.expected is State.ACTIVE
+        and op.task.state in (State.COMPLETED, State.FAILED)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AdoptRuns:
     """Make the active runs ``runs`` (task id, run) this node's, those of a worker in

@@ -42,6 +42,7 @@ from wsq.core.effects import Abort, Claim, DeleteBlobs, Effect, Emit, Load, Offe
 from wsq.core.engine import Core
 from wsq.core.history import History
 from wsq.core.observations import Observation
+from wsq.core.ops import ClaimWaiting, claims_may_pass
 from wsq.core.task import State, Task
 from wsq.exceptions import ServerError
 from wsq.server import health, web
@@ -521,6 +522,38 @@ class Server:
         commit = self.metrics.commit_seconds
         future.add_done_callback(lambda _: commit.observe(time.perf_counter() - sent))
 
+    def _claims_go_first(self, ops: list[Op]) -> bool:
+        """Whether ``ops``, claims only, may go to the store ahead of the batch open now:
+        none of that batch's writes changes what they find (:func:`claims_may_pass`: a
+        run's end, a progress, an attempt, the writes that free the slots the claims
+        fill). Then the claims commit on their own, first, and their offers go out while
+        those writes commit (docs/architecture.md, "Claims go first")."""
+        if not all(isinstance(op, ClaimWaiting) for op in ops):
+            return False
+        batch = self._batch
+        return batch is None or all(claims_may_pass(op) for op in batch.ops)
+
+    def _submit_claims(self, ops: list[Op], then: Callable[[Outcome], None]) -> None:
+        """Send claims to the store now, before the open batch (:meth:`_claims_go_first`);
+        ``then`` gets their results once durable. Nothing waits on them but ``then``:
+        answers and events wait on the batches (:meth:`later`), and offers on nothing."""
+        sent = time.perf_counter()
+        future = self.store.submit(ops)
+
+        def settled(future: asyncio.Future[list[Any]]) -> None:
+            self.metrics.commit_seconds.observe(time.perf_counter() - sent)
+            outcome: Outcome
+            if future.cancelled():
+                outcome = ServerError("The state store write was cancelled.")
+            else:
+                outcome = future.exception() or future.result()
+            if isinstance(outcome, BaseException):
+                log(logging.ERROR, "store failed", f"State store claim failed: {outcome}")
+            then(outcome)
+
+        future.add_done_callback(settled)
+        future.add_done_callback(self._check_written)
+
     def _check_written(self, future: asyncio.Future[list[Any]]) -> None:
         """A batch failed (PostgreSQL out of reach, a full disk), so what the core holds
         may differ from what the store says this node holds: the next heartbeat that
@@ -626,7 +659,9 @@ class Server:
             elif type(effect) is Emit and effect.tells is not None:
                 tells = True
         start = 0
-        if ops:
+        if ops and self._claims_go_first(ops):
+            self._submit_claims(ops, lambda outcome: self._loaded(outcome, reads))
+        elif ops:
             then = (lambda outcome: self._loaded(outcome, reads)) if reads else None
             start = self.submit(ops, then)
         # Where in the batch each write an event tells of went (the ops are in the batch

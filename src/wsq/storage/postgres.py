@@ -1123,6 +1123,10 @@ class _Job:
             self.future.set_result(outcome)
 
 
+def _claims_only(job: _Job) -> bool:
+    return bool(job.ops) and all(type(op) is ClaimWaiting for op in job.ops)
+
+
 class _Writer:
     """The task that owns the write connection; see the module docstring. :meth:`put`
     jobs, then :meth:`stop` once: it returns after the jobs put before it are settled."""
@@ -1195,10 +1199,17 @@ class _Writer:
             raise
 
     def _take(self) -> builtins.list[_Job]:
-        """The jobs queued, until the batch holds ``batch_max`` ops (one job is never split)."""
+        """The jobs queued, until the batch holds ``batch_max`` ops (one job is never
+        split). Jobs of claims only commit apart from the others: a run of them is a
+        batch of its own, so that their tasks are offered while the writes queued behind
+        them commit (the server sends a node's claims ahead of the writes they may pass:
+        docs/architecture.md, "Claims go first")."""
         batch: builtins.list[_Job] = []
         size = 0
+        claims = _claims_only(self._inbox[0]) if self._inbox else False
         while self._inbox and (not batch or size + len(self._inbox[0].ops) <= self._batch_max):
+            if _claims_only(self._inbox[0]) is not claims:
+                break
             job = self._inbox.popleft()
             batch.append(job)
             size += len(job.ops)
