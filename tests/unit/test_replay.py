@@ -58,3 +58,20 @@ def test_the_oldest_answers_are_forgotten_past_the_byte_bound() -> None:
     replay.begin(keys[5]).settle(b"z" * 1000)  # larger than the bound alone: kept
     assert replay.bytes == 1000 and replay.seen(keys[5]) is not None
     assert [replay.seen(k) is not None for k in keys[:4]] == [False] * 4
+
+
+def test_a_request_still_in_flight_is_not_forgotten_for_newer_ones() -> None:
+    """Past ``limit``, answered requests are forgotten, not those still being handled:
+    forgetting one would let its copy sent again after a reconnect act a second time
+    (a flood of requests on another connection must not bring that about)."""
+    replay = Replay(limit=3)
+    flying = (None, "a" * 16, 1)
+    entry = replay.begin(flying)
+    for n in range(10):  # another client's requests, answered at once
+        replay.begin((None, "b" * 16, n)).settle(b"x")
+    assert replay.seen(flying) is entry
+    assert len(replay) == 3
+    entry.settle(b"done")
+    for n in range(10, 13):
+        replay.begin((None, "b" * 16, n)).settle(b"x")
+    assert replay.seen(flying) is None  # answered: the oldest, forgotten in its turn

@@ -8,7 +8,7 @@ the server remembers each one's answer under the client's principal, its ``sessi
 doing it again. A request seen while its first copy is still being handled waits for that
 copy's answer; if the first copy was dropped before it acted, the new one is handled
 afresh. Memory is bounded, in answers and in bytes: the oldest answers are forgotten
-first.
+first, never a request still in flight.
 """
 
 from __future__ import annotations
@@ -85,8 +85,20 @@ class Replay:
             self._drop(old)
         entry = self._entries[key] = Entry(self, key)
         if len(self._entries) > self._limit:
-            self._drop(self._entries.popitem(last=False)[1])
+            self._forget_oldest_answer()
         return entry
+
+    def _forget_oldest_answer(self) -> None:
+        """Forget the oldest answered request. Requests still in flight are passed over
+        (and counted as new): forgetting one would let its copy sent again act twice."""
+        for _ in range(len(self._entries)):
+            old_key, old = next(iter(self._entries.items()))
+            if old.answer is None:
+                self._entries.move_to_end(old_key)
+                continue
+            del self._entries[old_key]
+            self._drop(old)
+            return
 
     def forget(self, key: Key, entry: Entry) -> None:
         """Drop an abandoned entry, so that the request may be handled afresh."""
