@@ -631,9 +631,10 @@ class Client(Emitter):
         return await self._pages("stats")
 
     async def _pages(self, op: str) -> list[Any]:
-        """Every page of a listing of queues (``queues``, ``stats``), cursor to cursor."""
+        """Every page of a listing of queues (``queues``, ``stats``), cursor to cursor (the
+        first asked for as before pages, so that a server without them answers it whole)."""
         found: list[Any] = []
-        message: dict[str, Any] = {"op": op, "limit": 10000}
+        message: dict[str, Any] = {"op": op}
         while True:
             answer = await self._request(message)
             found += answer["queues"]

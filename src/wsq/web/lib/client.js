@@ -76,10 +76,11 @@ export class Client extends Connection {
     return settle(this._pages('stats').then((queues) => ({ queues })), callback)
   }
 
-  /** Every page of a listing of queues (`queues`, `stats`), cursor to cursor. */
+  /** Every page of a listing of queues (`queues`, `stats`), cursor to cursor (the first
+   *  asked for as before pages, so that a server without them answers it whole). */
   async _pages (op) {
     const found = []
-    const message = { op, limit: 10000 }
+    const message = { op }
     for (;;) {
       const result = await this._request({ ...message })
       found.push(...result.queues)
