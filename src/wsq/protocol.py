@@ -247,8 +247,12 @@ class Stats(_Msg, tag="stats"):
 
 
 class Workers(_Msg, tag="workers"):
+    """Workers in (node, id) order, a page at a time (docs/protocol.md, ``workers``)."""
+
     id: RequestId
     queue: QueueName | None = None
+    limit: PageLimit = 1000
+    cursor: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
 
 
 class History(_Msg, tag="history"):

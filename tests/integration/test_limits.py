@@ -324,6 +324,39 @@ async def test_queues_and_stats_larger_than_max_outgoing_come_in_pages(
     assert not [r for r in caplog.records if "does not read" in r.getMessage()]
 
 
+async def test_workers_larger_than_max_outgoing_come_in_pages(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """600 workers with long queue names: a ``workers`` answer holding them all would be
+    about 150 KB, past ``max_outgoing`` (100 KB here), and the observer asking would be
+    dropped. They come in pages in (node, id) order; the clients follow the cursors."""
+    queue = "w" * 190
+    ids = sorted(f"worker-{n:04}" for n in range(600))
+    async with serving(data_dir, max_outgoing=100_000) as server, RawClient(server.url) as raw:
+        for start in range(0, 600, 100):
+            batch = [
+                {"op": "work", "id": n, "queue": queue, "worker": ids[n]}
+                for n in range(start, start + 100)
+            ]
+            await raw.send(json.dumps(batch))
+            for _ in range(100):
+                assert (await raw.expect("result"))["op"] == "result"
+        async with RawClient(server.url) as observer:
+            page = (await observer.request({"op": "workers", "limit": 2}))["result"]
+            assert [w["id"] for w in page["workers"]] == ids[:2]
+            cursor = page["cursor"]
+            assert json.loads(cursor) == [server.node_name, ids[1]]
+            page = (await observer.request({"op": "workers", "cursor": cursor}))["result"]
+            assert 0 < len(page["workers"]) < 598 and page["cursor"] is not None  # by size
+            assert [w["id"] for w in page["workers"]] == ids[2 : 2 + len(page["workers"])]
+            bad = await observer.request({"op": "workers", "cursor": "[1]"})
+            assert bad["code"] == "invalid_argument"
+        async with fast(server.url) as client:
+            assert [w["id"] for w in await client.workers()] == ids
+            assert [w["id"] for w in await client.workers(queue)] == ids
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]
+
+
 async def test_a_client_sending_byte_by_byte_slows_nobody(data_dir: Path) -> None:
     async with serving(data_dir) as server, fast(server.url) as client:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

@@ -697,7 +697,7 @@ def test_workers_lists_each_worker_with_its_runs_offered_and_started(h: Harness)
     h.now = 12.5
     h.ack(first)
     h.progress(first, 0.5)
-    (w1,) = h.core.workers(queue="q")
+    (w1,) = list(h.core.workers(queue="q"))
     assert {k: w1[k] for k in ("id", "queue", "concurrency", "since")} == {
         "id": "w1",
         "queue": "q",
@@ -711,10 +711,11 @@ def test_workers_lists_each_worker_with_its_runs_offered_and_started(h: Harness)
     ]
     assert [w["id"] for w in h.core.workers()] == ["w1", "w2"]
     assert [w["id"] for w in h.core.workers(lambda queue: queue == "other")] == ["w2"]
+    assert [w["id"] for w in h.core.workers(after=(h.core.node or "", "w1"))] == ["w2"]
     h.complete(first)
-    assert [r["task"] for r in h.core.workers(queue="q")[0]["runs"]] == [second]
+    assert [r["task"] for r in next(h.core.workers(queue="q"))["runs"]] == [second]
     h.remove_worker("w1")
-    assert h.core.workers(queue="q") == []
+    assert list(h.core.workers(queue="q")) == []
 
 
 def test_workers_shows_a_recovered_run_with_no_times(h: Harness) -> None:
@@ -723,7 +724,7 @@ def test_workers_shows_a_recovered_run_with_no_times(h: Harness) -> None:
     h.ack(task_id)
     h.restart()
     h.add_worker("w1")
-    (w1,) = h.core.workers()
+    (w1,) = list(h.core.workers())
     assert w1["runs"] == [
         {"task": task_id, "run": 1, "offered": None, "started": None, "progress": 0.0}
     ]

@@ -557,7 +557,7 @@ def test_a_shared_core_writes_its_workers_for_the_other_nodes() -> None:
             ],
         ),
     ]
-    [own, other] = b.core.workers(None, "q", [theirs])
+    [other, own] = b.core.workers(None, "q", [theirs])  # in (node, id) order
     assert (own["id"], own["node"], own["connection"]) == ("bw", "b", "conn-bw")
     assert other == {
         "id": "w1",
@@ -570,7 +570,8 @@ def test_a_shared_core_writes_its_workers_for_the_other_nodes() -> None:
         "peer": "p:1",
         "runs": [{"task": "ta", "run": 3, "offered": None, "started": None, "progress": 0.25}],
     }
-    assert b.core.workers(lambda queue: queue != "q", None, [theirs]) == []
+    assert list(b.core.workers(lambda queue: queue != "q", None, [theirs])) == []
+    assert [w["id"] for w in b.core.workers(None, "q", [theirs], after=("a", "w1"))] == ["bw"]
 
 
 def test_a_core_of_one_server_writes_no_worker_rows() -> None:

@@ -622,25 +622,25 @@ class Client(Emitter):
 
     async def list_queues(self) -> list[Queue]:
         """Queues the server holds tasks or workers for, in name order."""
-        return [self.queue(name) for name in await self._pages("queues")]
+        return [self.queue(name) for name in await self._pages({"op": "queues"})]
 
     async def stats(self) -> list[dict[str, Any]]:
         """Every queue's task counts by state and its workers (docs/protocol.md, ``stats``):
         ``[{"name", "waiting", "active", "completed", "failed", "workers": [...]}, ...]``
         in name order."""
-        return await self._pages("stats")
+        return await self._pages({"op": "stats"})
 
-    async def _pages(self, op: str) -> list[Any]:
-        """Every page of a listing of queues (``queues``, ``stats``), cursor to cursor (the
-        first asked for as before pages, so that a server without them answers it whole)."""
+    async def _pages(self, message: dict[str, Any], field: str = "queues") -> list[Any]:
+        """Every page of a listing (``queues``, ``stats``, ``workers``), cursor to cursor
+        (the first asked for as before pages, so that a server without them answers it
+        whole); ``field`` holds a page's items."""
         found: list[Any] = []
-        message: dict[str, Any] = {"op": op}
         while True:
             answer = await self._request(message)
-            found += answer["queues"]
+            found += answer[field]
             if answer.get("cursor") is None:
                 return found
-            message["cursor"] = answer["cursor"]
+            message = {**message, "cursor": answer["cursor"]}
 
     async def workers(self, queue: str | None = None) -> list[dict[str, Any]]:
         """The workers connected now, of ``queue`` or of every queue this client may
@@ -649,9 +649,7 @@ class Client(Emitter):
         message: dict[str, Any] = {"op": "workers"}
         if queue is not None:
             message["queue"] = queue
-        answer = await self._request(message)
-        workers: list[dict[str, Any]] = answer["workers"]
-        return workers
+        return await self._pages(message, "workers")
 
     async def attempts(self, task_id: str) -> list[dict[str, Any]]:
         """The runs of task ``task_id``, oldest first (docs/protocol.md, ``attempts``):

@@ -1266,53 +1266,54 @@ class Core:
         visible: Callable[[str], bool] | None = None,
         queue: str | None = None,
         others: Sequence[WorkerRow] = (),
-    ) -> list[dict[str, Any]]:
+        after: tuple[str, str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
         """Connected workers (of ``queue``, or of every queue ``visible`` accepts), each
         with its node, its connection key, when it registered, and the runs it holds:
         task, run, when offered and when started (``None`` for a run recovered after a
         restart or not acknowledged yet), and progress (docs/protocol.md, ``workers``).
-        ``others``: the other nodes' workers (:meth:`StateStore.workers`), listed after
-        this node's with ``connection`` ``None``, their client and peer as their node
-        recorded them, and their runs' times ``None`` (their node alone knows them)."""
-        out = []
-        for worker in self._workers.values():
-            if (queue is not None and worker.queue != queue) or (
-                visible is not None and not visible(worker.queue)
-            ):
-                continue
-            runs = [self._runs[task_id] for task_id in self._by_worker.get(worker.id, ())]
-            runs.sort(key=lambda run: (run.offered or 0.0, run.task.id))
-            out.append(
-                {
-                    **worker.to_json(),
-                    "since": worker.since,
-                    "node": self.node,
-                    "connection": worker.connection,
-                    "runs": [_run_json(run) for run in runs],
-                }
-            )
-        for row in others:
-            if (queue is not None and row.queue != queue) or (
-                visible is not None and not visible(row.queue)
-            ):
-                continue
-            out.append(
-                {
-                    "id": row.name,
-                    "queue": row.queue,
-                    "concurrency": row.concurrency,
-                    "since": row.since,
-                    "node": row.node,
-                    "connection": None,
-                    "client": row.client or "",
-                    "peer": row.peer or "unknown",
-                    "runs": [
-                        {"task": t, "run": r, "offered": None, "started": None, "progress": p}
-                        for t, r, p in row.runs
-                    ],
-                }
-            )
-        return out
+        ``others``: the other nodes' workers (:meth:`StateStore.workers`), with
+        ``connection`` ``None``, their client and peer as their node recorded them, and
+        their runs' times ``None`` (their node alone knows them). In (node, worker id)
+        order, after ``after``, lazily: a page builds only its own workers."""
+
+        def shown(name: str) -> bool:
+            return (queue is None or name == queue) and (visible is None or visible(name))
+
+        keyed: list[tuple[str, str, _Worker | WorkerRow]] = [
+            (self.node or "", w.id, w) for w in self._workers.values() if shown(w.queue)
+        ]
+        keyed += [(row.node, row.name, row) for row in others if shown(row.queue)]
+        keyed.sort(key=lambda item: (item[0], item[1]))
+        start = 0 if after is None else bisect.bisect_right(keyed, after, key=lambda i: i[:2])
+        for _, _, worker in keyed[start:]:
+            yield self._worker_entry(worker)
+
+    def _worker_entry(self, worker: _Worker | WorkerRow) -> dict[str, Any]:
+        if isinstance(worker, WorkerRow):
+            return {
+                "id": worker.name,
+                "queue": worker.queue,
+                "concurrency": worker.concurrency,
+                "since": worker.since,
+                "node": worker.node,
+                "connection": None,
+                "client": worker.client or "",
+                "peer": worker.peer or "unknown",
+                "runs": [
+                    {"task": t, "run": r, "offered": None, "started": None, "progress": p}
+                    for t, r, p in worker.runs
+                ],
+            }
+        runs = [self._runs[task_id] for task_id in self._by_worker.get(worker.id, ())]
+        runs.sort(key=lambda run: (run.offered or 0.0, run.task.id))
+        return {
+            **worker.to_json(),
+            "since": worker.since,
+            "node": self.node,
+            "connection": worker.connection,
+            "runs": [_run_json(run) for run in runs],
+        }
 
     def _counts_of(self, queue: str) -> list[int]:
         counts = self._counts.get(queue)

@@ -857,10 +857,11 @@ class Connection:
     def _page(
         self, items: Iterator[Any], limit: int, name: Callable[[Any], str]
     ) -> tuple[list[msgspec.Raw], str | None]:
-        """A page of queues: at most ``limit`` of ``items``, and at most a quarter of
-        ``max_outgoing`` bytes (as a page of ``list``; a queue in ``stats`` lists its
-        workers), encoded; and its cursor, the ``name`` of its last item, or ``None`` when
-        no item is left. Builds only the page (and one more item), however many queues."""
+        """A page of a listing (queues, stats, workers): at most ``limit`` of ``items``,
+        and at most a quarter of ``max_outgoing`` bytes (as a page of ``list``; a queue in
+        ``stats`` lists its workers), encoded; and its cursor, the ``name`` of its last
+        item, or ``None`` when no item is left. Builds only the page (and one more item),
+        however long the listing."""
         budget = self.server.max_outgoing // 4
         page: list[msgspec.Raw] = []
         size, last = 0, None
@@ -1371,36 +1372,42 @@ class Connection:
     def _on_workers(self, message: p.Workers) -> None:
         if message.queue is not None:
             self._require("observe", message.queue)
-        visible = self.may_observe if self._checked else None
+        after = _worker_cursor(message.cursor)
         if self.server.store.shared:
-            self._spawn(message.id, self._cluster_workers(visible, message.queue))
+            self._spawn(message.id, self._cluster_workers(message, after))
             return
         # Sent once the writes before it are durable, as stats is (§4.2).
-        self.answer(message.id, {"workers": self._workers_json(visible, message.queue)})
+        self.answer(message.id, self._workers_page(message, after))
 
-    async def _cluster_workers(
-        self, visible: Callable[[str], bool] | None, queue: str | None
-    ) -> Any:
+    async def _cluster_workers(self, message: p.Workers, after: tuple[str, str] | None) -> Any:
         await self._durable()
-        others = await self._other_workers()
-        return {"workers": self._workers_json(visible, queue, others)}
+        return self._workers_page(message, after, await self._other_workers())
 
-    def _workers_json(
+    def _workers_page(
         self,
-        visible: Callable[[str], bool] | None,
-        queue: str | None,
+        message: p.Workers,
+        after: tuple[str, str] | None,
         others: Sequence[WorkerRow] = (),
-    ) -> list[dict[str, Any]]:
-        workers = self.server.core.workers(visible, queue, others)
-        for worker in workers:
-            key = worker.pop("connection")
-            if key is None:
-                continue  # another node's: its row says its client and peer
+    ) -> dict[str, Any]:
+        """A page of workers (as :meth:`_page` cuts one), each with what its connection's
+        key stands for; the cursor is the last one's node and id, as JSON."""
+        visible = self.may_observe if self._checked else None
+        workers = self.server.core.workers(visible, message.queue, others, after)
+        page, cursor = self._page(
+            (self._shown_worker(worker) for worker in workers),
+            message.limit,
+            lambda worker: msgspec.json.encode([worker["node"], worker["id"]]).decode(),
+        )
+        return {"workers": page, "cursor": cursor}
+
+    def _shown_worker(self, worker: dict[str, Any]) -> dict[str, Any]:
+        key = worker.pop("connection")
+        if key is not None:  # else another node's: its row says its client and peer
             # The core knows connections by key; observers see what the key stands for.
             holder = self.server.connections.get(key)
             worker["client"] = holder.client if holder is not None else ""
             worker["peer"] = _peer(holder.ws) if holder is not None else "unknown"
-        return workers
+        return worker
 
     def _on_history(self, message: p.History) -> None:
         self._require("observe", message.queue)
@@ -1534,6 +1541,19 @@ def _as_error(exc: BaseException) -> WsqError:
     """What a client hears of a failed store write: the store's error (``unavailable``,
     ``storage_full``), or an internal one."""
     return exc if isinstance(exc, WsqError) else ServerError(f"The state store failed: {exc}")
+
+
+_decode_worker_cursor = msgspec.json.Decoder(tuple[str, str]).decode
+
+
+def _worker_cursor(cursor: str | None) -> tuple[str, str] | None:
+    """A ``workers`` cursor (the JSON ``[node, id]`` of a page's last worker)."""
+    if cursor is None:
+        return None
+    try:
+        return _decode_worker_cursor(cursor)
+    except msgspec.DecodeError:
+        raise InvalidArgument("Not a workers cursor: pass the one the last page gave.") from None
 
 
 def _peer(websocket: ServerConnection) -> str:

@@ -65,7 +65,7 @@ export class Client extends Connection {
   /** Queues that hold tasks or workers on the server, in name order. */
   listQueues (callback) {
     checkCallback('client.listQueues', callback)
-    const listed = this._pages('queues').then((names) => names.map((name) => this.queue(name)))
+    const listed = this._pages({ op: 'queues' }).then((names) => names.map((name) => this.queue(name)))
     return settle(listed, callback)
   }
 
@@ -73,19 +73,19 @@ export class Client extends Connection {
    *  in name order. */
   stats (callback) {
     checkCallback('client.stats', callback)
-    return settle(this._pages('stats').then((queues) => ({ queues })), callback)
+    return settle(this._pages({ op: 'stats' }).then((queues) => ({ queues })), callback)
   }
 
-  /** Every page of a listing of queues (`queues`, `stats`), cursor to cursor (the first
-   *  asked for as before pages, so that a server without them answers it whole). */
-  async _pages (op) {
+  /** Every page of a listing (`queues`, `stats`, `workers`), cursor to cursor (the first
+   *  asked for as before pages, so that a server without them answers it whole); `field`
+   *  holds a page's items. */
+  async _pages (message, field = 'queues') {
     const found = []
-    const message = { op }
     for (;;) {
       const result = await this._request({ ...message })
-      found.push(...result.queues)
+      found.push(...result[field])
       if (result.cursor == null) return found
-      message.cursor = result.cursor
+      message = { ...message, cursor: result.cursor }
     }
   }
 
@@ -96,7 +96,7 @@ export class Client extends Connection {
     if (queue != null) checkType('client.workers: the queue', queue, 'string')
     checkCallback('client.workers', callback)
     const message = queue == null ? { op: 'workers' } : { op: 'workers', queue }
-    const listed = this._request(message).then((result) => result.workers.map(workerInfo))
+    const listed = this._pages(message, 'workers').then((workers) => workers.map(workerInfo))
     return settle(listed, callback)
   }
 
