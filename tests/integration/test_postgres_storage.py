@@ -133,7 +133,11 @@ async def test_postgres_unreachable_answers_unavailable_then_recovers(
             queue.process(lambda t: done.append(t.data))
             await eventually(lambda: len(done) == 2)
             assert done == ["before", "after"]
-            assert await rows(pg_schema) == {before.id: "completed", after.id: "completed"}
+
+            async def stored() -> bool:  # the last completion commits after its handler ran
+                return await rows(pg_schema) == {before.id: "completed", after.id: "completed"}
+
+            await eventually(stored)
     finally:
         await proxy.close()
 
