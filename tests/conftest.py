@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fnmatch
 import gc
 import os
 import sys
@@ -87,6 +88,21 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
 async def completed_count_is(queue: wsq.Queue, n: int) -> bool:
     """For ``eventually``: whether exactly ``n`` tasks of ``queue`` have completed."""
     return len(await queue.completed()) == n
+
+
+def count_pattern_matches(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the calls of ``fnmatch.fnmatchcase`` from now on (the queue-name matches a
+    listing costs); the function returned gives the count so far."""
+    calls = 0
+    real = fnmatch.fnmatchcase
+
+    def counting(name: str, pattern: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(name, pattern)
+
+    monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+    return lambda: calls
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import ssl
@@ -21,7 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import wsq
-from tests.conftest import budget, eventually
+from tests.conftest import budget, count_pattern_matches, eventually
 from tests.integration.rawclient import RawClient
 from wsq import protocol
 from wsq.blobs.memory import MemoryBlobStore, MemoryBlobWriter
@@ -393,18 +392,10 @@ async def test_listings_cost_only_the_queues_a_token_may_see(
     async with fast(secured.url, PRODUCER) as producer, fast(secured.url, OBSERVER) as watcher:
         await producer.queue("thumbs-small").add({"n": 0})
         await producer.queue("videos").add({"n": 1})
-        matches = 0
-        real = fnmatch.fnmatchcase
-
-        def counting(name: str, pattern: str) -> bool:
-            nonlocal matches
-            matches += 1
-            return real(name, pattern)
-
-        monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+        matches = count_pattern_matches(monkeypatch)
         assert [q.name for q in await producer.list_queues()] == ["thumbs-small", "videos"]
         assert [q["name"] for q in await watcher.stats()] == ["videos"]
-        assert matches < 10
+        assert matches() < 10
 
 
 async def test_admin_removes_and_retries(secured: wsq.Server) -> None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import count_pattern_matches
 from wsq.core.names import NameIndex, literal_head
 
 
@@ -39,17 +40,9 @@ def test_matching_reads_only_the_range_of_a_patterns_head(
         index.hold(f"other-{n:05}")
     for name in ("thumbs-a", "thumbs-b", "videos"):
         index.hold(name)
-    calls = 0
-    real = fnmatch.fnmatchcase
-
-    def counting(name: str, pattern: str) -> bool:
-        nonlocal calls
-        calls += 1
-        return real(name, pattern)
-
-    monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+    calls = count_pattern_matches(monkeypatch)
     assert index.matching(["videos", "thumbs-*", "absent"]) == ["thumbs-a", "thumbs-b", "videos"]
-    assert calls == 2  # the two names under "thumbs-"; "videos" and "absent" are lookups
+    assert calls() == 2  # the two names under "thumbs-"; "videos" and "absent" are lookups
 
 
 names = st.text(alphabet="ab-*?[]", min_size=0, max_size=5)
@@ -90,15 +83,7 @@ def test_a_page_after_a_name_reads_from_that_name_on(monkeypatch: pytest.MonkeyP
     index = NameIndex()
     for n in range(10_000):
         index.hold(f"q-{n:05}")
-    calls = 0
-    real = fnmatch.fnmatchcase
-
-    def counting(name: str, pattern: str) -> bool:
-        nonlocal calls
-        calls += 1
-        return real(name, pattern)
-
-    monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+    calls = count_pattern_matches(monkeypatch)
     names = index.iter_matching(["q-*"], "q-09000")
     assert [next(names) for _ in range(3)] == ["q-09001", "q-09002", "q-09003"]
-    assert calls == 3
+    assert calls() == 3

@@ -95,10 +95,17 @@ def _transitions_logged() -> bool:
     return logger.isEnabledFor(logging.INFO)
 
 
+def _outcome(future: asyncio.Future[list[Any]]) -> Outcome:
+    """What a store write's future came to: the ops' results, or why they failed."""
+    if future.cancelled():
+        return ServerError("The state store write was cancelled.")
+    return future.exception() or future.result()
+
+
 class _Batch:
     """Ops submitted during one turn of the event loop, on their way to the store."""
 
-    __slots__ = ("callbacks", "done", "emits", "error", "number", "ops", "results")
+    __slots__ = ("callbacks", "claims_pass", "done", "emits", "error", "number", "ops", "results")
 
     def __init__(self, done: asyncio.Future[None], number: int = 0) -> None:
         self.number = number  # in the records it publishes (_Record.batch)
@@ -110,6 +117,8 @@ class _Batch:
         self.done = done
         self.error: BaseException | None = None  # why the commit failed, once done
         self.results: list[Any] = []  # each op's result, once committed
+        # Whether a claim may go to the store ahead of every op so far (claims_may_pass).
+        self.claims_pass = True
 
     def applied(self, index: int | None) -> bool:
         """Whether the op at ``index`` (``None``: no op) did not fail to apply, as far as
@@ -117,11 +126,7 @@ class _Batch:
         return index is None or index >= len(self.results) or self.results[index] is not False
 
     def settle(self, future: asyncio.Future[list[Any]]) -> None:
-        outcome: Outcome
-        if future.cancelled():
-            outcome = ServerError("The state store write was cancelled.")
-        else:
-            outcome = future.exception() or future.result()
+        outcome = _outcome(future)
         if isinstance(outcome, BaseException):
             log(logging.ERROR, "store failed", f"State store write failed: {outcome}")
             self.error = outcome
@@ -506,6 +511,8 @@ class Server:
             asyncio.get_running_loop().call_soon(self._send_batch)
         start = len(batch.ops)
         batch.ops.extend(ops)
+        if batch.claims_pass:
+            batch.claims_pass = all(claims_may_pass(op) for op in ops)
         if then is not None:
             batch.callbacks.append((start, len(batch.ops), then))
         return start
@@ -528,10 +535,10 @@ class Server:
         run's end, a progress, an attempt, the writes that free the slots the claims
         fill). Then the claims commit on their own, first, and their offers go out while
         those writes commit (docs/architecture.md, "Claims go first")."""
-        if not all(isinstance(op, ClaimWaiting) for op in ops):
-            return False
         batch = self._batch
-        return batch is None or all(claims_may_pass(op) for op in batch.ops)
+        return (batch is None or batch.claims_pass) and all(
+            isinstance(op, ClaimWaiting) for op in ops
+        )
 
     def _submit_claims(self, ops: list[Op], then: Callable[[Outcome], None]) -> None:
         """Send claims to the store now, before the open batch (:meth:`_claims_go_first`);
@@ -542,11 +549,7 @@ class Server:
 
         def settled(future: asyncio.Future[list[Any]]) -> None:
             self.metrics.commit_seconds.observe(time.perf_counter() - sent)
-            outcome: Outcome
-            if future.cancelled():
-                outcome = ServerError("The state store write was cancelled.")
-            else:
-                outcome = future.exception() or future.result()
+            outcome = _outcome(future)
             if isinstance(outcome, BaseException):
                 log(logging.ERROR, "store failed", f"State store claim failed: {outcome}")
             then(outcome)
