@@ -130,9 +130,39 @@ def postgres_schema(dsn: str) -> Iterator[str]:
     asyncio.run(execute(f"CREATE SCHEMA {quote_ident(name)}"))
     try:
         separator = "&" if "?" in dsn else "?"
-        yield f"{dsn}{separator}options={quote(f'-csearch_path={name}')}"
+        # Its sessions are named after the schema: postgres_cpu_seconds finds them.
+        options = quote(f"-csearch_path={name}")
+        yield f"{dsn}{separator}options={options}&application_name={name}"
     finally:
         asyncio.run(execute(f"DROP SCHEMA {quote_ident(name)} CASCADE"))
+
+
+def postgres_cpu_seconds(url: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL sessions of the schema of ``url`` (a URL
+    from :func:`postgres_schema`), from /proc: ``None`` if PostgreSQL runs elsewhere. A
+    session that ended is no longer counted."""
+    import asyncio
+    from urllib.parse import parse_qs, urlsplit
+
+    import asyncpg
+
+    name = parse_qs(urlsplit(url).query)["application_name"][0]
+
+    async def pids() -> list[int]:
+        conn = await asyncpg.connect(postgres_dsn())
+        try:
+            query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+            return [pid for (pid,) in await conn.fetch(query, name)]
+        finally:
+            await conn.close()
+
+    total = 0.0
+    for pid in asyncio.run(pids()):
+        try:
+            total += cpu_seconds(pid)
+        except (FileNotFoundError, PermissionError):
+            return None
+    return total
 
 
 def postgres_dsn() -> str:

@@ -16,7 +16,9 @@ apart, stamping each just before ``add``; the handler stamps on entry (both
 schema per run (dropped after), instead of SQLite. ``--history N`` (with ``--database``):
 the schema holds N completed tasks, each with its attempt, before the run, and
 PostgreSQL's statistics were taken while it was empty (as for a history that grew since
-the last ``ANALYZE``). ``--concurrency C``: the draining worker's (default 100).
+the last ``ANALYZE``). ``--concurrency C``: the draining worker's (default 100). With
+``--database`` on this machine, the CPU time of the server's PostgreSQL sessions per add
+and per task drained is reported too (``postgres_cpu_us_per_*``, from /proc).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench.common import (
     cpu_seconds,
     median,
     percentile,
+    postgres_cpu_seconds,
     postgres_schema,
     run_role,
     write_results,
@@ -170,10 +173,15 @@ def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         with wsq_server() as started:
             yield started
         return
+    global SCHEMA_URL
     with postgres_schema(DATABASE) as url, wsq_server(None, "--database", url) as started:
         if HISTORY:
             asyncio.run(_history(url, HISTORY))
-        yield started
+        SCHEMA_URL = url
+        try:
+            yield started
+        finally:
+            SCHEMA_URL = None
 
 
 async def _history(url: str, count: int) -> None:
@@ -206,17 +214,29 @@ async def _history(url: str, count: int) -> None:
 
 def throughput_run(count: int) -> dict[str, Any]:
     with server() as (url, server_proc):
-        before = cpu_seconds(server_proc.pid)
+        before = cpu_seconds(server_proc.pid), _postgres_cpu()
         produced = run_child("produce", url, count)
-        middle = cpu_seconds(server_proc.pid)
+        middle = cpu_seconds(server_proc.pid), _postgres_cpu()
         drained = run_child("drain", url, count)
-        after = cpu_seconds(server_proc.pid)
+        after = cpu_seconds(server_proc.pid), _postgres_cpu()
         bulk = run_child("produce-bulk", url, count)
     cpu = {
-        "server_cpu_us_per_add": (middle - before) / count * 1e6,
-        "server_cpu_us_per_task": (after - middle) / count * 1e6,
+        "server_cpu_us_per_add": (middle[0] - before[0]) / count * 1e6,
+        "server_cpu_us_per_task": (after[0] - middle[0]) / count * 1e6,
     }
+    pg_before, pg_middle, pg_after = before[1], middle[1], after[1]
+    if pg_before is not None and pg_middle is not None and pg_after is not None:
+        cpu["postgres_cpu_us_per_add"] = (pg_middle - pg_before) / count * 1e6
+        cpu["postgres_cpu_us_per_task"] = (pg_after - pg_middle) / count * 1e6
     return produced | drained | bulk | cpu
+
+
+SCHEMA_URL: str | None = None  # the running server's --database URL, with --database
+
+
+def _postgres_cpu() -> float | None:
+    """CPU seconds of the server's PostgreSQL sessions so far (None: not measurable)."""
+    return None if SCHEMA_URL is None else postgres_cpu_seconds(SCHEMA_URL)
 
 
 def latency_run(count: int) -> dict[str, Any]:
@@ -265,6 +285,11 @@ def main() -> None:
         "e2e_per_s": median([r["e2e_per_s"] for r in rounds]),
         "server_cpu_us_per_add": median([r["server_cpu_us_per_add"] for r in rounds]),
         "server_cpu_us_per_task": median([r["server_cpu_us_per_task"] for r in rounds]),
+        **{
+            key: median([r[key] for r in rounds])
+            for key in ("postgres_cpu_us_per_add", "postgres_cpu_us_per_task")
+            if all(key in r for r in rounds)
+        },
         "config": f"enqueue: pipelined add(), {IN_FLIGHT} in flight (bulk: add_many of"
         f" {BULK}); one worker process, concurrency {concurrency}"
         + (f"; {HISTORY} completed tasks of history" if HISTORY else ""),

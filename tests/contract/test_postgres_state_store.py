@@ -7,7 +7,8 @@ acknowledged write lost to kill -9."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
@@ -791,42 +792,94 @@ async def test_kill_9_loses_no_acknowledged_write(pg_schema: Schema) -> None:
 # -- plans ---------------------------------------------------------------------------------
 
 
+def _finishes(n: int) -> list[Op]:
+    task = make(f"a{n}", n, state=State.COMPLETED, run=2, worker="w")
+    attempt = Attempt(f"a{n}", 2, ended=1.0, outcome=AttemptOutcome.COMPLETED)
+    return [Update(task, expected=State.ACTIVE), RecordAttempt(attempt)]
+
+
+# Each kind of write statement, as the writer sends it for 100 tasks: of the tasks of
+# test_writes_probe_by_key_however_stale_the_statistics, "a<n>" are active, "w<n>" waiting.
+WRITES: dict[str, Callable[[int], list[Op]]] = {
+    "insert": lambda n: [Insert(make(f"new{n}", 100_000 + n))],
+    "start": lambda n: [
+        Update(make(f"w{n}", n, state=State.ACTIVE, run=1, worker="w"), State.WAITING)
+    ],
+    "finish and attempt": _finishes,
+    "requeue": lambda n: [Update(make(f"a{n}", 50_000 + n, run=1), State.ACTIVE)],
+    "progress": lambda n: [SetProgress(f"a{n}", 0.5, 1.0)],
+    "delete": lambda n: [Delete(f"w{n}", State.WAITING)],
+}
+
+
 async def test_writes_probe_by_key_however_stale_the_statistics(
     pg_store: PostgresStateStore, pg_schema: Schema
 ) -> None:
-    """A batch of completions (update, attempt, pruning of old attempts) reads the rows it
-    names through their indexes, never a scan of a whole table, even when the tables
-    grew since PostgreSQL last analyzed them: a scan's cost grows with the tables, so
-    every batch would slow down as the history does."""
+    """Each kind of write reads the rows it names by their keys, never by scanning a whole
+    table or index, whether the statistics are those of the empty tables, stale, or
+    fresh: a scan's cost grows with the tables (or, for the partial index of active runs,
+    with every claim since the last vacuum), so every batch would slow down as they do.
+    Seen: plans made while the tables were empty scanned them whole per row; with fresh
+    statistics, ``state = 'active'`` read every entry of that partial index, joined to
+    the batch."""
+    # A plan made while the tables are empty is kept (one generic plan per statement and
+    # connection) until PostgreSQL analyzes them again.
+    plans = {f"{kind}, empty": plan for kind, plan in (await _write_plans(pg_store)).items()}
     await pg_schema.execute(
         "ALTER TABLE wsq_tasks SET (autovacuum_enabled = false);"
         " ALTER TABLE wsq_attempts SET (autovacuum_enabled = false);"
         " ANALYZE wsq_tasks; ANALYZE wsq_attempts;"  # analyzed empty: stale from here on
         " INSERT INTO wsq_tasks (id, queue, state, seq, data, opt_timeout, opt_retries,"
-        " opt_autoremove, progress, retries, run, worker, created, updated, node)"
-        " SELECT 't' || n, 'q', 'active', n, '\\x7b7d', -1, 0, false, 0, 0, 1, 'w', 0, 0,"
-        " 'n' FROM generate_series(1, 20000) AS n;"
+        " opt_autoremove, progress, retries, run, created, updated)"
+        " SELECT CASE WHEN n <= 10000 THEN 'a' ELSE 'w' END || n, 'q', 'waiting', n,"
+        " '\\x7b7d', -1, 0, false, 0, 0, 0, 0, 0 FROM generate_series(1, 20000) AS n;"
         " INSERT INTO wsq_attempts (task, run, ended, outcome)"
-        " SELECT 't' || n, 1, 0, 'completed' FROM generate_series(1, 20000) AS n"
+        " SELECT 'a' || n, 1, 0, 'completed' FROM generate_series(1, 10000) AS n"
     )
-    ops: list[Op] = []
-    for n in range(1, 101):
-        task = make(f"t{n}", n, state=State.COMPLETED, run=2, worker="w")
-        ops.append(Update(task, expected=State.ACTIVE))
-        ops.append(RecordAttempt(Attempt(f"t{n}", 2, ended=1.0, outcome=AttemptOutcome.COMPLETED)))
-    [step] = postgres.plan(ops)
-    assert isinstance(step, postgres.Writes)
-    sql, params = step.statement("n")
+    # As a server runs them: claimed 100 at a time, then finished, but for the last 100.
+    for first in range(1, 10_001, 100):
+        await pg_schema.execute(
+            "UPDATE wsq_tasks SET state = 'active', run = 1, worker = 'w', node = 'n'"
+            f" WHERE seq BETWEEN {first} AND {first + 99}"
+        )
+        if first < 9_901:
+            await pg_schema.execute(
+                "UPDATE wsq_tasks SET state = 'completed'"
+                f" WHERE seq BETWEEN {first} AND {first + 99}"
+            )
+    plans |= await _write_plans(pg_store)  # with the statistics of the empty tables
+    await pg_schema.execute("ANALYZE wsq_tasks; ANALYZE wsq_attempts")
+    plans |= {f"{kind}, analyzed": plan for kind, plan in (await _write_plans(pg_store)).items()}
+    scanning = {
+        kind: plan
+        for kind, plan in plans.items()
+        if "Seq Scan" in plan
+        or not set(re.findall(r"Index (?:Only )?Scan (?:using|on) (\w+)", plan)) <= KEY_INDEXES
+    }
+    assert not scanning, "\n\n".join(f"{kind}:\n{plan}" for kind, plan in scanning.items())
+
+
+async def _write_plans(pg_store: PostgresStateStore) -> dict[str, str]:
+    """The plan of each of WRITES, as the store's writer would run it."""
     conn = await pg_store._connect()  # as the store's writer connects
+    plans = {}
     try:
-        await conn.execute(f"PREPARE finish AS {sql}")
-        args = ", ".join(map(literal, params))  # EXPLAIN EXECUTE takes no parameters
-        explained = await conn.fetch(f"EXPLAIN EXECUTE finish({args})")
+        for kind, make_ops in WRITES.items():
+            [step] = postgres.plan([op for n in range(10_000, 9_900, -1) for op in make_ops(n)])
+            assert isinstance(step, postgres.Writes)
+            sql, params = step.statement("n")
+            await conn.execute(f"PREPARE write AS {sql}")
+            args = ", ".join(map(literal, params))  # EXPLAIN EXECUTE takes no parameters
+            explained = await conn.fetch(f"EXPLAIN EXECUTE write({args})")
+            await conn.execute("DEALLOCATE write")
+            plans[kind] = "\n".join(row[0] for row in explained)
     finally:
         await conn.close()
-    plan = "\n".join(row[0] for row in explained)
-    assert "Seq Scan on wsq_tasks" not in plan, plan
-    assert "Seq Scan on wsq_attempts" not in plan, plan
+    return plans
+
+
+# The indexes by which a write finds the rows it names.
+KEY_INDEXES = {"wsq_tasks_pkey", "wsq_attempts_pkey", "wsq_blobs_pkey", "wsq_blobs_task"}
 
 
 def literal(value: object) -> str:

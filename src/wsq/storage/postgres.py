@@ -210,6 +210,17 @@ INSERT_TYPES = (
 )
 TASK_COLUMNS_SEQ = 3
 
+
+def _state_is(column: str, state: str) -> str:
+    """``column = 'state'`` as an expression that no index holds (likewise a comparison
+    of the state with a value of the batch's rows). A write that addresses
+    rows by id must probe the primary key once per row: given a plain ``state = 'active'``,
+    the planner may instead scan every entry of an index on state (or of the partial index
+    of active runs, which keeps an entry per claim until vacuum) and join them to the ids,
+    at a cost that grows with the table, not with the batch (docs/performance.md)."""
+    return f"({column} || '') = '{state}'"
+
+
 # The payload (data, inline streams) only if it fits in $1 bytes; else data is NULL and
 # streams lists the blob refs alone (Task.strip). octet_length reads the size a TOASTed
 # value records, not the value.
@@ -390,7 +401,7 @@ RETURNING {TASK_COLUMNS_STRIPPED}
 ADOPT_REPORTED = f"""
 UPDATE wsq_tasks SET node = $2
 FROM unnest($3::text[], $4::bigint[]) AS r (rid, rrun)
-WHERE id = r.rid AND run = r.rrun AND state = 'active' AND worker = ANY($5::text[])
+WHERE id = r.rid AND run = r.rrun AND {_state_is("state", "active")} AND worker = ANY($5::text[])
 RETURNING {TASK_COLUMNS_STRIPPED}
 """
 # -- workers (migration 8): each node's, for the other nodes' listings ------------------------
@@ -478,6 +489,8 @@ RETURNING key
 """
 DROP_SWEPT = "DELETE FROM wsq_blobs WHERE swept AND since < now() - interval '1 day'"
 _MINE = "t.node IS NOT DISTINCT FROM nullif(current_setting('wsq.node', true), '')"
+
+
 _INSERT_CTE = (
     "ins AS (INSERT INTO wsq_tasks ("
     + INSERT_COLUMNS
@@ -498,14 +511,14 @@ _START_CTE = (
     " updated = s.updated, node = nullif(current_setting('wsq.node', true), '')"
     " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::float8[])"
     " AS s (id, run, worker, updated)"
-    " WHERE t.id = s.id AND t.state = 'waiting' RETURNING t.id, t.queue)"
+    f" WHERE t.id = s.id AND {_state_is('t.state', 'waiting')} RETURNING t.id, t.queue)"
 )
 _FINISH_CTE = (
     "finish AS (UPDATE wsq_tasks t SET state = f.state, progress = f.progress,"
     " retries = f.retries, error = f.error, updated = f.updated"
     " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
     " {p5}::float8[], {p6}::bigint[]) AS f (id, state, progress, retries, error, updated, run)"
-    f" WHERE t.id = f.id AND t.state = 'active' AND t.run = f.run AND {_MINE}"
+    f" WHERE t.id = f.id AND {_state_is('t.state', 'active')} AND t.run = f.run AND {_MINE}"
     " RETURNING t.id, t.queue, t.state)"
 )
 # An update out of 'active' applies only to the same run, on the node holding it.
@@ -518,14 +531,14 @@ _UPDATE_CTE = (
     " {p10}::float8[])"
     " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated,"
     " not_before)"
-    " WHERE t.id = u.id AND t.state = u.expected"
+    " WHERE t.id = u.id AND (t.state || '') = u.expected"
     f" AND (u.expected <> 'active' OR (t.run = u.run AND {_MINE}))"
     " RETURNING t.id, t.queue, u.expected, t.state)"
 )
 _PROGRESS_CTE = (
     "prog AS (UPDATE wsq_tasks t SET progress = p.progress, updated = p.updated"
     " FROM unnest({p0}::text[], {p1}::float8[], {p2}::float8[]) AS p (id, progress, updated)"
-    f" WHERE t.id = p.id AND t.state = 'active' AND {_MINE} RETURNING t.id)"
+    f" WHERE t.id = p.id AND {_state_is('t.state', 'active')} AND {_MINE} RETURNING t.id)"
 )
 _DELETE_CTE = (
     "del AS (DELETE FROM wsq_tasks t USING unnest({p0}::text[], {p1}::text[])"
@@ -1051,11 +1064,16 @@ def _settings(dsn: str, schema: str | None) -> dict[str, str]:
 
 # The write connection's statements address rows by key (ids from arrays): index probes
 # in nested loops are always their plan, whatever the row estimates of a table that grew
-# since it was last analyzed (a hash join over a scan of the whole table costs time that
-# grows with it). One generic plan per statement: none re-planned per batch.
+# since it was last analyzed (a hash join over a scan of the whole table, or a scan of
+# the whole table per row of a nested loop, costs time that grows with it; see also
+# _state_is). A statement with no index to use still scans, at a cost so high that
+# PostgreSQL would compile it (JIT, 60 ms and more): no JIT, which never pays for these
+# short statements. One generic plan per statement: none re-planned per batch.
 _WRITER_PLANS = {
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
+    "enable_seqscan": "off",
+    "jit": "off",
     "plan_cache_mode": "force_generic_plan",
 }
 
