@@ -561,7 +561,8 @@ _ATTEMPT_CTE = (
     " started = excluded.started, ended = excluded.ended, outcome = excluded.outcome,"
     " error = excluded.error, progress = excluded.progress RETURNING task AS id),"
     " att_prune AS (DELETE FROM wsq_attempts w USING unnest({p0}::text[], {p1}::bigint[])"
-    f" AS x (task, run) WHERE w.task = x.task AND w.run <= x.run - {KEPT_ATTEMPTS})"
+    f" AS x (task, run) WHERE x.run > {KEPT_ATTEMPTS}"  # else no older run is past the bound
+    f" AND w.task = x.task AND w.run <= x.run - {KEPT_ATTEMPTS})"
 )
 
 # kind: (CTE, name of the CTE returning applied ids, number of array parameters)
