@@ -20,6 +20,7 @@ class Proxy:
         self._down = asyncio.Event()  # delivering from the server to the client
         self._down.set()
         self._refusing = False
+        self._drops = 0  # how many times drop() ran
         self.port = 0
 
     @property
@@ -46,7 +47,9 @@ class Proxy:
         self._down.clear()
 
     def drop(self) -> None:
-        """Cut every connection open now (an RST both ways); new ones are still accepted."""
+        """Cut every connection open now (an RST both ways), also one still connecting to
+        the server; new ones are still accepted."""
+        self._drops += 1
         for writer in self._writers:
             writer.transport.abort()
         self._writers.clear()
@@ -72,10 +75,15 @@ class Proxy:
         if self._refusing:
             writer.transport.abort()
             return
+        drops = self._drops
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.transport.abort()
+            return
+        if self._drops != drops:  # cut (or refused) while it connected
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
         for source, sink, gate in ((reader, up_writer, None), (up_reader, writer, self._down)):
