@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 
 class Proxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, down_rate: float | None = None) -> None:
         self._target = (target_host, target_port)
+        # Bytes per second delivered from the server to the client (a slow link), or
+        # as fast as they come.
+        self.down_rate = down_rate
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -77,7 +81,7 @@ class Proxy:
             return
         drops = self._drops
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            up_reader, up_writer = await self._connect_upstream()
         except OSError:
             writer.transport.abort()
             return
@@ -86,22 +90,42 @@ class Proxy:
             up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        for source, sink, gate in ((reader, up_writer, None), (up_reader, writer, self._down)):
-            task = asyncio.create_task(self._pipe(source, sink, gate))
+        pipes = ((reader, up_writer, None, None), (up_reader, writer, self._down, self.down_rate))
+        for source, sink, gate, rate in pipes:
+            task = asyncio.create_task(self._pipe(source, sink, gate, rate))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.down_rate is None:
+            return await asyncio.open_connection(*self._target)
+        # A slow link holds little: a small receive buffer here, so that what the link has
+        # not carried yet stays in the server's socket, as on a real one (not in a buffer
+        # of megabytes that loopback would grant and acknowledge at once).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, self._target)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=1 << 14)
 
     async def _pipe(
         self,
         source: asyncio.StreamReader,
         sink: asyncio.StreamWriter,
         gate: asyncio.Event | None,
+        rate: float | None = None,
     ) -> None:
         try:
-            while data := await source.read(1 << 16):
+            while data := await source.read(1 << 14 if rate else 1 << 16):
                 if self._open.is_set() and (gate is None or gate.is_set()):
                     sink.write(data)
                     await sink.drain()
+                    if rate:
+                        await asyncio.sleep(len(data) / rate)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -109,10 +133,10 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def proxy_to(url: str) -> AsyncIterator[Proxy]:
-    """A proxy in front of the ``ws://host:port`` server at ``url``."""
+async def proxy_to(url: str, down_rate: float | None = None) -> AsyncIterator[Proxy]:
+    """A proxy in front of the ``ws://host:port`` server at ``url`` (see :class:`Proxy`)."""
     host, _, port = url.removeprefix("ws://").rpartition(":")
-    proxy = await Proxy(host.strip("[]"), int(port)).start()
+    proxy = await Proxy(host.strip("[]"), int(port), down_rate).start()
     try:
         yield proxy
     finally:

@@ -538,3 +538,44 @@ async def test_an_add_whose_stream_source_stalls_fails_when_the_connection_drops
         with pytest.raises(wsq.ConnectionLost):
             await asyncio.wait_for(adding, budget(5))
         assert closed.is_set()
+
+
+# -- 5. a slow link to a worker --------------------------------------------------------------
+
+
+async def test_offers_on_a_slow_link_are_not_timed_out_while_they_arrive(data_dir: Path) -> None:
+    """A worker behind a slow link is offered more bytes of task data than the link
+    carries within the worker timeout (1 s): its offers take seconds to arrive, and the
+    link keeps carrying them. No run times out unacknowledged, the worker is not dropped
+    as a slow consumer, and each task runs once. (The timeout counted from the offer:
+    runs failed with "didn't respond" while their bytes were still on their way.)"""
+    count, size = 24, 400_000  # 9.6 MB of data at 2 MB/s: about 5 s on the link
+    async with (
+        wsq.Server(data_dir=data_dir, port=0) as server,
+        proxy_to(server.url, down_rate=2_000_000) as proxy,
+    ):
+        observer = Observer(server.url)
+        worker_client = wsq.Client(proxy.url)
+        ran: Counter[str] = Counter()
+        disconnects: list[Any] = []
+        worker_client.on("disconnect", lambda *args: disconnects.append(args))
+
+        def handler(task: wsq.Task) -> None:
+            ran[task.id] += 1
+
+        try:
+            await observer.client.connect()
+            await worker_client.connect()
+            queue = observer.client.queue("slow-link")
+            added = await queue.add_many(["x" * size] * count)
+            worker = worker_client.queue("slow-link").process(handler, concurrency=count)
+            await settle(lambda: len(observer.completed) == count, budget(60))
+            assert observer.failed == []
+            assert disconnects == []
+            assert sorted(ran) == sorted(task.id for task in added)
+            assert set(ran.values()) == {1}
+            assert sorted(observer.completed) == sorted((task.id, 0) for task in added)
+            await worker.stop()
+        finally:
+            await worker_client.close()
+            await observer.client.close()

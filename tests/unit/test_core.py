@@ -976,6 +976,36 @@ def test_worker_timeout_counts_from_the_offer(h: Harness) -> None:
     assert h.state(task_id) == FAILED
 
 
+def test_an_offer_still_being_delivered_waits_from_the_last_progress(h: Harness) -> None:
+    """While the worker's connection keeps carrying bytes to it (a slow link), the
+    worker timeout of its unacknowledged runs starts again; once the link stops, it
+    runs out. Acknowledged runs keep their task timeout; other workers' runs their own."""
+    h.add_worker("w1", concurrency=2)
+    first, second = h.add(timeout=5.0), h.add(timeout=5.0)
+    h.add_worker("w2")
+    third = h.add()
+    assert [h.store[t].worker for t in (first, second, third)] == ["w1", "w1", "w2"]
+    h.now = 0.5
+    h.ack(first)
+    h.core.delivering(["w1"], 0.9)
+    (aborted,) = of_type(h.tick(1.0), Abort)  # w2 got no extension
+    assert aborted.task == third
+    h.core.delivering(["w1"], 1.7)
+    assert h.tick(2.69) == []
+    assert h.core.next_deadline() == 2.7
+    h.tick(2.7)
+    assert (h.state(first), h.state(second)) == (ACTIVE, FAILED)
+    assert h.store[second].error == "Worker w1 didn't respond."
+    h.tick(5.5)
+    assert h.state(first) == FAILED  # its task timeout, from its ack
+
+
+def test_delivering_does_nothing_without_a_worker_timeout() -> None:
+    core = Core(worker_timeout=-1)
+    core.delivering(["w1"], 1.0)
+    assert core.next_deadline() is None
+
+
 def test_ack_in_time_cancels_the_worker_timeout(h: Harness) -> None:
     h.add_worker("w1")
     task_id = h.add(timeout=60.0)

@@ -660,6 +660,20 @@ class Core:
         current = self._run_of(task_id, run)
         return self._start(current, now)
 
+    def delivering(self, worker_ids: Iterable[str], now: float) -> None:
+        """The connection of these workers is still carrying bytes to them: offers they
+        have not acknowledged may still be on their way, so the worker timeout of each
+        starts again from ``now``. An acknowledgment is due within the worker timeout of
+        its offer's arrival, not of its sending: a slow link is not a dead worker (one
+        that stops reading stops this, and its offers time out)."""
+        if self.worker_timeout < 0:
+            return
+        for worker_id in worker_ids:
+            for task_id in self._by_worker.get(worker_id, ()):
+                current = self._runs.get(task_id)
+                if current is not None and not current.acked:
+                    self._arm(current, now)
+
     def progress(self, task_id: str, run: int, value: float, now: float) -> list[Effect]:
         current = self._run_of(task_id, run)
         effects = self._start(current, now)

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import math
+import socket
+import struct
+import sys
+import termios
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from picows.websockets import ConnectionClosed, ServerConnection
@@ -76,6 +81,8 @@ class Connection:
         self._offers: deque[tuple[str, list[Task]]] = deque()
         self._offering: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set each time the outgoing buffer shrinks
+        self._sock: socket.socket | None = None  # for link_state, once greeted
+        self._watching: asyncio.Task[None] | None = None  # _watch_delivery
         self._uploads: dict[int, Upload] = {}
         self._downloads: dict[int, Download] = {}
         self._unclaimed: set[str] = set()
@@ -207,7 +214,7 @@ class Connection:
             return await self._refuse("too_many", text, close_code=1013)
         server.connections[self.id] = self
         if server.gate is not None:
-            server.gate.greeted(self.ws.remote_address)
+            self._sock = server.gate.greeted(self.ws.remote_address)
         welcome = p.welcome(
             self.id,
             f"wsq/{_version()}",
@@ -374,11 +381,14 @@ class Connection:
             while self._offers and not self._closing:
                 while self._out_bytes > server.max_outgoing // 2 and not self._closing:
                     self._room.clear()
+                    before = link_state(self._sock)
                     try:
                         await asyncio.wait_for(self._room.wait(), self._stalled_after())
                     except TimeoutError:
-                        self._drop_slow()
-                        return
+                        after = link_state(self._sock)
+                        if before is None or after is None or after.acked <= before.acked:
+                            self._drop_slow()  # the client reads nothing (or none can tell)
+                            return
                 if self._closing:
                     return
                 worker, tasks = self._offers[0]
@@ -420,6 +430,32 @@ class Connection:
             for task in tasks
         ]
         self.send_text(p.encode({"op": "offer", "worker": worker, "tasks": offered}))
+        if self._watching is None and self.server.worker_timeout >= 0:
+            self._watching = asyncio.create_task(
+                self._watch_delivery(), name=f"wsq-delivery-{self.id}"
+            )
+            self._requests.add(self._watching)
+            self._watching.add_done_callback(self._requests.discard)
+
+    async def _watch_delivery(self) -> None:
+        """While bytes for the client are on their way and its TCP keeps acknowledging
+        them, the runs its workers were offered wait for acknowledgments from now on
+        (:meth:`wsq.core.engine.Core.delivering`): a slow link is not a dead worker."""
+        try:
+            period = self.server.worker_timeout / 4
+            state = link_state(self._sock)
+            while state is not None and not self._closing:
+                await asyncio.sleep(period)
+                now = link_state(self._sock)
+                if now is None:
+                    return
+                if now.acked > state.acked:
+                    self.server.core.delivering(self._workers, time.time())
+                state = now
+                if not (self._offers or self._out or state.unsent):
+                    return
+        finally:
+            self._watching = None
 
     async def _write_loop(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -1554,6 +1590,33 @@ def _worker_cursor(cursor: str | None) -> tuple[str, str] | None:
         return _decode_worker_cursor(cursor)
     except msgspec.DecodeError:
         raise InvalidArgument("Not a workers cursor: pass the one the last page gave.") from None
+
+
+class LinkState(NamedTuple):
+    acked: int  # bytes the peer's TCP has acknowledged since the connection began
+    unsent: int  # bytes the kernel holds that the peer has not acknowledged yet
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+_BYTES_ACKED = struct.Struct("=Q")  # tcp_info's tcpi_bytes_acked (Linux 4.1 and later)
+_BYTES_ACKED_AT = 120
+
+
+def link_state(sock: socket.socket | None) -> LinkState | None:
+    """How far the kernel got delivering what was written to ``sock``, read from TCP_INFO
+    and SIOCOUTQ (Linux); ``None`` where that cannot be read (another system, a closed
+    socket, a socket that is not TCP)."""
+    if sock is None or _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+        unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    if len(info) < _BYTES_ACKED_AT + _BYTES_ACKED.size:
+        return None
+    (acked,) = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)
+    return LinkState(acked, int.from_bytes(unsent, sys.byteorder, signed=True))
 
 
 def _peer(websocket: ServerConnection) -> str:

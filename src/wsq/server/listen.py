@@ -62,10 +62,12 @@ class Gate:
         """Sockets accepted that have not said hello yet."""
         return len(self._waiting)
 
-    def greeted(self, peer: Any) -> None:
-        """The connection from ``peer`` said hello: it no longer waits."""
-        if peer is not None:
-            self._waiting.pop(_key(peer), None)
+    def greeted(self, peer: Any) -> socket.socket | None:
+        """The connection from ``peer`` said hello: it no longer waits. Returns its socket
+        (for :func:`wsq.server.connection.link_state`), if it was waiting here."""
+        if peer is None:
+            return None
+        return self._waiting.pop(_key(peer), None)
 
     def drop_waiting(self) -> None:
         """The server is closing: shut down every socket that has not said hello. One in
