@@ -11,11 +11,18 @@ from collections.abc import AsyncIterator
 
 
 class Proxy:
-    def __init__(self, target_host: str, target_port: int, down_rate: float | None = None) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        down_rate: float | None = None,
+        up_rate: float | None = None,
+    ) -> None:
         self._target = (target_host, target_port)
-        # Bytes per second delivered from the server to the client (a slow link), or
-        # as fast as they come.
+        # Bytes per second delivered from the server to the client and from the client to
+        # the server (a slow link), or as fast as they come.
         self.down_rate = down_rate
+        self.up_rate = up_rate
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -59,7 +66,13 @@ class Proxy:
         self._writers.clear()
 
     async def start(self) -> Proxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        if self.up_rate is None:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        else:  # a small receive buffer, as in _connect_upstream
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.bind(("127.0.0.1", 0))
+            self._server = await asyncio.start_server(self._accept, sock=sock, limit=1 << 14)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -90,7 +103,10 @@ class Proxy:
             up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        pipes = ((reader, up_writer, None, None), (up_reader, writer, self._down, self.down_rate))
+        pipes = (
+            (reader, up_writer, None, self.up_rate),
+            (up_reader, writer, self._down, self.down_rate),
+        )
         for source, sink, gate, rate in pipes:
             task = asyncio.create_task(self._pipe(source, sink, gate, rate))
             self._tasks.add(task)
@@ -133,10 +149,12 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def proxy_to(url: str, down_rate: float | None = None) -> AsyncIterator[Proxy]:
+async def proxy_to(
+    url: str, down_rate: float | None = None, up_rate: float | None = None
+) -> AsyncIterator[Proxy]:
     """A proxy in front of the ``ws://host:port`` server at ``url`` (see :class:`Proxy`)."""
     host, _, port = url.removeprefix("ws://").rpartition(":")
-    proxy = await Proxy(host.strip("[]"), int(port), down_rate).start()
+    proxy = await Proxy(host.strip("[]"), int(port), down_rate, up_rate).start()
     try:
         yield proxy
     finally:

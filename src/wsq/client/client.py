@@ -141,6 +141,7 @@ class Client(Emitter):
         self._closed = False
         self._reopened: asyncio.Event | None = None  # set by connect() after close()
         self._generation = 0  # counts connections; a wsq.Stream belongs to one
+        self._heard = 0  # frames received from the server (the heartbeat looks)
 
     def new_task_id(self) -> str:
         """A fresh task id: this client's random 64-bit prefix and a counter (a uuid4 per
@@ -347,7 +348,9 @@ class Client(Emitter):
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         """Ping every heartbeat interval; no pong for three intervals means the server is
-        gone, so drop the connection and reconnect (§9)."""
+        gone, so drop the connection and reconnect (§9). But while frames from the server
+        keep arriving the path is alive, and the pong may be waiting behind what fills a
+        slow link (a large upload): it is waited for as long as they do."""
         interval = self._limits.heartbeat
         if interval <= 0:
             return  # the server runs without heartbeats (--heartbeat-interval 0)
@@ -355,14 +358,20 @@ class Client(Emitter):
             while True:
                 await asyncio.sleep(interval)
                 pong = await ws.ping()
-                try:
-                    await asyncio.wait_for(pong, interval * 3)
-                except TimeoutError:
-                    logger.warning("no pong from %s; reconnecting", self.address)
-                    # A dead path will not finish a closing handshake either: after
-                    # CLOSE_TIMEOUT the connection is dropped, and _session reconnects.
-                    await ws.close(1011, "No pong")
-                    return
+                heard = self._heard
+                while True:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(pong), interval * 3)
+                    except TimeoutError:
+                        if self._heard > heard:
+                            heard = self._heard
+                            continue
+                        logger.warning("no pong from %s; reconnecting", self.address)
+                        # A dead path will not finish a closing handshake either: after
+                        # CLOSE_TIMEOUT the connection is dropped, and _session reconnects.
+                        await ws.close(1011, "No pong")
+                        return
+                    break
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -433,6 +442,7 @@ class Client(Emitter):
     async def _read(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
             async for frame in ws:
+                self._heard += 1
                 try:
                     self._receive_frame(frame)
                 except Exception as exc:  # a bad frame must not end the session

@@ -415,8 +415,8 @@ class Server:
             self._handle,
             sock=sock,
             max_size=self.budget.frame_reserve,
-            ping_interval=self.heartbeat_interval or None,  # 0: no heartbeat
-            ping_timeout=self.heartbeat_interval * 3 or None,
+            ping_interval=None,  # each greeted connection pings (Connection._keepalive)
+            ping_timeout=None,
             compression=None,
             process_request=self._http,
             server_header=f"wsq/{_version()}",

@@ -82,6 +82,7 @@ class Connection:
         self._offering: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set each time the outgoing buffer shrinks
         self._sock: socket.socket | None = None  # for link_state, once greeted
+        self._heard = 0  # frames received since hello
         self._watching: asyncio.Task[None] | None = None  # _watch_delivery
         self._uploads: dict[int, Upload] = {}
         self._downloads: dict[int, Download] = {}
@@ -89,6 +90,9 @@ class Connection:
         self._subscriptions: set[str | None] = set()
         self._workers: set[str] = set()  # registered here: stop and cleanup look here
         self._requests: set[asyncio.Task[Any]] = set()
+        # Tasks of its own (offers, keepalive, delivery watch): stopped with it, and not
+        # requests in flight (max_requests).
+        self._helpers: set[asyncio.Task[None]] = set()
         self._storing = 0  # adds waiting for their store job
         # Uploads refused at open (max_uploads): an add naming one gets the same error.
         self._refused: dict[int, WsqError] = {}
@@ -144,8 +148,11 @@ class Connection:
         if not greeted:
             return
         self._writer = asyncio.create_task(self._write_loop(), name=f"wsq-writer-{self.id}")
+        if self.server.heartbeat_interval > 0:
+            self._helper(self._keepalive(), f"wsq-keepalive-{self.id}")
         try:
             async for frame in self.ws:
+                self._heard += 1
                 if isinstance(frame, str):
                     self._receive_text(frame)
                 else:
@@ -153,13 +160,43 @@ class Connection:
         except ConnectionClosed:
             pass
 
+    def _helper(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+        return task
+
+    async def _keepalive(self) -> None:
+        """Ping every heartbeat interval; the pong is due within three (§9). A pong that
+        waits behind what fills a slow link (a large upload from the client, offers and
+        downloads to it) may take longer: while frames from the client keep arriving or
+        its TCP keeps acknowledging this side's bytes, the path is alive and the pong is
+        waited for as long. A client silent that long is dropped (1011, "No pong")."""
+        interval = self.server.heartbeat_interval
+        with contextlib.suppress(ConnectionClosed):
+            while not self._closing:
+                await asyncio.sleep(interval)
+                pong = await self.ws.ping()
+                while True:
+                    heard, before = self._heard, link_state(self._sock)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(pong), interval * 3)
+                    except TimeoutError:
+                        if self._heard > heard or progressed(before, link_state(self._sock)):
+                            continue
+                        log(logging.WARNING, "no pong", "dropping a client that does not answer",
+                            connection=self.id)  # fmt: skip
+                        self.drop(1011, "No pong")
+                        return
+                    break
+
     async def cleanup(self) -> None:
         """Undo everything this connection held: workers, subscriptions, streams."""
         self._closing = True
         self._release_outgoing()
-        for request in list(self._requests):
+        for request in [*self._requests, *self._helpers]:
             request.cancel()
-        await asyncio.gather(*self._requests, return_exceptions=True)
+        await asyncio.gather(*self._requests, *self._helpers, return_exceptions=True)
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -371,9 +408,7 @@ class Connection:
             return
         self._offers.append((worker, list(tasks)))
         if self._offering is None:
-            self._offering = asyncio.create_task(self._send_offers(), name=f"wsq-offers-{self.id}")
-            self._requests.add(self._offering)
-            self._offering.add_done_callback(self._requests.discard)
+            self._offering = self._helper(self._send_offers(), f"wsq-offers-{self.id}")
 
     async def _send_offers(self) -> None:
         server = self.server
@@ -385,8 +420,7 @@ class Connection:
                     try:
                         await asyncio.wait_for(self._room.wait(), self._stalled_after())
                     except TimeoutError:
-                        after = link_state(self._sock)
-                        if before is None or after is None or after.acked <= before.acked:
+                        if not progressed(before, link_state(self._sock)):
                             self._drop_slow()  # the client reads nothing (or none can tell)
                             return
                 if self._closing:
@@ -431,11 +465,7 @@ class Connection:
         ]
         self.send_text(p.encode({"op": "offer", "worker": worker, "tasks": offered}))
         if self._watching is None and self.server.worker_timeout >= 0:
-            self._watching = asyncio.create_task(
-                self._watch_delivery(), name=f"wsq-delivery-{self.id}"
-            )
-            self._requests.add(self._watching)
-            self._watching.add_done_callback(self._requests.discard)
+            self._watching = self._helper(self._watch_delivery(), f"wsq-delivery-{self.id}")
 
     async def _watch_delivery(self) -> None:
         """While bytes for the client are on their way and its TCP keeps acknowledging
@@ -1617,6 +1647,11 @@ def link_state(sock: socket.socket | None) -> LinkState | None:
         return None
     (acked,) = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)
     return LinkState(acked, int.from_bytes(unsent, sys.byteorder, signed=True))
+
+
+def progressed(before: LinkState | None, after: LinkState | None) -> bool:
+    """Whether the peer acknowledged bytes between the two readings (False if unknown)."""
+    return before is not None and after is not None and after.acked > before.acked
 
 
 def _peer(websocket: ServerConnection) -> str:
