@@ -548,10 +548,12 @@ async def test_offers_on_a_slow_link_are_not_timed_out_while_they_arrive(data_di
     carries within the worker timeout (1 s): its offers take seconds to arrive, and the
     link keeps carrying them. No run times out unacknowledged, the worker is not dropped
     as a slow consumer, and each task runs once. (The timeout counted from the offer:
-    runs failed with "didn't respond" while their bytes were still on their way.)"""
+    runs failed with "didn't respond" while their bytes were still on their way.) The
+    offers come in messages of about 1 MiB: one of them all would keep the worker from
+    hearing anything for longer than three heartbeat intervals."""
     count, size = 24, 400_000  # 9.6 MB of data at 2 MB/s: about 5 s on the link
     async with (
-        wsq.Server(data_dir=data_dir, port=0) as server,
+        wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=1.0) as server,
         proxy_to(server.url, down_rate=2_000_000) as proxy,
     ):
         observer = Observer(server.url)
@@ -613,3 +615,38 @@ async def test_an_upload_on_a_slow_link_is_not_taken_for_a_dead_connection(
         finally:
             await producer.close()
             await reader.close()
+
+
+async def test_a_download_on_a_slow_link_is_not_taken_for_a_dead_connection(
+    data_dir: Path,
+) -> None:
+    """The same towards a worker: it reads a stream over a slow link, whose chunks hold
+    the pings and pongs back. The run completes once, the stream read whole."""
+    blob = os.urandom(4_000_000)  # 7 s at 600 KB/s; a chunk (1 MiB) arrives every 1.7 s
+    async with (
+        wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=1.0) as server,
+        proxy_to(server.url, down_rate=600_000) as proxy,
+    ):
+        observer = Observer(server.url)
+        worker_client = wsq.Client(proxy.url)
+        disconnects: list[Any] = []
+        worker_client.on("disconnect", lambda *args: disconnects.append(args))
+        read: list[str] = []
+
+        async def handler(task: wsq.Task) -> None:
+            read.append(sha256(await task.data["f"].read()))
+
+        try:
+            await observer.client.connect()
+            await worker_client.connect()
+            task = await observer.client.queue("down").add({"f": blob}, timeout=budget(60))
+            worker = worker_client.queue("down").process(handler)
+            await settle(lambda: observer.completed or observer.failed, budget(60))
+            assert observer.failed == []
+            assert observer.completed == [(task.id, 0)]
+            assert read == [sha256(blob)]
+            assert disconnects == []
+            await worker.stop()
+        finally:
+            await worker_client.close()
+            await observer.client.close()

@@ -253,6 +253,29 @@ async def test_a_burst_of_offers_larger_than_max_outgoing_is_paced_not_dropped(
     assert not [r for r in caplog.records if "does not read" in r.getMessage()]
 
 
+async def test_offers_come_in_messages_of_about_a_mebibyte(data_dir: Path) -> None:
+    """A worker of concurrency 24 on a queue of 400 KB tasks is offered 9.6 MB at once,
+    in frames of at most about 2 MiB (messages of about 1 MiB, joined up to 1 MiB), not
+    in one: a frame arrives whole or not at all, and on a slow link one of many
+    megabytes keeps a worker from hearing anything for longer than its heartbeat waits."""
+    async with serving(data_dir) as server, fast(server.url) as producer:
+        await producer.queue("big").add_many([{"pad": "x" * 400_000}] * 24)
+        async with RawClient(server.url) as raw:
+            assert raw.ws is not None
+            await raw.send({"op": "work", "id": 1, "queue": "big", "concurrency": 24,
+                            "worker": "w"})  # fmt: skip
+            sizes: list[int] = []
+            offered = 0
+            while offered < 24:
+                frame = await asyncio.wait_for(raw.ws.recv(), budget(10))
+                decoded = json.loads(frame)
+                for message in decoded if isinstance(decoded, list) else [decoded]:
+                    if message["op"] == "offer":
+                        offered += len(message["tasks"])
+                        sizes.append(len(frame))
+            assert max(sizes) < 2_200_000, sizes
+
+
 async def test_a_listing_larger_than_max_outgoing_comes_in_pages_cut_by_size(
     data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -454,16 +454,28 @@ class Connection:
             self._offering = None
 
     def _send_offer(self, worker: str, tasks: Sequence[Task]) -> None:
-        offered = [
-            {
-                "task": task.to_json(),
-                "run": task.run,
-                "data": msgspec.Raw(task.data or b"null"),
-                "streams": [stream_json(ref) for ref in task.streams],
-            }
-            for task in tasks
-        ]
-        self.send_text(p.encode({"op": "offer", "worker": worker, "tasks": offered}))
+        """Offer ``tasks`` in messages of at most about _FRAME_BYTES each (one task more
+        if need be): a message arrives whole or not at all, and on a slow link one of
+        many megabytes would keep the worker from hearing anything for longer than its
+        heartbeat waits (§9)."""
+        offered: list[dict[str, Any]] = []
+        size = 0
+        for task in tasks:
+            cost = _offer_bytes((task,), 0)
+            if offered and size + cost > _FRAME_BYTES:
+                self.send_text(p.encode({"op": "offer", "worker": worker, "tasks": offered}))
+                offered, size = [], 0
+            offered.append(
+                {
+                    "task": task.to_json(),
+                    "run": task.run,
+                    "data": msgspec.Raw(task.data or b"null"),
+                    "streams": [stream_json(ref) for ref in task.streams],
+                }
+            )
+            size += cost
+        if offered:
+            self.send_text(p.encode({"op": "offer", "worker": worker, "tasks": offered}))
         if self._watching is None and self.server.worker_timeout >= 0:
             self._watching = self._helper(self._watch_delivery(), f"wsq-delivery-{self.id}")
 
