@@ -218,3 +218,24 @@ async def test_idle_sockets_do_not_hold_up_shutdown(tmp_path: Path, tls: bool) -
     finally:
         for sock in sockets:
             sock.close()
+
+
+async def test_a_close_ends_even_when_a_connection_cannot_finish_closing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Server.close() waits for its connections to clean up for a bounded time, then logs
+    where the ones left wait and stops all the same (a close hung for good, once, in CI)."""
+    from wsq.server.connection import Connection
+
+    async def stuck(self: Connection) -> None:
+        await asyncio.Event().wait()
+
+    server = wsq.Server(data_dir=tmp_path, port=0)
+    await server.start()
+    client = wsq.Client(server.url)
+    await client.connect()
+    monkeypatch.setattr(Connection, "cleanup", stuck)
+    await asyncio.wait_for(server.close(), budget(20))
+    [line] = [r.getMessage() for r in caplog.records if "did not finish closing" in r.getMessage()]
+    assert "1 connections" in line and "stuck" in line
+    await client.close()

@@ -91,6 +91,18 @@ DISCARD_LEFT_EVERY = 2.0
 STATE_NAMES = tuple(state.value for state in State)
 
 
+def _where(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: the innermost of the coroutines it awaits, for a log line."""
+    places = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None)
+        if frame is not None:
+            places.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        awaited = getattr(awaited, "cr_await", None)
+    return " > ".join(places[-4:]) or task.get_name()
+
+
 def _transitions_logged() -> bool:
     return logger.isEnabledFor(logging.INFO)
 
@@ -437,7 +449,7 @@ class Server:
         if self.gate is not None:
             self.gate.drop_waiting()
         for listener in self._listeners:
-            await listener.wait_closed()
+            await self._connections_closed(listener)
         if self.gate is not None:
             self.gate.close()
         if self._restore_handler is not None:
@@ -456,6 +468,21 @@ class Server:
             os.close(self._lock)  # releases the lock
             self._lock = None
         log(logging.INFO, "stopped", "wsq server stopped")
+
+    async def _connections_closed(self, listener: WsServer) -> None:
+        """Wait for the listener's connections to close and their handlers to clean up,
+        for a bounded time: a close must end. What still runs then is logged with where it
+        waits, and left to end by itself."""
+        try:
+            await asyncio.wait_for(listener.wait_closed(), CLOSE_TIMEOUT + 2 * CLOSE_GRACE)
+        except TimeoutError:
+            stuck = [task for task in getattr(listener, "handlers", {}).values() if not task.done()]
+            where = "; ".join(_where(task) for task in stuck[:5])
+            log(
+                logging.ERROR,
+                "close timeout",
+                f"{len(stuck)} connections did not finish closing in time: {where}",
+            )
 
     async def serve_forever(self) -> None:
         assert self._listeners, "call start() first"
