@@ -239,3 +239,24 @@ async def test_a_close_ends_even_when_a_connection_cannot_finish_closing(
     [line] = [r.getMessage() for r in caplog.records if "did not finish closing" in r.getMessage()]
     assert "1 connections" in line and "stuck" in line
     await client.close()
+
+
+async def test_a_close_ends_even_when_a_background_task_does_not_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = asyncio.Event()
+
+    async def deaf() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    server = wsq.Server(data_dir=tmp_path, port=0)
+    await server.start()
+    deaf_task = server.spawn(deaf(), "deaf")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(server.close(), budget(20))
+    [line] = [r.getMessage() for r in caplog.records if "did not stop" in r.getMessage()]
+    assert "1 tasks" in line and "deaf" in line
+    release.set()
+    await deaf_task

@@ -454,9 +454,7 @@ class Server:
             self.gate.close()
         if self._restore_handler is not None:
             self._restore_handler()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._stop_background()
         if self._timer is not None:
             self._timer.cancel()
         if self._barrier is not None:  # the last batch settles (the store may not answer)
@@ -468,6 +466,17 @@ class Server:
             os.close(self._lock)  # releases the lock
             self._lock = None
         log(logging.INFO, "stopped", "wsq server stopped")
+
+    async def _stop_background(self) -> None:
+        """Cancel the background tasks and wait for them, for a bounded time (a task
+        that does not stop is logged with where it waits, and left)."""
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            _, stuck = await asyncio.wait(list(self._background), timeout=CLOSE_GRACE)
+            if stuck:
+                where = "; ".join(_where(task) for task in list(stuck)[:5])
+                log(logging.ERROR, "close timeout", f"{len(stuck)} tasks did not stop: {where}")
 
     async def _connections_closed(self, listener: WsServer) -> None:
         """Wait for the listener's connections to close and their handlers to clean up,
