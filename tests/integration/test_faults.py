@@ -587,27 +587,23 @@ async def test_an_upload_on_a_slow_link_is_not_taken_for_a_dead_connection(
     data_dir: Path,
 ) -> None:
     """A client uploads a stream over a slow link: its socket holds seconds of data, and
-    the pongs (of both ends' heartbeats) wait behind them past three heartbeat intervals.
-    Neither end drops the connection while the link carries the upload (they did: "No
-    pong", and the add failed with connection_lost); the stream arrives whole."""
-    blob = os.urandom(1_500_000)  # 5 s at 300 KB/s; the heartbeat gives up after 1.5 s
+    the pongs (of both ends' heartbeats) wait behind them past three heartbeat intervals;
+    each chunk (1 MiB) takes longer than that to arrive, and so does the server's credit
+    for it. Neither end drops the connection while the link carries the upload (they
+    did: "No pong", and the add failed with connection_lost); the stream arrives whole."""
+    blob = os.urandom(3_000_000)  # 5 s at 600 KB/s; the heartbeat gives up after 1.5 s
     async with (
         wsq.Server(data_dir=data_dir, port=0, heartbeat_interval=0.5) as server,
-        proxy_to(server.url, up_rate=300_000) as proxy,
+        proxy_to(server.url, up_rate=600_000) as proxy,
     ):
         producer = wsq.Client(proxy.url)
         reader = wsq.Client(server.url)
         disconnects: list[Any] = []
         producer.on("disconnect", lambda *args: disconnects.append(args))
-
-        async def source() -> Any:
-            for start in range(0, len(blob), 1 << 16):
-                yield blob[start : start + (1 << 16)]
-
         try:
             await producer.connect()
             await reader.connect()
-            task = await asyncio.wait_for(producer.queue("up").add({"f": source()}), budget(60))
+            task = await asyncio.wait_for(producer.queue("up").add({"f": blob}), budget(60))
             assert disconnects == []
             [stored] = [t for t in await reader.queue("up").all() if t.id == task.id]
             data = await stored.get_data()

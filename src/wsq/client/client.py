@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -43,6 +44,7 @@ from wsq.exceptions import (
     WsqError,
     error_from_wire,
 )
+from wsq.link import busy, link_state
 from wsq.wslog import TransportLog
 
 logger = logging.getLogger("wsq.client")
@@ -120,6 +122,7 @@ class Client(Emitter):
             ssl = create_default_context(cafile=os.fspath(ca_file))
         self._ssl = ssl
         self._ws: ClientConnection | None = None
+        self._sock: socket.socket | None = None  # the connection's, for link_state
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:16]
@@ -243,6 +246,12 @@ class Client(Emitter):
         return {"ssl": self._ssl} if self._ssl is not None else {}
 
     async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
+        sockets: list[socket.socket] = []
+
+        async def tcp(url: Any) -> socket.socket:
+            sockets.append(await asyncio.wait_for(_tcp_socket(url.host, url.port), 10))
+            return sockets[-1]
+
         try:
             ws = await connect(
                 self.address,
@@ -253,6 +262,7 @@ class Client(Emitter):
                 close_timeout=CLOSE_TIMEOUT,
                 user_agent_header=f"wsq-python/{_version()}",
                 logger=_transport_log,
+                socket_factory=tcp,  # a socket of our own, for link_state
                 **self._tls(),
             )
         except AssertionError:
@@ -278,6 +288,7 @@ class Client(Emitter):
                 if welcome.get("code") == "unauthorized":
                     raise Unauthorized(message)
                 raise ProtocolError(message)
+            self._sock = sockets[-1] if sockets else None
             return ws, welcome
         except BaseException:
             await ws.close()
@@ -349,8 +360,9 @@ class Client(Emitter):
     async def _heartbeat(self, ws: ClientConnection) -> None:
         """Ping every heartbeat interval; no pong for three intervals means the server is
         gone, so drop the connection and reconnect (§9). But while frames from the server
-        keep arriving the path is alive, and the pong may be waiting behind what fills a
-        slow link (a large upload): it is waited for as long as they do."""
+        keep arriving, or bytes keep moving either way (the kernel says, on Linux), the
+        path is alive and the pong may be waiting behind what fills a slow link (a large
+        upload): it is waited for as long as that lasts."""
         interval = self._limits.heartbeat
         if interval <= 0:
             return  # the server runs without heartbeats (--heartbeat-interval 0)
@@ -358,13 +370,12 @@ class Client(Emitter):
             while True:
                 await asyncio.sleep(interval)
                 pong = await ws.ping()
-                heard = self._heard
                 while True:
+                    heard, before = self._heard, link_state(self._sock)
                     try:
                         await asyncio.wait_for(asyncio.shield(pong), interval * 3)
                     except TimeoutError:
-                        if self._heard > heard:
-                            heard = self._heard
+                        if self._heard > heard or busy(before, link_state(self._sock)):
                             continue
                         logger.warning("no pong from %s; reconnecting", self.address)
                         # A dead path will not finish a closing handshake either: after
@@ -859,3 +870,25 @@ def _version() -> str:
     from wsq import __version__
 
     return __version__
+
+
+async def _tcp_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket connected to ``host``: each of its addresses in turn."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error

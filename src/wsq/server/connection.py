@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
 import math
 import socket
-import struct
-import sys
-import termios
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from picows.websockets import ConnectionClosed, ServerConnection
@@ -46,6 +42,7 @@ from wsq.exceptions import (
     UploadFailed,
     WsqError,
 )
+from wsq.link import busy, delivered, link_state
 from wsq.server.auth import EVERYONE, ROLES, Principal
 from wsq.server.host import Host, Outcome
 from wsq.server.logs import log
@@ -182,7 +179,7 @@ class Connection:
                     try:
                         await asyncio.wait_for(asyncio.shield(pong), interval * 3)
                     except TimeoutError:
-                        if self._heard > heard or progressed(before, link_state(self._sock)):
+                        if self._heard > heard or busy(before, link_state(self._sock)):
                             continue
                         log(logging.WARNING, "no pong", "dropping a client that does not answer",
                             connection=self.id)  # fmt: skip
@@ -420,7 +417,7 @@ class Connection:
                     try:
                         await asyncio.wait_for(self._room.wait(), self._stalled_after())
                     except TimeoutError:
-                        if not progressed(before, link_state(self._sock)):
+                        if not delivered(before, link_state(self._sock)):
                             self._drop_slow()  # the client reads nothing (or none can tell)
                             return
                 if self._closing:
@@ -491,7 +488,7 @@ class Connection:
                 now = link_state(self._sock)
                 if now is None:
                     return
-                if now.acked > state.acked:
+                if delivered(state, now):
                     self.server.core.delivering(self._workers, time.time())
                 state = now
                 if not (self._offers or self._out or state.unsent):
@@ -1632,38 +1629,6 @@ def _worker_cursor(cursor: str | None) -> tuple[str, str] | None:
         return _decode_worker_cursor(cursor)
     except msgspec.DecodeError:
         raise InvalidArgument("Not a workers cursor: pass the one the last page gave.") from None
-
-
-class LinkState(NamedTuple):
-    acked: int  # bytes the peer's TCP has acknowledged since the connection began
-    unsent: int  # bytes the kernel holds that the peer has not acknowledged yet
-
-
-_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
-_BYTES_ACKED = struct.Struct("=Q")  # tcp_info's tcpi_bytes_acked (Linux 4.1 and later)
-_BYTES_ACKED_AT = 120
-
-
-def link_state(sock: socket.socket | None) -> LinkState | None:
-    """How far the kernel got delivering what was written to ``sock``, read from TCP_INFO
-    and SIOCOUTQ (Linux); ``None`` where that cannot be read (another system, a closed
-    socket, a socket that is not TCP)."""
-    if sock is None or _TCP_INFO is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
-        unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return None
-    if len(info) < _BYTES_ACKED_AT + _BYTES_ACKED.size:
-        return None
-    (acked,) = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)
-    return LinkState(acked, int.from_bytes(unsent, sys.byteorder, signed=True))
-
-
-def progressed(before: LinkState | None, after: LinkState | None) -> bool:
-    """Whether the peer acknowledged bytes between the two readings (False if unknown)."""
-    return before is not None and after is not None and after.acked > before.acked
 
 
 def _peer(websocket: ServerConnection) -> str:

@@ -64,7 +64,7 @@ class Gate:
 
     def greeted(self, peer: Any) -> socket.socket | None:
         """The connection from ``peer`` said hello: it no longer waits. Returns its socket
-        (for :func:`wsq.server.connection.link_state`), if it was waiting here."""
+        (for :func:`wsq.link.link_state`), if it was waiting here."""
         if peer is None:
             return None
         return self._waiting.pop(_key(peer), None)
