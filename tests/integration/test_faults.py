@@ -646,3 +646,19 @@ async def test_a_download_on_a_slow_link_is_not_taken_for_a_dead_connection(
         finally:
             await worker_client.close()
             await observer.client.close()
+
+
+async def test_a_client_closed_while_it_reconnects_stops(server: wsq.Server) -> None:
+    """close() lands at any point of a reconnection (the path was cut a moment before):
+    it returns, and no session goes on behind it. (Once in CI it waited for good: on
+    Python 3.11 wait_for() may swallow a cancel that comes as its connect completes, and
+    the client then ran the new session although closed.)"""
+    rng = random.Random(SEED)
+    async with proxy_to(server.url) as proxy:
+        for _ in range(30):
+            client = wsq.Client(proxy.url, backoff=lambda tries: 0.0)
+            await client.connect()
+            proxy.drop()
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            await asyncio.wait_for(client.close(), budget(10))
+            assert client._ws is None

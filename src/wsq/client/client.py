@@ -234,6 +234,10 @@ class Client(Emitter):
                     await asyncio.sleep(self.backoff(rounds))
                 continue
             tries = 0
+            if self._closed:  # closed while it connected
+                with contextlib.suppress(Exception):
+                    await ws.close()
+                return
             await self._session(ws, welcome)
             self._next_address()  # the node may be gone: the next one is tried first
 
@@ -249,7 +253,10 @@ class Client(Emitter):
         sockets: list[socket.socket] = []
 
         async def tcp(url: Any) -> socket.socket:
-            sockets.append(await asyncio.wait_for(_tcp_socket(url.host, url.port), 10))
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # comes as the connect completes, and close() would wait on a live session.)
+            async with asyncio.timeout(10):
+                sockets.append(await _tcp_socket(url.host, url.port))
             return sockets[-1]
 
         try:
@@ -373,7 +380,8 @@ class Client(Emitter):
                 while True:
                     heard, before = self._heard, link_state(self._sock)
                     try:
-                        await asyncio.wait_for(asyncio.shield(pong), interval * 3)
+                        async with asyncio.timeout(interval * 3):
+                            await asyncio.shield(pong)
                     except TimeoutError:
                         if self._heard > heard or busy(before, link_state(self._sock)):
                             continue

@@ -177,7 +177,8 @@ class Connection:
                 while True:
                     heard, before = self._heard, link_state(self._sock)
                     try:
-                        await asyncio.wait_for(asyncio.shield(pong), interval * 3)
+                        async with asyncio.timeout(interval * 3):
+                            await asyncio.shield(pong)
                     except TimeoutError:
                         if self._heard > heard or busy(before, link_state(self._sock)):
                             continue
