@@ -289,7 +289,8 @@ class Client(Emitter):
             if self._token is not None:
                 hello["token"] = self._token
             await ws.send(_encoder.encode(hello), text=True)
-            welcome = _decoder.decode(await asyncio.wait_for(ws.recv(), 10))
+            async with asyncio.timeout(10):
+                welcome = _decoder.decode(await ws.recv())
             if welcome.get("op") != "welcome":
                 message = welcome.get("message", "The server refused the hello.")
                 if welcome.get("code") == "unauthorized":

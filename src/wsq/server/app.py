@@ -736,7 +736,8 @@ class Server:
         """Renew this node's lease in the shared store, and hold the runs of dead nodes."""
         while True:
             with contextlib.suppress(TimeoutError):  # or sooner: _on_record
-                await asyncio.wait_for(self._beat_soon.wait(), self.store.heartbeat_every)
+                async with asyncio.timeout(self.store.heartbeat_every):
+                    await self._beat_soon.wait()
             self._beat_soon.clear()
             asked = time.monotonic()
             try:

@@ -213,7 +213,8 @@ class Connection:
 
     async def _greet(self) -> bool:
         try:
-            frame = await asyncio.wait_for(self.ws.recv(), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                frame = await self.ws.recv()
         except (TimeoutError, ConnectionClosed):
             return False
         try:
@@ -416,7 +417,8 @@ class Connection:
                     self._room.clear()
                     before = link_state(self._sock)
                     try:
-                        await asyncio.wait_for(self._room.wait(), self._stalled_after())
+                        async with asyncio.timeout(self._stalled_after()):
+                            await self._room.wait()
                     except TimeoutError:
                         if not delivered(before, link_state(self._sock)):
                             self._drop_slow()  # the client reads nothing (or none can tell)

@@ -77,7 +77,8 @@ class Readiness:
 
     async def _probe(self, name: str, probe: Callable[[], Awaitable[None]]) -> str | None:
         try:
-            await asyncio.wait_for(probe(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await probe()
         except TimeoutError:
             problem = f"The {name} did not answer within {self.timeout} s."
             cause = "timed out"
