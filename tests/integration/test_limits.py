@@ -463,6 +463,11 @@ def fill(folder: Path) -> Path:
     return filler
 
 
+def stored_runs(data_dir: Path) -> list[tuple[str, int]]:
+    with contextlib.closing(sqlite3.connect(data_dir / "wsq.db")) as db:
+        return db.execute("SELECT state, run FROM tasks").fetchall()
+
+
 async def test_a_report_the_full_disk_could_not_store_is_sent_again_and_nothing_sticks(
     small_disk: Path, tmp_path: Path
 ) -> None:
@@ -477,6 +482,9 @@ async def test_a_report_the_full_disk_could_not_store_is_sent_again_and_nothing_
         fast(server.url) as observer,
     ):
         held = await held_run(client, observer, "disk")
+        # The run's start is stored first (an offer leaves before it is durable: a start
+        # the full disk refused is the next test's case).
+        await eventually(lambda: stored_runs(small_disk) == [("active", 1)])
         filler = fill(small_disk)
         held.go.set()
         await asyncio.sleep(2.5)  # refused, sent again and refused; the state set right
