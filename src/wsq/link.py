@@ -4,12 +4,14 @@ read from the kernel")."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import socket
 import struct
 import sys
 import termios
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 
 class LinkState(NamedTuple):
@@ -51,3 +53,20 @@ def busy(before: LinkState | None, after: LinkState | None) -> bool:
     return delivered(before, after) or (
         before is not None and after is not None and after.received > before.received
     )
+
+
+async def answered(
+    pong: Awaitable[Any], wait: float, sock: socket.socket | None, heard: Callable[[], int]
+) -> bool:
+    """Wait for ``pong`` (of a heartbeat ping) ``wait`` seconds, and again as long as the
+    path was busy meanwhile: ``heard()`` (frames received so far) grew, or bytes moved
+    either way on ``sock``. A pong waits behind what fills a slow link. False: silence."""
+    while True:
+        frames, before = heard(), link_state(sock)
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(pong)
+            return True
+        except TimeoutError:
+            if heard() <= frames and not busy(before, link_state(sock)):
+                return False

@@ -44,7 +44,7 @@ from wsq.exceptions import (
     WsqError,
     error_from_wire,
 )
-from wsq.link import busy, link_state
+from wsq.link import answered
 from wsq.wslog import TransportLog
 
 logger = logging.getLogger("wsq.client")
@@ -378,20 +378,12 @@ class Client(Emitter):
             while True:
                 await asyncio.sleep(interval)
                 pong = await ws.ping()
-                while True:
-                    heard, before = self._heard, link_state(self._sock)
-                    try:
-                        async with asyncio.timeout(interval * 3):
-                            await asyncio.shield(pong)
-                    except TimeoutError:
-                        if self._heard > heard or busy(before, link_state(self._sock)):
-                            continue
-                        logger.warning("no pong from %s; reconnecting", self.address)
-                        # A dead path will not finish a closing handshake either: after
-                        # CLOSE_TIMEOUT the connection is dropped, and _session reconnects.
-                        await ws.close(1011, "No pong")
-                        return
-                    break
+                if not await answered(pong, interval * 3, self._sock, lambda: self._heard):
+                    logger.warning("no pong from %s; reconnecting", self.address)
+                    # A dead path will not finish a closing handshake either: after
+                    # CLOSE_TIMEOUT the connection is dropped, and _session reconnects.
+                    await ws.close(1011, "No pong")
+                    return
 
     # -- sending ---------------------------------------------------------------------------
 

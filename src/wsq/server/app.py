@@ -103,6 +103,13 @@ def _where(task: asyncio.Task[Any]) -> str:
     return " > ".join(places[-4:]) or task.get_name()
 
 
+def _log_stuck(tasks: list[asyncio.Task[Any]], what: str) -> None:
+    """One log line for tasks a close leaves behind: how many, and where the first wait."""
+    if tasks:
+        where = "; ".join(_where(task) for task in tasks[:5])
+        log(logging.ERROR, "close timeout", f"{len(tasks)} {what}: {where}")
+
+
 def _transitions_logged() -> bool:
     return logger.isEnabledFor(logging.INFO)
 
@@ -474,24 +481,18 @@ class Server:
             task.cancel()
         if self._background:
             _, stuck = await asyncio.wait(list(self._background), timeout=CLOSE_GRACE)
-            if stuck:
-                where = "; ".join(_where(task) for task in list(stuck)[:5])
-                log(logging.ERROR, "close timeout", f"{len(stuck)} tasks did not stop: {where}")
+            _log_stuck(list(stuck), "tasks did not stop")
 
     async def _connections_closed(self, listener: WsServer) -> None:
         """Wait for the listener's connections to close and their handlers to clean up,
         for a bounded time: a close must end. What still runs then is logged with where it
         waits, and left to end by itself."""
         try:
-            await asyncio.wait_for(listener.wait_closed(), CLOSE_TIMEOUT + 2 * CLOSE_GRACE)
+            async with asyncio.timeout(CLOSE_TIMEOUT + 2 * CLOSE_GRACE):
+                await listener.wait_closed()
         except TimeoutError:
-            stuck = [task for task in getattr(listener, "handlers", {}).values() if not task.done()]
-            where = "; ".join(_where(task) for task in stuck[:5])
-            log(
-                logging.ERROR,
-                "close timeout",
-                f"{len(stuck)} connections did not finish closing in time: {where}",
-            )
+            handlers = getattr(listener, "handlers", {}).values()
+            _log_stuck([t for t in handlers if not t.done()], "connections did not finish closing")
 
     async def serve_forever(self) -> None:
         assert self._listeners, "call start() first"

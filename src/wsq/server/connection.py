@@ -42,7 +42,7 @@ from wsq.exceptions import (
     UploadFailed,
     WsqError,
 )
-from wsq.link import busy, delivered, link_state
+from wsq.link import answered, delivered, link_state
 from wsq.server.auth import EVERYONE, ROLES, Principal
 from wsq.server.host import Host, Outcome
 from wsq.server.logs import log
@@ -167,26 +167,18 @@ class Connection:
         """Ping every heartbeat interval; the pong is due within three (§9). A pong that
         waits behind what fills a slow link (a large upload from the client, offers and
         downloads to it) may take longer: while frames from the client keep arriving or
-        its TCP keeps acknowledging this side's bytes, the path is alive and the pong is
-        waited for as long. A client silent that long is dropped (1011, "No pong")."""
+        bytes move either way, the path is alive and the pong is waited for as long
+        (:func:`wsq.link.answered`). A client silent that long is dropped (1011, "No pong")."""
         interval = self.server.heartbeat_interval
         with contextlib.suppress(ConnectionClosed):
             while not self._closing:
                 await asyncio.sleep(interval)
                 pong = await self.ws.ping()
-                while True:
-                    heard, before = self._heard, link_state(self._sock)
-                    try:
-                        async with asyncio.timeout(interval * 3):
-                            await asyncio.shield(pong)
-                    except TimeoutError:
-                        if self._heard > heard or busy(before, link_state(self._sock)):
-                            continue
-                        log(logging.WARNING, "no pong", "dropping a client that does not answer",
-                            connection=self.id)  # fmt: skip
-                        self.drop(1011, "No pong")
-                        return
-                    break
+                if not await answered(pong, interval * 3, self._sock, lambda: self._heard):
+                    log(logging.WARNING, "no pong", "dropping a client that does not answer",
+                        connection=self.id)  # fmt: skip
+                    self.drop(1011, "No pong")
+                    return
 
     async def cleanup(self) -> None:
         """Undo everything this connection held: workers, subscriptions, streams."""
