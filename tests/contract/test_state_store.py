@@ -40,6 +40,7 @@ from wsq.storage.base import (
     LoadWaiting,
     Op,
     PutWorker,
+    ReadTasks,
     RecordAttempt,
     SetProgress,
     StateStore,
@@ -437,6 +438,49 @@ async def test_count_tasks_reads_the_counts_in_the_pipe(store: StateStore) -> No
         ("q", State.COMPLETED): 1,
     }
     assert counts == await store.counts()
+
+
+async def test_read_tasks_reads_the_records_in_the_pipe_whatever_their_state(
+    store: StateStore,
+) -> None:
+    """ReadTasks reads the stored tasks asked for, stripped, in seq order, as of its
+    place in the pipe; unknown and repeated ids add nothing."""
+    await insert(store, *(make(f"t{n}", n) for n in range(1, 5)))
+    [claimed] = await store.submit([ClaimWaiting("q", ("w1", "w2"), now=1.0)])
+    done = replace(claimed[0], state=State.COMPLETED)
+    ops = [
+        Update(done, expected=State.ACTIVE),
+        Delete("t4"),
+        ReadTasks(("t4", "t3", "x", "t1", "t2", "t1")),
+    ]
+    _, _, read = await store.submit(ops)
+    assert [(t.id, t.state, t.run, t.data) for t in read] == [
+        ("t1", State.COMPLETED, 1, None),
+        ("t2", State.ACTIVE, 1, None),
+        ("t3", State.WAITING, 0, None),
+    ]
+
+
+@pytest.mark.parametrize("end", [State.COMPLETED, State.FAILED, State.WAITING])
+async def test_a_store_of_one_server_ends_a_run_whose_start_it_did_not_store(
+    store: StateStore, end: State
+) -> None:
+    """The start of run 2 was not stored (a full disk): the task waits at run 1. The end
+    of run 2 (completed, failed, or queued again) applies all the same with a store of
+    one server (the run took place: its worker reported it); a shared store ends only
+    the run it holds active. The end of a run the store has seen end does not apply."""
+    await insert(store, make("t", 1, run=1))
+    ended = make("t", 1, state=end, run=2, worker="w1", retries=1, error="boom", updated=5.0)
+    [applied] = await store.submit([Update(ended, expected=State.ACTIVE)])
+    assert applied is not store.shared
+    stored = await store.get("t")
+    assert stored is not None
+    if store.shared:
+        assert (stored.state, stored.run) == (State.WAITING, 1)
+        return
+    assert (stored.state, stored.run, stored.worker, stored.retries) == (end, 2, "w1", 1)
+    again = make("t", 1, state=end, run=1)
+    assert await store.submit([Update(again, expected=State.ACTIVE)]) == [False]
 
 
 @pytest.fixture(params=["memory", "postgres"])

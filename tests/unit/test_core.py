@@ -31,8 +31,11 @@ from wsq.storage.base import (
     KEPT_ATTEMPTS,
     Attempt,
     AttemptOutcome,
+    CountTasks,
     Delete,
+    HeldRuns,
     Op,
+    ReadTasks,
     RecordAttempt,
     Recovery,
     SetProgress,
@@ -353,6 +356,7 @@ class Harness:
         while self.auto_load and self.pending_loads:
             load = self.pending_loads.pop(0)
             self._apply(self.core.loaded(load.queue, load.snapshot, load.limit, self.now))
+        self.core.writes_durable(self.core.ends_made())  # as the server does per batch
         self.check()
         return effects
 
@@ -386,7 +390,9 @@ class Harness:
         if isinstance(op, Update):
             stored = self.store.get(op.task.id)
             assert stored is not None, f"Update of {op.task.id}, which the store does not hold"
-            assert stored.state == op.expected, (
+            # A store of one server ends a run whose start it did not store (Update).
+            unstarted = stored.state == WAITING and stored.run < op.task.run
+            assert stored.state == op.expected or (op.expected == ACTIVE and unstarted), (
                 f"Update of {op.task.id} expects {op.expected}, the store has {stored.state}"
             )
             # A task whose back-off ended moves to the back: waiting -> waiting, new seq.
@@ -2318,10 +2324,14 @@ def resync(h: Harness) -> Resynced:
     """A resync after writes that failed, as the server makes it: the store's active runs
     and counts read in the pipe, then its effects applied and the queues that changed
     dispatched."""
-    h.core.begin_resync()
+    reads = h.core.begin_resync()
+    assert [type(op) for op in reads] == [HeldRuns, CountTasks, ReadTasks]
     held = [replace(h.store[task_id]) for task_id in h.in_state(ACTIVE)]
     counts = dict(Counter((t.queue, t.state) for t in h.store.values()))
-    result = h.core.resynced(held, h.now, counts)
+    read = reads[2]
+    assert isinstance(read, ReadTasks)
+    records = sorted((replace(h.store[i]) for i in read.ids if i in h.store), key=lambda t: t.seq)
+    result = h.core.resynced(held, h.now, counts, records)
     h.unstored_runs.update((e.task, e.run) for e in of_type(result.effects, Abort))
     h._handle(result.effects + h.core.flush(h.now))
     return result
@@ -2363,6 +2373,54 @@ def test_after_writes_that_failed_a_resync_sets_runs_windows_and_counts_right() 
     assert {h.state(t) for t in (done, failing, waiting)} == {COMPLETED}
     assert [a.run for a in h.attempts[waiting]] == [1]
     assert [a.run for a in h.attempts[failing]] == [1, 3]
+
+
+def test_a_resync_holds_again_a_run_whose_start_and_end_were_not_stored() -> None:
+    """A store of one server, its disk full from the offer on: neither the run's start
+    nor its end (the worker's report) was stored, and the core heard that a write failed.
+    A load meanwhile finds the task waiting in the store and leaves it alone; the resync
+    reads it (ReadTasks), holds the run again and writes its start again; the report, sent
+    again, is accepted: one run, one attempt. The ends the core keeps for this are
+    forgotten once their writes are stored."""
+    h = Harness()
+    task_id = h.add()
+    h.workers["w1"] = ConnectedWorker("c1", "q", 1)
+    lost = h.core.add_worker("c1", "w1", "q", 1, h.now) + h.core.flush(h.now)
+    assert [t.id for e in of_type(lost, Offer) for t in e.tasks] == [task_id]
+    h.offered_runs.add((task_id, 1))
+    h.offer_order.append(task_id)
+    h.core.ack(task_id, 1, h.now)
+    h.core.complete(task_id, 1, h.now)
+    h.core.write_failed()
+    h.core.writes_durable(h.core.ends_made())  # a later batch, stored: still unsure
+    assert h.store[task_id].state == WAITING and h.store[task_id].run == 0
+    effects = h.core.loaded("q", [replace(h.store[task_id])], 10, h.now)
+    assert not of_type(effects + h.core.flush(h.now), Offer)
+    result = resync(h)
+    assert (result.dropped, result.held, result.started) == (0, 0, 1)
+    assert h.store[task_id].state == ACTIVE and h.store[task_id].run == 1  # written again
+    assert h.core.counts()["q"] == {"waiting": 0, "active": 1, "completed": 0, "failed": 0}
+    h.complete(task_id, run=1)  # sent again: accepted
+    assert h.state(task_id) == COMPLETED
+    assert [a.run for a in h.attempts[task_id]] == [1]
+    assert h.offer_order == [task_id]
+    assert not h.core._ending  # its end stored: forgotten
+
+
+def test_a_resync_forgets_the_ends_it_finds_stored() -> None:
+    """Ends made before a write failed whose own writes were stored: the resync reads
+    them, finds them ended in the store, and neither holds them again nor keeps them."""
+    h = Harness()
+    h.add_worker("w1", concurrency=3)
+    ids = [h.add() for _ in range(3)]
+    h.core.write_failed()
+    for task_id in ids:
+        h.complete(task_id)
+    assert len(h.core._ending) == 3  # unsure: kept for the resync
+    result = resync(h)
+    assert (result.dropped, result.held, result.started) == (0, 0, 0)
+    assert not h.core._ending
+    assert {h.state(t) for t in ids} == {COMPLETED}
 
 
 def test_restart_resumes_waiting_tasks_in_order() -> None:

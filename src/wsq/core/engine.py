@@ -41,10 +41,13 @@ from wsq.core.ops import (
     Attempt,
     AttemptOutcome,
     ClaimWaiting,
+    CountTasks,
     Delete,
     DropWorkers,
+    HeldRuns,
     Op,
     PutWorker,
+    ReadTasks,
     RecordAttempt,
     Recovery,
     SetProgress,
@@ -240,6 +243,16 @@ class Core:
         # and the store holds an earlier run); the task's next run is numbered above it,
         # so no worker is offered a run it may still be running.
         self._spent: dict[str, int] = {}
+        # A store of its own: the runs ended whose end may not be stored, task id ->
+        # (run, worker, mark), in the order they ended; ``mark`` counts ends
+        # (:meth:`ends_made`). :meth:`writes_durable` forgets them once their writes are
+        # stored, unless a write failed since the last resync (``_unsure``): then the
+        # resync reads their tasks (:class:`ReadTasks`) and holds again a run whose start
+        # was not stored either (its worker sends its report again).
+        self._ending: dict[str, tuple[int, str | None, int]] = {}
+        self._ends = 0
+        self._unsure = False
+        self._resync_mark = 0  # _ends at begin_resync
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -290,23 +303,59 @@ class Core:
         self._dirty[current.task.queue] = None  # its worker's slot, if still here, is free
         return True
 
-    def begin_resync(self) -> None:
+    def ends_made(self) -> int:
+        """How many runs this core has ended so far: the mark to hand to
+        :meth:`writes_durable` once the writes emitted until now are stored."""
+        return self._ends
+
+    def writes_durable(self, mark: int) -> None:
+        """Every write emitted before :meth:`ends_made` returned ``mark`` is stored: the
+        core forgets those runs' ends, unless a write failed since the last resync (that
+        resync decides on them)."""
+        if self._unsure:
+            return
+        ending = self._ending
+        while ending:
+            task_id = next(iter(ending))
+            if ending[task_id][2] > mark:
+                break
+            del ending[task_id]
+
+    def write_failed(self) -> None:
+        """A batch of writes failed: a resync is on its way (:meth:`begin_resync`);
+        until it is done, the core cannot tell which ends were stored."""
+        self._unsure = True
+
+    @property
+    def unsure(self) -> bool:
+        """Whether a write failed since the last resync was done (:meth:`write_failed`,
+        :meth:`resynced`)."""
+        return self._unsure
+
+    def begin_resync(self) -> list[Op]:
         """Some of this node's writes failed (PostgreSQL was out of reach, the disk was
         full), so the runs the core holds may differ from those the store gives this
         node (and, with a store of its own, its windows and counts from the store's).
-        The shell now reads those (:class:`HeldRuns`, and, with a store of its own,
-        :class:`CountTasks`, in the write pipe) and hands them to :meth:`resynced`;
-        runs made or ended from here on are told apart from the read."""
+        Returns the reads the shell submits now, in the write pipe, and hands, with their
+        results in order, to :meth:`resynced`: :class:`HeldRuns`, and, with a store of
+        its own, :class:`CountTasks` and the tasks of the runs ended whose end may not be
+        stored (:class:`ReadTasks`). Runs made or ended from here on are told apart from
+        the read."""
         self._generation += 1
         self._ended_since = set()
-        if not self.shared:  # the moves from here on are not in the read
-            self._counts_then = {name: list(counts) for name, counts in self._counts.items()}
+        if self.shared:
+            return [HeldRuns()]
+        # The moves from here on are not in the read.
+        self._counts_then = {name: list(counts) for name, counts in self._counts.items()}
+        self._resync_mark = self._ends
+        return [HeldRuns(), CountTasks(), ReadTasks(tuple(self._ending))]
 
     def resynced(
         self,
         held: list[Task],
         now: float,
         counts: dict[tuple[str, State], int] | None = None,
+        records: list[Task] | None = None,
     ) -> Resynced:
         """The store's active runs of this node as of :meth:`begin_resync` (``held``):
         runs the core ended before it, whose end was not stored, are held again, timed
@@ -323,7 +372,10 @@ class Core:
         again leaves its window (its re-queue was not stored); every window is filled from
         the store again as it drains (tasks whose delete was not stored wait there); and
         ``counts`` (the store's, as of the read) are the counts again, with the moves made
-        since."""
+        since. A run ended before the read whose start and end were both not stored (the
+        store has its task waiting, at an earlier run: ``records``, the stored tasks of
+        the ends the core was unsure of) is held again and its start written again, so
+        the report its worker sends again is accepted, and its task not offered again."""
         generation, ended = self._generation, self._ended_since or set()
         self._ended_since = None
         stored = {task.id: task for task in held}
@@ -348,17 +400,48 @@ class Core:
         again = [
             task for task in held if task.id not in self._runs and (task.id, task.run) not in ended
         ]
+        self._unsure = False
+        restarted = [] if self.shared else self._unstarted_ends(stored, records or [], now)
         if not self.shared:
-            self._resync_windows(again, counts)
-            for current in started:
+            self._resync_windows(again + restarted, counts)
+            for task in [current.task for current in started] + restarted:
                 if counts is not None:  # the store counts the task as waiting
-                    self._move(current.task.queue, State.WAITING, State.ACTIVE)
-                effects.append(Write(Update(current.task.copy(), expected=State.WAITING)))
-        self._hold_runs(again, now)
+                    self._move(task.queue, State.WAITING, State.ACTIVE)
+                effects.append(Write(Update(task.copy(), expected=State.WAITING)))
+        self._hold_runs(again + restarted, now)
         for queue in self._queues.values():  # claims may have failed meanwhile: look again
             queue.maybe_waiting = True
             self._dirty[queue.name] = None
-        return Resynced(dropped, len(again), len(started), effects)
+        return Resynced(dropped, len(again), len(started) + len(restarted), effects)
+
+    def _unstarted_ends(
+        self, stored: dict[str, Task], records: list[Task], now: float
+    ) -> list[Task]:
+        """The part of :meth:`resynced` for the ends the core was unsure of (a store of
+        its own): the runs ended before the read whose task the store has waiting at an
+        earlier run (neither the start nor the end was stored), as active tasks to hold
+        again; the others' ends are settled and forgotten."""
+        found = {task.id: task for task in records}
+        restarted: list[Task] = []
+        for task_id, (run, worker, mark) in list(self._ending.items()):
+            if mark > self._resync_mark:
+                break  # ended since the read was sent: its writes come after it
+            del self._ending[task_id]
+            record = found.get(task_id)
+            if (
+                record is None  # deleted since
+                or task_id in self._runs  # a later run holds it (kept or held again)
+                or task_id in stored  # its start was stored: held again as such
+                or record.state is not State.WAITING
+                or record.run >= run  # its end was stored, or a later run's
+            ):
+                continue
+            record.state = State.ACTIVE
+            record.run = run
+            record.worker = worker
+            record.updated = now
+            restarted.append(record)
+        return restarted
 
     def _resync_windows(
         self, again: list[Task], counts: dict[tuple[str, State], int] | None
@@ -1068,6 +1151,10 @@ class Core:
 
     def _end(self, current: _Run, state: State, now: float) -> Task:
         task = self._detach(current)
+        if not self.shared:  # until its write is durable (writes_durable)
+            self._ends += 1
+            self._ending.pop(task.id, None)
+            self._ending[task.id] = (task.run, task.worker, self._ends)
         check_transition(task.id, task.state, state)
         self._move(task.queue, task.state, state)
         task.state = state
@@ -1372,6 +1459,9 @@ class Core:
             or task.id in self._waiting
             or task.id in self._runs
             or task.id in queue.left_during_load
+            # A run of it ended, and a write failed since: the store may have it waiting
+            # only because its start was not stored (the resync decides).
+            or (self._unsure and task.id in self._ending)
         )
 
     def _place(self, queue: _Queue, task: Task) -> None:

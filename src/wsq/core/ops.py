@@ -25,7 +25,11 @@ class Update:
     """Overwrite the task's mutable fields (state, seq, progress, retries, error, run,
     worker, updated, not_before) if its stored state is ``expected`` and, when that is
     ``active``, its stored run is ``task.run`` (a run another node took over is not
-    ended by the old one). Result: whether it applied."""
+    ended by the old one). A store of one server also ends (from ``active`` to another
+    state) a run whose
+    start it did not store (the task waits at an earlier run: the disk was full when the
+    offer went out): the run took place, its worker reported it. Result: whether it
+    applied."""
 
     task: Task
     expected: State
@@ -121,6 +125,17 @@ class CountTasks:
     """Read the stored tasks per queue and state, as of this point in the pipe (every
     write submitted before it is in). Result: ``dict[tuple[str, State], int]``, without
     zeros (a shared store: every node's tasks)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTasks:
+    """Read the stored records of the tasks ``ids``, whatever their state, as of this
+    point in the pipe (every write submitted before it is in). Result: ``list[Task]``,
+    those stored, stripped of their payload (:meth:`Task.strip`), in ``seq`` order. (A
+    resync with a store of one server reads the tasks of runs it ended whose end may not
+    be stored: :meth:`Core.resynced`.)"""
+
+    ids: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +274,7 @@ Op = (
     | AdoptRuns
     | HeldRuns
     | CountTasks
+    | ReadTasks
     | Publish
     | RecordAttempt
     | PutWorker

@@ -61,8 +61,6 @@ from wsq.server.uploads import ReservedBlobs
 from wsq.storage.base import (
     RECORD_MAX,
     AdoptRuns,
-    CountTasks,
-    HeldRuns,
     LoadWaiting,
     Op,
     Publish,
@@ -563,6 +561,9 @@ class Server:
         future = self.store.submit(batch.ops)
         future.add_done_callback(batch.settle)
         future.add_done_callback(self._check_written)
+        if not self.store.shared:  # the core forgets the ends this batch stored
+            mark = self.core.ends_made()
+            future.add_done_callback(lambda done: self._written(done, mark))
         commit = self.metrics.commit_seconds
         future.add_done_callback(lambda _: commit.observe(time.perf_counter() - sent))
 
@@ -602,9 +603,16 @@ class Server:
         if not (future.cancelled() or future.exception() is not None):
             return
         self._astray = True
+        self.core.write_failed()
         if not self.store.shared and not self._resync_due and not self._closing:
             self._resync_due = True
             asyncio.get_running_loop().call_later(RESYNC_AFTER, self._resync_own)
+
+    def _written(self, future: asyncio.Future[list[Any]], mark: int) -> None:
+        """A batch of a store of one server is done: if it was stored, so are the ends
+        the core made before it was sent (:meth:`Core.writes_durable`)."""
+        if not (future.cancelled() or future.exception() is not None):
+            self.core.writes_durable(mark)
 
     def _resync_own(self) -> None:
         self._resync_due = False
@@ -827,14 +835,14 @@ class Server:
         (:meth:`Core.resynced`); write this node's workers' rows anew. A read that fails
         leaves it for the next heartbeat (or, alone, the next try)."""
         self._astray = False
-        self.core.begin_resync()
+        reads = self.core.begin_resync()
         shared = self.store.shared
 
         def then(outcome: Outcome) -> None:
             if isinstance(outcome, BaseException) or self._closing:
                 return  # _check_written saw it: the next heartbeat tries again
-            counts = None if shared else outcome[1]
-            done = self.core.resynced(outcome[0], time.time(), counts)
+            counts, records = (None, None) if shared else (outcome[1], outcome[2])
+            done = self.core.resynced(outcome[0], time.time(), counts, records)
             if done.dropped or done.held or done.started:
                 log(
                     logging.WARNING,
@@ -846,7 +854,7 @@ class Server:
                 )
             self.apply(done.effects)
 
-        self.submit([HeldRuns()] if shared else [HeldRuns(), CountTasks()], then)
+        self.submit(reads, then)
         self.apply(self.core.sync_workers())
 
     async def adopt_runs(self, runs: Sequence[tuple[str, int]], workers: Sequence[str]) -> None:
@@ -1067,8 +1075,9 @@ class Server:
         self.apply(self.core.tick(time.time()))
 
     def astray(self) -> bool:
-        """See :meth:`Host.astray`."""
-        return self._astray
+        """See :meth:`Host.astray`: a batch failed, until the resync that follows is done
+        (its read is in flight meanwhile)."""
+        return self._astray or self.core.unsure
 
     def lease_in_doubt(self) -> bool:
         """See :meth:`Host.lease_in_doubt`: a shared store's lease not renewed for 90% of

@@ -38,6 +38,7 @@ from wsq.storage.base import (
     Op,
     Publish,
     PutWorker,
+    ReadTasks,
     RecordAttempt,
     Recovery,
     SetProgress,
@@ -145,6 +146,15 @@ class MemoryStateStore(StateStore):
                 self._workers = self._workers_before
             return exc
 
+    def _read_tasks(self, op: HeldRuns | ReadTasks) -> builtins.list[Task]:
+        """The stripped tasks a :class:`HeldRuns` (one process: it cannot tell nodes
+        apart, every active task) or a :class:`ReadTasks` reads, in seq order."""
+        if isinstance(op, HeldRuns):
+            tasks = [t for t in self._tasks.values() if t.state == State.ACTIVE]
+        else:
+            tasks = [self._tasks[i] for i in dict.fromkeys(op.ids) if i in self._tasks]
+        return [_stripped(t, -1) for t in sorted(tasks, key=_key)]
+
     def _apply(self, op: Op, journal: builtins.list[tuple[str, Task | None]]) -> Any:
         if isinstance(op, LoadWaiting):
             return self._load_waiting(op.queue, op.limit, op.max_payload)
@@ -156,9 +166,8 @@ class MemoryStateStore(StateStore):
             return dict(Counter((t.queue, t.state) for t in self._tasks.values()))
         if isinstance(op, AdoptRuns):
             return self._adoptable(op)
-        if isinstance(op, HeldRuns):  # one process: it cannot tell nodes apart
-            active = (t for t in self._tasks.values() if t.state == State.ACTIVE)
-            return [_stripped(t, -1) for t in sorted(active, key=_key)]
+        if isinstance(op, HeldRuns | ReadTasks):
+            return self._read_tasks(op)
         if isinstance(op, Insert):
             if op.task.id in self._tasks:
                 return False
@@ -195,9 +204,7 @@ class MemoryStateStore(StateStore):
         stored = self._tasks.get(task_id)
         if stored is None:
             return False
-        if isinstance(op, Update) and stored.state != op.expected:
-            return False
-        if isinstance(op, Update) and op.expected == State.ACTIVE and stored.run != op.task.run:
+        if isinstance(op, Update) and not self._expected(stored, op):
             return False
         if isinstance(op, Delete) and op.expected not in (None, stored.state):
             return False
@@ -212,6 +219,18 @@ class MemoryStateStore(StateStore):
         elif isinstance(op, SetProgress):
             self._put(dataclasses.replace(stored, progress=op.progress, updated=op.updated))
         return True
+
+    def _expected(self, stored: Task, op: Update) -> bool:
+        """Whether ``op`` finds ``stored`` as it expects (:class:`Update`)."""
+        if op.expected != State.ACTIVE:
+            return stored.state == op.expected
+        if stored.state == State.ACTIVE:
+            return stored.run == op.task.run
+        # One server: a run whose start was not stored ends all the same.
+        ends = op.task.state != State.ACTIVE
+        return (
+            ends and not self.shared and stored.state == State.WAITING and stored.run < op.task.run
+        )
 
     def _adoptable(self, op: AdoptRuns) -> builtins.list[Task]:
         workers = set(op.workers)

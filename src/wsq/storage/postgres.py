@@ -74,6 +74,7 @@ from wsq.storage.base import (
     Op,
     Publish,
     PutWorker,
+    ReadTasks,
     RecordAttempt,
     Recovery,
     SetProgress,
@@ -459,6 +460,9 @@ GET_HELD = f"""
 SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE state = 'active' AND node = $2
 ORDER BY seq
 """
+READ_TASKS = f"""
+SELECT {TASK_COLUMNS_STRIPPED} FROM wsq_tasks WHERE id = ANY($2::text[]) ORDER BY seq
+"""
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 MAX_NODE_INDEX = (1 << NODE_BITS) - 1
 
@@ -829,7 +833,16 @@ class WorkerWrites:
     drop: DropWorkers | None = None
 
 
-Step = Writes | LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks | WorkerWrites
+Step = (
+    Writes
+    | LoadWaiting
+    | ClaimWaiting
+    | AdoptRuns
+    | HeldRuns
+    | CountTasks
+    | ReadTasks
+    | WorkerWrites
+)
 
 
 def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
@@ -907,7 +920,9 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     located: list[tuple[int, str, str] | None] = []
     for op in ops:
         located.append(None)
-        if isinstance(op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks):
+        if isinstance(
+            op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks | ReadTasks
+        ):
             steps.append(op)
             writes = None
             continue
@@ -966,6 +981,9 @@ async def _run_step(
         return [_counts(await conn.fetch(GET_COUNTS))]
     if isinstance(step, HeldRuns):
         rows = await conn.fetch(GET_HELD, _NO_PAYLOAD, node)
+        return [[_task_from_row(row) for row in rows]]
+    if isinstance(step, ReadTasks):
+        rows = await conn.fetch(READ_TASKS, _NO_PAYLOAD, list(step.ids))
         return [[_task_from_row(row) for row in rows]]
     if isinstance(step, WorkerWrites):
         return await _write_workers(conn, step)

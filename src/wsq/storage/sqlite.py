@@ -64,6 +64,7 @@ from wsq.storage.base import (
     Op,
     Publish,
     PutWorker,
+    ReadTasks,
     RecordAttempt,
     Recovery,
     SetProgress,
@@ -193,9 +194,18 @@ START_TASK = """
 UPDATE tasks SET state = 'active', run = ?, worker = ?, updated = ?
 WHERE id = ? AND state = 'waiting'
 """
-FINISH_TASK = """
-UPDATE tasks SET state = ?, progress = ?, retries = ?, error = ?, updated = ?
-WHERE id = ? AND state = 'active' AND run = ?
+# A run ends whether its start was stored or not (Update: the task then waits at an
+# earlier run).
+_RUN_ENDS = "id = ? AND (state = 'active' AND run = ? OR state = 'waiting' AND run < ?)"
+FINISH_TASK = f"""
+UPDATE tasks SET state = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?
+WHERE {_RUN_ENDS}
+"""
+UPDATE_FROM_ACTIVE = f"""
+UPDATE tasks
+SET state = ?, seq = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?,
+    not_before = ?
+WHERE {_RUN_ENDS}
 """
 SET_PROGRESS = "UPDATE tasks SET progress = ?, updated = ? WHERE id = ? AND state = 'active'"
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
@@ -288,6 +298,10 @@ ORDER BY queue
 GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM tasks"
 GET_COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
 GET_ACTIVE_TASKS = f"SELECT {TASK_COLUMNS_STRIPPED} FROM tasks WHERE state = 'active' ORDER BY seq"
+READ_TASKS = f"""
+SELECT {TASK_COLUMNS_STRIPPED} FROM tasks WHERE id IN (SELECT value FROM json_each(?))
+ORDER BY seq
+"""
 _NO_PAYLOAD = -1  # as _FITS's parameter: strip every payload
 
 # -- rows -----------------------------------------------------------------------------------
@@ -440,9 +454,10 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         start = (task.run, task.worker, task.updated, task.id)
         return bool(conn.execute(START_TASK, start).rowcount == 1)
     if op.expected is State.ACTIVE and task.state in _FINISHED:
-        finish = (task.state.value, task.progress, task.retries, task.error, task.updated)
-        return bool(conn.execute(FINISH_TASK, (*finish, task.id, task.run)).rowcount == 1)
-    params = (
+        finish = (task.state.value, task.progress, task.retries, task.error, task.run)
+        ends = (task.worker, task.updated, task.id, task.run, task.run)
+        return bool(conn.execute(FINISH_TASK, (*finish, *ends)).rowcount == 1)
+    fields = (
         State(task.state).value,
         task.seq,
         task.progress,
@@ -453,9 +468,10 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         task.updated,
         task.not_before,
         task.id,
-        State(op.expected).value,
-        task.run,
     )
+    if op.expected is State.ACTIVE and task.state is not State.ACTIVE:
+        return bool(conn.execute(UPDATE_FROM_ACTIVE, (*fields, task.run, task.run)).rowcount == 1)
+    params = (*fields, State(op.expected).value, task.run)
     return bool(conn.execute(UPDATE_TASK, params).rowcount == 1)
 
 
@@ -553,9 +569,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
             return _count_tasks(conn)
         case AdoptRuns():
             return _adoptable(conn, op)
-        case HeldRuns():  # one server holds every run
-            rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
-            return [_task_from_row(row) for row in rows]
+        case HeldRuns() | ReadTasks():
+            return _read_tasks(conn, op)
         case Publish() | PutWorker() | DropWorkers():
             return None  # one server: no other shares the file; its core lists its workers
         case LoadWaiting(queue_, limit, max_payload):
@@ -565,6 +580,17 @@ def _apply(conn: sqlite3.Connection, op: Op) -> Any:
         case RecordAttempt(attempt):
             return _record_attempt(conn, attempt)
     raise TypeError(f"Not a state store op: {op!r}")
+
+
+def _read_tasks(conn: sqlite3.Connection, op: HeldRuns | ReadTasks) -> builtins.list[Task]:
+    """The stripped tasks a :class:`HeldRuns` (one server holds every run: every active
+    task) or a :class:`ReadTasks` reads, in seq order."""
+    if isinstance(op, HeldRuns):
+        rows = conn.execute(GET_ACTIVE_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD))
+    else:
+        listed = _encode_json(list(op.ids)).decode()
+        rows = conn.execute(READ_TASKS, (_NO_PAYLOAD, _NO_PAYLOAD, listed))
+    return [_task_from_row(row) for row in rows]
 
 
 class _Conflict(Exception):
