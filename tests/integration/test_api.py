@@ -388,3 +388,43 @@ async def test_a_failed_background_delete_is_one_log_line(
     assert "never retrieved" not in caplog.text
     (record,) = [r for r in caplog.records if "wsq-delete-blobs failed" in r.getMessage()]
     assert "unreachable" in record.getMessage() and record.levelno == logging.ERROR
+
+
+async def test_an_offer_of_a_run_running_or_reporting_is_not_run_twice(
+    client: wsq.Client,
+) -> None:
+    """A server that lost a run's start (a crash, a full disk) may offer the run again:
+    the worker acknowledges it and runs nothing, whether the run is still running here
+    or its report is on its way (that report ends it)."""
+    runs: list[int | None] = []
+    go = asyncio.Event()
+
+    async def handler(task: wsq.Task) -> None:
+        runs.append(task.run)
+        await go.wait()
+
+    queue = client.queue("offered-twice")
+    worker = queue.process(handler)
+    offers: list[list[dict[str, Any]]] = []
+    offer, send_completed = worker.offer, worker._send_completed
+
+    def offered(tasks: list[dict[str, Any]]) -> None:
+        offers.append(tasks)
+        offer(tasks)
+
+    def sending_completed() -> None:
+        send_completed()
+        offer(offers[0])  # while its report is on its way (the handler is done)
+
+    worker.offer = offered  # type: ignore[method-assign]
+    worker._send_completed = sending_completed  # type: ignore[method-assign]
+    task = await queue.add(None)
+    await eventually(lambda: runs)
+    offer(offers[0])  # while it runs
+    await asyncio.sleep(0.1)
+    assert runs == [1]
+    go.set()
+    await eventually(lambda: completed_count_is(queue, 1))
+    await asyncio.sleep(0.1)
+    [done] = await queue.completed()
+    assert runs == [1] and done.id == task.id

@@ -281,3 +281,32 @@ test('an add whose connection dropped after its uploads is lost, not sent naming
   assert.equal(task.state, 'waiting')
   assert.equal((await queue.all()).length, 1)
 })
+
+test('an offer of a run the worker is running, or still reporting, is acknowledged and not run twice', async () => {
+  // A server that lost a run's start (a crash, a full disk) may offer the run again.
+  const producer = client()
+  const queue = producer.queue('offered-twice')
+  const runs = []
+  let finish
+  const worker = queue.process(async (task) => {
+    runs.push(task.run)
+    await new Promise((resolve) => { finish = resolve })
+  })
+  const offers = []
+  const offer = worker._offer
+  worker._offer = function (tasks) { offers.push(tasks); return offer.call(this, tasks) }
+  const report = producer._reportComplete
+  producer._reportComplete = function (task) {
+    report.call(this, task)
+    worker._offer(offers[0]) // while its report is on its way
+  }
+  const task = await queue.add({ n: 1 })
+  await eventually(() => runs.length === 1)
+  worker._offer(offers[0]) // while it runs
+  await sleep(100)
+  assert.deepEqual(runs, [1])
+  finish()
+  await next(task, 'completed')
+  await sleep(100)
+  assert.deepEqual(runs, [1])
+})

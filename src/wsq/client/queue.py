@@ -140,6 +140,8 @@ class Worker:
         # Keyed by (task id, run): an old run's clean-up never touches a newer run.
         self._running: dict[tuple[str, int], tuple[Task, asyncio.Future[None]]] = {}
         self._reports: set[asyncio.Future[Any]] = set()
+        # Runs whose report is on its way or sent again (not yet answered for good).
+        self._reporting: set[tuple[str, int]] = set()
         self._completed: list[list[Any]] = []
         self._idle = asyncio.Event()
         self._idle.set()
@@ -182,6 +184,12 @@ class Worker:
 
         self._client._send({"op": "ack", "runs": [[t["task"]["id"], t["run"]] for t in tasks]})
         for item in tasks:
+            run = (item["task"]["id"], item["run"])
+            if run in self._running or run in self._reporting:
+                # A server that lost the run's start (a crash, a full disk) may offer it
+                # again: it is running here, or its report is on its way, which ends it.
+                logger.info("run %s of task %s offered again: it is not run twice", run[1], run[0])
+                continue
             task = Task(self._client, item["task"])
             task.run = item["run"]
             try:
@@ -229,6 +237,7 @@ class Worker:
         report is logged and emitted as an 'error' event). Completions made in one turn
         of the event loop leave together, as one ``complete_many``."""
         self._idle.clear()
+        self._reporting.add((task.id, task.run or 0))
         if error is None:
             if not self._completed:
                 asyncio.get_running_loop().call_soon(self._send_completed)
@@ -270,6 +279,10 @@ class Worker:
             self._reports.add(again)
             again.add_done_callback(self._reports.discard)
             return
+        if message["op"] == "fail":
+            self._reporting.discard((message["task"], message["run"]))
+        else:
+            self._reporting.difference_update((task_id, run) for task_id, run in message["runs"])
         self._check_idle()
         if isinstance(exc, WsqError):
             logger.warning("a worker report was refused: %s", exc)

@@ -46,6 +46,7 @@ export class Client extends Connection {
     this._sources = new Set() // task streams of this connection not yet finished
     this._eventStreams = new Set()
     this._completing = []
+    this._reporting = new Set() // `${task id} ${run}` of the runs whose report is on its way
     this.on('newListener', (name) => { if (SERVER_EVENTS.has(name)) this._subscribe('') })
     this.on('removeListener', (name) => { if (SERVER_EVENTS.has(name)) this._unsubscribe('') })
     this._open()
@@ -324,7 +325,7 @@ export class Client extends Connection {
   // -- worker reports: kept while disconnected, sent once connected again -----------------
 
   _report (message, tries = 0) {
-    return this._request(message, { resend: true, keep: true }).then(() => undefined, async (error) => {
+    return this._request(message, { resend: true, keep: true }).then(() => this._reported(message), async (error) => {
       const final = message.op === 'fail' || message.op === 'complete_many'
       if (final && error.code === 'unavailable' && tries < REPORT_RETRIES && !this.closed) {
         // The server could not store it (its database was away): it holds the run again
@@ -332,16 +333,26 @@ export class Client extends Connection {
         await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** tries, 5000)))
         return this._report(message, tries + 1)
       }
+      this._reported(message)
       if (error.code !== 'stale_run') this.emit('error', error)
     })
   }
 
+  /** A report answered for good: its runs are no longer on their way. */
+  _reported (message) {
+    if (message.op !== 'fail' && message.op !== 'complete_many') return
+    const runs = message.op === 'complete_many' ? message.runs : [[message.task, message.run]]
+    for (const [taskId, run] of runs) this._reporting.delete(`${taskId} ${run}`)
+  }
+
   _reportFail (task, text) {
+    this._reporting.add(`${task.id} ${task.run}`)
     this._report({ op: 'fail', task: task.id, run: task.run, error: text })
   }
 
   /** Runs that finish in one turn are reported in one complete_many (§4.5). */
   _reportComplete (task) {
+    this._reporting.add(`${task.id} ${task.run}`)
     this._completing.push([task.id, task.run])
     if (this._completing.length > 1) return
     queueMicrotask(() => {

@@ -115,7 +115,13 @@ export class Worker {
 
   _offer (offers) {
     this.client._send({ op: 'ack', runs: offers.map((o) => [o.task.id, o.run]) })
-    for (const offer of offers) this._run(offer)
+    for (const offer of offers) {
+      // A server that lost the run's start (a crash, a full disk) may offer it again: it
+      // is running here, or its report is on its way, which ends it. Not run twice.
+      const key = `${offer.task.id} ${offer.run}`
+      if (this.running.has(key) || this.client._reporting.has(key)) continue
+      this._run(offer)
+    }
   }
 
   async _run (offer) {
