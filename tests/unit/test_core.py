@@ -2742,3 +2742,26 @@ def test_an_add_that_lands_after_a_requeue_keeps_its_place_in_a_full_window() ->
     for task_id in late[1:]:
         h.deliver(task_id)
     assert h.window_of("b") == late[1:]
+
+
+def test_a_resync_takes_a_task_held_again_out_of_its_window() -> None:
+    """A failure, queued again behind another task (so it waits in the window while the
+    other is offered), was not stored: the resync holds its run again and takes the
+    waiting copy out of the window (another object than the record it read)."""
+    h = Harness()
+    failing = h.add(retries=1)
+    h.add_worker("w1")
+    h.ack(failing)
+    ahead = h.add()  # the failure is queued again behind it
+    lost = h.core.fail(failing, 1, "boom", h.now) + h.core.flush(h.now)
+    assert [t.id for e in of_type(lost, Offer) for t in e.tasks] == [ahead]
+    h.offered_runs.add((ahead, 1))
+    assert h.window_of() == [failing]
+    result = resync(h)
+    assert (result.dropped, result.held, result.started) == (0, 1, 1)
+    assert h.window_of() == []
+    h.fail(failing, run=1)  # sent again: accepted, queued again
+    h.ack(ahead)
+    h.complete(ahead)
+    h.work_off()
+    assert h.state(failing) == COMPLETED

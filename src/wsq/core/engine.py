@@ -1502,11 +1502,12 @@ class Core:
         queue = self._queues.get(task.queue)
         if queue is not None and queue.loading:
             queue.left_during_load.add(task.id)
-        if self._waiting.pop(task.id, None) is None:
+        placed = self._waiting.pop(task.id, None)  # maybe another copy than ``task``
+        if placed is None:
             return
         assert queue is not None
-        queue.window.remove(task)
-        self._release(task)
+        queue.window.remove(placed)
+        self._release(placed)
 
     def _hold(self, task: Task) -> None:
         """Keep the payload of a task entering a window if the budget allows."""
