@@ -112,6 +112,9 @@ class Harness:
         # Runs a resync forgot (their start was never stored): no attempt records them.
         self.unstored_runs: set[tuple[str, int]] = set()
         self.last: list[Effect] = []
+        # A batch of writes failed (a full disk), until the next resync: writes are not
+        # stored, events not told, loads fail; offers and aborts still go out.
+        self.losing = False
         self._ids = itertools.count(1)
         self._connections = itertools.count(1)
 
@@ -352,12 +355,26 @@ class Harness:
     # -- applying effects ------------------------------------------------------------------
 
     def _handle(self, effects: list[Effect]) -> list[Effect]:
+        if self.losing:
+            return self._lose(effects)
         self._apply(effects)
         while self.auto_load and self.pending_loads:
             load = self.pending_loads.pop(0)
             self._apply(self.core.loaded(load.queue, load.snapshot, load.limit, self.now))
         self.core.writes_durable(self.core.ends_made())  # as the server does per batch
         self.check()
+        return effects
+
+    def _lose(self, effects: list[Effect]) -> list[Effect]:
+        """``effects`` while writes fail: see :attr:`losing`."""
+        for effect in effects:
+            self.log.append(effect)
+            if isinstance(effect, Offer):
+                self._check_offer(effect)
+            elif isinstance(effect, Abort):
+                self._check_abort(effect)
+            elif isinstance(effect, Load):
+                self._lose(self.core.load_failed(effect.queue, self.now))
         return effects
 
     def _apply(self, effects: Iterable[Effect]) -> None:
@@ -439,7 +456,8 @@ class Harness:
         for task in offer.tasks:
             assert task.queue == worker.queue, f"{task.id} offered to a worker of another queue"
             assert task.state == ACTIVE and task.worker == offer.worker
-            assert as_held(self.store[task.id], task) == task, "offered before its Update"
+            if not self.losing:
+                assert as_held(self.store[task.id], task) == task, "offered before its Update"
             # A worker may still run an earlier offer of it (a resync forgot it): a run
             # is offered once.
             assert (task.id, task.run) not in self.offered_runs, f"run {task.run} offered twice"
@@ -519,10 +537,16 @@ class Harness:
             per_state = expected.setdefault(task.queue, dict.fromkeys(STATE_NAMES, 0))
             per_state[state.value] += delta
 
+        # A resync's read counts what the store holds, adds whose result the core has
+        # not heard yet included (Core._read_saw).
+        saw = self.core._read_saw
         for task in self.store.values():
-            if task.id not in self.undelivered:
+            if task.id not in self.undelivered or task.seq in saw:
                 count(task, task.state, 1)
-        for kind, read, _, applied in self.pending_admin:
+        for kind, read, op, applied in self.pending_admin:
+            key = ("delete", read.id) if kind == "remove" else getattr(op, "task", read).seq
+            if key in saw:
+                continue
             if applied and kind == "remove":
                 count(read, read.state, 1)
             elif applied:
@@ -2638,6 +2662,46 @@ class CoreMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.h.restart()
+
+    @rule(
+        data=st.data(),
+        steps=st.lists(
+            st.sampled_from(["ack", "progress", "complete", "complete", "fail", "disconnect"]),
+            min_size=2,
+            max_size=8,
+        ),
+    )
+    def writes_fail(self, data: st.DataObject, steps: list[str]) -> None:
+        """A store of one server whose writes fail for a while (a full disk): what the
+        core does meanwhile is not stored; the resync then sets it right, and the workers
+        send the final reports refused meanwhile again. No run is offered twice, no
+        state is lost (the invariants hold again after it). Left out: a run that ends and
+        is followed by the task's next run while the writes fail (a failure queued again
+        at once, a timeout): the resync keeps the next run, and the ended run's attempt
+        record and the task's failure count, not stored, are not written again (known)."""
+        h = self.h
+        h.losing = True
+        h.core.write_failed()
+        refused: list[tuple[str, str, int]] = []
+        for step in steps:
+            runs = sorted(
+                (task_id, run.task.run)
+                for task_id, run in h.core._runs.items()
+                if step != "fail" or run.task.options.retries == 0
+            )
+            if step in ("ack", "progress", "complete", "fail") and runs:
+                task_id, run = data.draw(st.sampled_from(runs))
+                h._handle(REPORTS[step](h.core, task_id, run, h.now))
+                if step in ("complete", "fail"):
+                    refused.append((step, task_id, run))
+            elif step == "disconnect" and h.workers:
+                h.remove_worker(data.draw(st.sampled_from(sorted(h.workers))))
+            h._handle(h.core.flush(h.now))  # the end of the server's turn: offers go out
+        h.losing = False
+        resync(h)
+        for step, task_id, run in refused:  # sent again
+            if h.core.is_current(task_id, run):
+                h._handle(REPORTS[step](h.core, task_id, run, h.now))
 
     @invariant()
     def consistent(self) -> None:

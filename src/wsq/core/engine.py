@@ -253,6 +253,12 @@ class Core:
         self._ends = 0
         self._unsure = False
         self._resync_mark = 0  # _ends at begin_resync
+        # A store of its own: the adds, retries (by seq) and deletes (("delete", task id))
+        # in flight when a resync began, whose results come later: the read counts what
+        # they did, so their count moves are not moves since (_count_stored); and, once
+        # the counts are set from the read, those whose results are still to come.
+        self._before_read: set[object] = set()
+        self._read_saw: set[object] = set()
 
     # -- start-up and intake ---------------------------------------------------------------
 
@@ -348,6 +354,8 @@ class Core:
         # The moves from here on are not in the read.
         self._counts_then = {name: list(counts) for name, counts in self._counts.items()}
         self._resync_mark = self._ends
+        self._before_read = {*self._adding, *(("delete", key) for key in self._removing)}
+        self._read_saw = set()
         return [HeldRuns(), CountTasks(), ReadTasks(tuple(self._ending))]
 
     def resynced(
@@ -387,6 +395,9 @@ class Core:
                 continue
             task = stored.get(task_id)
             if task is not None and task.run == current.task.run:
+                mine = current.task
+                if task.progress != mine.progress:  # a progress was not stored
+                    effects.append(Write(SetProgress(task_id, mine.progress, mine.updated)))
                 continue
             if task is None and not self.shared:
                 started.append(current)
@@ -456,6 +467,7 @@ class Core:
         then, self._counts_then = self._counts_then, {}
         if counts is None:
             return
+        self._read_saw, self._before_read = self._before_read, set()
         moved = {name: list(values) for name, values in self._counts.items()}
         for name, values in then.items():  # the moves since begin_resync...
             mine = moved.setdefault(name, [0] * len(_STATE_NAMES))
@@ -505,6 +517,8 @@ class Core:
     def abandon_seq(self, seq: int) -> None:
         """The insert that ``seq`` was allocated for did not happen."""
         self._adding.discard(seq)
+        self._before_read.discard(seq)
+        self._read_saw.discard(seq)
         self._admitted(seq)
         reserved = self._reserved.pop(seq, None)
         if reserved is not None:
@@ -564,7 +578,7 @@ class Core:
         self._adding.discard(task.seq)
         held = task.seq in self._held_adds
         self._admitted(task.seq)
-        self._count(task.queue, State.WAITING, 1)
+        self._count_stored(task.seq, task.queue, ((State.WAITING, 1),))
         self._observe(seen.ADDED, task.queue, 0.0)
         effects: list[Effect] = []
         if held:  # claimable from the commit that tells every node of it (admit())
@@ -998,10 +1012,14 @@ class Core:
         left = self._removing.pop(stored.id) - 1
         if left:
             self._removing[stored.id] = left
+        key = ("delete", stored.id)
         if applied:
             self._skipped.discard(stored.id)
             self._unplace(stored)  # a load in flight may have read it
-            return self._forget(stored)
+            self._count_stored(key, stored.queue, ((stored.state, -1),))
+            return self._forget(stored, counted=True)
+        self._before_read.discard(key)
+        self._read_saw.discard(key)
         if stored.id not in self._skipped:
             return []
         # A load skipped the task meanwhile, and it may wait in the store after all (the
@@ -1034,9 +1052,12 @@ class Core:
         """The result of :meth:`begin_retry`'s op: if it applied, the task waits again."""
         self._adding.discard(op.task.seq)
         if not applied:
+            self._before_read.discard(op.task.seq)
+            self._read_saw.discard(op.task.seq)
             return []
         task = op.task.copy()
-        self._move(task.queue, State.FAILED, State.WAITING)
+        moves = ((State.WAITING, 1), (State.FAILED, -1))
+        self._count_stored(op.task.seq, task.queue, moves)
         self._observe(seen.RETRIED, task.queue, 0.0)
         effects = self._event("task queued", task)
         queue = self._queue(task.queue)
@@ -1285,9 +1306,12 @@ class Core:
         op = Delete(task.id)
         return [Write(op), *self._forget(task, tells=op)]
 
-    def _forget(self, task: Task, tells: Op | None = None) -> list[Effect]:
-        """A deleted task: its count, its blobs and the event."""
-        self._count(task.queue, task.state, -1)
+    def _forget(
+        self, task: Task, tells: Op | None = None, *, counted: bool = False
+    ) -> list[Effect]:
+        """A deleted task: its count (unless ``counted``), its blobs and the event."""
+        if not counted:
+            self._count(task.queue, task.state, -1)
         effects: list[Effect] = []
         if task.blobs:
             effects.append(DeleteBlobs(tuple(task.blobs)))
@@ -1429,6 +1453,23 @@ class Core:
         if delta < 0 and not any(counts):
             del self._counts[queue]  # names of gone queues do not pile up
             self._names.drop(queue)
+
+    def _count_stored(self, key: object, queue: str, moves: tuple[tuple[State, int], ...]) -> None:
+        """Count the ``moves`` of a write the store decided (an add, a retry, a delete:
+        ``key``), whose result comes now: as moves since a resync's read, but for a write
+        that was in flight when the resync began (a store of its own), which the read
+        counted: then as moves before it while the resync is on its way, and not at all
+        once the counts were set from the read."""
+        if key in self._read_saw:
+            self._read_saw.discard(key)
+            return
+        for state, delta in moves:
+            self._count(queue, state, delta)
+        if key in self._before_read:
+            self._before_read.discard(key)
+            then = self._counts_then.setdefault(queue, [0] * len(_STATE_NAMES))
+            for state, delta in moves:
+                then[_STATE_INDEX[state]] += delta
 
     def _move(self, queue: str, old: State, new: State) -> None:
         counts = self._counts_of(queue)
