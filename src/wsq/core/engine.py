@@ -93,6 +93,19 @@ class Resynced:
 
 
 @dataclass(slots=True)
+class _Ending:
+    """A run ended whose end may not be stored (a store of its own: Core._ending)."""
+
+    run: int
+    worker: str | None
+    mark: int  # Core._ends when it ended
+    # The end's writes (its Update and its attempt record) of each run of the task that
+    # ended since the writes were last known stored, to write again if a later run is
+    # kept and these were not stored (Core._unstarted_ends).
+    writes: list[Update | RecordAttempt] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _Worker:
     id: str  # the key the core knows it by (unique in the server)
     queue: str
@@ -138,6 +151,9 @@ class _Queue:
     spilled: bool = False
     loading: bool = False
     refused_during_load: bool = False
+    # The oldest seq of the tasks left in the store during a load (refused_during_load):
+    # the load, read before they waited, may hold newer ones, which must wait behind them.
+    refused_seq: int | None = None
     left_during_load: set[str] = field(default_factory=set)
     # Tasks of this queue waiting out a back-off: loads read past them (they skip them).
     delayed: int = 0
@@ -243,13 +259,13 @@ class Core:
         # and the store holds an earlier run); the task's next run is numbered above it,
         # so no worker is offered a run it may still be running.
         self._spent: dict[str, int] = {}
-        # A store of its own: the runs ended whose end may not be stored, task id ->
-        # (run, worker, mark), in the order they ended; ``mark`` counts ends
-        # (:meth:`ends_made`). :meth:`writes_durable` forgets them once their writes are
-        # stored, unless a write failed since the last resync (``_unsure``): then the
-        # resync reads their tasks (:class:`ReadTasks`) and holds again a run whose start
-        # was not stored either (its worker sends its report again).
-        self._ending: dict[str, tuple[int, str | None, int]] = {}
+        # A store of its own: the runs ended whose end may not be stored, by task id, in
+        # the order they ended; ``mark`` counts ends (:meth:`ends_made`).
+        # :meth:`writes_durable` forgets them once their writes are stored, unless a write
+        # failed since the last resync (``_unsure``): then the resync reads their tasks
+        # (:class:`ReadTasks`) and holds again a run whose start was not stored either (its
+        # worker sends its report again), or writes its end again before a later run's start.
+        self._ending: dict[str, _Ending] = {}
         self._ends = 0
         self._unsure = False
         self._resync_mark = 0  # _ends at begin_resync
@@ -323,7 +339,7 @@ class Core:
         ending = self._ending
         while ending:
             task_id = next(iter(ending))
-            if ending[task_id][2] > mark:
+            if ending[task_id].mark > mark:
                 break
             del ending[task_id]
 
@@ -396,7 +412,8 @@ class Core:
             task = stored.get(task_id)
             if task is not None and task.run == current.task.run:
                 mine = current.task
-                if task.progress != mine.progress:  # a progress was not stored
+                if (task.progress, task.updated) != (mine.progress, mine.updated):
+                    # A progress was not stored.
                     effects.append(Write(SetProgress(task_id, mine.progress, mine.updated)))
                 continue
             if task is None and not self.shared:
@@ -412,12 +429,17 @@ class Core:
             task for task in held if task.id not in self._runs and (task.id, task.run) not in ended
         ]
         self._unsure = False
-        restarted = [] if self.shared else self._unstarted_ends(stored, records or [], now)
+        superseded: dict[str, tuple[Update | RecordAttempt, ...]] = {}
+        restarted = (
+            [] if self.shared else self._unstarted_ends(stored, records or [], superseded, now)
+        )
         if not self.shared:
             self._resync_windows(again + restarted, counts)
             for task in [current.task for current in started] + restarted:
                 if counts is not None:  # the store counts the task as waiting
                     self._move(task.queue, State.WAITING, State.ACTIVE)
+                # Runs of it that ended meanwhile, not stored: their ends first.
+                effects += [Write(op) for op in superseded.get(task.id, ())]
                 effects.append(Write(Update(task.copy(), expected=State.WAITING)))
         self._hold_runs(again + restarted, now)
         for queue in self._queues.values():  # claims may have failed meanwhile: look again
@@ -426,44 +448,84 @@ class Core:
         return Resynced(dropped, len(again), len(started) + len(restarted), effects)
 
     def _unstarted_ends(
-        self, stored: dict[str, Task], records: list[Task], now: float
+        self,
+        stored: dict[str, Task],
+        records: list[Task],
+        superseded: dict[str, tuple[Update | RecordAttempt, ...]],
+        now: float,
     ) -> list[Task]:
         """The part of :meth:`resynced` for the ends the core was unsure of (a store of
         its own): the runs ended before the read whose task the store has waiting at an
         earlier run (neither the start nor the end was stored), as active tasks to hold
-        again; the others' ends are settled and forgotten."""
+        again, unless a later run of the task, whose start was not stored either, is
+        kept: then the ended runs' writes (their Updates and attempt records) go in
+        ``superseded``, to be written before its start. The others' ends are settled and
+        forgotten."""
         found = {task.id: task for task in records}
         restarted: list[Task] = []
-        for task_id, (run, worker, mark) in list(self._ending.items()):
-            if mark > self._resync_mark:
+        for task_id, entry in list(self._ending.items()):
+            run = entry.run
+            if entry.mark > self._resync_mark:
                 break  # ended since the read was sent: its writes come after it
             del self._ending[task_id]
             record = found.get(task_id)
+            if task_id in stored and stored[task_id].run < run:
+                # The store holds an earlier run, held again: the task's next run is
+                # numbered above this one, which its worker may still report on.
+                self._spent[task_id] = max(self._spent.get(task_id, 0), run)
             if (
                 record is None  # deleted since
-                or task_id in self._runs  # a later run holds it (kept or held again)
                 or task_id in stored  # its start was stored: held again as such
                 or record.state is not State.WAITING
                 or record.run >= run  # its end was stored, or a later run's
             ):
                 continue
+            # The ends of its runs since the stored one, not stored either (each run's
+            # Update, then its attempt record, the order they are stored in); but for the
+            # run held again, whose end its worker sends again.
+            later = task_id in self._runs  # a later run is kept: its start written again
+            lost = [
+                op
+                for op in entry.writes
+                if record.run < _run_of(op) and (later or _run_of(op) < run)
+            ]
+            lost.sort(key=lambda op: (_run_of(op), isinstance(op, RecordAttempt)))
+            superseded[task_id] = tuple(lost)
+            if later:
+                continue
+            ends = [op.task for op in lost if isinstance(op, Update)]
+            if ends:  # the task as the last of them leaves it
+                record = ends[-1].copy()
             record.state = State.ACTIVE
             record.run = run
-            record.worker = worker
+            record.worker = entry.worker
             record.updated = now
             restarted.append(record)
         return restarted
 
+    def _empty_windows(self) -> None:
+        """Every window back to the store: loads bring back what the store has waiting
+        (a load on its way, read before the resync's read, adds nothing)."""
+        for queue in self._queues.values():
+            for task in queue.window:
+                del self._waiting[task.id]
+                self._release(task)
+            queue.window.clear()
+            queue.spilled = True
+            if queue.loading:
+                queue.refused_during_load = True
+                queue.refused_seq = 0
+
     def _resync_windows(
         self, again: list[Task], counts: dict[tuple[str, State], int] | None
     ) -> None:
-        """The part of :meth:`resynced` for a store of one server."""
+        """The part of :meth:`resynced` for a store of one server: the windows are
+        emptied and filled from the store again (a task's move to the back of its queue,
+        a re-queue, may not have been stored); tasks held again leave their back-off."""
         for task in again:
-            self._unplace(task)
             if self._delayed.pop(task.id, None) is not None:
                 self._queue(task.queue).delayed -= 1
-        for queue in self._queues.values():
-            queue.spilled = True  # loads bring back what the store has waiting
+        self._empty_windows()
         then, self._counts_then = self._counts_then, {}
         if counts is None:
             return
@@ -605,12 +667,15 @@ class Core:
         queue.loading = False
         room = self.window_size - len(queue.window)
         fresh = [t for t in tasks if self._is_new(queue, t)]
+        if queue.refused_seq is not None:  # FIFO: only what is older than those
+            fresh = [t for t in fresh if t.seq < queue.refused_seq]
         for task in fresh[:room]:
             self._insert(queue, task)
         exhausted = len(tasks) < limit and len(fresh) <= room
         if exhausted and not queue.refused_during_load:
             queue.spilled = False
         queue.refused_during_load = False
+        queue.refused_seq = None
         queue.left_during_load.clear()
         return self._dispatch_soon(queue, now)
 
@@ -620,6 +685,7 @@ class Core:
         queue = self._queue(name)
         queue.loading = False
         queue.refused_during_load = False
+        queue.refused_seq = None
         queue.left_during_load.clear()
         queue.spilled = True
         heapq.heappush(self._wakes, (now + CLAIM_RETRY, name))
@@ -798,6 +864,7 @@ class Core:
             self._spent.pop(task.id, None)
         self._observe(seen.COMPLETED, task.queue, now - current.began)
         op = Update(task.copy(), expected=State.ACTIVE)
+        self._note_end(op)
         effects.append(Write(op))
         if not task.options.autoremove:  # else its attempts go with it at once
             effects.append(self._attempt(current, AttemptOutcome.COMPLETED, now))
@@ -1174,8 +1241,9 @@ class Core:
         task = self._detach(current)
         if not self.shared:  # until its write is durable (writes_durable)
             self._ends += 1
-            self._ending.pop(task.id, None)
-            self._ending[task.id] = (task.run, task.worker, self._ends)
+            earlier = self._ending.pop(task.id, None)
+            writes = earlier.writes if earlier is not None else []
+            self._ending[task.id] = _Ending(task.run, task.worker, self._ends, writes)
         check_transition(task.id, task.state, state)
         self._move(task.queue, task.state, state)
         task.state = state
@@ -1224,6 +1292,7 @@ class Core:
         if self._spent:  # no next run to number
             self._spent.pop(task.id, None)
         op = Update(task.copy(), expected=State.ACTIVE)
+        self._note_end(op)
         effects: list[Effect] = [Write(op), *_telling(failed, op)]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
 
@@ -1232,7 +1301,16 @@ class Core:
     ) -> Write:
         """The record of ``current``, ending now: the caller puts it right after the
         task's Update, so that both are committed together."""
-        return Write(RecordAttempt(self._attempt_of(current, outcome, now, error)))
+        op = RecordAttempt(self._attempt_of(current, outcome, now, error))
+        self._note_end(op)
+        return Write(op)
+
+    def _note_end(self, op: Update | RecordAttempt) -> None:
+        """Keep a write of a run's end, with its run's entry in :attr:`_ending` (written
+        again if a resync finds it was not stored: :meth:`_unstarted_ends`)."""
+        entry = self._ending.get(op.task.id if isinstance(op, Update) else op.attempt.task_id)
+        if entry is not None and entry.run == _run_of(op):
+            entry.writes.append(op)
 
     def _attempt_of(
         self,
@@ -1279,6 +1357,8 @@ class Core:
         if self.shared and delay > 0:
             task.not_before = now + delay  # in the row: any node's claim waits for it
         op = Update(task.copy(), expected=expected)
+        if expected is State.ACTIVE:
+            self._note_end(op)
         effects: list[Effect] = [
             Write(op),
             *_telling(announce or [], op),
@@ -1519,7 +1599,7 @@ class Core:
             return
         if queue.spilled or queue.loading or len(queue.window) >= self.window_size:
             queue.spilled = True
-            queue.refused_during_load |= queue.loading
+            self._refused(queue, task)
             return
         self._insert(queue, task)
 
@@ -1537,7 +1617,15 @@ class Core:
         del self._waiting[task.id]
         self._release(task)
         queue.spilled = True
-        queue.refused_during_load |= queue.loading
+        self._refused(queue, task)
+
+    def _refused(self, queue: _Queue, task: Task) -> None:
+        """``task`` waits in the store only; if a load is on its way, what it brings
+        newer than ``task`` must wait behind it (:meth:`loaded`)."""
+        if queue.loading:
+            queue.refused_during_load = True
+            if queue.refused_seq is None or task.seq < queue.refused_seq:
+                queue.refused_seq = task.seq
 
     def _unplace(self, task: Task) -> None:
         queue = self._queues.get(task.queue)
@@ -1578,6 +1666,7 @@ class Core:
         if queue.spilled and not queue.loading and len(queue.window) <= self.low_water:
             queue.loading = True
             queue.refused_during_load = False
+            queue.refused_seq = None
             return [Load(queue.name, self.window_size + queue.delayed, self.payload_cap)]
         return []
 
@@ -1672,6 +1761,10 @@ def _failure(current: _Run, expired: bool) -> AttemptOutcome:
     if not expired:
         return AttemptOutcome.FAILED
     return AttemptOutcome.TIMED_OUT if current.acked else AttemptOutcome.NO_RESPONSE
+
+
+def _run_of(op: Update | RecordAttempt) -> int:
+    return op.task.run if isinstance(op, Update) else op.attempt.run
 
 
 def _telling(effects: list[Effect], op: Op) -> list[Effect]:
