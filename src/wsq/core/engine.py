@@ -864,7 +864,7 @@ class Core:
             self._spent.pop(task.id, None)
         self._observe(seen.COMPLETED, task.queue, now - current.began)
         op = Update(task.copy(), expected=State.ACTIVE)
-        self._note_end(op)
+        self._note_end(task, op)
         effects.append(Write(op))
         if not task.options.autoremove:  # else its attempts go with it at once
             effects.append(self._attempt(current, AttemptOutcome.COMPLETED, now))
@@ -1292,7 +1292,7 @@ class Core:
         if self._spent:  # no next run to number
             self._spent.pop(task.id, None)
         op = Update(task.copy(), expected=State.ACTIVE)
-        self._note_end(op)
+        self._note_end(task, op)
         effects: list[Effect] = [Write(op), *_telling(failed, op)]
         return effects + self._dispatch_soon(self._queue(task.queue), now)
 
@@ -1302,14 +1302,14 @@ class Core:
         """The record of ``current``, ending now: the caller puts it right after the
         task's Update, so that both are committed together."""
         op = RecordAttempt(self._attempt_of(current, outcome, now, error))
-        self._note_end(op)
+        self._note_end(current.task, op)
         return Write(op)
 
-    def _note_end(self, op: Update | RecordAttempt) -> None:
-        """Keep a write of a run's end, with its run's entry in :attr:`_ending` (written
-        again if a resync finds it was not stored: :meth:`_unstarted_ends`)."""
-        entry = self._ending.get(op.task.id if isinstance(op, Update) else op.attempt.task_id)
-        if entry is not None and entry.run == _run_of(op):
+    def _note_end(self, task: Task, op: Update | RecordAttempt) -> None:
+        """Keep a write of the end of ``task``'s run with its entry in :attr:`_ending`
+        (written again if a resync finds it was not stored: :meth:`_unstarted_ends`)."""
+        entry = self._ending.get(task.id)
+        if entry is not None and entry.run == task.run:
             entry.writes.append(op)
 
     def _attempt_of(
@@ -1358,7 +1358,7 @@ class Core:
             task.not_before = now + delay  # in the row: any node's claim waits for it
         op = Update(task.copy(), expected=expected)
         if expected is State.ACTIVE:
-            self._note_end(op)
+            self._note_end(task, op)
         effects: list[Effect] = [
             Write(op),
             *_telling(announce or [], op),
