@@ -392,14 +392,14 @@ class Core:
         before their write is durable) while the store still has its task waiting is kept,
         and its start written again (its worker is running it: it must not be offered
         again); a run forgotten because the store holds an earlier run of the task is
-        aborted at its worker, and the task's next run is numbered above it. A task held
-        again leaves its window (its re-queue was not stored); every window is filled from
-        the store again as it drains (tasks whose delete was not stored wait there); and
-        ``counts`` (the store's, as of the read) are the counts again, with the moves made
-        since. A run ended before the read whose start and end were both not stored (the
-        store has its task waiting, at an earlier run: ``records``, the stored tasks of
-        the ends the core was unsure of) is held again and its start written again, so
-        the report its worker sends again is accepted, and its task not offered again."""
+        aborted at its worker, and the task's next run is numbered above it. Every window
+        is emptied and loaded from the store again (a re-queue or a delete that was not
+        stored shows there); and ``counts`` (the store's, as of the read) are the counts
+        again, with the moves made since. A run ended before the read whose start and end
+        were both not stored (the store has its task waiting, at an earlier run:
+        ``records``, the stored tasks of the ends the core was unsure of) is held again
+        and its start written again, so the report its worker sends again is accepted,
+        and its task not offered again (:meth:`_unstarted_ends`)."""
         generation, ended = self._generation, self._ended_since or set()
         self._ended_since = None
         stored = {task.id: task for task in held}
@@ -579,8 +579,7 @@ class Core:
     def abandon_seq(self, seq: int) -> None:
         """The insert that ``seq`` was allocated for did not happen."""
         self._adding.discard(seq)
-        self._before_read.discard(seq)
-        self._read_saw.discard(seq)
+        self._not_stored(seq)
         self._admitted(seq)
         reserved = self._reserved.pop(seq, None)
         if reserved is not None:
@@ -1085,8 +1084,7 @@ class Core:
             self._unplace(stored)  # a load in flight may have read it
             self._count_stored(key, stored.queue, ((stored.state, -1),))
             return self._forget(stored, counted=True)
-        self._before_read.discard(key)
-        self._read_saw.discard(key)
+        self._not_stored(key)
         if stored.id not in self._skipped:
             return []
         # A load skipped the task meanwhile, and it may wait in the store after all (the
@@ -1119,8 +1117,7 @@ class Core:
         """The result of :meth:`begin_retry`'s op: if it applied, the task waits again."""
         self._adding.discard(op.task.seq)
         if not applied:
-            self._before_read.discard(op.task.seq)
-            self._read_saw.discard(op.task.seq)
+            self._not_stored(op.task.seq)
             return []
         task = op.task.copy()
         moves = ((State.WAITING, 1), (State.FAILED, -1))
@@ -1550,6 +1547,12 @@ class Core:
             then = self._counts_then.setdefault(queue, [0] * len(_STATE_NAMES))
             for state, delta in moves:
                 then[_STATE_INDEX[state]] += delta
+
+    def _not_stored(self, key: object) -> None:
+        """The write ``key`` names (see :meth:`_count_stored`) did not apply: nothing of
+        it to count (a later delete of the same task must count)."""
+        self._before_read.discard(key)
+        self._read_saw.discard(key)
 
     def _move(self, queue: str, old: State, new: State) -> None:
         counts = self._counts_of(queue)
