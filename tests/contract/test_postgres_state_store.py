@@ -81,6 +81,12 @@ EXPECTED_COLUMNS = {
         ("owner", "text", "YES"),
         ("not_before", "double precision", "NO"),
         ("node", "text", "YES"),
+        ("last_client", "bytea", "YES"),
+        ("last_node", "text", "YES"),
+        ("last_offered", "double precision", "YES"),
+        ("last_started", "double precision", "YES"),
+        ("last_ended", "double precision", "YES"),
+        ("last_progress", "double precision", "YES"),
     ],
     "wsq_nodes": [
         ("name", "text", "NO"),
@@ -792,10 +798,16 @@ async def test_kill_9_loses_no_acknowledged_write(pg_schema: Schema) -> None:
 # -- plans ---------------------------------------------------------------------------------
 
 
-def _finishes(n: int) -> list[Op]:
-    task = make(f"a{n}", n, state=State.COMPLETED, run=2, worker="w")
-    attempt = Attempt(f"a{n}", 2, ended=1.0, outcome=AttemptOutcome.COMPLETED)
+def _failures(n: int) -> list[Op]:
+    task = make(f"a{n}", n, state=State.FAILED, run=2, worker="w")
+    attempt = Attempt(f"a{n}", 2, "w", ended=1.0, outcome=AttemptOutcome.FAILED)
     return [Update(task, expected=State.ACTIVE), RecordAttempt(attempt)]
+
+
+def _completions(n: int) -> list[Op]:
+    task = make(f"a{n}", n, state=State.COMPLETED, run=2, worker="w")
+    attempt = Attempt(f"a{n}", 2, "w", ended=1.0, outcome=AttemptOutcome.COMPLETED)
+    return [Update(task, expected=State.ACTIVE, attempt=attempt)]
 
 
 # Each kind of write statement, as the writer sends it for 100 tasks: of the tasks of
@@ -805,7 +817,8 @@ WRITES: dict[str, Callable[[int], list[Op]]] = {
     "start": lambda n: [
         Update(make(f"w{n}", n, state=State.ACTIVE, run=1, worker="w"), State.WAITING)
     ],
-    "finish and attempt": _finishes,
+    "failure and attempt": _failures,
+    "completion": _completions,
     "requeue": lambda n: [Update(make(f"a{n}", 50_000 + n, run=1), State.ACTIVE)],
     "progress": lambda n: [SetProgress(f"a{n}", 0.5, 1.0)],
     "delete": lambda n: [Delete(f"w{n}", State.WAITING)],

@@ -826,6 +826,62 @@ async def test_an_attempt_goes_with_its_task_s_update_in_one_batch(store: StateS
     assert (await store.get("a")) == done
 
 
+async def test_a_completed_run_s_attempt_is_stored_with_its_update(store: StateStore) -> None:
+    # Update.attempt: a completion's record goes with its task's row, read back as the
+    # newest attempt, after those recorded apart; many tasks in one batch, as the core
+    # sends them.
+    tasks = [make(f"t{n}", n) for n in range(1, 4)]
+    await insert(store, *tasks)
+    failed = [attempt(t.id, 1) for t in tasks]
+    await store.submit([Update(replace(t, state=State.ACTIVE, run=2, worker="w"), State.WAITING)
+                        for t in tasks] + [RecordAttempt(a) for a in failed])  # fmt: skip
+    done = [replace(t, state=State.COMPLETED, run=2, worker="w", updated=20.0) for t in tasks]
+    records = [
+        Attempt(t.id, 2, "w", "wsq-python/1.0 \x00 \u00e9", "host-a:4242", 12.5, 13.0, 20.0,
+                AttemptOutcome.COMPLETED, None, 0.75)
+        for t in tasks
+    ]  # fmt: skip
+    ops: list[Op] = [Update(d, State.ACTIVE, r) for d, r in zip(done, records, strict=True)]
+    assert await store.submit(ops) == [True] * 3
+    for task, first, last in zip(done, failed, records, strict=True):
+        assert await store.attempts(task.id) == [first, last]
+        assert await store.get(task.id) == task
+    await reopen(store)
+    assert await store.attempts("t1") == [failed[0], records[0]]
+    # An update that does not apply (the run is over) stores no record; a delete takes it.
+    again = Update(done[0], State.ACTIVE, replace(records[0], run=3))
+    assert await store.submit([again, Delete("t2")]) == [False, True]
+    assert await store.attempts("t1") == [failed[0], records[0]]
+    assert await store.attempts("t2") == []
+
+
+async def test_a_completed_run_s_attempt_counts_in_the_newest_kept(store: StateStore) -> None:
+    await insert(store, make("a", 1))
+    last = KEPT_ATTEMPTS + 3
+    await store.submit([RecordAttempt(attempt("a", run)) for run in range(1, last)])
+    started = replace(make("a", 1), state=State.ACTIVE, run=last, worker="w")
+    await store.submit([Update(started, State.WAITING)])
+    done = replace(started, state=State.COMPLETED)
+    record = attempt("a", last, worker="w", outcome=AttemptOutcome.COMPLETED)
+    assert await store.submit([Update(done, State.ACTIVE, record)]) == [True]
+    kept = await store.attempts("a")
+    assert [a.run for a in kept] == list(range(last - KEPT_ATTEMPTS + 1, last + 1))
+    assert kept[-1] == record
+
+
+async def test_a_failing_submit_stores_no_completed_run_s_attempt(store: StateStore) -> None:
+    await insert(store, make("a", 1))
+    started = replace(make("a", 1), state=State.ACTIVE, run=1, worker="w")
+    await store.submit([Update(started, State.WAITING)])
+    done = replace(started, state=State.COMPLETED)
+    record = attempt("a", 1, worker="w", outcome=AttemptOutcome.COMPLETED)
+    failing = store.submit([Update(done, State.ACTIVE, record), Bogus()])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        await failing
+    assert await store.attempts("a") == []
+    assert (await store.get("a")) == started
+
+
 async def test_an_attempt_of_a_missing_task_is_not_stored(store: StateStore) -> None:
     assert await store.submit([RecordAttempt(attempt("nope", 1))]) == [False]
     assert await store.attempts("nope") == []

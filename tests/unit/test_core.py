@@ -425,6 +425,9 @@ class Harness:
                 op.task.state == stored.state == WAITING and op.task.seq > stored.seq
             ), op
             self.store[op.task.id] = replace(op.task)
+            if op.attempt is not None:  # a completed run's record, stored with its task
+                assert op.task.state == COMPLETED, op
+                self._record(op.attempt)
         elif isinstance(op, SetProgress):
             stored = self.store[op.task_id]
             assert stored.state == ACTIVE, f"progress of {op.task_id}, which is {stored.state}"
@@ -646,7 +649,12 @@ def writes(effects: Iterable[Effect]) -> list[Op]:
 
 
 def recorded(effects: Iterable[Effect]) -> list[Attempt]:
-    return [e.op.attempt for e in of_type(effects, Write) if isinstance(e.op, RecordAttempt)]
+    """The attempt records written: RecordAttempt's, and a completed run's with its Update."""
+    return [
+        e.op.attempt
+        for e in of_type(effects, Write)
+        if isinstance(e.op, RecordAttempt | Update) and e.op.attempt is not None
+    ]
 
 
 def offered(effects: Iterable[Effect]) -> list[str]:
@@ -824,8 +832,11 @@ def test_complete_write_precedes_completed_event(h: Harness) -> None:
     task_id = h.add()
     h.ack(task_id)
     effects = h.complete(task_id)
-    # The task's Update and its attempt's record, then the event.
-    assert [type(effect) for effect in effects[:3]] == [Write, Write, Emit]
+    # The task's Update, which carries its attempt's record, then the event.
+    assert [type(effect) for effect in effects[:2]] == [Write, Emit]
+    write = effects[0]
+    assert isinstance(write, Write) and isinstance(write.op, Update)
+    assert write.op.attempt is not None and write.op.attempt.outcome == "completed"
 
 
 @pytest.mark.parametrize("retries", [0, 1])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from wsq.core.ops import Attempt, AttemptOutcome
 from wsq.exceptions import ServerError
 from wsq.storage import sqlite as store
 from wsq.storage.sqlite import MIGRATIONS, TASK_COLUMNS, SqliteStateStore, migrate
@@ -33,7 +34,15 @@ TASK_TABLE = [
     ("updated", "REAL", 1, 0),
     ("owner", "TEXT", 0, 0),
     ("not_before", "REAL", 1, 0),  # written and compared in SQL, never read back
+    # A completed task's last run (Update.attempt), read by GET_ATTEMPTS only.
+    ("last_client", "TEXT", 0, 0),
+    ("last_node", "TEXT", 0, 0),
+    ("last_offered", "REAL", 0, 0),
+    ("last_started", "REAL", 0, 0),
+    ("last_ended", "REAL", 0, 0),
+    ("last_progress", "REAL", 0, 0),
 ]
+SELECTED = [name for name, *_ in TASK_TABLE[: TASK_TABLE.index(("owner", "TEXT", 0, 0)) + 1]]
 INDEXES = {
     "tasks_queue_state_seq": ("tasks", ["queue", "state", "seq"]),
     "tasks_state_seq": ("tasks", ["state", "seq"]),
@@ -78,7 +87,7 @@ def test_migrate_builds_the_schema(conn: sqlite3.Connection) -> None:
     }
     assert tables == {"tasks", "blobs", "meta", "attempts"}
     assert columns(conn, "tasks") == TASK_TABLE
-    assert [name for name, *_ in TASK_TABLE[:-1]] == [c.strip() for c in TASK_COLUMNS.split(",")]
+    assert [c.strip() for c in TASK_COLUMNS.split(",")] == SELECTED
     assert columns(conn, "blobs") == [("key", "TEXT", 1, 1), ("task", "TEXT", 1, 0)]
     assert columns(conn, "meta") == [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0)]
     assert columns(conn, "attempts") == ATTEMPT_TABLE
@@ -125,6 +134,32 @@ def test_a_version_3_store_gains_an_empty_attempts_table_and_keeps_its_tasks(
     assert conn.execute("SELECT count(*) FROM attempts").fetchone() == (0,)
 
 
+async def test_a_version_5_store_gains_the_last_run_columns_and_keeps_its_attempts(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executescript(f"BEGIN; {''.join(MIGRATIONS[:5])} PRAGMA user_version = 5; COMMIT;")
+        conn.execute(
+            "INSERT INTO tasks VALUES ('t1', 'q', 'completed', 1, x'6e756c6c', NULL, 60, 0, 0,"
+            " 1, 0, NULL, 1, 'w', 1.0, 2.0, NULL, 0)"
+        )
+        conn.execute(
+            "INSERT INTO attempts VALUES ('t1', 1, 'w', 'c', 'n', 1.0, 1.5, 2.0, 'completed',"
+            " NULL, 0.5)"
+        )
+        assert migrate(conn) == 5
+    backend = SqliteStateStore(path)
+    await backend.open()
+    try:
+        # A completion recorded before the migration stays where it was, and is read.
+        assert await backend.attempts("t1") == [
+            Attempt("t1", 1, "w", "c", "n", 1.0, 1.5, 2.0, AttemptOutcome.COMPLETED, None, 0.5)
+        ]
+    finally:
+        await backend.close()
+
+
 def test_migrate_is_idempotent(conn: sqlite3.Connection) -> None:
     migrate(conn)
     schema = conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
@@ -164,7 +199,8 @@ def test_the_query_planner_uses_the_indexes(conn: sqlite3.Connection) -> None:
     assert "SCAN tasks" not in plan(store.GET_NEXT_SEQ)
     # A task's attempts, recording, pruning and deleting them: one range of the key.
     key = "USING PRIMARY KEY (task=?"
-    assert key in plan(store.GET_ATTEMPTS, "a")
+    assert key in plan(store.GET_ATTEMPTS, "a", "a")
+    assert "USING INDEX sqlite_autoindex_tasks_1 (id=?)" in plan(store.GET_ATTEMPTS, "a", "a")
     assert key in plan(store.PRUNE_ATTEMPTS, "a", 1)
     assert key in plan(store.DELETE_ATTEMPTS, "a")
 

@@ -862,11 +862,12 @@ class Core:
         if self._spent:  # no next run to number
             self._spent.pop(task.id, None)
         self._observe(seen.COMPLETED, task.queue, now - current.began)
-        op = Update(task.copy(), expected=State.ACTIVE)
+        attempt = None
+        if not task.options.autoremove:  # else its attempts go with it at once
+            attempt = self._attempt_of(current, AttemptOutcome.COMPLETED, now, None)
+        op = Update(task.copy(), expected=State.ACTIVE, attempt=attempt)
         self._note_end(task, op)
         effects.append(Write(op))
-        if not task.options.autoremove:  # else its attempts go with it at once
-            effects.append(self._attempt(current, AttemptOutcome.COMPLETED, now))
         effects += self._event("task completed", task, tells=op)
         if task.options.autoremove:
             effects += self._delete(task)

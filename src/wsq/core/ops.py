@@ -29,10 +29,17 @@ class Update:
     state) a run whose
     start it did not store (the task waits at an earlier run: the disk was full when the
     offer went out): the run took place, its worker reported it. Result: whether it
-    applied."""
+    applied.
+
+    ``attempt``: with the end of a run to ``completed`` (which no run follows), that
+    run's record (its ``run`` and ``worker`` are the task's, its outcome ``completed``,
+    no error), stored with the task when the update applies, instead of a
+    :class:`RecordAttempt` of its own (one row written per finished task, not two);
+    the store's ``attempts`` gives it as the newest, after those recorded apart."""
 
     task: Task
     expected: State
+    attempt: Attempt | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +266,8 @@ class RecordAttempt:
     """Store ``attempt`` (which has ended) if its task exists, replacing a record of the
     same run; then drop that task's records of runs older than the newest
     :data:`KEPT_ATTEMPTS` (runs ``<= attempt.run - KEPT_ATTEMPTS``). A :class:`Delete`
-    that deletes the task deletes its attempts. Result: whether it was stored."""
+    that deletes the task deletes its attempts. Result: whether it was stored. Every run
+    that ends gets one, but a run that completes: its :class:`Update` carries its record."""
 
     attempt: Attempt
 

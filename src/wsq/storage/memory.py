@@ -216,6 +216,8 @@ class MemoryStateStore(StateStore):
             self._set_attempts(task_id, None)
         if isinstance(op, Update):
             self._put(_updated(stored, op.task))
+            if op.attempt is not None:  # the completed run's record, with the task
+                self._record(op.attempt)
         elif isinstance(op, SetProgress):
             self._put(dataclasses.replace(stored, progress=op.progress, updated=op.updated))
         return True

@@ -82,7 +82,7 @@ from wsq.storage.base import (
     Update,
     WorkerRow,
 )
-from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row
+from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row, with_last
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -301,7 +301,16 @@ GET_BLOB_KEYS = "SELECT key FROM wsq_blobs WHERE NOT swept"
 ATTEMPT_COLUMNS = (
     "task, run, worker, client, node, offered, started, ended, outcome, error, progress"
 )
-GET_ATTEMPTS = f"SELECT {ATTEMPT_COLUMNS} FROM wsq_attempts WHERE task = $1 ORDER BY run"
+# A task's attempts: those recorded apart, then the record its row holds of its completed
+# last run, if any (Update.attempt; "last" tells them apart). One statement, one snapshot.
+GET_ATTEMPTS = f"""
+SELECT false AS last, {ATTEMPT_COLUMNS} FROM wsq_attempts WHERE task = $1
+UNION ALL
+SELECT true, id, run, worker, last_client, last_node, last_offered, last_started, last_ended,
+    'completed', NULL, last_progress
+FROM wsq_tasks WHERE id = $1 AND last_ended IS NOT NULL
+ORDER BY last, run
+"""
 
 # Queue names by a loose index scan: one index probe per distinct queue.
 _QUEUE_NAMES = """
@@ -517,11 +526,17 @@ _START_CTE = (
     " AS s (id, run, worker, updated)"
     f" WHERE t.id = s.id AND {_state_is('t.state', 'waiting')} RETURNING t.id, t.queue)"
 )
+# A completed run's record goes in the row (Update.attempt; NULLs for any other end).
 _FINISH_CTE = (
     "finish AS (UPDATE wsq_tasks t SET state = f.state, progress = f.progress,"
-    " retries = f.retries, error = f.error, updated = f.updated"
+    " retries = f.retries, error = f.error, updated = f.updated, last_client = f.client,"
+    " last_node = f.node, last_offered = f.offered, last_started = f.started,"
+    " last_ended = f.ended, last_progress = f.last_progress"
     " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
-    " {p5}::float8[], {p6}::bigint[]) AS f (id, state, progress, retries, error, updated, run)"
+    " {p5}::float8[], {p6}::bigint[], {p7}::bytea[], {p8}::text[], {p9}::float8[],"
+    " {p10}::float8[], {p11}::float8[], {p12}::float8[])"
+    " AS f (id, state, progress, retries, error, updated, run, client, node, offered,"
+    " started, ended, last_progress)"
     f" WHERE t.id = f.id AND {_state_is('t.state', 'active')} AND t.run = f.run AND {_MINE}"
     " RETURNING t.id, t.queue, t.state)"
 )
@@ -573,7 +588,7 @@ _ATTEMPT_CTE = (
 _KINDS: dict[str, tuple[str, str, int]] = {
     "insert": (_INSERT_CTE, "ins", len(INSERT_TYPES) + 2),
     "start": (_START_CTE, "start", 4),
-    "finish": (_FINISH_CTE, "finish", 7),
+    "finish": (_FINISH_CTE, "finish", 13),
     "update": (_UPDATE_CTE, "upd", 11),
     "progress": (_PROGRESS_CTE, "prog", 3),
     "delete": (_DELETE_CTE, "del", 2),
@@ -850,12 +865,13 @@ def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
     match op:
         case Insert(task):
             return "insert", task.id, _insert_row(task)
-        case Update(task, expected):
+        case Update(task, expected, attempt):
             if expected is State.WAITING and task.state is State.ACTIVE:
                 return "start", task.id, (task.id, task.run, task.worker, task.updated)
             if expected is State.ACTIVE and task.state in _FINISHED:
                 finish = (_VALUES[task.state], task.progress, task.retries, _text(task.error))
-                return "finish", task.id, (task.id, *finish, task.updated, task.run)
+                last = _NO_LAST if attempt is None else _last_row(attempt)
+                return "finish", task.id, (task.id, *finish, task.updated, task.run, *last)
             return "update", task.id, _update_row(task, State(expected))
         case SetProgress(task_id, progress, updated):
             return "progress", task_id, (task_id, progress, updated)
@@ -880,6 +896,21 @@ def _attempt_row(attempt: Attempt) -> tuple[Any, ...]:
         attempt.ended,
         outcome,
         _text(attempt.error),
+        attempt.progress,
+    )
+
+
+_NO_LAST = (None,) * 6  # a finish's last_* when its Update carries no attempt
+
+
+def _last_row(attempt: Attempt) -> tuple[Any, ...]:
+    """A completed run's record as a finish's last_* parameters (:class:`Update`)."""
+    return (
+        _text(attempt.client),
+        attempt.node,
+        attempt.offered,
+        attempt.started,
+        attempt.ended,
         attempt.progress,
     )
 
@@ -1893,7 +1924,7 @@ class PostgresStateStore(StateStore):
         """The committed attempts of ``task_id``, oldest run first."""
 
         async def query(conn: _Reader) -> builtins.list[Attempt]:
-            return [_attempt_from_row(row) for row in await conn.fetch(GET_ATTEMPTS, task_id)]
+            return with_last(await conn.fetch(GET_ATTEMPTS, task_id), _attempt_from_row)
 
         return await self._read(query)
 

@@ -1,16 +1,18 @@
 """What the SQL state stores share: a stored row's columns in :data:`TASK_COLUMNS` order
-made into a :class:`Task`, and the 64-bit range their cursors and limits are clamped to.
+made into a :class:`Task`, the 64-bit range their cursors and limits are clamped to, and
+a task's attempts made of those recorded apart and the one its row holds.
 (Writing rows differs per engine: PostgreSQL stores error texts as bytes, and blob-only
 stream lists apart.)"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
+from wsq.core.ops import KEPT_ATTEMPTS, Attempt
 from wsq.core.task import Options, State, StreamRef, Task
 
 # Both engines' integers are 64-bit: "seq > MIN_INT" is every task, "seq > MAX_INT" none.
@@ -61,3 +63,18 @@ def task_from_row(row: Row, error: str | None) -> Task:
         updated=updated,
         owner=owner,
     )
+
+
+def with_last(rows: Iterable[Any], attempt: Callable[[Any], Attempt]) -> list[Attempt]:
+    """A task's attempts as ``attempts`` gives them, from the rows of the stores'
+    ``GET_ATTEMPTS`` (``last``, then the attempt's columns, made one by ``attempt``):
+    those recorded apart, oldest run first, then the record the task's row holds of its
+    completed last run (``Update.attempt``), which replaces one of the same run; the
+    newest :data:`KEPT_ATTEMPTS`."""
+    kept: list[Attempt] = []
+    for row in rows:
+        found = attempt(row[1:])
+        if row[0]:
+            kept = [earlier for earlier in kept if earlier.run < found.run]
+        kept.append(found)
+    return kept[-KEPT_ATTEMPTS:]

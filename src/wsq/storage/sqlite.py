@@ -71,7 +71,7 @@ from wsq.storage.base import (
     StateStore,
     Update,
 )
-from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row
+from wsq.storage.rows import MAX_INT, MIN_INT, STATES, clamp, task_from_row, with_last
 
 T = TypeVar("T")
 
@@ -151,7 +151,19 @@ CREATE TABLE attempts (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5]
+# A completed task's last run (Update.attempt): its record in the task's row (the run and
+# worker are the row's, the outcome "completed", no error), one row written per finished
+# task instead of two. last_ended is NULL unless the row holds such a record.
+SCHEMA_6 = """
+ALTER TABLE tasks ADD COLUMN last_client TEXT;
+ALTER TABLE tasks ADD COLUMN last_node TEXT;
+ALTER TABLE tasks ADD COLUMN last_offered REAL;
+ALTER TABLE tasks ADD COLUMN last_started REAL;
+ALTER TABLE tasks ADD COLUMN last_ended REAL;
+ALTER TABLE tasks ADD COLUMN last_progress REAL;
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_1, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, SCHEMA_6]
 
 # -- statements -----------------------------------------------------------------------------
 
@@ -198,9 +210,12 @@ WHERE id = ? AND state = 'waiting'
 # earlier run).
 _RUN_ENDS = "id = ? AND (state = 'active' AND run = ? OR state = 'waiting' AND run < ?)"
 FINISH_TASK = f"""
-UPDATE tasks SET state = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?
+UPDATE tasks SET state = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?,
+    last_client = ?, last_node = ?, last_offered = ?, last_started = ?, last_ended = ?,
+    last_progress = ?
 WHERE {_RUN_ENDS}
 """
+_NO_LAST = (None,) * 6  # FINISH_TASK's last_* of an update that carries no attempt
 UPDATE_FROM_ACTIVE = f"""
 UPDATE tasks
 SET state = ?, seq = ?, progress = ?, retries = ?, error = ?, run = ?, worker = ?, updated = ?,
@@ -225,7 +240,16 @@ ON CONFLICT (task, run) DO UPDATE SET
 """
 PRUNE_ATTEMPTS = "DELETE FROM attempts WHERE task = ? AND run <= ?"
 DELETE_ATTEMPTS = "DELETE FROM attempts WHERE task = ?"
-GET_ATTEMPTS = f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE task = ? ORDER BY run"
+# A task's attempts: those recorded apart, then the record its row holds of its completed
+# last run, if any (Update.attempt; "last" tells them apart). One statement, one snapshot.
+GET_ATTEMPTS = f"""
+SELECT false AS last, {ATTEMPT_COLUMNS} FROM attempts WHERE task = ?
+UNION ALL
+SELECT true, id, run, worker, last_client, last_node, last_offered, last_started, last_ended,
+    'completed', NULL, last_progress
+FROM tasks WHERE id = ? AND last_ended IS NOT NULL
+ORDER BY last, run
+"""
 # The payload (data, inline streams) only if it fits in the first parameter's bytes;
 # else data is NULL and streams lists the blob refs alone (Task.strip). length() of a
 # BLOB reads no overflow page, so a stripped row costs little however big its data.
@@ -455,7 +479,8 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         return bool(conn.execute(START_TASK, start).rowcount == 1)
     if op.expected is State.ACTIVE and task.state in _FINISHED:
         finish = (task.state.value, task.progress, task.retries, task.error, task.run)
-        ends = (task.worker, task.updated, task.id, task.run, task.run)
+        last = _NO_LAST if op.attempt is None else _last_params(op.attempt)
+        ends = (task.worker, task.updated, *last, task.id, task.run, task.run)
         return bool(conn.execute(FINISH_TASK, (*finish, *ends)).rowcount == 1)
     fields = (
         State(task.state).value,
@@ -539,6 +564,18 @@ def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
         attempt.ended,
         outcome,
         attempt.error,
+        attempt.progress,
+    )
+
+
+def _last_params(attempt: Attempt) -> tuple[Any, ...]:
+    """A completed run's record as FINISH_TASK's last_* parameters (:class:`Update`)."""
+    return (
+        attempt.client,
+        attempt.node,
+        attempt.offered,
+        attempt.started,
+        attempt.ended,
         attempt.progress,
     )
 
@@ -996,7 +1033,7 @@ class SqliteStateStore(StateStore):
         if closed."""
 
         def query(conn: sqlite3.Connection) -> builtins.list[Attempt]:
-            return [_attempt_from_row(row) for row in conn.execute(GET_ATTEMPTS, (task_id,))]
+            return with_last(conn.execute(GET_ATTEMPTS, (task_id, task_id)), _attempt_from_row)
 
         return await self._read(query)
 
