@@ -176,7 +176,6 @@ EXPECTED_INDEXES = {
         "CREATE INDEX wsq_tasks_queue_state_seq ON {s}.wsq_tasks USING btree (queue, state, seq)",
     ),
     ("wsq_tasks", "CREATE INDEX wsq_tasks_state_seq ON {s}.wsq_tasks USING btree (state, seq)"),
-    ("wsq_tasks", "CREATE INDEX wsq_tasks_seq ON {s}.wsq_tasks USING btree (seq)"),
     (
         "wsq_attempts",
         "CREATE UNIQUE INDEX wsq_attempts_pkey ON {s}.wsq_attempts USING btree (task, run)",
@@ -870,6 +869,39 @@ async def test_writes_probe_by_key_however_stale_the_statistics(
         or not set(re.findall(r"Index (?:Only )?Scan (?:using|on) (\w+)", plan)) <= KEY_INDEXES
     }
     assert not scanning, "\n\n".join(f"{kind}:\n{plan}" for kind, plan in scanning.items())
+
+
+async def test_listings_across_queues_and_the_next_seq_read_ranges_of_state_and_seq(
+    pg_schema: Schema, pg_store: PostgresStateStore
+) -> None:
+    """No index on seq alone (migration 13: every write would keep it up to date): a
+    listing of every queue and state merges four range scans of (state, seq), and the
+    next seq at start-up reads the end of each, however many tasks there are."""
+    await pg_schema.execute(
+        "INSERT INTO wsq_tasks (id, queue, state, seq, data, opt_timeout, opt_retries,"
+        " opt_autoremove, progress, retries, run, created, updated)"
+        " SELECT 't' || n, 'q' || (n % 50), (ARRAY['waiting', 'active', 'completed',"
+        " 'failed'])[n % 4 + 1], n, '\\x7b7d', -1, 0, false, 0, 0, 0, 0, 0"
+        " FROM generate_series(1, 20000) AS n; ANALYZE wsq_tasks"
+    )
+    conn = await pg_store._connect()
+    try:
+        for sql, params in (
+            (postgres.LIST_TASKS, "(-1, 100)"),
+            (postgres.LIST_TASKS, "(19000, 100)"),
+            (postgres.LIST_TASKS, "(-1, 100000)"),
+            (postgres.GET_NEXT_SEQ, ""),
+        ):
+            await conn.execute(f"PREPARE q AS {sql}")
+            plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE q{params}"))
+            await conn.execute("DEALLOCATE q")
+            assert "Seq Scan" not in plan and "Sort  (" not in plan, plan  # no Sort node
+            assert "wsq_tasks_state_seq" in plan, plan
+        assert await conn.fetchval(postgres.GET_NEXT_SEQ) == 20001
+        listed = await conn.fetch(postgres.LIST_TASKS, 19990, 100)
+        assert [row["seq"] for row in listed] == list(range(19991, 20001))
+    finally:
+        await conn.close()
 
 
 async def _write_plans(pg_store: PostgresStateStore) -> dict[str, str]:

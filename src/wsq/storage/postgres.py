@@ -278,7 +278,17 @@ GET_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = ANY($1::text[])"
 # Listings show no payloads (Task.to_json): they read none, so that a page of large tasks
 # costs what a page of small ones does.
 LISTED_COLUMNS = TASK_COLUMNS.replace("data, streams,", "NULL, NULL,")
-LIST_TASKS = f"SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE seq > $1 ORDER BY seq LIMIT $2"
+# Every queue's first tasks by seq: the first of each state, merged (a Merge Append of
+# four range scans of (state, seq)), so that no index on seq alone is kept up to date
+# by every write (migration 13).
+_IN_STATE = (
+    f"(SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE state = '{{state}}'"
+    " AND seq > $1 ORDER BY seq LIMIT $2)"
+)
+LIST_TASKS = (
+    " UNION ALL ".join(_IN_STATE.format(state=state.value) for state in State)
+    + " ORDER BY seq LIMIT $2"
+)
 LIST_TASKS_IN_STATE = (
     f"SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE state = $3 AND seq > $1 ORDER BY seq LIMIT $2"
 )
@@ -329,7 +339,14 @@ WHERE queue IS NOT NULL
   AND EXISTS (SELECT 1 FROM wsq_tasks t WHERE t.queue = names.queue AND t.state = 'waiting')
 ORDER BY queue"""
 )
-GET_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM wsq_tasks"
+# The last seq of each state, from the end of its range of (state, seq).
+GET_NEXT_SEQ = (
+    "SELECT coalesce(max(last), 0) + 1 FROM ("
+    + " UNION ALL ".join(
+        f"SELECT max(seq) AS last FROM wsq_tasks WHERE state = '{state.value}'" for state in State
+    )
+    + ") AS s"
+)
 GET_COUNTS = (
     "SELECT queue, state, sum(n)::bigint FROM wsq_counts GROUP BY queue, state HAVING sum(n) <> 0"
 )
