@@ -18,7 +18,11 @@ the schema holds N completed tasks, each with its attempt, before the run, and
 PostgreSQL's statistics were taken while it was empty (as for a history that grew since
 the last ``ANALYZE``). ``--concurrency C``: the draining worker's (default 100). With
 ``--database`` on this machine, the CPU time of the server's PostgreSQL sessions per add
-and per task drained is reported too (``postgres_cpu_us_per_*``, from /proc).
+and per task drained is reported too (``postgres_cpu_us_per_*``, from /proc). Each run
+reports the CPU time of the server (from /proc), of the one-by-one producer per add and
+of the draining worker per task (``producer_cpu_us_per_add``, ``worker_cpu_us_per_task``:
+each process's own ``time.process_time()`` over its timed part), so that the share of
+the two cores each process takes is known.
 """
 
 from __future__ import annotations
@@ -64,10 +68,10 @@ async def produce(url: str, count: int, queue_name: str = "bench") -> dict[str, 
             async with limit:
                 await queue.add(n)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(n) for n in range(count)))
-        elapsed = time.perf_counter() - start
-    return {"enqueue_per_s": count / elapsed}
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"enqueue_per_s": count / elapsed, "producer_cpu_us_per_add": cpu / count * 1e6}
 
 
 async def produce_bulk(url: str, count: int) -> dict[str, Any]:
@@ -97,12 +101,12 @@ async def drain(url: str, count: int, queue_name: str = "bench") -> dict[str, An
             finished.set()
 
     async with wsq.Client(url) as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         worker = client.queue(queue_name).process(handler, concurrency=concurrency)
         await asyncio.wait_for(finished.wait(), 600)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         await worker.stop()
-    return {"e2e_per_s": count / elapsed}
+    return {"e2e_per_s": count / elapsed, "worker_cpu_us_per_task": cpu / count * 1e6}
 
 
 async def latency_worker(url: str, count: int) -> dict[str, Any]:
@@ -285,6 +289,8 @@ def main() -> None:
         "e2e_per_s": median([r["e2e_per_s"] for r in rounds]),
         "server_cpu_us_per_add": median([r["server_cpu_us_per_add"] for r in rounds]),
         "server_cpu_us_per_task": median([r["server_cpu_us_per_task"] for r in rounds]),
+        "producer_cpu_us_per_add": median([r["producer_cpu_us_per_add"] for r in rounds]),
+        "worker_cpu_us_per_task": median([r["worker_cpu_us_per_task"] for r in rounds]),
         **{
             key: median([r[key] for r in rounds])
             for key in ("postgres_cpu_us_per_add", "postgres_cpu_us_per_task")
