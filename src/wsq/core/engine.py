@@ -646,7 +646,10 @@ class Core:
             released = task.copy()
             released.not_before = 0.0
             effects.append(Write(Update(released, expected=State.WAITING)))
-        effects += self._event("task added", task) + self._event("task queued", task)
+        if self.observed(task.queue):  # one snapshot for both: events are read-only
+            snapshot = (task.to_json(),)
+            effects.append(Emit("task added", task.queue, snapshot))
+            effects.append(Emit("task queued", task.queue, snapshot))
         queue = self._queue(task.queue)
         reserved = self._reserved.pop(task.seq, None)
         if reserved is not None:
