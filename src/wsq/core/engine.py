@@ -99,9 +99,10 @@ class _Ending:
     run: int
     worker: str | None
     mark: int  # Core._ends when it ended
-    # The end's writes (its Update and its attempt record) of each run of the task that
-    # ended since the writes were last known stored, to write again if a later run is
-    # kept and these were not stored (Core._unstarted_ends).
+    # The end's writes (its Update, which carries a completion's attempt record, and any
+    # other end's RecordAttempt) of each run of the task that ended since the writes were
+    # last known stored, to write again if a later run is kept and these were not stored
+    # (Core._unstarted_ends).
     writes: list[Update | RecordAttempt] = field(default_factory=list)
 
 

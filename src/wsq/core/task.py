@@ -23,7 +23,7 @@ class State(enum.StrEnum):
 
 
 # Each state's text: ``State.value`` goes through enum's descriptor, several times slower
-# than a dict lookup, and every event snapshot (Task.to_json) reads it.
+# than a dict lookup, and every event snapshot (Task.to_json) and stored row reads it.
 STATE_TEXT: dict[State, str] = {state: state.value for state in State}
 
 TRANSITIONS: dict[State, frozenset[State]] = {

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import asyncpg
 import msgspec
 
-from wsq.core.task import State, Task
+from wsq.core.task import STATE_TEXT, State, Task
 from wsq.exceptions import ServerError, Unavailable, UploadFailed
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
@@ -278,17 +278,22 @@ GET_TASKS = f"SELECT {TASK_COLUMNS} FROM wsq_tasks WHERE id = ANY($1::text[])"
 # Listings show no payloads (Task.to_json): they read none, so that a page of large tasks
 # costs what a page of small ones does.
 LISTED_COLUMNS = TASK_COLUMNS.replace("data, streams,", "NULL, NULL,")
-# Every queue's first tasks by seq: the first of each state, merged (a Merge Append of
-# four range scans of (state, seq)), so that no index on seq alone is kept up to date
-# by every write (migration 13).
-_IN_STATE = (
-    f"(SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE state = '{{state}}'"
-    " AND seq > $1 ORDER BY seq LIMIT $2)"
-)
-LIST_TASKS = (
-    " UNION ALL ".join(_IN_STATE.format(state=state.value) for state in State)
-    + " ORDER BY seq LIMIT $2"
-)
+
+
+def _merged_by_state(where: str) -> str:
+    """The first tasks by seq of those matching ``where`` (an SQL condition and ``AND``,
+    or nothing): the first of each state, merged (a Merge Append of four index range
+    scans) rather than a sort of every match."""
+    first = (
+        f"(SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE {where}state = '{{state}}'"
+        " AND seq > $1 ORDER BY seq LIMIT $2)"
+    )
+    return " UNION ALL ".join(first.format(state=s.value) for s in State) + " ORDER BY seq LIMIT $2"
+
+
+# Every queue's, from (state, seq): no index on seq alone is kept up to date by every
+# write (migration 13).
+LIST_TASKS = _merged_by_state("")
 LIST_TASKS_IN_STATE = (
     f"SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE state = $3 AND seq > $1 ORDER BY seq LIMIT $2"
 )
@@ -297,16 +302,7 @@ SELECT {LISTED_COLUMNS} FROM wsq_tasks
 WHERE queue = $3 AND state = $4 AND seq > $1
 ORDER BY seq LIMIT $2
 """
-# A queue's first tasks by seq: the first of each state, merged (a Merge Append of four
-# index range scans) rather than a sort of the whole queue.
-_OF_STATE = (
-    f"(SELECT {LISTED_COLUMNS} FROM wsq_tasks WHERE queue = $3 AND state = '{{state}}'"
-    " AND seq > $1 ORDER BY seq LIMIT $2)"
-)
-LIST_TASKS_OF_QUEUE = (
-    " UNION ALL ".join(_OF_STATE.format(state=state.value) for state in State)
-    + " ORDER BY seq LIMIT $2"
-)
+LIST_TASKS_OF_QUEUE = _merged_by_state("queue = $3 AND ")  # from (queue, state, seq)
 GET_BLOB_KEYS = "SELECT key FROM wsq_blobs WHERE NOT swept"
 ATTEMPT_COLUMNS = (
     "task, run, worker, client, node, offered, started, ended, outcome, error, progress"
@@ -702,7 +698,6 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
 # -- rows -----------------------------------------------------------------------------------
 
 _encode_json = msgspec.json.Encoder().encode
-_VALUES = {state: state.value for state in State}  # faster than .value on a hot path
 _FINISHED = (State.COMPLETED, State.FAILED)
 
 
@@ -726,7 +721,7 @@ def _insert_row(task: Task) -> tuple[Any, ...]:
     return (
         task.id,
         task.queue,
-        _VALUES[task.state],
+        STATE_TEXT[task.state],
         task.seq,
         task.data,
         streams,
@@ -886,7 +881,7 @@ def _write(op: Op) -> tuple[str, str, tuple[Any, ...]]:
             if expected is State.WAITING and task.state is State.ACTIVE:
                 return "start", task.id, (task.id, task.run, task.worker, task.updated)
             if expected is State.ACTIVE and task.state in _FINISHED:
-                finish = (_VALUES[task.state], task.progress, task.retries, _text(task.error))
+                finish = (STATE_TEXT[task.state], task.progress, task.retries, _text(task.error))
                 last = _NO_LAST if attempt is None else _last_row(attempt)
                 return "finish", task.id, (task.id, *finish, task.updated, task.run, *last)
             return "update", task.id, _update_row(task, State(expected))

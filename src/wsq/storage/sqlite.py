@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from wsq.core.task import State, Task
+from wsq.core.task import STATE_TEXT, State, Task
 from wsq.exceptions import ServerError, Unavailable
 from wsq.storage.base import (
     KEPT_ATTEMPTS,
@@ -340,7 +340,7 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     return (
         task.id,
         task.queue,
-        task.state.value,
+        STATE_TEXT[task.state],
         task.seq,
         task.data,
         streams,
@@ -478,7 +478,7 @@ def _update(conn: sqlite3.Connection, op: Update) -> bool:
         start = (task.run, task.worker, task.updated, task.id)
         return bool(conn.execute(START_TASK, start).rowcount == 1)
     if op.expected is State.ACTIVE and task.state in _FINISHED:
-        finish = (task.state.value, task.progress, task.retries, task.error, task.run)
+        finish = (STATE_TEXT[task.state], task.progress, task.retries, task.error, task.run)
         last = _NO_LAST if op.attempt is None else _last_params(op.attempt)
         ends = (task.worker, task.updated, *last, task.id, task.run, task.run)
         return bool(conn.execute(FINISH_TASK, (*finish, *ends)).rowcount == 1)
