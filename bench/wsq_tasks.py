@@ -80,11 +80,14 @@ async def produce_bulk(url: str, count: int) -> dict[str, Any]:
 
     async with wsq.Client(url) as client:
         queue = client.queue("bench-bulk")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for first in range(0, count, BULK):
             await queue.add_many(range(first, min(first + BULK, count)))
-        elapsed = time.perf_counter() - start
-    return {"enqueue_bulk_per_s": count / elapsed}
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {
+        "enqueue_bulk_per_s": count / elapsed,
+        "producer_cpu_us_per_bulk_add": cpu / count * 1e6,
+    }
 
 
 async def drain(url: str, count: int, queue_name: str = "bench") -> dict[str, Any]:
@@ -224,14 +227,18 @@ def throughput_run(count: int) -> dict[str, Any]:
         drained = run_child("drain", url, count)
         after = cpu_seconds(server_proc.pid), _postgres_cpu()
         bulk = run_child("produce-bulk", url, count)
+        last = cpu_seconds(server_proc.pid), _postgres_cpu()
     cpu = {
         "server_cpu_us_per_add": (middle[0] - before[0]) / count * 1e6,
         "server_cpu_us_per_task": (after[0] - middle[0]) / count * 1e6,
+        "server_cpu_us_per_bulk_add": (last[0] - after[0]) / count * 1e6,
     }
-    pg_before, pg_middle, pg_after = before[1], middle[1], after[1]
-    if pg_before is not None and pg_middle is not None and pg_after is not None:
+    pg = before[1], middle[1], after[1], last[1]
+    if all(point is not None for point in pg):
+        pg_before, pg_middle, pg_after, pg_last = pg
         cpu["postgres_cpu_us_per_add"] = (pg_middle - pg_before) / count * 1e6
         cpu["postgres_cpu_us_per_task"] = (pg_after - pg_middle) / count * 1e6
+        cpu["postgres_cpu_us_per_bulk_add"] = (pg_last - pg_after) / count * 1e6
     return produced | drained | bulk | cpu
 
 
@@ -291,9 +298,15 @@ def main() -> None:
         "server_cpu_us_per_task": median([r["server_cpu_us_per_task"] for r in rounds]),
         "producer_cpu_us_per_add": median([r["producer_cpu_us_per_add"] for r in rounds]),
         "worker_cpu_us_per_task": median([r["worker_cpu_us_per_task"] for r in rounds]),
+        "server_cpu_us_per_bulk_add": median([r["server_cpu_us_per_bulk_add"] for r in rounds]),
+        "producer_cpu_us_per_bulk_add": median([r["producer_cpu_us_per_bulk_add"] for r in rounds]),
         **{
             key: median([r[key] for r in rounds])
-            for key in ("postgres_cpu_us_per_add", "postgres_cpu_us_per_task")
+            for key in (
+                "postgres_cpu_us_per_add",
+                "postgres_cpu_us_per_task",
+                "postgres_cpu_us_per_bulk_add",
+            )
             if all(key in r for r in rounds)
         },
         "config": f"enqueue: pipelined add(), {IN_FLIGHT} in flight (bulk: add_many of"

@@ -882,6 +882,70 @@ async def test_a_failing_submit_stores_no_completed_run_s_attempt(store: StateSt
     assert (await store.get("a")) == started
 
 
+def _one_odd(n: int, same: Any, odd: Any) -> Any:
+    """``odd`` for the last of four rows, ``same`` for the others."""
+    return odd if n == 3 else same
+
+
+async def test_each_row_of_a_batch_keeps_its_own_values(store: StateStore) -> None:
+    # Batches of every kind of write where a field holds one value in every row (a
+    # value away from its default, or NULL), in all rows but one, or NULL in some: each
+    # row is stored with its own values (the PostgreSQL store sends a column that is
+    # the same in every row of a batch as one value).
+    def unheld(task: Task | None) -> Task | None:
+        return None if task is None else replace(task, not_before=0.0)
+
+    inline = (StreamRef(path=("x",), size=1, inline=b"z"),)
+    new = [
+        Task(f"t{n}", "q", State.WAITING, n + 1, _one_odd(n, b"{}", b"[]"),
+             _one_odd(n, (), inline), Options(timeout=5.0, retries=_one_odd(n, 2, 0)),
+             created=10.0, updated=_one_odd(n, 10.0, 11.0), owner=_one_odd(n, None, "alice"),
+             not_before=_one_odd(n, 50.0, 0.0))
+        for n in range(4)
+    ]  # fmt: skip
+    await insert(store, *new)
+    for task in new:
+        assert unheld(await store.get(task.id)) == unheld(task)
+    [claimed] = await store.submit([ClaimWaiting("q", ("w",) * 4, now=20.0)])
+    assert [t.id for t in claimed] == ["t3"]  # the others are held until 50
+    started = [replace(t, state=State.ACTIVE, run=1, worker=_one_odd(n, "w", "v"), updated=60.0)
+               for n, t in enumerate(new[:3])]  # fmt: skip
+    assert await store.submit([Update(t, State.WAITING) for t in started]) == [True] * 3
+    progress = [SetProgress(t.id, 0.5, _one_odd(n, 61.0, 62.0)) for n, t in enumerate(started)]
+    assert await store.submit(list(progress)) == [True] * 3
+    ended = [
+        replace(t, state=_one_odd(n, State.COMPLETED, State.FAILED), progress=0.5,
+                error=_one_odd(n, None, "boom"), updated=70.0)
+        for n, t in enumerate([*started, replace(claimed[0], updated=60.0)])
+    ]  # fmt: skip
+    records = [
+        Attempt(t.id, 1, t.worker, _one_odd(n, "c", None), "node", 21.0, 22.0, 70.0,
+                _one_odd(n, AttemptOutcome.COMPLETED, AttemptOutcome.FAILED),
+                _one_odd(n, None, "boom"), 0.5)
+        for n, t in enumerate(ended)
+    ]  # fmt: skip
+    ops: list[Op] = [
+        Update(t, State.ACTIVE, r) for t, r in zip(ended[:3], records[:3], strict=True)
+    ]
+    ops += [Update(ended[3], State.ACTIVE), RecordAttempt(records[3])]
+    assert await store.submit(ops) == [True] * 5
+    for task, record in zip(ended, records, strict=True):
+        assert unheld(await store.get(task.id)) == unheld(task)
+        assert await store.attempts(task.id) == [record]
+    again = [
+        replace(t, state=State.WAITING, seq=_one_odd(n, 90 + n, 99), retries=_one_odd(n, 1, 0),
+                error=None, progress=0.0, updated=80.0)
+        for n, t in enumerate(ended)
+    ]  # fmt: skip
+    requeued: list[Op] = [Update(t, State(e.state)) for t, e in zip(again, ended, strict=True)]
+    assert await store.submit(requeued) == [True] * 4
+    for task in again:
+        assert unheld(await store.get(task.id)) == unheld(task)
+    deletes = [Delete(t.id, _one_odd(n, State.WAITING, None)) for n, t in enumerate(again)]
+    assert await store.submit(list(deletes)) == [True] * 4
+    assert [await store.get(t.id) for t in again] == [None] * 4
+
+
 async def test_an_attempt_of_a_missing_task_is_not_stored(store: StateStore) -> None:
     assert await store.submit([RecordAttempt(attempt("nope", 1))]) == [False]
     assert await store.attempts("nope") == []

@@ -212,6 +212,8 @@ async def test_add_many_keeps_order_and_is_one_answer_per_batch(client: wsq.Clie
     assert all(t.created > 0 and t.queue == "bulk" for t in tasks)
     waiting = await queue.waiting()
     assert [t.id for t in waiting] == [t.id for t in tasks]
+    # Created and updated at the "created" of their message's answer (protocol §4.3).
+    assert [(t.created, t.updated) for t in waiting] == [(t.created, t.created) for t in tasks]
     await eventually(lambda: len(added) == 2500)
     order: list[int] = []
     blobs: list[bytes] = []

@@ -112,3 +112,15 @@ def test_an_attempt_is_kept_apart_from_its_task_s_insert_or_delete() -> None:
         [("attempt", "a")],
         [("attempt", "a")],
     ]
+
+
+def test_a_column_the_same_in_every_row_is_sent_as_one_value() -> None:
+    # New tasks of one batch differ in id, seq and data alone: the other columns (state,
+    # queue, options, times...) travel once, not once per row (postgres._rows).
+    tasks = [task(f"t{n}", seq=n, data=b"%d" % n, created=5.0, updated=5.0) for n in range(3)]
+    [step] = plan([Insert(t) for t in tasks])
+    assert isinstance(step, Writes)
+    _, params = step.statement()
+    sizes = [len(column) for column in params[:19]]  # then the blob keys' two arrays
+    assert sizes == [3, 1, 1, 3, 3] + [1] * 14
+    assert params[0] == ("t0", "t1", "t2") and params[1] == ("q",)

@@ -733,7 +733,7 @@ class Connection:
     def _insert(
         self, message: p.Add, options: Options, uploads: dict[int, tuple[str, int]]
     ) -> None:
-        task = self._new_task(message.queue, message, options, uploads)
+        task = self._new_task(message.queue, message, options, uploads, time.time())
         keys = set(task.blobs)
         self._unclaimed -= keys
         self._storing += 1
@@ -761,9 +761,9 @@ class Connection:
         spec: p.Add | p.NewTask,
         options: Options,
         uploads: dict[int, tuple[str, int]],
+        now: float,
     ) -> Task:
         self._check_data_size(spec)
-        now = time.time()
         return Task(
             id=self._task_key(spec.task) if spec.task else uuid.uuid4().hex,
             queue=queue,
@@ -797,12 +797,12 @@ class Connection:
             if any(stream.upload is not None for stream in spec.streams):
                 raise InvalidArgument("add_many takes inline streams only; use add to upload.")
             _check_stream_paths(spec.data, spec.streams)
+        now = time.time()  # one time for the batch, as its answer gives (§4.3)
         tasks = [
-            self._new_task(message.queue, spec, opts, {})
+            self._new_task(message.queue, spec, opts, {}, now)
             for spec, opts in zip(message.tasks, options, strict=True)
         ]
         self._storing += 1
-        now = time.time()
         self.server.submit(
             [Insert(self.server.core.admit(task, now)) for task in tasks],
             lambda outcome: self._inserted_many(outcome, message.id, tasks),

@@ -517,26 +517,40 @@ DROP_SWEPT = "DELETE FROM wsq_blobs WHERE swept AND since < now() - interval '1 
 _MINE = "t.node IS NOT DISTINCT FROM nullif(current_setting('wsq.node', true), '')"
 
 
+def _rows(numbers: Sequence[str], types: Sequence[str], names: Sequence[str]) -> str:
+    """A FROM item of a step's rows of one kind: the element ``i`` of each array
+    parameter (``numbers``, of ``types``) in row ``i``, the columns called ``names``. An
+    array of one element stands for that value in every row (:func:`_columns`: a column
+    the same in all rows travels as one value), except the first, which sets the rows."""
+    arrays = [f"{number}::{type_}[]" for number, type_ in zip(numbers, types, strict=True)]
+    columns = [f"u.{names[0]}"] + [
+        f"CASE WHEN cardinality({array}) = 1 THEN ({array})[1] ELSE u.{name} END AS {name}"
+        for array, name in zip(arrays[1:], names[1:], strict=True)
+    ]
+    unnest = f"unnest({', '.join(arrays)}) AS u ({', '.join(names)})"
+    return f"(SELECT {', '.join(columns)} FROM {unnest})"
+
+
+# Each kind of write, as a CTE over {rows} (_rows) that returns the ids it applied to;
+# {e0}, {e1}: further array parameters of the kind, unnested as they are.
 _INSERT_CTE = (
-    "ins AS (INSERT INTO wsq_tasks ("
-    + INSERT_COLUMNS
-    + ") SELECT * FROM unnest({params}) ON CONFLICT (id) DO NOTHING RETURNING id, queue, state),"
+    "ins AS (INSERT INTO wsq_tasks (" + INSERT_COLUMNS + ") SELECT * FROM {rows} AS r"
+    " ON CONFLICT (id) DO NOTHING RETURNING id, queue, state),"
     " ins_blobs AS (INSERT INTO wsq_blobs (key, task)"
-    " SELECT b.key, b.task FROM unnest({p0}::text[], {p1}::text[]) AS b (key, task)"
+    " SELECT b.key, b.task FROM unnest({e0}::text[], {e1}::text[]) AS b (key, task)"
     " WHERE b.task IN (SELECT id FROM ins) ON CONFLICT (key) DO UPDATE SET"
     " task = excluded.task, node = NULL, instance = NULL, since = NULL"
     " WHERE wsq_blobs.task IS NULL AND NOT wsq_blobs.swept RETURNING key),"
     # A blob whose upload row was swept (its node's lease ran out: the blob is deleted):
     # the whole insert fails, so that no task references it (migration 10).
     " ins_fence AS (SELECT wsq_fail('" + SWEPT_STATE + "', 'blob ' || b.key || ' was swept')"
-    " AS x FROM unnest({p0}::text[], {p1}::text[]) AS b (key, task)"
+    " AS x FROM unnest({e0}::text[], {e1}::text[]) AS b (key, task)"
     " WHERE b.task IN (SELECT id FROM ins) AND b.key NOT IN (SELECT key FROM ins_blobs))"
 )
 _START_CTE = (
     "start AS (UPDATE wsq_tasks t SET state = 'active', run = s.run, worker = s.worker,"
     " updated = s.updated, node = nullif(current_setting('wsq.node', true), '')"
-    " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::float8[])"
-    " AS s (id, run, worker, updated)"
+    " FROM {rows} AS s"
     f" WHERE t.id = s.id AND {_state_is('t.state', 'waiting')} RETURNING t.id, t.queue)"
 )
 # A completed run's record goes in the row (Update.attempt; NULLs for any other end).
@@ -545,11 +559,7 @@ _FINISH_CTE = (
     " retries = f.retries, error = f.error, updated = f.updated, last_client = f.client,"
     " last_node = f.node, last_offered = f.offered, last_started = f.started,"
     " last_ended = f.ended, last_progress = f.last_progress"
-    " FROM unnest({p0}::text[], {p1}::text[], {p2}::float8[], {p3}::bigint[], {p4}::bytea[],"
-    " {p5}::float8[], {p6}::bigint[], {p7}::bytea[], {p8}::text[], {p9}::float8[],"
-    " {p10}::float8[], {p11}::float8[], {p12}::float8[])"
-    " AS f (id, state, progress, retries, error, updated, run, client, node, offered,"
-    " started, ended, last_progress)"
+    " FROM {rows} AS f"
     f" WHERE t.id = f.id AND {_state_is('t.state', 'active')} AND t.run = f.run AND {_MINE}"
     " RETURNING t.id, t.queue, t.state)"
 )
@@ -558,23 +568,18 @@ _UPDATE_CTE = (
     "upd AS (UPDATE wsq_tasks t SET state = u.state, seq = u.seq, progress = u.progress,"
     " retries = u.retries, error = u.error, run = u.run, worker = u.worker,"
     " updated = u.updated, not_before = u.not_before"
-    " FROM unnest({p0}::text[], {p1}::text[], {p2}::text[], {p3}::bigint[], {p4}::float8[],"
-    " {p5}::bigint[], {p6}::bytea[], {p7}::bigint[], {p8}::text[], {p9}::float8[],"
-    " {p10}::float8[])"
-    " AS u (id, expected, state, seq, progress, retries, error, run, worker, updated,"
-    " not_before)"
+    " FROM {rows} AS u"
     " WHERE t.id = u.id AND (t.state || '') = u.expected"
     f" AND (u.expected <> 'active' OR (t.run = u.run AND {_MINE}))"
     " RETURNING t.id, t.queue, u.expected, t.state)"
 )
 _PROGRESS_CTE = (
     "prog AS (UPDATE wsq_tasks t SET progress = p.progress, updated = p.updated"
-    " FROM unnest({p0}::text[], {p1}::float8[], {p2}::float8[]) AS p (id, progress, updated)"
+    " FROM {rows} AS p"
     f" WHERE t.id = p.id AND {_state_is('t.state', 'active')} AND {_MINE} RETURNING t.id)"
 )
 _DELETE_CTE = (
-    "del AS (DELETE FROM wsq_tasks t USING unnest({p0}::text[], {p1}::text[])"
-    " AS d (id, expected)"
+    "del AS (DELETE FROM wsq_tasks t USING {rows} AS d"
     " WHERE t.id = d.id AND (d.expected IS NULL OR t.state = d.expected)"
     " RETURNING t.id, t.queue, t.state),"
     " del_blobs AS (DELETE FROM wsq_blobs WHERE task IN (SELECT id FROM del)),"
@@ -583,29 +588,59 @@ _DELETE_CTE = (
 # Attempts of tasks that exist (as of the statement's snapshot: Writes.add keeps a task's
 # insert or delete out of a step that records its attempt), then the runs past the bound.
 _ATTEMPT_CTE = (
-    "att AS (INSERT INTO wsq_attempts (" + ATTEMPT_COLUMNS + ") SELECT a.*"
-    " FROM unnest({p0}::text[], {p1}::bigint[], {p2}::text[], {p3}::bytea[], {p4}::text[],"
-    " {p5}::float8[], {p6}::float8[], {p7}::float8[], {p8}::text[], {p9}::bytea[],"
-    " {p10}::float8[]) AS a (" + ATTEMPT_COLUMNS + ")"
+    "att AS (INSERT INTO wsq_attempts (" + ATTEMPT_COLUMNS + ") SELECT a.* FROM {rows} AS a"
     " WHERE EXISTS (SELECT 1 FROM wsq_tasks t WHERE t.id = a.task)"
     " ON CONFLICT (task, run) DO UPDATE SET worker = excluded.worker,"
     " client = excluded.client, node = excluded.node, offered = excluded.offered,"
     " started = excluded.started, ended = excluded.ended, outcome = excluded.outcome,"
     " error = excluded.error, progress = excluded.progress RETURNING task AS id),"
-    " att_prune AS (DELETE FROM wsq_attempts w USING unnest({p0}::text[], {p1}::bigint[])"
-    f" AS x (task, run) WHERE x.run > {KEPT_ATTEMPTS}"  # else no older run is past the bound
+    " att_prune AS (DELETE FROM wsq_attempts w USING {rows} AS x"
+    f" WHERE x.run > {KEPT_ATTEMPTS}"  # else no older run is past the bound
     f" AND w.task = x.task AND w.run <= x.run - {KEPT_ATTEMPTS})"
 )
 
-# kind: (CTE, name of the CTE returning applied ids, number of array parameters)
-_KINDS: dict[str, tuple[str, str, int]] = {
-    "insert": (_INSERT_CTE, "ins", len(INSERT_TYPES) + 2),
-    "start": (_START_CTE, "start", 4),
-    "finish": (_FINISH_CTE, "finish", 13),
-    "update": (_UPDATE_CTE, "upd", 11),
-    "progress": (_PROGRESS_CTE, "prog", 3),
-    "delete": (_DELETE_CTE, "del", 2),
-    "attempt": (_ATTEMPT_CTE, "att", 11),
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    cte: str
+    name: str  # of the CTE returning the ids applied
+    types: tuple[str, ...]  # of the rows' columns, one array parameter each
+    names: tuple[str, ...]
+    extra: int = 0  # array parameters after the rows' ({e0}, ...)
+
+
+def _kind(cte: str, name: str, columns: str, extra: int = 0) -> _Kind:
+    """A kind whose rows' columns are ``columns``: "name type, ..."."""
+    pairs = [column.split() for column in columns.split(",")]
+    return _Kind(cte, name, tuple(t for _, t in pairs), tuple(n for n, _ in pairs), extra)
+
+
+_KINDS: dict[str, _Kind] = {
+    "insert": _Kind(
+        _INSERT_CTE, "ins", INSERT_TYPES, tuple(INSERT_COLUMNS.replace(" ", "").split(",")), 2
+    ),
+    "start": _kind(_START_CTE, "start", "id text, run bigint, worker text, updated float8"),
+    "finish": _kind(
+        _FINISH_CTE,
+        "finish",
+        "id text, state text, progress float8, retries bigint, error bytea, updated float8,"
+        " run bigint, client bytea, node text, offered float8, started float8,"
+        " ended float8, last_progress float8",
+    ),
+    "update": _kind(
+        _UPDATE_CTE,
+        "upd",
+        "id text, expected text, state text, seq bigint, progress float8, retries bigint,"
+        " error bytea, run bigint, worker text, updated float8, not_before float8",
+    ),
+    "progress": _kind(_PROGRESS_CTE, "prog", "id text, progress float8, updated float8"),
+    "delete": _kind(_DELETE_CTE, "del", "id text, expected text"),
+    "attempt": _kind(
+        _ATTEMPT_CTE,
+        "att",
+        "task text, run bigint, worker text, client bytea, node text, offered float8,"
+        " started float8, ended float8, outcome text, error bytea, progress float8",
+    ),
 }
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 NOTIFIED = -1  # the kind code of the rows the notifications add to a step's result
@@ -668,17 +703,13 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
     applied = []
     next_param = 1
     for kind in kinds:
-        cte, name, count = _KINDS[kind]
+        spec = _KINDS[kind]
+        count = len(spec.types) + spec.extra
         numbers = [f"${n}" for n in range(next_param, next_param + count)]
-        named = {f"p{i}": number for i, number in enumerate(numbers)}
-        if kind == "insert":
-            columns = ", ".join(
-                f"{number}::{type_}[]" for number, type_ in zip(numbers, INSERT_TYPES, strict=False)
-            )
-            named = {"p0": numbers[-2], "p1": numbers[-1]}
-            cte = cte.replace("{params}", columns)
-        ctes.append(cte.format(**named))
-        selects.append(f"SELECT {_KIND_CODES[kind]}, id FROM {name}")
+        rows = _rows(numbers[: len(spec.types)], spec.types, spec.names)
+        extra = {f"e{i}": number for i, number in enumerate(numbers[len(spec.types) :])}
+        ctes.append(spec.cte.format(rows=rows, **extra))
+        selects.append(f"SELECT {_KIND_CODES[kind]}, id FROM {spec.name}")
         applied.append(selects[-1])
         if kind == "insert":  # never a row: evaluated so that it may raise
             selects.append(f"SELECT {NOTIFIED}, NULL FROM ins_fence WHERE x IS NULL")
@@ -696,6 +727,14 @@ def write_statement(kinds: tuple[str, ...], notify: bool = False) -> str:
 
 
 # -- rows -----------------------------------------------------------------------------------
+
+
+def _column(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A column of a step's rows as its array parameter: one element if every row holds
+    the same value (_rows), which spares encoding and decoding it once per row (all but
+    the task ids and a few more columns, in a batch of new tasks)."""
+    return values[:1] if values.count(values[0]) == len(values) else values
+
 
 _encode_json = msgspec.json.Encoder().encode
 _FINISHED = (State.COMPLETED, State.FAILED)
@@ -840,7 +879,7 @@ class Writes:
         kinds = tuple(kind for kind in _KINDS if kind in self.rows)
         params: list[Any] = []
         for kind in kinds:
-            params.extend(zip(*self.rows[kind], strict=True))
+            params.extend(map(_column, zip(*self.rows[kind], strict=True)))
             if kind == "insert":
                 params.append([key for key, _ in self.blobs])
                 params.append([task for _, task in self.blobs])
