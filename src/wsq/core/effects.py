@@ -3,14 +3,14 @@ these in order (docs/architecture.md, "Applying effects")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from wsq.core.ops import ClaimWaiting, Op
 from wsq.core.task import Task
+from wsq.core.values import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Write:
     """Submit ``op`` to the state store. Every send that follows it in the same list, or in
     a later one, must wait until it is durable."""
@@ -18,7 +18,7 @@ class Write:
     op: Op
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Load:
     """Read the first ``limit`` waiting tasks of ``queue`` through the store's ordered pipe
     and hand them to :meth:`Core.loaded`, each with its payload only if that is at most
@@ -29,7 +29,7 @@ class Load:
     max_payload: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Claim:
     """Submit ``op`` through the store's ordered pipe (a shared store: dispatch claims
     tasks there instead of taking them from a window) and hand its result, or ``None`` if
@@ -38,7 +38,7 @@ class Claim:
     op: ClaimWaiting
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Offer:
     """Send these runs (snapshots of active tasks) to ``worker`` on ``connection``. A
     snapshot whose ``data`` is ``None`` needs its payload read from the store first; a
@@ -49,7 +49,7 @@ class Offer:
     tasks: tuple[Task, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Abort:
     """Tell ``worker`` on ``connection`` to stop run ``run`` of ``task``."""
 
@@ -60,7 +60,7 @@ class Abort:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Emit:
     """Send event ``event`` with JSON-ready ``args`` to the listeners of ``queue``.
     ``tells``: the write (an op of a :class:`Write` before it in the same list) whose
@@ -74,7 +74,7 @@ class Emit:
     tells: Op | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DeleteBlobs:
     """Delete these blobs, once the writes before this effect are durable."""
 

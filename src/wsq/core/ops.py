@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsq.core.task import State, Task
+from wsq.core.values import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Insert:
     """Insert a new task (and record its blobs). Result: ``True``, or ``False`` if a task
     with that id already exists (nothing is written then)."""
@@ -20,7 +21,7 @@ class Insert:
     task: Task
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Update:
     """Overwrite the task's mutable fields (state, seq, progress, retries, error, run,
     worker, updated, not_before) if its stored state is ``expected`` and, when that is
@@ -42,7 +43,7 @@ class Update:
     attempt: Attempt | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SetProgress:
     """Set ``progress`` and ``updated`` of an active task. Result: whether it applied."""
 
@@ -51,7 +52,7 @@ class SetProgress:
     updated: float
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Delete:
     """Delete the task and its blob records, if its stored state is ``expected`` (any
     state when ``None``). Result: whether a task was deleted."""
@@ -60,7 +61,7 @@ class Delete:
     expected: State | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LoadWaiting:
     """Read the first ``limit`` waiting tasks of ``queue`` in ``seq`` order, as of this
     point in the pipe. Result: ``list[Task]``, each with its payload (data and inline
@@ -72,7 +73,7 @@ class LoadWaiting:
     max_payload: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ClaimWaiting:
     """Claim the oldest waiting tasks of ``queue`` that are due (``not_before <= now``),
     one per entry of ``workers``: the i-th claimed, in ``seq`` order, becomes active as
@@ -106,7 +107,7 @@ def claims_may_pass(op: object) -> bool:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AdoptRuns:
     """Make the active runs ``runs`` (task id, run) this node's, those of a worker in
     ``workers`` (a worker that moved here from another node reports for them). Result:
@@ -119,7 +120,7 @@ class AdoptRuns:
     workers: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class HeldRuns:
     """Read the active runs this node holds, as of this point in the pipe (it sees every
     write submitted before it): a shared store's active tasks whose node is this one; a
@@ -127,14 +128,14 @@ class HeldRuns:
     payload (:meth:`Task.strip`), in ``seq`` order."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CountTasks:
     """Read the stored tasks per queue and state, as of this point in the pipe (every
     write submitted before it is in). Result: ``dict[tuple[str, State], int]``, without
     zeros (a shared store: every node's tasks)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReadTasks:
     """Read the stored records of the tasks ``ids``, whatever their state, as of this
     point in the pipe (every write submitted before it is in). Result: ``list[Task]``,
@@ -145,7 +146,7 @@ class ReadTasks:
     ids: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Publish:
     """Send records (JSON texts, each under :data:`RECORD_MAX` bytes) to the other
     servers that share the store, once the batch holding this op commits, in commit
@@ -163,7 +164,7 @@ class Publish:
     tail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class WorkerRow:
     """A worker registered on a node, as a shared store keeps it for the other nodes'
     listings (``stats``, ``workers``). ``key`` is the core's key (unique in its node),
@@ -183,7 +184,7 @@ class WorkerRow:
     runs: tuple[tuple[str, int, float], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class PutWorker:
     """Record ``worker`` as registered on its node (replacing a row of the same node and
     key). Result: ``None``. A store no other server shares keeps nothing: its one core
@@ -192,7 +193,7 @@ class PutWorker:
     worker: WorkerRow
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DropWorkers:
     """Forget the rows of ``node``'s workers ``keys`` (``None``: all of that node's).
     Result: ``None``. A store no other server shares has none."""
@@ -224,7 +225,7 @@ class AttemptOutcome(enum.StrEnum):
     RELEASED = "released"  # declined by its worker before it started
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Attempt:
     """One run of a task: who held it, when, and how it ended. ``offered`` and ``started``
     are ``None`` when unknown (a run recovered after a restart has neither; one never
@@ -261,7 +262,7 @@ class Attempt:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class RecordAttempt:
     """Store ``attempt`` (which has ended) if its task exists, replacing a record of the
     same run; then drop that task's records of runs older than the newest

@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsq.core.values import value
 from wsq.exceptions import InvalidState
 
 
@@ -42,7 +43,7 @@ def check_transition(task_id: str, current: State, target: State) -> None:
         raise InvalidState(f"Task {task_id} is {current.value}; it cannot become {target.value}.")
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Options:
     """Per-task options. ``timeout`` is seconds (-1 disables); ``retries`` -1 is forever."""
 
@@ -54,7 +55,7 @@ class Options:
         return {"timeout": self.timeout, "retries": self.retries, "autoremove": self.autoremove}
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StreamRef:
     """Where a stream sits in the task data and what holds its bytes.
 
