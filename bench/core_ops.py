@@ -7,9 +7,10 @@ task goes through what the server asks of the core for it: ``admit`` and ``add``
 insert is made, then durable), the offer made at the end of a loop turn (``flush``),
 ``ack`` and ``complete`` (each as a worker's batched report would be applied, one call
 per run), and the end of the turn after the completions; the writes are declared durable
-once per turn (``writes_durable``), as the server does per batch. Tasks are added a
-window's worth at a time (1,000: no load from a store is needed), the worker drains
-them, and so on, N tasks in all. Two modes: a store of one server (SQLite's, ``own``)
+once per turn (``writes_durable``), as the server does per batch, and the core is asked
+for its next deadline (``next_deadline``), as the server does at the end of a turn.
+Tasks are added a window's worth at a time (1,000: no load from a store is needed), the
+worker drains them, and so on, N tasks in all. Two modes: a store of one server (SQLite's, ``own``)
 and a shared store (PostgreSQL's, ``shared``: each turn's offers come from a
 ``ClaimWaiting`` that this bench answers as the store would). Reported:
 ``time.process_time()`` per task, the median of R rounds, each on a fresh core, after
@@ -81,6 +82,7 @@ def one_round(count: int, shared: bool) -> float:
             for task_id, run in runs:
                 effects += core.complete(task_id, run, now)
             core.writes_durable(core.ends_made())
+            core.next_deadline()  # as the server asks at the end of each turn
             left -= len(runs)
             assert runs, "the worker got nothing to do"
         done += chunk

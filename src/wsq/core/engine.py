@@ -1137,8 +1137,13 @@ class Core:
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` should next be called, or ``None`` if nothing is timed."""
-        while self._deadlines and not self._is_live(self._deadlines[0]):
-            heapq.heappop(self._deadlines)
+        deadlines, runs = self._deadlines, self._runs
+        while deadlines:  # _is_live, inlined: a run's end leaves its entry here
+            deadline, task_id, run = deadlines[0]
+            current = runs.get(task_id)
+            if current is not None and current.task.run == run and current.deadline == deadline:
+                break
+            heapq.heappop(deadlines)
         while self._delays and not self._is_delayed(self._delays[0]):
             heapq.heappop(self._delays)
         times = [heap[0][0] for heap in (self._deadlines, self._delays) if heap]
@@ -1691,7 +1696,8 @@ class Core:
             self._freed.clear()
         if self.defer_dispatch:
             self._dirty[queue.name] = None
-            self._dirty.update(dict.fromkeys(freed))
+            if freed:
+                self._dirty.update(dict.fromkeys(freed))
             return []
         effects = self._dispatch(queue, now)
         for name in freed:
@@ -1741,6 +1747,9 @@ class Core:
         store made them active runs of the worker already (:meth:`claimed`)."""
         effects: list[Effect] = []
         snapshots: list[Task] = []
+        held = self._by_worker.get(worker.id)
+        if held is None:
+            held = self._by_worker[worker.id] = set()
         for task in tasks:
             if not claimed:
                 self._move(task.queue, State.WAITING, State.ACTIVE)
@@ -1753,7 +1762,7 @@ class Core:
                 task.updated = now
             current = _Run(task, acked=False, deadline=None, offered=now, born=self._generation)
             self._runs[task.id] = current
-            self._by_worker.setdefault(worker.id, set()).add(task.id)
+            held.add(task.id)
             self._arm(current, now)
             snapshot = task.copy()
             task.strip()  # the offer carries the payload; the run needs none
