@@ -98,13 +98,13 @@ def claims_may_pass(op: object) -> bool:
     :class:`Update` from ``active`` to ``completed`` or ``failed``), a progress and an
     attempt record: the writes that free a worker's slot and are followed by the claim
     that fills it (docs/architecture.md, "Claims go first")."""
-    if isinstance(op, SetProgress | RecordAttempt):
-        return True
-    return (
-        isinstance(op, Update)
-        and op.expected is State.ACTIVE
-        and op.task.state in (State.COMPLETED, State.FAILED)
-    )
+    # Exact types (these classes have none of their own), quicker to test than isinstance.
+    if type(op) is Update:
+        return op.expected is State.ACTIVE and op.task.state in _ENDED
+    return type(op) is SetProgress or type(op) is RecordAttempt
+
+
+_ENDED = frozenset((State.COMPLETED, State.FAILED))
 
 
 @value

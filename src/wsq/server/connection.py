@@ -1223,10 +1223,14 @@ class Connection:
     def _ack(self, message: p.Ack) -> None:
         now = time.time()
         core = self.server.core
-        for ref in message.runs:
-            with contextlib.suppress(WsqError):
+        effects: list[Effect] = []
+        for ref in message.runs:  # one apply for them all, as _each_run_now
+            try:
                 self._require_work_on(ref.task, ref.run)
-                self.server.apply(core.ack(ref.task, ref.run, now))
+                effects += core.ack(ref.task, ref.run, now)
+            except WsqError:
+                continue
+        self.server.apply(effects)
         self.answer(message.id)
 
     def _on_progress(self, message: p.Progress) -> None:
