@@ -1002,31 +1002,8 @@ def plan(ops: Sequence[Op]) -> list[Step]:
     located: list[tuple[int, str, str] | None] = []
     for op in ops:
         located.append(None)
-        if isinstance(
-            op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks | ReadTasks
-        ):
-            steps.append(op)
-            writes = None
-            continue
-        if isinstance(op, PutWorker):
-            last = steps[-1] if steps else None
-            if isinstance(last, WorkerWrites) and last.drop is None:
-                last.puts.append(op.worker)
-            else:
-                steps.append(WorkerWrites([op.worker]))
-            writes = None
-            continue
-        if isinstance(op, DropWorkers):
-            steps.append(WorkerWrites(drop=op))
-            writes = None
-            continue
-        if isinstance(op, Publish):
-            # Sent at commit whichever statement sends it: it joins the current step.
-            if writes is None:
-                writes = Writes()
-                steps.append(writes)
-            writes.publish(op, located, len(steps) - 1)
-            writes.slots.append(("publish", ""))
+        if type(op) not in _WRITE_OPS:
+            writes = _plan_other(op, steps, writes, located)
             continue
         kind, task_id, row = _write(op)
         if writes is None or not writes.add(kind, task_id, row):
@@ -1037,6 +1014,39 @@ def plan(ops: Sequence[Op]) -> list[Step]:
         if kind == "insert" and isinstance(op, Insert) and op.task.streams:
             writes.blobs.extend((key, task_id) for key in op.task.blobs)
     return steps
+
+
+# The ops that are writes of a step (Writes), most of a batch: told apart by exact type
+# (these classes have none of their own), quicker than a chain of isinstance.
+_WRITE_OPS = frozenset((Insert, Update, SetProgress, Delete, RecordAttempt))
+
+
+def _plan_other(
+    op: Op, steps: list[Step], writes: Writes | None, located: list[tuple[int, str, str] | None]
+) -> Writes | None:
+    """Plan ``op``, no write (:func:`plan`); return the step of writes open after it."""
+    if isinstance(op, LoadWaiting | ClaimWaiting | AdoptRuns | HeldRuns | CountTasks | ReadTasks):
+        steps.append(op)
+        return None
+    if isinstance(op, PutWorker):
+        last = steps[-1] if steps else None
+        if isinstance(last, WorkerWrites) and last.drop is None:
+            last.puts.append(op.worker)
+        else:
+            steps.append(WorkerWrites([op.worker]))
+        return None
+    if isinstance(op, DropWorkers):
+        steps.append(WorkerWrites(drop=op))
+        return None
+    if isinstance(op, Publish):
+        # Sent at commit whichever statement sends it: it joins the current step.
+        if writes is None:
+            writes = Writes()
+            steps.append(writes)
+        writes.publish(op, located, len(steps) - 1)
+        writes.slots.append(("publish", ""))
+        return writes
+    raise TypeError(f"Not a state store op: {op!r}")
 
 
 async def _run_step(
