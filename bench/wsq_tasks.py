@@ -22,7 +22,9 @@ and per task drained is reported too (``postgres_cpu_us_per_*``, from /proc). Ea
 reports the CPU time of the server (from /proc), of the one-by-one producer per add and
 of the draining worker per task (``producer_cpu_us_per_add``, ``worker_cpu_us_per_task``:
 each process's own ``time.process_time()`` over its timed part), so that the share of
-the two cores each process takes is known.
+the two cores each process takes is known; likewise for the bulk path, per task added
+(``server_cpu_us_per_bulk_add``, ``producer_cpu_us_per_bulk_add``, and with
+``--database`` ``postgres_cpu_us_per_bulk_add``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """``@value``: the core's immutable records (ops, effects, options), quick to make.
 
 A frozen dataclass sets each field through ``object.__setattr__`` when it is made, which
-costs several times what a plain one does (``python -m bench.core_ops``; 11 fields: about
-2.2 against 0.4 us here), and the core makes several per task (an Update and its Attempt,
-Writes, Emits, Options). A ``@value`` class is frozen for the type checker (PEP 681's
-``frozen_default``: mypy refuses an assignment to a field) and, at run time, a plain
-slots dataclass, hashable by its fields as a frozen one is.
+costs several times what a plain one does, and the core makes several per task (an
+Update and its Attempt, Writes, Emits, Options): ``python -m bench.core_ops`` measures
+what that is worth (docs/decisions.md). A ``@value`` class is frozen for the type
+checker (PEP 681's ``frozen_default``: mypy refuses an assignment to a field) and, at
+run time, a plain slots dataclass, hashable by its fields as a frozen one is.
 """
 
 from __future__ import annotations
